@@ -1,0 +1,46 @@
+"""chatstream-asgi: turn any ASGI app into a load-controlled streaming LLM chat server."""
+
+from .admission import Admission, QueueFull
+from .chat_request import ChatRequest, InvalidRequest
+from .chatstream import Callback, ChatResult, ChatStream, ChatStreamResponse, get_result
+from .engine import (
+    Engine,
+    EngineError,
+    GenerationParams,
+    GenerationRequest,
+    GenerationStream,
+    PromptTooLong,
+    QueueStream,
+)
+from .formats import EOS_MARKER, ERROR_MARKER, FORMATS
+from .middleware import ChatStreamMiddleware
+from .mock import MockEngine, MockParams
+from .states import CompletionState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EOS_MARKER",
+    "ERROR_MARKER",
+    "FORMATS",
+    "Admission",
+    "Callback",
+    "ChatRequest",
+    "ChatResult",
+    "ChatStream",
+    "ChatStreamMiddleware",
+    "ChatStreamResponse",
+    "CompletionState",
+    "Engine",
+    "EngineError",
+    "GenerationParams",
+    "GenerationRequest",
+    "GenerationStream",
+    "InvalidRequest",
+    "MockEngine",
+    "MockParams",
+    "PromptTooLong",
+    "QueueFull",
+    "QueueStream",
+    "get_result",
+]

@@ -1,0 +1,74 @@
+"""``python -m chatstream_asgi serve``: a ready chat server under hypercorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from .chatstream import ChatStream
+from .engine import Engine
+from .formats import FORMATS
+from .mock import MockEngine, MockParams
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    parser = argparse.ArgumentParser(prog="python -m chatstream_asgi", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a chat model over HTTP")
+    serve.add_argument("--engine", choices=["transformers", "mock"], default="transformers")
+    serve.add_argument("--model", default="smollm2", help="'smollm2' (default), a local directory or a hub id")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--concurrency", type=int, default=4, help="replies generated at once")
+    serve.add_argument("--queue", type=int, default=16, help="requests allowed to wait")
+    serve.add_argument("--max-new-tokens", type=int, default=256)
+    serve.add_argument("--stream-format", choices=sorted(FORMATS), default="text")
+    serve.add_argument("--system-prompt", default=None)
+    serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round")
+    serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC")
+    serve.add_argument("--mock-time-per-token", type=float, default=0.05, metavar="SEC")
+    serve.add_argument("--log-level", default="info")
+    return parser
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    if args.engine == "mock":
+        return MockEngine(MockParams(args.mock_type, args.mock_initial_wait, args.mock_time_per_token))
+    from .transformers_engine import TransformersEngine
+
+    return TransformersEngine.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, max_batch_size=args.concurrency
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+    except ImportError:  # pragma: no cover - depends on the install
+        raise SystemExit("the server needs hypercorn: pip install 'chatstream-asgi[server]'") from None
+    from .app import create_app
+
+    chat_stream = ChatStream(
+        _engine(args),
+        num_of_concurrent_executions=args.concurrency,
+        max_queue_size=args.queue,
+        max_new_tokens=args.max_new_tokens,
+        stream_format=args.stream_format,
+        system_prompt=args.system_prompt,
+    )
+    config = Config()
+    config.bind = [f"{args.host}:{args.port}"]
+    config.loglevel = args.log_level.upper()
+    config.graceful_timeout = chat_stream.shutdown_timeout + 5
+    asyncio.run(serve(create_app(chat_stream), config))  # type: ignore[arg-type]

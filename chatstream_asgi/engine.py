@@ -1,0 +1,206 @@
+"""The engine protocol: what the front door asks of a token generator.
+
+An engine turns a :class:`GenerationRequest` (chat messages plus sampling parameters) into a
+:class:`GenerationStream`, an async iterator of text deltas. Engines that generate on another
+thread (the transformers engine) hand deltas back through :class:`QueueStream`; engines that
+generate on the event loop (the mock) may subclass :class:`GenerationStream` directly.
+
+Cancellation is explicit: the send loop calls :meth:`GenerationStream.cancel` when the client
+leaves or the stream ends early, and the engine drops that sequence at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "FinishReason",
+    "GenerationParams",
+    "GenerationRequest",
+    "GenerationStream",
+    "Message",
+    "PromptTooLong",
+    "QueueStream",
+]
+
+Message = dict[str, str]
+"""One chat message: ``{"role": "user" | "assistant" | "system", "content": "..."}``."""
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class EngineError(Exception):
+    """Generation failed inside the engine."""
+
+
+class PromptTooLong(EngineError):
+    """The prompt does not fit the model's context together with ``max_new_tokens``."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters of one request. ``temperature == 0`` means greedy decoding."""
+
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """What the front door hands an engine: the conversation so far and how to sample."""
+
+    request_id: str
+    messages: list[Message]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    ignore_eos: bool = False
+
+
+class GenerationStream:
+    """Async iterator of text deltas for one request.
+
+    After iteration ends, :attr:`finish_reason`, :attr:`prompt_tokens` and
+    :attr:`completion_tokens` describe the generation. :meth:`cancel` may be called from any
+    thread, any number of times; iteration then ends with ``finish_reason == "cancelled"``.
+    """
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.finish_reason: FinishReason | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this sequence at its next step."""
+        self._cancelled.set()
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class QueueStream(GenerationStream):
+    """A stream fed by a producer on another thread.
+
+    The producer calls :meth:`push`, :meth:`finish` and :meth:`fail` from any thread; these
+    are delivered to the consumer's event loop in order. Several deltas of one engine step
+    may be delivered with a single :meth:`push_many_threadsafe` call per loop wake-up.
+    """
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(request_id)
+        self._loop = loop or asyncio.get_running_loop()
+        self._items: collections.deque[str] = collections.deque()
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- consumer side (event loop) ---------------------------------------------------------
+
+    async def __anext__(self) -> str:
+        while not self._items:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    # -- producer side, must run on the loop ------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def push(self, text: str) -> None:
+        """Append a text delta (call on the event loop)."""
+        if text:
+            self._items.append(text)
+            self._wake()
+
+    def finish(
+        self,
+        reason: FinishReason,
+        *,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        tail: str = "",
+    ) -> None:
+        """End the stream (call on the event loop); ``tail`` is a last delta, if any."""
+        if self._done:
+            return
+        if tail:
+            self._items.append(tail)
+        if prompt_tokens is not None:
+            self.prompt_tokens = prompt_tokens
+        if completion_tokens is not None:
+            self.completion_tokens = completion_tokens
+        self.finish_reason = reason
+        self._done = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with an error raised to the consumer (call on the event loop)."""
+        if self._done:
+            return
+        self.finish_reason = "error"
+        self._error = error
+        self._done = True
+        self._wake()
+
+    # -- producer side, any thread ----------------------------------------------------------
+
+    def call_threadsafe(self, fn: object, *args: object, **kwargs: object) -> None:
+        """Run ``fn(*args, **kwargs)`` (one of the producer methods) on the consumer's loop."""
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(lambda: fn(*args, **kwargs))  # type: ignore[operator]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every engine provides. Engines are shared by all requests of a process."""
+
+    model_name: str
+    context_len: int
+
+    async def start(self) -> None:
+        """Load and start (idempotent). Called at lifespan startup or on first use."""
+
+    async def shutdown(self) -> None:
+        """Stop generating and release resources; open streams end with ``cancelled``."""
+
+    def generate(self, request: GenerationRequest) -> GenerationStream:
+        """Begin generating; must not block the event loop."""
+        ...
+
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        """The prompt text the model would see for ``messages`` (the chat template)."""
+        ...
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """Number of prompt tokens for ``messages``."""
+        ...

@@ -1,0 +1,168 @@
+"""``ChatStreamMiddleware``: the raw ASGI layer in front of any app.
+
+For its chat paths it buffers the body (bounded by ``max_body_size``) and serves the chat itself;
+for ``replay_paths`` it buffers the body and calls the wrapped app with a replaying ``receive``,
+so that auth middleware and endpoints below can each read the whole body. Every other request,
+lifespan and websocket scope passes straight through: no buffering, no extra task.
+
+Place header-based auth *outside* this middleware: it buffers bodies, and on servers that honour
+``Expect: 100-continue`` that reading is what asks the client to upload. Auth that must read the
+body (an HMAC signature, say) goes *inside* it, on a replay path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from .chatstream import SHARED_RECEIVE_KEY, Callback, ChatStream
+from .replay import BodyTooLarge, ClientDisconnected, ReplayReceive, SharedReceive, read_body
+from .responses import send_json
+
+__all__ = ["DEFAULT_ENDPOINTS", "ChatStreamMiddleware", "route_path"]
+
+Message = MutableMapping[str, Any]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEFAULT_ENDPOINTS: Mapping[str, str] = {"get_load": "/get_load", "metrics": "/metrics"}
+"""The extra endpoints served beside the chat paths: name → path (``GET``)."""
+
+
+def route_path(scope: Scope) -> str:
+    """The path relative to ``root_path`` (uvicorn includes ``root_path`` in ``path``, hypercorn not)."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :] or "/"
+    return path
+
+
+@dataclass(frozen=True)
+class _Route:
+    methods: frozenset[str]
+    handler: Callable[[Scope, Receive, Send], Awaitable[Any]] | None  # None: a chat path
+
+
+class ChatStreamMiddleware:
+    """Serve ``chat_stream`` on ``paths`` in front of ``app``; replay bodies on ``replay_paths``.
+
+    ``endpoints`` maps extra endpoint names to paths (``None`` drops one); ``callback`` overrides
+    the ChatStream's completion callback for requests served here. Without ``chat_stream`` the
+    middleware only buffers and replays bodies.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        chat_stream: ChatStream | None = None,
+        *,
+        paths: Iterable[str] = ("/chat_stream",),
+        endpoints: Mapping[str, str | None] | None = None,
+        replay_paths: Iterable[str] = (),
+        max_body_size: int = 1 << 20,
+        callback: Callback | None = None,
+    ) -> None:
+        self.app = app
+        self.chat_stream = chat_stream
+        self.max_body_size = max_body_size
+        self.callback = callback
+        self.replay_paths = frozenset(replay_paths)
+        self.routes: dict[str, _Route] = {}
+        if chat_stream is not None:
+            for path in paths:
+                self.routes[path] = _Route(frozenset({"POST"}), None)
+            for name, path in {**DEFAULT_ENDPOINTS, **(endpoints or {})}.items():
+                if path is not None:
+                    self.routes[path] = _Route(frozenset({"GET", "HEAD"}), getattr(chat_stream, f"serve_{name}"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type == "http":
+            path = route_path(scope)
+            route = self.routes.get(path)
+            if route is not None:
+                await self._serve(route, scope, receive, send)
+                return
+            if path in self.replay_paths:
+                await self._replay(scope, receive, send)
+                return
+        elif scope_type == "lifespan" and self.chat_stream is not None:
+            await self.app(scope, self._lifespan_receive(receive), send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _serve(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.chat_stream is not None
+        if scope["method"] not in route.methods:
+            allow = ", ".join(sorted(route.methods)).encode()
+            await send_json(send, 405, {"error": "method_not_allowed"}, [(b"allow", allow)])
+            return
+        if route.handler is not None:
+            await route.handler(scope, receive, send)
+            return
+        cs = self.chat_stream
+        try:
+            body = await read_body(scope, receive, self.max_body_size)
+        except BodyTooLarge:
+            cs.metrics.rejected.labels(reason="body_too_large").inc()
+            await self._send_too_large(send)
+            return
+        except ClientDisconnected as exc:
+            request = Request(scope, ReplayReceive(exc.body, SharedReceive(receive, disconnected=True)))
+            await cs.report_early_disconnect(scope, request=request, callback=self.callback)
+            return
+        shared = SharedReceive(receive)
+        scope[SHARED_RECEIVE_KEY] = shared
+        try:
+            request = Request(scope, ReplayReceive(body, shared))
+            await cs.serve_chat(scope, shared, send, body, request=request, callback=self.callback)
+        finally:
+            shared.close()
+
+    async def _replay(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await read_body(scope, receive, self.max_body_size)
+            shared = SharedReceive(receive)
+        except BodyTooLarge:
+            if self.chat_stream is not None:
+                self.chat_stream.metrics.rejected.labels(reason="body_too_large").inc()
+            await self._send_too_large(send)
+            return
+        except ClientDisconnected as exc:
+            body, shared = exc.body, SharedReceive(receive, disconnected=True)
+        replay = ReplayReceive(body, shared)
+        scope[SHARED_RECEIVE_KEY] = shared
+
+        async def replay_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                replay.response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, replay, replay_send)
+        finally:
+            shared.close()
+
+    async def _send_too_large(self, send: Send) -> None:
+        detail = f"the request body is larger than {self.max_body_size} bytes"
+        await send_json(send, 413, {"error": "body_too_large", "detail": detail}, [(b"connection", b"close")])
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        chat_stream = self.chat_stream
+        assert chat_stream is not None
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await chat_stream.start()
+            elif message["type"] == "lifespan.shutdown":
+                await chat_stream.shutdown()
+            return message
+
+        return lifespan_receive

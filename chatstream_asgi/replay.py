@@ -1,0 +1,125 @@
+"""Request-body buffering and a replaying ``receive``.
+
+:func:`read_body` buffers a request body under a size limit. :class:`SharedReceive` makes the
+server's ``receive`` safe for several readers: one upstream read at a time, its result handed to
+whoever asked, and ``http.disconnect`` sticky, since hypercorn reports it only once and granian
+wakes only one waiter. :class:`ReplayReceive` serves the buffered body to every reader until the
+response starts, then passes through to the :class:`SharedReceive`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+__all__ = ["BodyTooLarge", "ClientDisconnected", "ReplayReceive", "SharedReceive", "read_body"]
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+
+DISCONNECT: Message = {"type": "http.disconnect"}
+
+
+class BodyTooLarge(Exception):
+    """The body (declared or received) is over the limit."""
+
+
+class ClientDisconnected(Exception):
+    """The client left before the whole body arrived; ``body`` holds what did."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__("client disconnected while sending the request body")
+        self.body = body
+
+
+def content_length(scope: Message) -> int | None:
+    """The declared Content-Length, or None when absent or malformed."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def read_body(scope: Message, receive: Receive, max_size: int) -> bytes:
+    """Read the whole body. Raises :class:`BodyTooLarge` or :class:`ClientDisconnected`."""
+    declared = content_length(scope)
+    if declared is not None and declared > max_size:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected(b"".join(chunks))
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > max_size:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class SharedReceive:
+    """The server's ``receive`` shared by several readers, with a sticky disconnect."""
+
+    __slots__ = ("_pending", "_receive", "disconnected")
+
+    def __init__(self, receive: Receive, *, disconnected: bool = False) -> None:
+        self._receive = receive
+        self._pending: asyncio.Future[Message] | None = None
+        self.disconnected = disconnected
+
+    async def __call__(self) -> Message:
+        if self.disconnected:
+            return DISCONNECT
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = asyncio.ensure_future(self._receive())
+        try:
+            # A cancelled reader leaves the read running for the next one: no message is lost.
+            message = await asyncio.shield(pending)
+        except BaseException:
+            if pending.done() and self._pending is pending:
+                self._pending = None
+            raise
+        if self._pending is pending:
+            self._pending = None
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+        return message
+
+    def close(self) -> None:
+        """Cancel an upstream read still in flight (the request is over)."""
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+        self._pending = None
+
+
+class ReplayReceive:
+    """Replays the buffered body to every reader until the response starts.
+
+    A reader that already has the body and waits for ``http.disconnect`` before the response
+    starts would see the body again; after ``max_replays`` replays the body stops coming and
+    ``receive`` passes through, so such a reader blocks instead of spinning.
+    """
+
+    __slots__ = ("_body_message", "_replays", "max_replays", "response_started", "shared")
+
+    def __init__(self, body: bytes, shared: SharedReceive, *, max_replays: int = 8) -> None:
+        self._body_message: Message = {"type": "http.request", "body": body, "more_body": False}
+        self.shared = shared
+        self.response_started = False
+        self.max_replays = max_replays
+        self._replays = 0
+
+    async def __call__(self) -> Message:
+        if self.response_started or self._replays >= self.max_replays or self.shared.disconnected:
+            return await self.shared()
+        self._replays += 1
+        return dict(self._body_message)

@@ -1,0 +1,39 @@
+"""Small raw-ASGI responses: JSON errors and API results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+__all__ = ["Send", "send_bytes", "send_json"]
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+async def send_bytes(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Send a complete response."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_json(send: Send, status: int, payload: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """Send ``payload`` as a JSON response."""
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    await send_bytes(send, status, body, "application/json", headers)
