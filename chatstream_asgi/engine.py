@@ -114,6 +114,11 @@ class QueueStream(GenerationStream):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The consumer's event loop, where the producer methods must run."""
+        return self._loop
+
     # -- consumer side (event loop) ---------------------------------------------------------
 
     async def __anext__(self) -> str:

