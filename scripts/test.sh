@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Builds a fresh virtualenv, installs everything the tests need (redis-server and chromium too,
+# when run as root), lints, and runs the whole suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv-test
+rm -rf "$venv"
+scripts/setup.sh "$venv" transformers,server,redis,test
+if ! command -v redis-server >/dev/null || [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium >/dev/null
+  else
+    echo "note: redis-server and/or chromium missing and not root: those tests will be skipped" >&2
+  fi
+fi
+"$venv/bin/ruff" check .
+"$venv/bin/ruff" format --check .
+exec "$venv/bin/python" -m pytest "$@"
