@@ -15,6 +15,8 @@ from .engine import (
 from .formats import EOS_MARKER, ERROR_MARKER, FORMATS
 from .middleware import ChatStreamMiddleware
 from .mock import MockEngine, MockParams
+from .redis_store import RedisSessionStore
+from .sessions import MemorySessionStore, Session, SessionStore
 from .states import CompletionState
 
 __version__ = "0.1.0"
@@ -37,10 +39,14 @@ __all__ = [
     "GenerationRequest",
     "GenerationStream",
     "InvalidRequest",
+    "MemorySessionStore",
     "MockEngine",
     "MockParams",
     "PromptTooLong",
     "QueueFull",
     "QueueStream",
+    "RedisSessionStore",
+    "Session",
+    "SessionStore",
     "get_result",
 ]

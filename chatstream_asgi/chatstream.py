@@ -18,15 +18,18 @@ from starlette.responses import Response
 
 from .admission import Admission, QueueFull
 from .chat_request import ChatRequest, InvalidRequest, apply_params, parse_chat_request
-from .engine import Engine, GenerationParams, GenerationRequest, Message, PromptTooLong
-from .formats import FORMATS
+from .conversation import Turn, commit_turn, fit_to_budget, new_message, plain, start_turn
+from .engine import Engine, GenerationParams, GenerationRequest, Message
+from .formats import FORMATS, Framer
 from .metrics import Metrics
 from .mock import MockEngine, MockParams
-from .responses import send_bytes, send_json
+from .responses import send_json
 from .sendloop import Reply
+from .sessions import OpenSession, Session, SessionManager, SessionStore, StoredMessage
 from .states import CompletionState
 
 if TYPE_CHECKING:
+    from .api import FeedbackCallback
     from .sendloop import Receive, Send
 
 __all__ = ["Callback", "ChatResult", "ChatStream", "ChatStreamResponse", "get_result"]
@@ -40,21 +43,43 @@ RESULT_KEY = "chatstream"
 SHARED_RECEIVE_KEY = "chatstream_asgi.receive"
 _REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 
+SAVED_STATES = frozenset({CompletionState.SUCCESS, CompletionState.CLIENT_DISCONNECTED_WHILE_STREAMING})
+"""The states whose turn is saved to the session history (a partial reply when the client left)."""
+
 
 @dataclass
 class ChatResult:
-    """What a completion callback can read, as ``request.state.chatstream`` or via :func:`get_result`."""
+    """What a completion callback can read, as ``request.state.chatstream`` or via :func:`get_result`,
+    in middleware and endpoint mode alike.
+
+    As in the original library's example, a callback can print the conversation's prompt::
+
+        def callback(request, state):
+            result = get_result(request)
+            print(state, result.prompt + result.reply)
+            print(result.session.messages)  # the saved history, this reply included
+    """
 
     request_id: str
     message_id: str
+    """The reply's id, as sent in ``X-ChatStream-Last-Generated-Message-Id``."""
     messages: list[Message]
-    """The conversation the reply was generated for (history included)."""
+    """The conversation the reply was generated for (system prompt and history included)."""
+    prompt: str = ""
+    """The prompt text the model was given: ``messages`` through the chat template."""
     reply: str = ""
     """The reply text that was sent (partial when the client left mid-stream)."""
     state: CompletionState | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    session_id: str | None = None
+    """The session of a ``user_input`` request; None for stateless (``messages``) requests."""
+    session: Session | None = field(default=None, repr=False)
+    """The session: as loaded when the request came, and as saved (this turn included) once
+    the reply ended in ``success`` or ``client_disconnected_while_streaming``."""
+    turn: Turn | None = field(default=None, repr=False)
+    """The user message this reply answers and the history before it (session requests)."""
     chat_request: ChatRequest | None = field(default=None, repr=False)
 
 
@@ -80,6 +105,13 @@ class ChatStream:
 
     Serve it with :class:`~chatstream_asgi.ChatStreamMiddleware`, or call
     :meth:`handle_chat_stream_request` from an endpoint.
+
+    Sessions keep each client's history: ``session_secret`` signs their tokens (set it, the same
+    on every replica; without it a random per-process secret is used and a warning logged),
+    ``session_store`` keeps them (a :class:`~chatstream_asgi.sessions.MemorySessionStore` by
+    default; :class:`~chatstream_asgi.redis_store.RedisSessionStore` shares them between
+    replicas), ``session_cookie_secure`` marks the cookie ``Secure``. ``feedback_callback``
+    ``(request, message_id, feedback)`` hears likes and dislikes sent to ``/set_feedback``.
     """
 
     def __init__(
@@ -97,6 +129,11 @@ class ChatStream:
         repetition_penalty: float = 1.0,
         system_prompt: str | None = None,
         callback: Callback | None = None,
+        feedback_callback: FeedbackCallback | None = None,
+        session_secret: str | bytes | None = None,
+        session_store: SessionStore | None = None,
+        session_cookie: str = "chatstream_session",
+        session_cookie_secure: bool = False,
         send_timeout: float = 30.0,
         shutdown_timeout: float = 10.0,
         use_mock_response: bool = False,
@@ -123,6 +160,10 @@ class ChatStream:
         )
         self.system_prompt = system_prompt
         self.callback = callback
+        self.feedback_callback = feedback_callback
+        self.sessions = SessionManager(
+            session_store, session_secret, cookie_name=session_cookie, cookie_secure=session_cookie_secure
+        )
         self.send_timeout = send_timeout
         self.shutdown_timeout = shutdown_timeout
         self.metrics = Metrics(metrics_registry)
@@ -133,6 +174,11 @@ class ChatStream:
         self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`shutdown` began: new requests get 503."""
+        return self._closing
 
     async def start(self) -> None:
         """Start the engine (idempotent). Called on lifespan startup or on first request."""
@@ -179,45 +225,100 @@ class ChatStream:
         request: Request | None = None,
         callback: Callback | None = None,
     ) -> CompletionState | None:
-        """Serve one chat request whose body has been read; None when it was rejected."""
+        """Serve one chat request whose body has been read; None when it was rejected.
+
+        A ``user_input`` request continues the session of its cookie or ``X-Session-Id`` header
+        (a fresh session when missing, tampered or expired); the response carries the session
+        token in ``X-Session-Id`` (and ``Set-Cookie`` for a new session). A ``messages``
+        request is stateless and leaves the session alone.
+        """
         started_at = time.monotonic()
-        log = self._request_log(scope)
-        request_id = log.extra["request_id"]  # type: ignore[index]
-        id_headers = [(b"x-request-id", request_id.encode())]
+        log = self.request_log(scope)
+        headers = self._id_headers(log)
         if self._closing:
-            await send_json(send, 503, {"error": "server_shutting_down"}, id_headers)
+            await send_json(send, 503, {"error": "server_shutting_down"}, headers)
             return None
         try:
             chat_request = parse_chat_request(body, formats=self._formats)
-            messages = self.build_messages(scope, chat_request)
-            params = apply_params(
-                self.default_params, chat_request.generation_params, max_new_tokens=self.max_new_tokens
-            )
-            self._check_prompt_fits(messages, params)
         except InvalidRequest as exc:
-            return await self._reject(send, 400, "invalid_request", exc.detail, id_headers, log)
+            return await self.reject(send, 400, "invalid_request", exc.detail, headers, log)
+        opened = None
+        if chat_request.messages is None:
+            try:
+                opened = await self.sessions.open(scope)
+            except Exception:  # the session store failed (an unreachable Redis, say)
+                log.exception("loading the session failed")
+                await send_json(send, 503, {"error": "session_store_unavailable"}, headers)
+                return None
+            headers += self.sessions.headers(opened)
+        try:
+            result, params = self._prepare(log, chat_request, opened)
+        except InvalidRequest as exc:
+            return await self.reject(send, 400, "invalid_request", exc.detail, headers, log)
+        framer = FORMATS[chat_request.format or self.stream_format]()
+        queue_full = (429 if self.too_many_request_as_http_error else 200, {"error": "too_many_requests"})
+        return await self.stream_reply(
+            scope,
+            receive,
+            send,
+            result,
+            params,
+            framer,
+            headers=headers,
+            log=log,
+            started_at=started_at,
+            request=request,
+            callback=callback,
+            queue_full=queue_full,
+        )
+
+    async def stream_reply(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Receive,
+        send: Send,
+        result: ChatResult,
+        params: GenerationParams,
+        framer: Framer,
+        *,
+        headers: list[tuple[bytes, bytes]],
+        log: logging.LoggerAdapter[logging.Logger],
+        started_at: float,
+        request: Request | None,
+        callback: Callback | None,
+        queue_full: tuple[int, Mapping[str, Any]],
+    ) -> CompletionState | None:
+        """Admit a prepared chat and stream its reply with ``framer``; None when the queue was full.
+
+        The chat and the OpenAI-compatible endpoints share this: admission, the send loop, the
+        completion state, history saving, metrics and the callback. ``queue_full`` is the status
+        and JSON body of the queue-full rejection.
+        """
+        await self.start()
         try:
             ticket = self.admission.enter()
         except QueueFull:
-            return await self._reject_queue_full(send, id_headers, log)
+            wait = self.admission.estimated_wait(self.admission.waiting + 1)
+            retry_after = [(b"retry-after", str(max(1, round(wait))).encode())] if wait is not None else []
+            status, body = queue_full
+            log.info("rejected: queue full")
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            await send_json(send, status, body, [*headers, *retry_after])
+            return None
 
-        await self.start()
-        message_id = uuid.uuid4().hex
-        framer = FORMATS[chat_request.format or self.stream_format]()
-        result = ChatResult(request_id, message_id, messages, chat_request=chat_request)
         scope.setdefault("state", {})[RESULT_KEY] = result
         reply = Reply(
             engine=self.engine,
-            request=GenerationRequest(request_id, messages, params),
-            message_id=message_id,
+            request=GenerationRequest(result.request_id, result.messages, params),
+            message_id=result.message_id,
             ticket=ticket,
             framer=framer,
             headers=[
                 (b"content-type", framer.media_type.encode()),
                 (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no"),
-                (b"x-chatstream-last-generated-message-id", message_id.encode()),
-                *id_headers,
+                (b"x-chatstream-last-generated-message-id", result.message_id.encode()),
+                *headers,
             ],
             metrics=self.metrics,
             logger=log,
@@ -246,19 +347,11 @@ class ChatStream:
     ) -> CompletionState:
         """Record a client that left while still sending its request body."""
         state = CompletionState.CLIENT_DISCONNECTED_BEFORE_STREAMING
-        log = self._request_log(scope)
+        log = self.request_log(scope)
         log.info("client disconnected while sending the body")
         self.metrics.completions.labels(state=state.value).inc()
         await self._call_callback(scope, request, callback, state, log)
         return state
-
-    async def serve_get_load(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        """``GET /get_load``: how busy the service is."""
-        await send_json(send, 200, self.get_load())
-
-    async def serve_metrics(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        """``GET /metrics``: Prometheus text format."""
-        await send_bytes(send, 200, self.metrics.render(), self.metrics.content_type)
 
     def get_load(self) -> dict[str, Any]:
         """Slots in use and queue length, with the wait a new request would see."""
@@ -275,30 +368,66 @@ class ChatStream:
 
     # -- conversation ---------------------------------------------------------------------
 
-    def build_messages(self, scope: MutableMapping[str, Any], chat_request: ChatRequest) -> list[Message]:
-        """The conversation to generate a reply for."""
-        if chat_request.regenerate:
-            raise InvalidRequest("regenerate needs a previous reply in this conversation")
-        messages = list(chat_request.messages or [{"role": "user", "content": chat_request.user_input or ""}])
-        if self.system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return messages
+    def system_messages(self) -> list[Message]:
+        """The configured system prompt as a message list (empty without one)."""
+        return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
-    def _check_prompt_fits(self, messages: list[Message], params: GenerationParams) -> None:
+    def history_prompt(self, history: list[StoredMessage]) -> str:
+        """The prompt text a session's history renders to, as the next reply would continue it."""
+        budget = self.engine.context_len - self.default_params.max_new_tokens
+        return self.engine.render_prompt(
+            fit_to_budget(self.engine.count_tokens, self.system_messages(), history, [], budget)
+        )
+
+    def _prepare(
+        self, log: logging.LoggerAdapter[logging.Logger], chat_request: ChatRequest, opened: OpenSession | None
+    ) -> tuple[ChatResult, GenerationParams]:
+        """The conversation to generate a reply for and its parameters (session defaults first)."""
+        overrides = chat_request.generation_params
+        if opened is not None:
+            overrides = {**opened.session.generation_params, **overrides}
+        params = apply_params(self.default_params, overrides, max_new_tokens=self.max_new_tokens)
         budget = self.engine.context_len - params.max_new_tokens
-        try:
-            used = self.engine.count_tokens(messages)
-        except PromptTooLong as exc:
-            raise InvalidRequest(str(exc)) from None
-        if used > budget:
-            raise InvalidRequest(
-                f"the prompt has {used} tokens; at most {budget} fit with max_new_tokens="
-                f"{params.max_new_tokens} in a context of {self.engine.context_len}"
+        turn = None
+        if opened is None:
+            assert chat_request.messages is not None
+            messages = chat_request.messages
+            system = [] if messages[0]["role"] == "system" else self.system_messages()
+            messages = fit_to_budget(self.engine.count_tokens, system, [], messages, budget)
+        else:
+            turn = start_turn(opened.session.messages, chat_request.user_input, regenerate=chat_request.regenerate)
+            messages = fit_to_budget(
+                self.engine.count_tokens, self.system_messages(), turn.history, plain([turn.user]), budget
             )
+        result = ChatResult(
+            request_id=log.extra["request_id"],  # type: ignore[index]
+            message_id=uuid.uuid4().hex,
+            messages=messages,
+            prompt=self.engine.render_prompt(messages),
+            session_id=opened.session.id if opened else None,
+            session=opened.session if opened else None,
+            turn=turn,
+            chat_request=chat_request,
+        )
+        return result, params
+
+    async def _save_turn(self, result: ChatResult, log: logging.LoggerAdapter[logging.Logger]) -> None:
+        assert result.session_id is not None and result.turn is not None
+        store = self.sessions.store
+        try:
+            session = await store.load(result.session_id) or Session(result.session_id)
+            reply = new_message("assistant", result.reply, result.message_id)
+            session.messages = commit_turn(session.messages, result.turn, reply)
+            await store.save(session)
+        except Exception:
+            log.exception("saving the conversation failed")
+            return
+        result.session = session
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _request_log(self, scope: MutableMapping[str, Any]) -> _RequestLog:
+    def request_log(self, scope: MutableMapping[str, Any]) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger that prefixes the request id (the client's ``X-Request-Id`` when well-formed)."""
         request_id = None
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":
@@ -308,26 +437,25 @@ class ChatStream:
                 break
         return _RequestLog(logger, {"request_id": request_id or uuid.uuid4().hex[:16]})
 
-    async def _reject(
+    @staticmethod
+    def _id_headers(log: logging.LoggerAdapter[logging.Logger]) -> list[tuple[bytes, bytes]]:
+        return [(b"x-request-id", log.extra["request_id"].encode())]  # type: ignore[index]
+
+    async def reject(
         self,
         send: Send,
         status: int,
         reason: str,
         detail: str,
         headers: list[tuple[bytes, bytes]],
-        log: _RequestLog,
+        log: logging.LoggerAdapter[logging.Logger],
+        body: Mapping[str, Any] | None = None,
     ) -> None:
+        """Turn a request away before admission (counted under ``reason``); ``body`` defaults to
+        ``{"error": reason, "detail": detail}``."""
         log.info("rejected: %s (%s)", reason, detail)
         self.metrics.rejected.labels(reason=reason).inc()
-        await send_json(send, status, {"error": reason, "detail": detail}, headers)
-
-    async def _reject_queue_full(self, send: Send, headers: list[tuple[bytes, bytes]], log: _RequestLog) -> None:
-        log.info("rejected: queue full")
-        self.metrics.rejected.labels(reason="queue_full").inc()
-        status = 429 if self.too_many_request_as_http_error else 200
-        wait = self.admission.estimated_wait(self.admission.waiting + 1)
-        retry_after = [(b"retry-after", str(max(1, round(wait))).encode())] if wait is not None else []
-        await send_json(send, status, {"error": "too_many_requests"}, [*headers, *retry_after])
+        await send_json(send, status, body if body is not None else {"error": reason, "detail": detail}, headers)
 
     async def _complete(
         self,
@@ -336,7 +464,7 @@ class ChatStream:
         result: ChatResult,
         request: Request | None,
         callback: Callback | None,
-        log: _RequestLog,
+        log: logging.LoggerAdapter[logging.Logger],
     ) -> None:
         state = reply.state
         result.state = state
@@ -347,6 +475,8 @@ class ChatStream:
             result.completion_tokens = reply.stream.completion_tokens
         self.metrics.completions.labels(state=state.value).inc()
         log.info("completed: %s (%d tokens)", state.value, result.completion_tokens)
+        if result.turn is not None and state in SAVED_STATES:
+            await self._save_turn(result, log)
         await self._call_callback(scope, request, callback, state, log)
 
     async def _call_callback(
@@ -355,7 +485,7 @@ class ChatStream:
         request: Request | None,
         callback: Callback | None,
         state: CompletionState,
-        log: _RequestLog,
+        log: logging.LoggerAdapter[logging.Logger],
     ) -> None:
         callback = callback or self.callback
         if callback is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 
 from .chatstream import ChatStream
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=int, default=256)
     serve.add_argument("--stream-format", choices=sorted(FORMATS), default="text")
     serve.add_argument("--system-prompt", default=None)
+    serve.add_argument(
+        "--session-secret",
+        default=os.environ.get("CHATSTREAM_SESSION_SECRET"),
+        help="signs session tokens (default: $CHATSTREAM_SESSION_SECRET, else random per process)",
+    )
     serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round")
     serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC")
     serve.add_argument("--mock-time-per-token", type=float, default=0.05, metavar="SEC")
@@ -66,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens,
         stream_format=args.stream_format,
         system_prompt=args.system_prompt,
+        session_secret=args.session_secret,
     )
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]

@@ -59,6 +59,7 @@ class Framer:
     queue_events: ClassVar[bool] = False
 
     def delta(self, text: str) -> bytes:
+        """The frame for a text delta; ``b""`` holds it back (nothing is sent)."""
         return text.encode()
 
     def queue(self, position: int, estimated_wait: float | None) -> bytes:
@@ -69,6 +70,10 @@ class Framer:
 
     def error(self, error: str, detail: str) -> bytes:
         return (ERROR_MARKER + _dumps({"error": error, "detail": detail})).encode()
+
+    def error_json(self, error: str, detail: str) -> dict[str, Any]:
+        """The JSON body of an error response sent before the stream started (status 500)."""
+        return {"error": error, "detail": detail}
 
 
 class ChatStreamFramer(Framer):

@@ -13,11 +13,12 @@ body (an HMAC signature, say) goes *inside* it, on a replay path.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 
+from .api import Endpoint
+from .api import endpoints as _endpoints
 from .chatstream import SHARED_RECEIVE_KEY, Callback, ChatStream
 from .replay import BodyTooLarge, ClientDisconnected, ReplayReceive, SharedReceive, read_body
 from .responses import send_json
@@ -30,8 +31,20 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-DEFAULT_ENDPOINTS: Mapping[str, str] = {"get_load": "/get_load", "metrics": "/metrics"}
-"""The extra endpoints served beside the chat paths: name → path (``GET``)."""
+DEFAULT_ENDPOINTS: Mapping[str, str] = {
+    "clear_context": "/clear_context",
+    "get_prompt": "/get_prompt",
+    "get_load": "/get_load",
+    "set_generation_params": "/set_generation_params",
+    "get_generation_params": "/get_generation_params",
+    "set_feedback": "/set_feedback",
+    "get_resource_usage": "/get_resource_usage",
+    "metrics": "/metrics",
+    "chat_completions": "/v1/chat/completions",
+    "models": "/v1/models",
+}
+"""The extra endpoints served beside the chat paths: name → path. Their methods and JSON are
+documented in :mod:`chatstream_asgi.api` and :mod:`chatstream_asgi.openai_api`."""
 
 
 def route_path(scope: Scope) -> str:
@@ -43,10 +56,7 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-@dataclass(frozen=True)
-class _Route:
-    methods: frozenset[str]
-    handler: Callable[[Scope, Receive, Send], Awaitable[Any]] | None  # None: a chat path
+_CHAT_METHODS = frozenset({"POST"})
 
 
 class ChatStreamMiddleware:
@@ -73,13 +83,16 @@ class ChatStreamMiddleware:
         self.max_body_size = max_body_size
         self.callback = callback
         self.replay_paths = frozenset(replay_paths)
-        self.routes: dict[str, _Route] = {}
+        self.routes: dict[str, Endpoint] = {}
         if chat_stream is not None:
-            for path in paths:
-                self.routes[path] = _Route(frozenset({"POST"}), None)
+            known = _endpoints(chat_stream)
             for name, path in {**DEFAULT_ENDPOINTS, **(endpoints or {})}.items():
+                if name not in known:
+                    raise ValueError(f"unknown endpoint {name!r}; known: {sorted(known)}")
                 if path is not None:
-                    self.routes[path] = _Route(frozenset({"GET", "HEAD"}), getattr(chat_stream, f"serve_{name}"))
+                    self.routes[path] = known[name]
+            for path in paths:
+                self.routes[path] = Endpoint(_CHAT_METHODS, chat_stream.serve_chat, chat=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -97,31 +110,36 @@ class ChatStreamMiddleware:
             return
         await self.app(scope, receive, send)
 
-    async def _serve(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(self, route: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.chat_stream is not None
         if scope["method"] not in route.methods:
             allow = ", ".join(sorted(route.methods)).encode()
             await send_json(send, 405, {"error": "method_not_allowed"}, [(b"allow", allow)])
             return
-        if route.handler is not None:
-            await route.handler(scope, receive, send)
+        if not route.reads_body:
+            await route.handler(scope, receive, send, b"")
             return
         cs = self.chat_stream
         try:
             body = await read_body(scope, receive, self.max_body_size)
         except BodyTooLarge:
-            cs.metrics.rejected.labels(reason="body_too_large").inc()
+            if route.chat:
+                cs.metrics.rejected.labels(reason="body_too_large").inc()
             await self._send_too_large(send)
             return
         except ClientDisconnected as exc:
-            request = Request(scope, ReplayReceive(exc.body, SharedReceive(receive, disconnected=True)))
-            await cs.report_early_disconnect(scope, request=request, callback=self.callback)
+            if route.chat:
+                request = Request(scope, ReplayReceive(exc.body, SharedReceive(receive, disconnected=True)))
+                await cs.report_early_disconnect(scope, request=request, callback=self.callback)
             return
         shared = SharedReceive(receive)
         scope[SHARED_RECEIVE_KEY] = shared
         try:
-            request = Request(scope, ReplayReceive(body, shared))
-            await cs.serve_chat(scope, shared, send, body, request=request, callback=self.callback)
+            if route.chat:
+                request = Request(scope, ReplayReceive(body, shared))
+                await route.handler(scope, shared, send, body, request=request, callback=self.callback)
+            else:
+                await route.handler(scope, shared, send, body)
         finally:
             shared.close()
 

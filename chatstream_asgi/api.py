@@ -1,0 +1,268 @@
+"""The original library's extra APIs, served by :class:`~chatstream_asgi.ChatStreamMiddleware`.
+
+JSON in, JSON out. Session endpoints use the session of the ``chatstream_session`` cookie or the
+``X-Session-Id`` header (a fresh one when missing) and answer with ``X-Session-Id`` (and
+``Set-Cookie`` for a new session). Errors: ``400 {"error": "invalid_request", "detail": ...}``,
+``404 {"error": "not_found", "detail": ...}``.
+
+==========================  ======  ============================================================
+endpoint                    method  request → response
+==========================  ======  ============================================================
+``/clear_context``          POST    → ``{"cleared": <number of messages removed>}``
+``/get_prompt``             GET     → ``{"prompt": str, "messages": [{"id", "role", "content",
+                                    "feedback"?}, ...]}``: the history and the prompt text it
+                                    renders to (chat template, system prompt, oldest turns
+                                    dropped when over the context budget)
+``/get_load``               GET     → ``{"processing", "waiting", "max_processing",
+                                    "max_waiting", "estimated_wait_seconds"}``
+``/set_generation_params``  POST    ``{"temperature"?, "top_k"?, "top_p"?,
+                                    "repetition_penalty"?}`` (``null`` resets one) → the
+                                    session's effective values, as ``get_generation_params``
+``/get_generation_params``  GET     → ``{"temperature", "top_k", "top_p", "repetition_penalty"}``
+``/set_feedback``           POST    ``{"message_id": str, "feedback": "like" | "dislike" | null}``
+                                    → the same object; calls ``feedback_callback(request,
+                                    message_id, feedback)``; 404 for an id that is no reply in
+                                    this session
+``/get_resource_usage``     GET     → ``{"process": {"pid", "rss_bytes"}, "cuda": [{"device",
+                                    "name", "allocated_bytes", "reserved_bytes",
+                                    "total_bytes"}, ...]}`` (``cuda`` is empty unless torch is
+                                    already imported and CUDA is available)
+``/metrics``                GET     Prometheus text format
+==========================  ======  ============================================================
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import resource
+import sys
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+
+from .chat_request import InvalidRequest, validate_params
+from .openai_api import OpenAIAPI
+from .replay import ReplayReceive, SharedReceive
+from .responses import send_bytes, send_json
+
+if TYPE_CHECKING:
+    from .chatstream import ChatStream
+    from .sessions import OpenSession
+
+__all__ = ["SESSION_PARAMS", "ChatAPI", "Endpoint", "FeedbackCallback", "endpoints", "resource_usage"]
+
+logger = logging.getLogger("chatstream_asgi")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+FeedbackCallback = Callable[[Request, str, "str | None"], Awaitable[None] | None]
+"""``feedback_callback(request, message_id, feedback)``, sync or async; feedback is like, dislike or None."""
+
+SESSION_PARAMS = frozenset({"temperature", "top_k", "top_p", "repetition_penalty"})
+"""Generation parameters a session can set as its defaults."""
+
+FEEDBACK = frozenset({"like", "dislike"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An endpoint the middleware serves.
+
+    ``handler(scope, receive, send, body)`` gets the buffered body (``b""`` without one); a
+    ``chat`` handler is also given ``request=`` and ``callback=`` and ends in a completion state.
+    """
+
+    methods: frozenset[str]
+    handler: Callable[..., Awaitable[Any]]
+    chat: bool = False
+
+    @property
+    def reads_body(self) -> bool:
+        """Whether the middleware buffers the body first."""
+        return "POST" in self.methods
+
+
+GET = frozenset({"GET", "HEAD"})
+POST = frozenset({"POST"})
+
+
+def endpoints(chat_stream: ChatStream) -> dict[str, Endpoint]:
+    """Every extra endpoint of ``chat_stream`` by name (the names of ``DEFAULT_ENDPOINTS``)."""
+    api = ChatAPI(chat_stream)
+    openai = OpenAIAPI(chat_stream)
+    return {
+        "clear_context": Endpoint(POST, api.clear_context),
+        "get_prompt": Endpoint(GET, api.get_prompt),
+        "get_load": Endpoint(GET, api.get_load),
+        "set_generation_params": Endpoint(POST, api.set_generation_params),
+        "get_generation_params": Endpoint(GET, api.get_generation_params),
+        "set_feedback": Endpoint(POST, api.set_feedback),
+        "get_resource_usage": Endpoint(GET, api.get_resource_usage),
+        "metrics": Endpoint(GET, api.metrics),
+        "chat_completions": Endpoint(POST, openai.chat_completions, chat=True),
+        "models": Endpoint(GET, openai.models),
+    }
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object")
+    return data
+
+
+def resource_usage() -> dict[str, Any]:
+    """Process RSS, and CUDA memory per device when torch is already imported and CUDA is available."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak RSS is the best portable figure
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = peak if sys.platform == "darwin" else peak * 1024
+    cuda: list[dict[str, Any]] = []
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cuda.append(
+                {
+                    "device": i,
+                    "name": torch.cuda.get_device_name(i),
+                    "allocated_bytes": torch.cuda.memory_allocated(i),
+                    "reserved_bytes": torch.cuda.memory_reserved(i),
+                    "total_bytes": torch.cuda.get_device_properties(i).total_memory,
+                }
+            )
+    return {"process": {"pid": os.getpid(), "rss_bytes": rss}, "cuda": cuda}
+
+
+class ChatAPI:
+    """Handlers of the extra endpoints (see the module docstring for their JSON)."""
+
+    def __init__(self, chat_stream: ChatStream) -> None:
+        self.cs = chat_stream
+
+    async def get_load(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        await send_json(send, 200, self.cs.get_load())
+
+    async def metrics(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        metrics = self.cs.metrics
+        await send_bytes(send, 200, metrics.render(), metrics.content_type)
+
+    async def get_resource_usage(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        await send_json(send, 200, resource_usage())
+
+    async def clear_context(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        async with self._session(scope, send) as opened:
+            cleared = len(opened.session.messages)
+            if cleared:
+                opened.session.messages = []
+                await self.cs.sessions.store.save(opened.session)
+            await self._reply(send, opened, {"cleared": cleared})
+
+    async def get_prompt(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        async with self._session(scope, send) as opened:
+            session = opened.session
+            payload = {"prompt": self.cs.history_prompt(session.messages), "messages": session.messages}
+            await self._reply(send, opened, payload)
+
+    async def get_generation_params(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        async with self._session(scope, send) as opened:
+            await self._reply(send, opened, self._effective(opened))
+
+    async def set_generation_params(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        async with self._session(scope, send) as opened:
+            data = _json_object(body)
+            resets = {k for k, v in data.items() if v is None}
+            values = validate_params({k: v for k, v in data.items() if v is not None}, allowed=SESSION_PARAMS)
+            unknown = resets - SESSION_PARAMS
+            if unknown:
+                raise InvalidRequest(f"generation_params.{min(unknown)} is not a known parameter")
+            params = opened.session.generation_params
+            params.update(values)
+            for key in resets:
+                params.pop(key, None)
+            await self.cs.sessions.store.save(opened.session)
+            await self._reply(send, opened, self._effective(opened))
+
+    async def set_feedback(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        async with self._session(scope, send) as opened:
+            data = _json_object(body)
+            message_id, feedback = data.get("message_id"), data.get("feedback")
+            if not isinstance(message_id, str) or not message_id:
+                raise InvalidRequest("message_id must be a non-empty string")
+            if feedback is not None and feedback not in FEEDBACK:
+                raise InvalidRequest(f"feedback must be one of {sorted(FEEDBACK)} or null")
+            message = next(
+                (m for m in opened.session.messages if m["id"] == message_id and m["role"] == "assistant"), None
+            )
+            if message is None:
+                headers = self.cs.sessions.headers(opened)
+                detail = f"no reply with id {message_id!r} in this session"
+                await send_json(send, 404, {"error": "not_found", "detail": detail}, headers)
+                return
+            message["feedback"] = feedback
+            await self.cs.sessions.store.save(opened.session)
+            await self._feedback_callback(scope, receive, body, message_id, feedback)
+            await self._reply(send, opened, {"message_id": message_id, "feedback": feedback})
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _effective(self, opened: OpenSession) -> dict[str, Any]:
+        defaults = asdict(self.cs.default_params)
+        values = {k: defaults[k] for k in sorted(SESSION_PARAMS)}
+        values.update(opened.session.generation_params)
+        return values
+
+    async def _reply(self, send: Send, opened: OpenSession, payload: Mapping[str, Any]) -> None:
+        await send_json(send, 200, payload, self.cs.sessions.headers(opened))
+
+    def _session(self, scope: Scope, send: Send) -> _SessionScope:
+        return _SessionScope(self.cs, scope, send)
+
+    async def _feedback_callback(
+        self, scope: Scope, receive: Receive, body: bytes, message_id: str, feedback: str | None
+    ) -> None:
+        callback = self.cs.feedback_callback
+        if callback is None:
+            return
+        shared = receive if isinstance(receive, SharedReceive) else SharedReceive(receive)
+        try:
+            outcome = callback(Request(scope, ReplayReceive(body, shared)), message_id, feedback)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:
+            logger.exception("feedback callback failed")
+
+
+class _SessionScope:
+    """Opens the request's session and turns an :class:`InvalidRequest` raised inside into a 400."""
+
+    def __init__(self, chat_stream: ChatStream, scope: Scope, send: Send) -> None:
+        self.cs = chat_stream
+        self.scope = scope
+        self.send = send
+        self.opened: OpenSession | None = None
+
+    async def __aenter__(self) -> OpenSession:
+        self.opened = await self.cs.sessions.open(self.scope)
+        return self.opened
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, InvalidRequest):
+            assert self.opened is not None
+            headers = self.cs.sessions.headers(self.opened)
+            await send_json(self.send, 400, {"error": "invalid_request", "detail": exc.detail}, headers)
+            return True
+        return False

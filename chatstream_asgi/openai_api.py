@@ -1,0 +1,310 @@
+"""OpenAI-compatible endpoints: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+Close enough to OpenAI's Chat Completions API that the official ``openai`` client works
+unchanged, with the same admission, completion states, callback and metrics as ``/chat_stream``.
+Requests are stateless (no session). Mapped parameters: ``messages`` (string content or text
+parts; ``developer`` counts as ``system``), ``temperature``, ``top_p``, ``max_tokens`` /
+``max_completion_tokens``, ``stop``, ``seed``, ``stream``, ``stream_options.include_usage``, and
+the extensions ``top_k`` and ``repetition_penalty``. ``n`` must be 1; other OpenAI parameters
+are accepted and ignored.
+
+- ``stream: false`` → one ``chat.completion`` object with ``usage``.
+- ``stream: true`` → server-sent events: ``chat.completion.chunk`` objects, then ``data: [DONE]``.
+  While the request waits for a slot, SSE comments ``: queue {"position", "estimated_wait_seconds"}``
+  (ignored by clients) report its place in the queue.
+- Errors: ``{"error": {"message", "type", "param", "code"}}`` with 400 (invalid request), 429
+  (queue full), 500 (generation failed) or 503 (shutting down); a failure mid-stream sends one
+  ``data: {"error": ...}`` event and ends the stream without ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+from starlette.requests import Request
+
+from .chat_request import InvalidRequest, apply_params, validate_params
+from .chatstream import Callback, ChatResult, ChatStream
+from .conversation import fit_to_budget
+from .engine import GenerationParams, Message
+from .formats import Framer, Summary
+from .responses import send_json
+from .states import CompletionState
+
+__all__ = ["OpenAIAPI", "OpenAIChunkFramer", "OpenAICompletionFramer", "OpenAIError", "error_body"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_PARAMS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
+    "seed": "seed",
+    "stop": "stop",
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """An error in OpenAI's shape."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class OpenAIError(Exception):
+    """A request OpenAI's API would reject with ``status``."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "invalid_request") -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, "invalid_request_error", self.code, self.param)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _usage(summary: Summary) -> dict[str, int]:
+    return {
+        "prompt_tokens": summary.prompt_tokens,
+        "completion_tokens": summary.completion_tokens,
+        "total_tokens": summary.prompt_tokens + summary.completion_tokens,
+    }
+
+
+class _OpenAIFramer(Framer):
+    def __init__(self, completion_id: str, model: str, created: int) -> None:
+        self.completion_id = completion_id
+        self.model = model
+        self.created = created
+
+    def error(self, error: str, detail: str) -> bytes:
+        return f"data: {_dumps(self.error_json(error, detail))}\n\n".encode()
+
+    def error_json(self, error: str, detail: str) -> dict[str, Any]:
+        return error_body(detail, "server_error", error)
+
+
+class OpenAIChunkFramer(_OpenAIFramer):
+    """``stream: true``: ``chat.completion.chunk`` events, then ``data: [DONE]``."""
+
+    name = "openai"
+    media_type = "text/event-stream; charset=utf-8"
+    queue_events = True
+
+    def __init__(self, completion_id: str, model: str, created: int, *, include_usage: bool = False) -> None:
+        super().__init__(completion_id, model, created)
+        self.include_usage = include_usage
+        self._role_sent = False
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        chunk = {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        chunk.update(extra)
+        return f"data: {_dumps(chunk)}\n\n".encode()
+
+    def _delta(self, content: str | None, finish_reason: str | None) -> bytes:
+        delta: dict[str, Any] = {} if content is None else {"content": content}
+        if not self._role_sent:
+            self._role_sent = True
+            delta = {"role": "assistant", **delta}
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+
+    def delta(self, text: str) -> bytes:
+        return self._delta(text, None)
+
+    def queue(self, position: int, estimated_wait: float | None) -> bytes:
+        return f": queue {_dumps({'position': position, 'estimated_wait_seconds': estimated_wait})}\n\n".encode()
+
+    def final(self, summary: Summary) -> bytes:
+        frames = self._delta(None, _FINISH_REASONS.get(summary.finish_reason or "", "stop"))
+        if self.include_usage:
+            frames += self._chunk([], usage=_usage(summary))
+        return frames + b"data: [DONE]\n\n"
+
+
+class OpenAICompletionFramer(_OpenAIFramer):
+    """``stream: false``: holds every delta back and sends one ``chat.completion`` at the end."""
+
+    name = "openai-completion"
+    media_type = "application/json"
+
+    def __init__(self, completion_id: str, model: str, created: int) -> None:
+        super().__init__(completion_id, model, created)
+        self._parts: list[str] = []
+
+    def delta(self, text: str) -> bytes:
+        self._parts.append(text)
+        return b""
+
+    def final(self, summary: Summary) -> bytes:
+        completion = {
+            "id": self.completion_id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(self._parts)},
+                    "logprobs": None,
+                    "finish_reason": _FINISH_REASONS.get(summary.finish_reason or "", "stop"),
+                }
+            ],
+            "usage": _usage(summary),
+        }
+        return _dumps(completion).encode()
+
+
+def _content(value: Any, i: int) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise OpenAIError(f"messages[{i}].content: only text parts are supported", param="messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise OpenAIError(f"messages[{i}].content must be a string or a list of text parts", param="messages")
+
+
+def _messages(value: Any) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise OpenAIError("messages must be a non-empty list", param="messages")
+    out: list[Message] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise OpenAIError(f"messages[{i}] must be an object", param="messages")
+        role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise OpenAIError(f"messages[{i}].role must be one of {sorted(_ROLES)}", param="messages")
+        out.append({"role": role, "content": _content(item.get("content"), i)})
+    return out
+
+
+def _overrides(data: Mapping[str, Any]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, target in _PARAMS.items():
+        if data.get(name) is None:
+            continue
+        try:
+            overrides.update(validate_params({target: data[name]}))
+        except InvalidRequest as exc:
+            raise OpenAIError(exc.detail.replace(f"generation_params.{target}", name), param=name) from None
+    return overrides
+
+
+class OpenAIAPI:
+    """Handlers of the OpenAI-compatible endpoints."""
+
+    def __init__(self, chat_stream: ChatStream) -> None:
+        self.cs = chat_stream
+
+    async def models(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """``GET /v1/models``: the served model."""
+        model = {"id": self.cs.engine.model_name, "object": "model", "created": 0, "owned_by": "chatstream-asgi"}
+        await send_json(send, 200, {"object": "list", "data": [model]})
+
+    async def chat_completions(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        *,
+        request: Request | None = None,
+        callback: Callback | None = None,
+    ) -> CompletionState | None:
+        """``POST /v1/chat/completions``; None when the request was rejected."""
+        cs = self.cs
+        started_at = time.monotonic()
+        log = cs.request_log(scope)
+        request_id: str = log.extra["request_id"]  # type: ignore[index]
+        headers = [(b"x-request-id", request_id.encode())]
+        if cs.closing:
+            body_ = error_body("the server is shutting down", "server_error", "server_shutting_down")
+            await send_json(send, 503, body_, headers)
+            return None
+        try:
+            stream, include_usage, messages, params = self._parse(body)
+        except OpenAIError as exc:
+            return await cs.reject(send, 400, "invalid_request", exc.message, headers, log, exc.body())
+        message_id = uuid.uuid4().hex
+        completion_id, model, created = f"chatcmpl-{message_id}", cs.engine.model_name, int(time.time())
+        framer: Framer = (
+            OpenAIChunkFramer(completion_id, model, created, include_usage=include_usage)
+            if stream
+            else OpenAICompletionFramer(completion_id, model, created)
+        )
+        result = ChatResult(request_id, message_id, messages, prompt=cs.engine.render_prompt(messages))
+        queue_full = error_body(
+            "too many requests: every generation slot is busy and the wait queue is full",
+            "rate_limit_error",
+            "too_many_requests",
+        )
+        return await cs.stream_reply(
+            scope,
+            receive,
+            send,
+            result,
+            params,
+            framer,
+            headers=headers,
+            log=log,
+            started_at=started_at,
+            request=request,
+            callback=callback,
+            queue_full=(429, queue_full),
+        )
+
+    def _parse(self, body: bytes) -> tuple[bool, bool, list[Message], GenerationParams]:
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise OpenAIError(f"body is not valid JSON: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise OpenAIError("body must be a JSON object")
+        if not isinstance(data.get("model", ""), str):
+            raise OpenAIError("model must be a string", param="model")
+        if data.get("n") not in (None, 1):
+            raise OpenAIError("only n=1 is supported", param="n")
+        stream = data.get("stream") or False
+        if not isinstance(stream, bool):
+            raise OpenAIError("stream must be a boolean", param="stream")
+        options = data.get("stream_options") or {}
+        if not isinstance(options, Mapping) or not isinstance(options.get("include_usage", False), bool):
+            raise OpenAIError("stream_options.include_usage must be a boolean", param="stream_options")
+        messages = _messages(data.get("messages"))
+        cs = self.cs
+        try:
+            params = apply_params(cs.default_params, _overrides(data), max_new_tokens=cs.max_new_tokens)
+        except InvalidRequest:
+            raise OpenAIError(f"max_tokens must be at most {cs.max_new_tokens}", param="max_tokens") from None
+        system = [] if messages[0]["role"] == "system" else cs.system_messages()
+        budget = cs.engine.context_len - params.max_new_tokens
+        try:
+            messages = fit_to_budget(cs.engine.count_tokens, system, [], messages, budget)
+        except InvalidRequest as exc:
+            raise OpenAIError(exc.detail, param="messages", code="context_length_exceeded") from None
+        return stream, bool(options.get("include_usage", False)), messages, params
