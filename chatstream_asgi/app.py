@@ -1,25 +1,35 @@
-"""A ready-to-serve ASGI app: the chat endpoints, the extra APIs and ``/metrics``."""
+"""A ready-to-serve ASGI app: the chat page at ``/``, the chat endpoints, the extra APIs and ``/metrics``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from .chatstream import ChatStream
 from .middleware import ChatStreamMiddleware
 
-__all__ = ["create_app"]
+__all__ = ["STATIC_DIR", "create_app"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+"""The chat page (``index.html``) and its script."""
+
+_PAGE_HEADERS = {
+    # Everything the page needs comes from this server.
+    "content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'",
+    "cache-control": "no-cache",
+}
 
 
-async def _index(request: Request) -> Response:
-    cs: ChatStream = request.app.state.chat_stream
-    return JSONResponse({"service": "chatstream-asgi", "model": cs.engine.model_name, "chat": "/chat_stream"})
+async def _index(request: Request) -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
 
 
 def create_app(chat_stream: ChatStream) -> ChatStreamMiddleware:
-    """A Starlette app wrapped in :class:`ChatStreamMiddleware` that serves ``chat_stream``."""
-    inner = Starlette(routes=[Route("/", _index)])
-    inner.state.chat_stream = chat_stream
-    return ChatStreamMiddleware(inner, chat_stream)
+    """A Starlette app serving the chat page, wrapped in :class:`ChatStreamMiddleware` serving ``chat_stream``."""
+    page = Starlette(routes=[Route("/", _index), Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")])
+    return ChatStreamMiddleware(page, chat_stream)
