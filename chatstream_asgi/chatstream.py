@@ -187,7 +187,13 @@ class ChatStream:
             await self.engine.start()
 
     async def shutdown(self, timeout: float | None = None) -> None:
-        """Stop admitting, let open replies finish for ``timeout`` seconds, abort the rest."""
+        """Stop admitting, let open replies finish for ``timeout`` seconds, abort the rest.
+
+        Aborted replies end with a ``server_shutting_down`` error frame (``unknown_error_occurred``).
+        Idempotent: a second call (the lifespan shutdown after a signal handler's) returns at once.
+        """
+        if self._closing:
+            return
         self._closing = True
         with anyio.move_on_after(self.shutdown_timeout if timeout is None else timeout):
             await self.admission.wait_idle()

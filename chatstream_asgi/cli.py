@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import Sequence
+from typing import Any
 
 from .chatstream import ChatStream
 from .engine import Engine
@@ -40,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round")
     serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC")
     serve.add_argument("--mock-time-per-token", type=float, default=0.05, metavar="SEC")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SEC",
+        help="on SIGINT/SIGTERM, how long open replies may finish before they are aborted",
+    )
     serve.add_argument("--log-level", default="info")
     return parser
 
@@ -73,9 +82,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream_format=args.stream_format,
         system_prompt=args.system_prompt,
         session_secret=args.session_secret,
+        shutdown_timeout=args.shutdown_timeout,
     )
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
     config.loglevel = args.log_level.upper()
-    config.graceful_timeout = chat_stream.shutdown_timeout + 5
-    asyncio.run(serve(create_app(chat_stream), config))  # type: ignore[arg-type]
+    config.graceful_timeout = 5.0
+    asyncio.run(_serve(serve, create_app(chat_stream), config, chat_stream))
+
+
+async def _serve(serve: Any, app: Any, config: Any, chat_stream: ChatStream) -> None:
+    """Run hypercorn; on SIGINT/SIGTERM drain the chat service *before* hypercorn shuts down.
+
+    Servers close open connections before they send the lifespan shutdown, so the lifespan hook
+    alone would come too late: streams would be cut (and reported as client disconnects). Here
+    admission stops, open replies get ``--shutdown-timeout`` to finish and the rest end with an
+    error frame, then hypercorn stops.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        logging.getLogger("chatstream_asgi").info("shutting down: draining open replies")
+        await chat_stream.shutdown()
+
+    await serve(app, config, shutdown_trigger=shutdown_trigger)

@@ -30,6 +30,7 @@ LONG_TEXT = (
     "It batched their requests, kept a fair queue, and never forgot a client that left. "
 )
 
+_YIELD_EVERY = 16
 _TOKEN = re.compile(r"\s*[\w'.,!?;:-]+|\s*[^\s\w]|\s+")
 
 
@@ -69,7 +70,10 @@ class _MockStream(GenerationStream):
             raise StopAsyncIteration
         params = self._params
         delay = params.initial_wait_sec if self.completion_tokens == 0 else params.time_per_token_sec
-        await asyncio.sleep(delay)
+        if delay > 0 or self.completion_tokens % _YIELD_EVERY == 0:
+            # Without a delay, yield to the event loop only now and then (as a real engine's
+            # batched hand-off does), so a zero-delay stream costs no loop turn per token.
+            await asyncio.sleep(delay)
         if self.cancelled:
             return self._end("cancelled")
         if params.fail_after_tokens is not None and self.completion_tokens >= params.fail_after_tokens:

@@ -4,7 +4,10 @@ One task writes (never two concurrent ``send`` calls); a second task reads ``rec
 ``http.disconnect``, cancels the first wherever it waits: in the queue, during prefill, between
 tokens or inside a blocked ``send``. The completion state comes from the loop's own bookkeeping
 (what was sent), never from the disconnect message alone: a disconnect after the final frame is
-``success``.
+``success``, and one that arrives while the final frame is being sent lets that send finish. A
+third task bounds every ``send`` by ``send_timeout`` (a client that stops reading blocks ``send``
+on flow control) with one timer per reply rather than a cancel scope per send, which would cost
+more than the rest of the per-token work.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Reply:
         self.response_started = False
         self.text_sent = False
         self.final_sent = False
+        self.final_in_flight = False
         self.disconnected = False
         self.abort_reason: str | None = None
         self.error: BaseException | None = None
@@ -73,11 +77,12 @@ class Reply:
         self.text_parts: list[str] = []
         self.stream: GenerationStream | None = None
         self._send: Send | None = None
+        self._send_started: float | None = None
         self._scope: anyio.CancelScope | None = None
 
     @property
     def text(self) -> str:
-        """The reply text sent so far."""
+        """The reply text so far: sent, or held back by a framer that sends it at the end."""
         return "".join(self.text_parts)
 
     @property
@@ -108,6 +113,7 @@ class Reply:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+                tg.start_soon(self._watch_sends, tg.cancel_scope)
                 try:
                     await self._stream()
                 except _ClientGone:
@@ -130,8 +136,9 @@ class Reply:
         except Exception:  # a server whose receive fails after the client left
             self.log.debug("receive failed; treating it as a disconnect", exc_info=True)
         self.disconnected = True
-        if not self.final_sent:
-            self.log.info("client disconnected")
+        if self.final_sent or self.final_in_flight:
+            return  # the disconnect races the last frame: let that send finish (or time out)
+        self.log.info("client disconnected")
         scope.cancel()
 
     async def _stream(self) -> None:
@@ -140,12 +147,15 @@ class Reply:
             await self.ticket.wait(self._send_queue_update if framer.queue_events else None)
         self.stream = stream = self.engine.generate(self.request)
         async for text in stream:
-            await self._send_body(framer.delta(text))
-            if not self.text_sent:
+            frame = framer.delta(text)
+            if frame:  # an empty frame holds the text back (a non-streamed body goes out at the end)
+                await self._send_body(frame)
                 self.text_sent = True
+            if not self.text_parts:
                 self.metrics.time_to_first_token.observe(time.monotonic() - self.started_at)
             self.text_parts.append(text)
         summary = Summary(self.message_id, stream.finish_reason, stream.prompt_tokens, stream.completion_tokens)
+        self.final_in_flight = True
         await self._send_body(framer.final(summary), more_body=False)
         self.final_sent = True
 
@@ -160,15 +170,33 @@ class Reply:
         await self._bounded_send({"type": "http.response.body", "body": body, "more_body": more_body})
 
     async def _bounded_send(self, message: Message) -> None:
+        """Send one message; :meth:`_watch_sends` ends the reply if it takes over ``send_timeout``."""
         assert self._send is not None
+        self._send_started = time.monotonic()
         try:
-            with anyio.fail_after(self.send_timeout):
-                await self._send(message)
-        except (OSError, TimeoutError):
-            # The client is gone (OSError) or has stopped reading (flow control never drains).
-            self.log.info("send failed or timed out; treating it as a disconnect")
+            await self._send(message)
+        except OSError:
+            self.log.info("send failed; treating it as a disconnect")
             self.disconnected = True
             raise _ClientGone from None
+        finally:
+            self._send_started = None
+
+    async def _watch_sends(self, scope: anyio.CancelScope) -> None:
+        """Bound every send by ``send_timeout`` with one timer per reply, not one per send.
+
+        A client that stops reading makes ``send`` block on flow control; a send in flight for
+        ``send_timeout`` (detected within a quarter of it) ends the reply as a disconnect.
+        """
+        period = max(self.send_timeout / 4, 0.001)
+        while True:
+            await anyio.sleep(period)
+            started = self._send_started
+            if started is not None and time.monotonic() - started >= self.send_timeout:
+                self.log.info("send timed out (the client stopped reading); treating it as a disconnect")
+                self.disconnected = True
+                scope.cancel()
+                return
 
     def _close_stream(self) -> None:
         stream = self.stream
@@ -191,7 +219,7 @@ class Reply:
                     body = self.framer.error(error, detail)
                     await self._send({"type": "http.response.body", "body": body, "more_body": False})
                 else:
-                    await send_json(self._send, 500, {"error": error, "detail": detail}, self._id_headers())
+                    await send_json(self._send, 500, self.framer.error_json(error, detail), self._id_headers())
             except OSError:
                 self.disconnected = True
 
