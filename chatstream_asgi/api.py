@@ -34,7 +34,6 @@ endpoint                    method  request → response
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import resource
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
-from .chat_request import InvalidRequest, validate_params
+from .chat_request import InvalidRequest, load_json_object, validate_params
 from .openai_api import OpenAIAPI
 from .replay import ReplayReceive, SharedReceive
 from .responses import send_bytes, send_json
@@ -111,16 +110,9 @@ def endpoints(chat_stream: ChatStream) -> dict[str, Endpoint]:
     }
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
-    if not body.strip():
-        return {}
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("body must be a JSON object")
-    return data
+def _json_object(body: bytes) -> Mapping[str, Any]:
+    """The request's JSON object; an empty body counts as ``{}``."""
+    return load_json_object(body) if body.strip() else {}
 
 
 def resource_usage() -> dict[str, Any]:

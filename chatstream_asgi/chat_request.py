@@ -16,7 +16,15 @@ from typing import Any
 
 from .engine import GenerationParams, Message
 
-__all__ = ["ROLES", "ChatRequest", "InvalidRequest", "apply_params", "parse_chat_request", "validate_params"]
+__all__ = [
+    "ROLES",
+    "ChatRequest",
+    "InvalidRequest",
+    "apply_params",
+    "load_json_object",
+    "parse_chat_request",
+    "validate_params",
+]
 
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_STOP_STRINGS = 16
@@ -133,8 +141,8 @@ def _messages(value: Any) -> list[Message]:
     return out
 
 
-def parse_chat_request(body: bytes | str | Mapping[str, Any], *, formats: frozenset[str]) -> ChatRequest:
-    """Parse and validate a chat request body (raw bytes, text, or already-parsed JSON)."""
+def load_json_object(body: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
+    """The JSON object in ``body`` (raw bytes, text, or already parsed); :class:`InvalidRequest` otherwise."""
     if isinstance(body, (bytes, str)):
         try:
             data = json.loads(body)
@@ -144,6 +152,12 @@ def parse_chat_request(body: bytes | str | Mapping[str, Any], *, formats: frozen
         data = body
     if not isinstance(data, Mapping):
         raise InvalidRequest("body must be a JSON object")
+    return data
+
+
+def parse_chat_request(body: bytes | str | Mapping[str, Any], *, formats: frozenset[str]) -> ChatRequest:
+    """Parse and validate a chat request body (raw bytes, text, or already-parsed JSON)."""
+    data = load_json_object(body)
 
     request = ChatRequest(raw=data)
     if "user_input" in data and "messages" in data:

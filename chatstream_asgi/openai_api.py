@@ -27,7 +27,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from .chat_request import InvalidRequest, apply_params, validate_params
+from .chat_request import InvalidRequest, apply_params, load_json_object, validate_params
 from .chatstream import Callback, ChatResult, ChatStream
 from .conversation import fit_to_budget
 from .engine import GenerationParams, Message
@@ -280,11 +280,9 @@ class OpenAIAPI:
 
     def _parse(self, body: bytes) -> tuple[bool, bool, list[Message], GenerationParams]:
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise OpenAIError(f"body is not valid JSON: {exc}") from None
-        if not isinstance(data, Mapping):
-            raise OpenAIError("body must be a JSON object")
+            data = load_json_object(body)
+        except InvalidRequest as exc:
+            raise OpenAIError(exc.detail) from None
         if not isinstance(data.get("model", ""), str):
             raise OpenAIError("model must be a string", param="model")
         if data.get("n") not in (None, 1):

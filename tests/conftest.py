@@ -3,6 +3,14 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 pytest_plugins = ["model_fixtures"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The package runs on asyncio (the engine hands tokens over with ``call_soon_threadsafe``)."""
+    return "asyncio"

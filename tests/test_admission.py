@@ -10,11 +10,6 @@ from chatstream_asgi import Admission, QueueFull
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_grants_up_to_the_limit_then_queues_then_refuses() -> None:
     admission = Admission(2, 1)
     a, b = admission.enter(), admission.enter()

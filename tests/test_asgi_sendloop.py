@@ -25,11 +25,6 @@ BEFORE = "client_disconnected_before_streaming"
 ERROR = "unknown_error_occurred"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(params=SPEC_VERSIONS)
 def spec_version(request: pytest.FixtureRequest) -> str:
     return request.param

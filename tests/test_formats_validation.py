@@ -18,11 +18,6 @@ pytestmark = pytest.mark.anyio
 WATCHDOG = 5.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class CountingEngine(MockEngine):
     def __init__(self) -> None:
         super().__init__(MockParams(type="echo"))

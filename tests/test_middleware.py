@@ -29,11 +29,6 @@ SECRET = b"test-secret"
 WATCHDOG = 5.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def echo_stream(**kwargs: Any) -> ChatStream:
     return ChatStream(MockEngine(MockParams(type="echo")), **kwargs)
 

@@ -32,11 +32,6 @@ BEFORE = "client_disconnected_before_streaming"
 ERROR = "unknown_error_occurred"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module", params=SERVERS)
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     with running(request.param) as srv:

@@ -11,11 +11,6 @@ from chatstream_asgi.replay import BodyTooLarge, ClientDisconnected, ReplayRecei
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_read_body_joins_chunks_and_accepts_an_empty_final_chunk() -> None:
     receive = Receive([b"ab", b"cd", b""])
     assert await read_body(http_scope(content_length=False), receive, 10) == b"abcd"
