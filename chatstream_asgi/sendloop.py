@@ -219,7 +219,8 @@ class Reply:
                     body = self.framer.error(error, detail)
                     await self._send({"type": "http.response.body", "body": body, "more_body": False})
                 else:
-                    await send_json(self._send, 500, self.framer.error_json(error, detail), self._id_headers())
+                    status = 503 if self.abort_reason is not None else 500
+                    await send_json(self._send, status, self.framer.error_json(error, detail), self._id_headers())
             except OSError:
                 self.disconnected = True
 

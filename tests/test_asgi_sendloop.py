@@ -385,3 +385,20 @@ async def test_two_interleaved_requests_keep_their_own_state() -> None:
         a_send.headers["x-chatstream-last-generated-message-id"]
         != b_send.headers["x-chatstream-last-generated-message-id"]
     )
+
+
+async def test_shutdown_turns_away_queued_requests_with_503() -> None:
+    svc = Service(concurrency=1, time_per_token_sec=0.02)
+    streaming, queued = Send(), Send()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(svc.chat, Receive(chat_body()), streaming)
+        await streaming.wait_until(text_frames_at_least(1))
+        tg.start_soon(svc.chat, Receive(chat_body()), queued)
+        while svc.cs.admission.waiting == 0:
+            await anyio.sleep(0.005)
+        with anyio.fail_after(WATCHDOG):
+            await svc.cs.shutdown(timeout=0)
+    assert queued.status == 503
+    assert queued.json() == {"error": "server_shutting_down", "detail": "the server is shutting down"}
+    assert sorted(svc.log.states) == [ERROR, ERROR]
+    assert svc.cs.get_load()["processing"] == 0 and svc.cs.get_load()["waiting"] == 0
