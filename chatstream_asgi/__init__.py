@@ -12,10 +12,12 @@ from .engine import (
     PromptTooLong,
     QueueStream,
 )
+from .engine_pool import EnginePool
 from .formats import EOS_MARKER, ERROR_MARKER, FORMATS
 from .middleware import ChatStreamMiddleware
 from .mock import MockEngine, MockParams
 from .redis_store import RedisSessionStore
+from .remote_engine import EngineOverloaded, EngineUnavailable, OpenAIEngine
 from .sessions import MemorySessionStore, Session, SessionStore
 from .states import CompletionState
 
@@ -35,6 +37,9 @@ __all__ = [
     "CompletionState",
     "Engine",
     "EngineError",
+    "EngineOverloaded",
+    "EnginePool",
+    "EngineUnavailable",
     "GenerationParams",
     "GenerationRequest",
     "GenerationStream",
@@ -42,6 +47,7 @@ __all__ = [
     "MemorySessionStore",
     "MockEngine",
     "MockParams",
+    "OpenAIEngine",
     "PromptTooLong",
     "QueueFull",
     "QueueStream",

@@ -12,8 +12,10 @@ from typing import Any
 
 from .chatstream import ChatStream
 from .engine import Engine
+from .engine_pool import EnginePool
 from .formats import FORMATS
 from .mock import MockEngine, MockParams
+from .remote_engine import OpenAIEngine
 
 __all__ = ["build_parser", "main"]
 
@@ -23,10 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m chatstream_asgi", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a chat model over HTTP")
-    serve.add_argument("--engine", choices=["transformers", "mock"], default="transformers")
+    serve.add_argument("--engine", choices=["transformers", "mock", "openai"], default="transformers")
     serve.add_argument("--model", default="smollm2", help="'smollm2' (default), a local directory or a hub id")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
+    serve.add_argument(
+        "--remote-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="with --engine openai: an OpenAI-compatible server (repeat for a least-loaded pool)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--concurrency", type=int, default=4, help="replies generated at once")
@@ -56,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine(args: argparse.Namespace) -> Engine:
     if args.engine == "mock":
         return MockEngine(MockParams(args.mock_type, args.mock_initial_wait, args.mock_time_per_token))
+    if args.engine == "openai":
+        if not args.remote_url:
+            raise SystemExit("--engine openai needs at least one --remote-url")
+        model = None if args.model == "smollm2" else args.model
+        engines = [OpenAIEngine(url, model) for url in args.remote_url]
+        return engines[0] if len(engines) == 1 else EnginePool(engines)
     from .transformers_engine import TransformersEngine
 
     return TransformersEngine.from_pretrained(

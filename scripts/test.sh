@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-test
 rm -rf "$venv"
-scripts/setup.sh "$venv" transformers,server,redis,test
+scripts/setup.sh "$venv" transformers,server,redis,remote,test
 if ! command -v redis-server >/dev/null || [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server chromium >/dev/null

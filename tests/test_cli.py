@@ -102,3 +102,24 @@ def test_shutdown_lets_a_reply_that_ends_in_time_succeed_and_refuses_new_ones() 
         assert "completed: success" in server.output()
     finally:
         server.stop()
+
+
+def test_serve_openai_engine_streams_from_a_remote_server() -> None:
+    """``--engine openai --remote-url`` fronts another OpenAI-compatible server (here a mock one)."""
+    remote = _serve_mock("--mock-type", "echo", "--mock-time-per-token", "0")
+    try:
+        remote.wait_ready()
+        port = free_port()
+        command = [sys.executable, "-m", "chatstream_asgi", "serve", "--engine", "openai", "--host", "127.0.0.1",
+                   "--port", str(port), "--remote-url", remote.url + "/v1"]  # fmt: skip
+        front = Server(command, port, {})
+        try:
+            front.wait_ready()
+            response = httpx.post(front.url + "/chat_stream", json={"user_input": "relayed words"}, timeout=10.0)
+            assert response.status_code == 200
+            assert response.text == "relayed words"
+            assert httpx.get(front.url + "/v1/models").json()["data"][0]["id"] == "mock"
+        finally:
+            front.stop()
+    finally:
+        remote.stop()

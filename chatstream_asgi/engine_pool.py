@@ -1,0 +1,187 @@
+"""``EnginePool``: one engine in front of several, routing each request to the least-loaded one.
+
+Load is what the pool itself sees: the streams it handed to each member that have not yet
+finished or been cancelled. Ties go round robin. A member whose request failed with
+:class:`~chatstream_asgi.remote_engine.EngineUnavailable` (a remote that cannot be reached) is
+skipped for ``cooldown`` seconds, then tried again. A request whose member fails that way, or
+answers :class:`~chatstream_asgi.remote_engine.EngineOverloaded`, before any text is retried
+once on each other member; after the first delta, errors reach the caller as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from .engine import Engine, GenerationRequest, GenerationStream, Message
+from .remote_engine import EngineOverloaded, EngineUnavailable
+
+__all__ = ["EnginePool"]
+
+logger = logging.getLogger("chatstream_asgi.pool")
+
+
+class EnginePool:
+    """An :class:`~chatstream_asgi.engine.Engine` over ``engines`` (remote or local, mixed freely).
+
+    ``model_name`` defaults to the first member's; ``context_len`` is the smallest member's;
+    :meth:`render_prompt` and :meth:`count_tokens` are the first member's, so members should
+    serve the same model. :attr:`active` and :attr:`healthy` show the pool's view per member.
+    """
+
+    def __init__(self, engines: Sequence[Engine], *, cooldown: float = 10.0, model_name: str | None = None) -> None:
+        if not engines:
+            raise ValueError("EnginePool needs at least one engine")
+        self.engines = list(engines)
+        self.cooldown = cooldown
+        self._model_name = model_name
+        self._active = [0] * len(self.engines)
+        self._down_until = [0.0] * len(self.engines)
+        self._next = 0
+        self._lock = threading.Lock()  # GenerationStream.cancel may come from any thread
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name or self.engines[0].model_name
+
+    @property
+    def context_len(self) -> int:
+        return min(engine.context_len for engine in self.engines)
+
+    @property
+    def active(self) -> tuple[int, ...]:
+        """Open streams per member."""
+        return tuple(self._active)
+
+    @property
+    def healthy(self) -> tuple[bool, ...]:
+        """Per member: False while it cools down after a connection failure."""
+        now = time.monotonic()
+        return tuple(until <= now for until in self._down_until)
+
+    async def start(self) -> None:
+        """Start every member."""
+        await asyncio.gather(*(engine.start() for engine in self.engines))
+
+    async def shutdown(self) -> None:
+        """Shut every member down (all of them, even if one fails); re-raises the first failure."""
+        results = await asyncio.gather(*(engine.shutdown() for engine in self.engines), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    def generate(self, request: GenerationRequest) -> GenerationStream:
+        """A stream from the least-loaded healthy member."""
+        return _PoolStream(self, request)
+
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        return self.engines[0].render_prompt(messages)
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return self.engines[0].count_tokens(messages)
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _acquire(self, tried: set[int]) -> int | None:
+        """Pick and count a member not in ``tried``: healthy first, fewest streams, ties round robin."""
+        n = len(self.engines)
+        with self._lock:
+            now = time.monotonic()
+            left = [i for i in range(n) if i not in tried]
+            candidates = [i for i in left if self._down_until[i] <= now] or left  # all down: try anyway
+            if not candidates:
+                return None
+            index = min(candidates, key=lambda i: (self._active[i], (i - self._next) % n))
+            self._next = (index + 1) % n
+            self._active[index] += 1
+            return index
+
+    def _release(self, index: int) -> None:
+        with self._lock:
+            self._active[index] -= 1
+
+    def _mark_down(self, index: int, error: BaseException) -> None:
+        logger.warning("engine %d unavailable for %.1f s: %s", index, self.cooldown, error)
+        with self._lock:
+            self._down_until[index] = time.monotonic() + self.cooldown
+
+
+class _PoolStream(GenerationStream):
+    """A member's stream, counted against that member until it ends or is cancelled."""
+
+    def __init__(self, pool: EnginePool, request: GenerationRequest) -> None:
+        super().__init__(request.request_id)
+        self._pool = pool
+        self._request = request
+        self._tried: set[int] = set()
+        self._counted = False
+        self._yielded = False
+        self.index = -1
+        """The member serving this stream (its position in ``pool.engines``)."""
+        self._inner = self._open()
+
+    @property
+    def engine(self) -> Engine:
+        """The member serving this stream."""
+        return self._pool.engines[self.index]
+
+    def _open(self) -> GenerationStream:
+        index = self._pool._acquire(self._tried)
+        assert index is not None, "every member was tried"
+        self.index = index
+        self._tried.add(index)
+        self._counted = True
+        try:
+            return self._pool.engines[index].generate(self._request)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        with self._pool._lock:
+            counted, self._counted = self._counted, False
+        if counted:
+            self._pool._release(self.index)
+
+    def _copy_result(self, inner: GenerationStream) -> None:
+        self.finish_reason = inner.finish_reason
+        self.prompt_tokens = inner.prompt_tokens
+        self.completion_tokens = inner.completion_tokens
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._inner.cancel()
+        self._release()
+        if self.finish_reason is None:  # a stream that already ended keeps its reason
+            self._copy_result(self._inner)
+            self.finish_reason = "cancelled"
+
+    async def __anext__(self) -> str:
+        while True:
+            inner = self._inner
+            try:
+                text = await inner.__anext__()
+            except StopAsyncIteration:
+                self._release()
+                self._copy_result(inner)
+                raise
+            except (EngineUnavailable, EngineOverloaded) as exc:
+                self._release()
+                if isinstance(exc, EngineUnavailable):
+                    self._pool._mark_down(self.index, exc)
+                if self._yielded or self.cancelled or len(self._tried) == len(self._pool.engines):
+                    self._copy_result(inner)
+                    raise
+                logger.info("request %s: engine %d failed (%s); trying another", self.request_id, self.index, exc)
+                self._inner = self._open()
+                continue
+            except Exception:
+                self._release()
+                self._copy_result(inner)
+                raise
+            self._yielded = True
+            self.completion_tokens = inner.completion_tokens
+            return text

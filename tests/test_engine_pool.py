@@ -1,0 +1,176 @@
+"""EnginePool over real chatstream-asgi servers: least-loaded routing, dead and full members, cancellation."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+from servers import free_port
+from test_remote_engine import MESSAGES, WATCHDOG, WHILE_STREAMING, front, processing, remote, request
+
+from chatstream_asgi import Engine, MockEngine
+from chatstream_asgi.engine_pool import EnginePool
+from chatstream_asgi.remote_engine import EngineUnavailable, OpenAIEngine
+
+pytestmark = pytest.mark.anyio
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def test_concurrent_requests_spread_over_two_remotes() -> None:
+    with remote(time_per_token_sec=0.02) as (url_a, states_a), remote(time_per_token_sec=0.02) as (url_b, states_b):
+        pool = EnginePool([OpenAIEngine(url_a, timeout=WATCHDOG), OpenAIEngine(url_b, timeout=WATCHDOG)])
+        with anyio.fail_after(WATCHDOG):
+            async with front(pool) as (client, states):
+                replies: list[int] = []
+
+                async def chat() -> None:
+                    body = {"messages": MESSAGES, "generation_params": {"max_new_tokens": 10}}
+                    replies.append((await client.post("/chat_stream", json=body)).status_code)
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(4):
+                        tg.start_soon(chat)
+                assert replies == [200] * 4
+                assert await states.wait_async(4) == ["success"] * 4
+                assert states_a.wait(2) == ["success"] * 2
+                assert states_b.wait(2) == ["success"] * 2
+                assert pool.active == (0, 0)
+                assert pool.model_name == "mock"
+
+
+async def test_least_loaded_member_gets_the_next_stream_and_cancel_frees_it() -> None:
+    with remote(time_per_token_sec=0.02) as (url_a, states_a), remote(time_per_token_sec=0.02) as (url_b, states_b):
+        pool = EnginePool(
+            [OpenAIEngine(url_a, "mock", timeout=WATCHDOG), OpenAIEngine(url_b, "mock", timeout=WATCHDOG)]
+        )
+        await pool.start()
+        with anyio.fail_after(WATCHDOG):
+            streams = [pool.generate(request(f"r{i}")) for i in range(4)]
+            for stream in streams:
+                assert await stream.__anext__() == "Once"
+            assert [stream.index for stream in streams] == [0, 1, 0, 1]  # ties go round robin
+            assert pool.active == (2, 2)
+            assert (processing(url_a), processing(url_b)) == (2, 2)
+            streams[1].cancel()
+            assert pool.active == (2, 1)
+            # Round robin would pick member 0 next; the least-loaded one is member 1.
+            streams.append(pool.generate(request("r4")))
+            assert streams[-1].index == 1
+            assert pool.active == (2, 2)
+            for stream in streams:
+                stream.cancel()
+            assert pool.active == (0, 0)
+            assert await states_a.wait_async(2) == [WHILE_STREAMING] * 2
+            assert await states_b.wait_async(2) == [WHILE_STREAMING] * 2
+            assert (processing(url_a), processing(url_b)) == (0, 0)
+        await pool.shutdown()
+
+
+async def test_finished_streams_are_released_and_ties_alternate() -> None:
+    pool = EnginePool([MockEngine(model_name="m"), MockEngine(model_name="m")])
+    with anyio.fail_after(WATCHDOG):
+        for i in range(4):
+            stream = pool.generate(request(f"r{i}", max_new_tokens=3))
+            assert stream.index == i % 2
+            assert len([delta async for delta in stream]) == 3
+            assert (stream.finish_reason, stream.completion_tokens) == ("length", 3)
+            assert pool.active == (0, 0)
+
+
+async def test_dead_member_is_skipped_until_its_cooldown_ends() -> None:
+    with remote() as (url, _):
+        pool = EnginePool([OpenAIEngine(dead_url()), OpenAIEngine(url, timeout=WATCHDOG)], cooldown=0.3)
+        await pool.start()
+        with anyio.fail_after(WATCHDOG):
+            first = pool.generate(request(max_new_tokens=5))
+            assert first.index == 0  # the dead member is tried first ...
+            assert "".join([delta async for delta in first]) == "Once upon a time, a"
+            assert first.index == 1  # ... and the request goes on to the live one
+            assert first.finish_reason == "length"
+            assert pool.healthy == (False, True)
+            assert pool.active == (0, 0)
+            for i in range(2):  # while it cools down, requests go straight to the live member
+                stream = pool.generate(request(f"r{i}", max_new_tokens=1))
+                assert stream.index == 1
+                assert [delta async for delta in stream] == ["Once"]
+            # After the cool-down the dead member is tried again (and fails over again).
+            deadline = time.monotonic() + WATCHDOG
+            while not pool.healthy[0]:
+                assert time.monotonic() < deadline
+                await anyio.sleep(0.05)  # the passage of time under test, not a synchronisation
+            retried = pool.generate(request("again", max_new_tokens=1))
+            assert retried.index == 0
+            assert [delta async for delta in retried] == ["Once"]
+            assert retried.index == 1
+            assert pool.healthy == (False, True)
+        await pool.shutdown()
+
+
+async def test_all_members_dead_fails_fast() -> None:
+    pool = EnginePool([OpenAIEngine(dead_url()), OpenAIEngine(dead_url())])
+    await pool.start()
+    with anyio.fail_after(3):
+        stream = pool.generate(request())
+        with pytest.raises(EngineUnavailable):
+            await stream.__anext__()
+        assert stream.finish_reason == "error"
+        assert pool.healthy == (False, False)
+        assert pool.active == (0, 0)
+        async with front(pool) as (client, states):
+            response = await client.post("/chat_stream", json={"messages": MESSAGES})
+            assert response.status_code == 500
+            assert await states.wait_async(1) == ["unknown_error_occurred"]
+
+
+async def test_full_member_hands_the_request_to_another() -> None:
+    with remote(concurrency=1, queue=0, time_per_token_sec=0.02) as (full_url, full_states), remote() as (url, _):
+        outsider = OpenAIEngine(full_url, "mock", timeout=WATCHDOG)
+        pool = EnginePool([OpenAIEngine(full_url, "mock", timeout=WATCHDOG), OpenAIEngine(url, timeout=WATCHDOG)])
+        await pool.start()
+        with anyio.fail_after(WATCHDOG):
+            busy = outsider.generate(request("busy"))
+            await busy.__anext__()  # another client holds the full member's only slot
+            stream = pool.generate(request(max_new_tokens=3))
+            assert stream.index == 0
+            assert "".join([delta async for delta in stream]) == "Once upon a"
+            assert stream.index == 1
+            assert pool.healthy == (True, True)  # full is not dead
+            busy.cancel()
+            assert await full_states.wait_async(1) == [WHILE_STREAMING]
+        await pool.shutdown()
+        await outsider.shutdown()
+
+
+def test_pool_reports_its_members() -> None:
+    engines = [OpenAIEngine("http://127.0.0.1:1", "a", context_len=2048), MockEngine(model_name="b")]
+    pool = EnginePool(engines)
+    assert isinstance(pool, Engine)
+    assert isinstance(engines[0], Engine)
+    assert (pool.model_name, pool.context_len) == ("a", 2048)
+    assert EnginePool(engines, model_name="shared").model_name == "shared"
+    messages = [{"role": "user", "content": "hi"}]
+    assert pool.render_prompt(messages) == engines[0].render_prompt(messages)
+    assert pool.count_tokens(messages) == engines[0].count_tokens(messages)
+    with pytest.raises(ValueError, match="at least one"):
+        EnginePool([])
+
+
+async def test_pool_is_served_through_the_openai_endpoint() -> None:
+    with remote() as (url, _):
+        pool = EnginePool([OpenAIEngine(url, timeout=WATCHDOG)])
+        with anyio.fail_after(WATCHDOG):
+            async with front(pool) as (client, _states):
+                body = {
+                    "messages": MESSAGES,
+                    "max_tokens": 4,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                    text = (await response.aread()).decode()
+                assert text.endswith("data: [DONE]\n\n")
+                assert '"completion_tokens":4' in text
