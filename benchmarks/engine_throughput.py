@@ -11,6 +11,10 @@ For each batch size it measures, on the same model in the same process:
 (c) 1-by-1 the original library's design: one batch-1 forward per request in turn;
 (d) hf-cb  transformers' own continuous batching (``model.generate_batch``).
 
+``--device cuda`` runs it on a GPU; ``--random-init DIR`` builds the model from the config and
+tokenizer in DIR with random weights (throughput does not depend on the weights), for hosts that
+lack the model file.
+
 It then prints the time to first token of a request joining a batch of 15 running sequences,
 next to the time of one prefill of that prompt plus one batch-16 decode step.
 """
@@ -50,29 +54,37 @@ def prompts(engine: TransformersEngine, batch: int) -> list[list[int]]:
     return [engine._encode(messages(i)) for i in range(batch)]
 
 
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, row in enumerate(rows):
         ids[r, width - len(row) :] = torch.tensor(row)
         mask[r, width - len(row) :] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings mean something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
 def raw_step_seconds(model: torch.nn.Module, rows: list[list[int]], context: int, steps: int) -> float:
     """Median time of one batched decode forward with ``context`` cached tokens per row."""
     rows = [(row * (context // len(row) + 1))[:context] for row in rows]
-    ids, mask = left_pad(rows, 0)
+    ids, mask = left_pad(rows, 0, model.device)
     cache = DynamicCache(config=model.config)
     model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
     step_ids = ids[:, -1:]
-    step_mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+    step_mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long, device=model.device)], dim=1)
     times = []
     for _ in range(steps + 1):
+        sync(model.device)
         start = time.perf_counter()
         model(input_ids=step_ids, attention_mask=step_mask, cache=cache, use_cache=True)
+        sync(model.device)
         times.append(time.perf_counter() - start)
         cache.crop(-1)
     return statistics.median(times[1:])
@@ -99,14 +111,16 @@ def one_by_one_seconds_per_token(model: torch.nn.Module, rows: list[list[int]], 
     caches, last = [], []
     for row in rows:
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=torch.tensor([row]), cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=torch.tensor([row], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
         caches.append(cache)
         last.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    sync(model.device)
     start = time.perf_counter()
     for _ in range(steps):
         for r, cache in enumerate(caches):
             out = model(input_ids=last[r], cache=cache, use_cache=True)
             last[r] = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync(model.device)
     return (time.perf_counter() - start) / (steps * len(rows))
 
 
@@ -143,10 +157,24 @@ async def join_ttft(engine: TransformersEngine, running: int, repeats: int) -> f
 
 @torch.inference_mode()
 def prefill_plus_step_seconds(model: torch.nn.Module, prompt: list[int], rows: list[list[int]]) -> float:
+    sync(model.device)
     start = time.perf_counter()
-    model(input_ids=torch.tensor([prompt]), cache=DynamicCache(config=model.config), logits_to_keep=1)
+    ids = torch.tensor([prompt], device=model.device)
+    model(input_ids=ids, cache=DynamicCache(config=model.config), logits_to_keep=1)
+    sync(model.device)
     prefill = time.perf_counter() - start
     return prefill + raw_step_seconds(model, rows, context=max(map(len, rows)) + 64, steps=3)
+
+
+def random_engine(directory: str, device: str, dtype: str | None, batch: int) -> TransformersEngine:
+    """An engine over a model with ``directory``'s config and tokenizer and random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch_dtype)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return TransformersEngine(model, tokenizer, device, max_batch_size=batch, name=f"{Path(directory).name} (random)")
 
 
 def main() -> None:
@@ -157,6 +185,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 new tokens, fewer repeats")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-hf", action="store_true", help="skip transformers' generate_batch")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--random-init", metavar="DIR", help="config + tokenizer in DIR, random weights")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens = 16
@@ -164,9 +195,15 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    engine = TransformersEngine.from_pretrained(args.model, device="cpu", max_batch_size=max(batch_sizes))
+    if args.random_init:
+        engine = random_engine(args.random_init, args.device, args.dtype, max(batch_sizes))
+    else:
+        engine = TransformersEngine.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, max_batch_size=max(batch_sizes)
+        )
     model = engine.model
-    print(f"model {engine.model_name}, torch {torch.__version__}, {args.threads} threads, "
+    where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else f"{args.threads} threads"
+    print(f"model {engine.model_name} ({model.dtype}), torch {torch.__version__}, {where}, "
           f"{args.new_tokens} new tokens per request, greedy, EOS ignored")  # fmt: skip
 
     async def run_engine() -> tuple[dict[int, tuple[float, int]], float]:

@@ -86,7 +86,8 @@ def tiny_engine(tiny_model_dir: Path) -> Iterator[object]:
     """A started :class:`TransformersEngine` on the tiny model (shared by the session)."""
     from chatstream_asgi.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine.from_pretrained(str(tiny_model_dir), device="cpu", max_batch_size=8)
+    device = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")  # e.g. "cuda" to check the GPU path
+    engine = TransformersEngine.from_pretrained(str(tiny_model_dir), device=device, max_batch_size=8)
     asyncio.run(engine.start())
     yield engine
     asyncio.run(engine.shutdown())

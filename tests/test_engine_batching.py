@@ -76,7 +76,7 @@ async def wait_event(event: threading.Event) -> None:
 
 def reference_greedy(engine: TransformersEngine, content: str, new_tokens: int) -> str:
     """What ``model.generate`` produces for one prompt alone (greedy, EOS ignored)."""
-    ids = torch.tensor([engine._encode([{"role": "user", "content": content}])])
+    ids = torch.tensor([engine._encode([{"role": "user", "content": content}])], device=engine.device)
     with torch.inference_mode():
         out = engine.model.generate(
             ids,
@@ -97,7 +97,7 @@ def test_engine_satisfies_protocol(tiny_engine: TransformersEngine) -> None:
 def test_render_prompt_uses_chat_template_and_system_prompt(tiny_engine: TransformersEngine) -> None:
     messages = [{"role": "user", "content": "Hi"}]
     assert tiny_engine.render_prompt(messages).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    engine = TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, system_prompt="Be brief.")
+    engine = TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, system_prompt="Be brief.")
     assert engine.render_prompt(messages).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert engine.count_tokens(messages) > tiny_engine.count_tokens(messages)
 
@@ -333,7 +333,7 @@ def test_one_loop_wakeup_per_step(tiny_engine: TransformersEngine, monkeypatch) 
 
 
 def test_shutdown_cancels_open_streams(tiny_engine: TransformersEngine) -> None:
-    engine = TransformersEngine(tiny_engine.model, tiny_engine.tokenizer)
+    engine = TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device)
 
     async def main() -> GenerationStream:
         await engine.start()
