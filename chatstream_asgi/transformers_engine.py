@@ -13,6 +13,7 @@ Importing this module imports torch and transformers; ``import chatstream_asgi``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
@@ -115,6 +116,7 @@ class TransformersEngine:
         self._pad_id: int = pad if pad is not None else min(self.eos_token_ids, default=0)
         self._num_layers: int = config.get_text_config().num_hidden_layers
         self._cache_arg = "cache" if "cache" in _forward_params(model) else "past_key_values"
+        self._attention = _attention_kernels(self.device)
 
         self._cond = threading.Condition()
         self._pending: deque[_Sequence] = deque()
@@ -316,14 +318,15 @@ class TransformersEngine:
         """Prefill left-padded prompts; return last-position logits and per-layer keys/values."""
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_arg: cache},
-        )
+        with self._attention():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )
         return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
 
     def _forward_step(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -334,13 +337,14 @@ class TransformersEngine:
         rows to a few bucket sizes, copy inputs into static tensors and replay a CUDA graph captured
         per bucket instead of calling the model eagerly.
         """
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_arg: self._kv.as_transformers_cache()},
-        )
+        with self._attention():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: self._kv.as_transformers_cache()},
+            )
         return out.logits[:, -1, :]
 
     def _get_sampler(self, vocab_size: int) -> BatchSampler:
@@ -436,6 +440,23 @@ class TransformersEngine:
         if self._sampler is not None:
             self._sampler.keep_rows([])
         outbox.flush()
+
+
+def _attention_kernels(device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The attention kernels to run the model's forwards under.
+
+    On CUDA, PyTorch may pick cuDNN attention, which builds an execution plan for every new key
+    length; the batch cache grows one column a step, so that cost (about 2 ms of CPU per layer on
+    an H100) would come every step. Flash and memory-efficient attention have no such cost.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no cuDNN attention either
+        return contextlib.nullcontext
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return lambda: sdpa_kernel(backends)
 
 
 def _forward_params(model: Any) -> frozenset[str]:
