@@ -318,15 +318,7 @@ class TransformersEngine:
         """Prefill left-padded prompts; return last-position logits and per-layer keys/values."""
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        with self._attention():
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_arg: cache},
-            )
+        out = self._run_model(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
 
     def _forward_step(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -337,15 +329,14 @@ class TransformersEngine:
         rows to a few bucket sizes, copy inputs into static tensors and replay a CUDA graph captured
         per bucket instead of calling the model eagerly.
         """
-        with self._attention():
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_arg: self._kv.as_transformers_cache()},
-            )
+        cache = self._kv.as_transformers_cache()
+        out = self._run_model(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
         return out.logits[:, -1, :]
+
+    def _run_model(self, cache: Any, **inputs: Any) -> Any:
+        """The model's forward with ``cache``, under the engine's attention kernels."""
+        with self._attention():
+            return self.model(use_cache=True, **inputs, **{self._cache_arg: cache})
 
     def _get_sampler(self, vocab_size: int) -> BatchSampler:
         if self._sampler is None:

@@ -41,10 +41,12 @@ class RecordingEngine(MockEngine):
     def __init__(self, params: MockParams) -> None:
         super().__init__(params)
         self.streams: list[GenerationStream] = []
+        self.generating = anyio.Event()  # set when the first stream is made
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         stream = super().generate(request)
         self.streams.append(stream)
+        self.generating.set()
         return stream
 
 
@@ -69,6 +71,12 @@ class Service:
         data = chat_body(**body)
         with anyio.fail_after(WATCHDOG):
             await self.app(http_scope(body=data, spec_version=spec_version), receive, send)
+
+    async def wait_waiting(self, n: int) -> None:
+        """Wait (bounded) until ``n`` requests are queued: a poll, as admission has no public event."""
+        with anyio.fail_after(WATCHDOG):
+            while self.cs.admission.waiting != n:
+                await anyio.sleep(0.005)
 
     def request(self, **body: Any) -> Receive:
         return Receive(chat_body(**body))
@@ -152,8 +160,7 @@ async def test_disconnect_before_first_token(spec_version: str, sticky: bool) ->
     async with anyio.create_task_group() as tg:
         tg.start_soon(svc.chat, receive, send)
         with anyio.fail_after(WATCHDOG):
-            while not svc.engine.streams:
-                await anyio.sleep(0.005)
+            await svc.engine.generating.wait()
         receive.disconnect()
     assert svc.log.states == [BEFORE]
     assert send.messages == []
@@ -169,9 +176,7 @@ async def test_disconnect_while_queued_frees_the_queue_place(sticky: bool) -> No
         tg.start_soon(svc.chat, first_receive, first_send)
         await first_send.wait_until(text_frames_at_least(1))
         tg.start_soon(svc.chat, queued_receive, queued_send)
-        with anyio.fail_after(WATCHDOG):
-            while svc.cs.get_load()["waiting"] != 1:
-                await anyio.sleep(0.005)
+        await svc.wait_waiting(1)
         queued_receive.disconnect()
         await svc.log.wait(1)
         assert svc.log.states == [BEFORE]
@@ -327,8 +332,7 @@ async def test_cancellation_propagates_out_of_the_app() -> None:
     with anyio.fail_after(WATCHDOG):
         async with anyio.create_task_group() as tg:
             tg.start_soon(serve)
-            while not svc.engine.streams:
-                await anyio.sleep(0.005)
+            await svc.engine.generating.wait()
             tg.cancel_scope.cancel()
     assert outcome == ["cancelled"]
     assert svc.log.states == [BEFORE]
@@ -394,8 +398,7 @@ async def test_shutdown_turns_away_queued_requests_with_503() -> None:
         tg.start_soon(svc.chat, Receive(chat_body()), streaming)
         await streaming.wait_until(text_frames_at_least(1))
         tg.start_soon(svc.chat, Receive(chat_body()), queued)
-        while svc.cs.admission.waiting == 0:
-            await anyio.sleep(0.005)
+        await svc.wait_waiting(1)
         with anyio.fail_after(WATCHDOG):
             await svc.cs.shutdown(timeout=0)
     assert queued.status == 503
