@@ -166,6 +166,8 @@ async def test_parameters_and_headers_reach_the_remote() -> None:
             with anyio.fail_after(WATCHDOG):
                 assert "".join([delta async for delta in stream]) == "alpha beta "
             assert stream.finish_reason == "stop"
+            # The remote reports its completion after its last byte: wait for it, don't race it.
+            assert await remote_states.wait_async(1) == ["success"]
             assert stream.completion_tokens == remote_states.usage[0][1]
             await engine.shutdown()
             assert not http.is_closed  # a client passed in stays the caller's
