@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from chatstream_asgi.engine import GenerationParams, GenerationRequest
-from chatstream_asgi.transformers_engine import TransformersEngine
+from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
+from chatstream_asgi.engines.transformers import TransformersEngine
 
 TOPICS = [
     "the sea", "a robot", "autumn", "a lost key", "the moon", "a small town", "coffee", "a dragon",

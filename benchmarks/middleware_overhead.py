@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware, MockEngine, MockParams  # noqa: E402
-from chatstream_asgi.engine import GenerationParams, GenerationRequest  # noqa: E402
+from chatstream_asgi.engines.base import GenerationParams, GenerationRequest  # noqa: E402
 
 TOKENS = 2000
 RESULTS = Path(__file__).with_name("OVERHEAD_RESULTS.md")

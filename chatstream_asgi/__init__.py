@@ -1,9 +1,7 @@
 """chatstream-asgi: turn any ASGI app into a load-controlled streaming LLM chat server."""
 
-from .admission import Admission, QueueFull
-from .chat_request import ChatRequest, InvalidRequest
-from .chatstream import Callback, ChatResult, ChatStream, ChatStreamResponse, get_result
-from .engine import (
+from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
+from chatstream_asgi.engines.base import (
     Engine,
     EngineError,
     GenerationParams,
@@ -12,16 +10,29 @@ from .engine import (
     PromptTooLong,
     QueueStream,
 )
-from .engine_pool import EnginePool
-from .formats import EOS_MARKER, ERROR_MARKER, FORMATS
-from .middleware import ChatStreamMiddleware
-from .mock import MockEngine, MockParams
-from .redis_store import RedisSessionStore
-from .remote_engine import EngineOverloaded, EngineUnavailable, OpenAIEngine
-from .sessions import MemorySessionStore, Session, SessionStore
-from .states import CompletionState
+from chatstream_asgi.engines.mock import MockEngine, MockParams
+from chatstream_asgi.engines.pool import EnginePool
+from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, OpenAIEngine
+from chatstream_asgi.protocols.framing import EOS_MARKER, ERROR_MARKER, FORMATS
+from chatstream_asgi.service.admission import Admission, QueueFull
+from chatstream_asgi.service.chatstream import Callback, ChatResult, ChatStream, ChatStreamResponse, get_result
+from chatstream_asgi.service.parsing import ChatRequest, InvalidRequest
+from chatstream_asgi.sessions.manager import MemorySessionStore, Session, SessionStore
+from chatstream_asgi.sessions.redis_store import RedisSessionStore
+from chatstream_asgi.states import CompletionState
+from chatstream_asgi.web.app import create_app
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # TransformersEngine imports torch: load it on first use so that `import chatstream_asgi` stays light.
+    if name == "TransformersEngine":
+        from chatstream_asgi.engines.transformers import TransformersEngine
+
+        return TransformersEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EOS_MARKER",
@@ -54,5 +65,7 @@ __all__ = [
     "RedisSessionStore",
     "Session",
     "SessionStore",
+    "TransformersEngine",
+    "create_app",
     "get_result",
 ]

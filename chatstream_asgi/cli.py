@@ -10,12 +10,12 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-from .chatstream import ChatStream
-from .engine import Engine
-from .engine_pool import EnginePool
-from .formats import FORMATS
-from .mock import MockEngine, MockParams
-from .remote_engine import OpenAIEngine
+from chatstream_asgi.engines.base import Engine
+from chatstream_asgi.engines.mock import MockEngine, MockParams
+from chatstream_asgi.engines.pool import EnginePool
+from chatstream_asgi.engines.remote import OpenAIEngine
+from chatstream_asgi.protocols.framing import FORMATS
+from chatstream_asgi.service.chatstream import ChatStream
 
 __all__ = ["build_parser", "main"]
 
@@ -71,7 +71,7 @@ def _engine(args: argparse.Namespace) -> Engine:
         model = None if args.model == "smollm2" else args.model
         engines = [OpenAIEngine(url, model) for url in args.remote_url]
         return engines[0] if len(engines) == 1 else EnginePool(engines)
-    from .transformers_engine import TransformersEngine
+    from chatstream_asgi.engines.transformers.engine import TransformersEngine
 
     return TransformersEngine.from_pretrained(
         args.model, device=args.device, dtype=args.dtype, max_batch_size=args.concurrency
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from hypercorn.config import Config
     except ImportError:  # pragma: no cover - depends on the install
         raise SystemExit("the server needs hypercorn: pip install 'chatstream-asgi[server]'") from None
-    from .app import create_app
+    from chatstream_asgi.web.app import create_app
 
     chat_stream = ChatStream(
         _engine(args),

@@ -17,7 +17,7 @@ import os
 from starlette.requests import Request
 
 from chatstream_asgi import ChatStream, CompletionState, MockEngine, MockParams, get_result
-from chatstream_asgi.engine import Engine
+from chatstream_asgi.engines.base import Engine
 
 __all__ = ["log_completion", "logger", "make_chat_stream", "run"]
 
@@ -28,7 +28,7 @@ logger = logging.getLogger("examples")
 def make_engine() -> Engine:
     """The engine ``CHATSTREAM_ENGINE`` names."""
     if os.environ.get("CHATSTREAM_ENGINE", "mock") == "transformers":
-        from chatstream_asgi.transformers_engine import TransformersEngine
+        from chatstream_asgi.engines.transformers import TransformersEngine
 
         return TransformersEngine.from_pretrained(os.environ.get("CHATSTREAM_MODEL", "smollm2"))
     kind = os.environ.get("CHATSTREAM_MOCK_TYPE", "round")

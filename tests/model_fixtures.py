@@ -84,7 +84,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir: Path) -> Iterator[object]:
     """A started :class:`TransformersEngine` on the tiny model (shared by the session)."""
-    from chatstream_asgi.transformers_engine import TransformersEngine
+    from chatstream_asgi.engines.transformers import TransformersEngine
 
     device = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")  # e.g. "cuda" to check the GPU path
     engine = TransformersEngine.from_pretrained(str(tiny_model_dir), device=device, max_batch_size=8)
@@ -96,7 +96,7 @@ def tiny_engine(tiny_model_dir: Path) -> Iterator[object]:
 @pytest.fixture(scope="session")
 def smollm2_engine() -> Iterator[object]:
     """A started :class:`TransformersEngine` on the real SmolLM2-135M-Instruct."""
-    from chatstream_asgi.transformers_engine import TransformersEngine
+    from chatstream_asgi.engines.transformers import TransformersEngine
 
     engine = TransformersEngine.from_pretrained("smollm2", device="cpu")
     asyncio.run(engine.start())

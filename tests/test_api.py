@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware, GenerationRequest, GenerationStream, MockEngine
-from chatstream_asgi.app import create_app
+from chatstream_asgi.web.app import create_app
 
 pytestmark = pytest.mark.anyio
 

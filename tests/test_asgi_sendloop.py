@@ -14,7 +14,7 @@ import pytest
 from asgi_harness import SPEC_VERSIONS, Receive, Send, StateLog, chat_body, http_scope, not_found
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware, GenerationRequest, MockEngine, MockParams
-from chatstream_asgi.engine import GenerationStream
+from chatstream_asgi.engines.base import GenerationStream
 
 pytestmark = pytest.mark.anyio
 

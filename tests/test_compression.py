@@ -15,7 +15,7 @@ from live_server import serve_in_thread
 from starlette.middleware.gzip import GZipMiddleware
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware, CompletionState, MockEngine, MockParams
-from chatstream_asgi.responses import send_json
+from chatstream_asgi.asgi.responses import send_json
 
 
 async def _not_found(scope: dict, receive: object, send: object) -> None:

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from chatstream_asgi import ChatStream, InvalidRequest, MockEngine, MockParams, get_result
-from chatstream_asgi.app import create_app
-from chatstream_asgi.conversation import commit_turn, fit_to_budget, new_message, start_turn
-from chatstream_asgi.engine import Message
+from chatstream_asgi.engines.base import Message
+from chatstream_asgi.service.prompts import commit_turn, fit_to_budget, new_message, start_turn
+from chatstream_asgi.web.app import create_app
 
 WATCHDOG = 30.0
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from chatstream_asgi.detokenize import IncrementalDetokenizer, StopMatcher
+from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher
 
 JAPANESE = "こんにちは、世界!日本語のテキストです。"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from chatstream_asgi.engine import (
+from chatstream_asgi.engines.base import (
     Engine,
     EngineError,
     GenerationParams,
@@ -21,8 +21,8 @@ from chatstream_asgi.engine import (
     GenerationStream,
     PromptTooLong,
 )
-from chatstream_asgi.models import ModelLoadError, load_model
-from chatstream_asgi.transformers_engine import TransformersEngine
+from chatstream_asgi.engines.transformers import TransformersEngine
+from chatstream_asgi.engines.transformers.loading import ModelLoadError, load_model
 
 WATCHDOG = 60.0
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=12)
@@ -364,5 +364,5 @@ def test_importing_the_package_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, chatstream_asgi, chatstream_asgi.engine; assert 'torch' not in sys.modules"
+    code = "import sys, chatstream_asgi, chatstream_asgi.engines.base; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -10,8 +10,8 @@ from servers import free_port
 from test_remote_engine import MESSAGES, WATCHDOG, WHILE_STREAMING, front, processing, remote, request
 
 from chatstream_asgi import Engine, MockEngine
-from chatstream_asgi.engine_pool import EnginePool
-from chatstream_asgi.remote_engine import EngineUnavailable, OpenAIEngine
+from chatstream_asgi.engines.pool import EnginePool
+from chatstream_asgi.engines.remote import EngineUnavailable, OpenAIEngine
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,8 @@ import pytest
 from asgi_harness import Receive, Send, StateLog, http_scope, not_found
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware, GenerationRequest, MockEngine, MockParams
-from chatstream_asgi.engine import GenerationStream
-from chatstream_asgi.formats import FORMATS, ChatStreamFramer, Summary
+from chatstream_asgi.engines.base import GenerationStream
+from chatstream_asgi.protocols.framing import FORMATS, ChatStreamFramer, Summary
 
 pytestmark = pytest.mark.anyio
 

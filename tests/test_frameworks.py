@@ -9,6 +9,7 @@ mid-stream, which the callback hears too, and the slot comes back.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ CASES = {
 
 
 ENV = {
-    "PYTHONPATH": str(EXAMPLES),
+    "PYTHONPATH": os.pathsep.join([str(EXAMPLES), str(EXAMPLES.parent)]),
     "CHATSTREAM_ENGINE": "mock",
     "CHATSTREAM_SESSION_SECRET": "test-secret",
     "CHATSTREAM_CONCURRENCY": "1",

@@ -14,7 +14,7 @@ from live_server import serve_in_thread
 from starlette.requests import Request
 
 from chatstream_asgi import ChatStream, CompletionState, get_result
-from chatstream_asgi.app import create_app
+from chatstream_asgi.web.app import create_app
 
 WATCHDOG = 10.0
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, world"}]

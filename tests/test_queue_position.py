@@ -12,7 +12,7 @@ from live_server import serve_in_thread
 from starlette.requests import Request
 
 from chatstream_asgi import ChatStream, CompletionState
-from chatstream_asgi.app import create_app
+from chatstream_asgi.web.app import create_app
 
 WATCHDOG = 20.0
 TOKENS = 12

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from servers import SERVERS, Server, running
 
-from chatstream_asgi.mock import LONG_TEXT, tokenize
+from chatstream_asgi.engines.mock import LONG_TEXT, tokenize
 
 pytestmark = pytest.mark.anyio
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from chatstream_asgi import ChatStream
-from chatstream_asgi.app import create_app
-from chatstream_asgi.redis_store import RedisSessionStore
-from chatstream_asgi.sessions import Session
+from chatstream_asgi.sessions.manager import Session
+from chatstream_asgi.sessions.redis_store import RedisSessionStore
+from chatstream_asgi.web.app import create_app
 
 pytestmark = pytest.mark.anyio
 

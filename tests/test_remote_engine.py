@@ -26,10 +26,10 @@ from chatstream_asgi import (
     MockParams,
     get_result,
 )
-from chatstream_asgi.app import create_app
-from chatstream_asgi.engine import Engine
-from chatstream_asgi.mock import LONG_TEXT, tokenize
-from chatstream_asgi.remote_engine import EngineOverloaded, EngineUnavailable, OpenAIEngine
+from chatstream_asgi.engines.base import Engine
+from chatstream_asgi.engines.mock import LONG_TEXT, tokenize
+from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, OpenAIEngine
+from chatstream_asgi.web.app import create_app
 
 pytestmark = pytest.mark.anyio
 

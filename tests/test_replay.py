@@ -6,7 +6,7 @@ import anyio
 import pytest
 from asgi_harness import Receive, http_scope
 
-from chatstream_asgi.replay import BodyTooLarge, ClientDisconnected, ReplayReceive, SharedReceive, read_body
+from chatstream_asgi.asgi.replay import BodyTooLarge, ClientDisconnected, ReplayReceive, SharedReceive, read_body
 
 pytestmark = pytest.mark.anyio
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from chatstream_asgi.engine import GenerationParams
-from chatstream_asgi.sampling import BatchSampler, apply_repetition_penalty, top_k_top_p_filter
+from chatstream_asgi.engines.base import GenerationParams
+from chatstream_asgi.engines.transformers.sampling import BatchSampler, apply_repetition_penalty, top_k_top_p_filter
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:

@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from chatstream_asgi import ChatResult, ChatStream, ChatStreamMiddleware, CompletionState, get_result
-from chatstream_asgi.app import create_app
-from chatstream_asgi.mock import LONG_TEXT
-from chatstream_asgi.sessions import MemorySessionStore, Session, SessionManager
+from chatstream_asgi.engines.mock import LONG_TEXT
+from chatstream_asgi.sessions.manager import MemorySessionStore, Session, SessionManager
+from chatstream_asgi.web.app import create_app
 
 pytestmark = pytest.mark.anyio
 
@@ -279,7 +279,7 @@ async def test_memory_store_expires_and_is_bounded(monkeypatch: pytest.MonkeyPat
     assert (await store.load("b")).messages  # type: ignore[union-attr]
 
     now = [1000.0]
-    monkeypatch.setattr("chatstream_asgi.sessions.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("chatstream_asgi.sessions.manager.time.monotonic", lambda: now[0])
     short = MemorySessionStore(ttl=10)
     await short.save(Session("x"))
     now[0] += 9

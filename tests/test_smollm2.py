@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from chatstream_asgi.engine import GenerationParams, GenerationRequest
-from chatstream_asgi.transformers_engine import TransformersEngine
+from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
+from chatstream_asgi.engines.transformers import TransformersEngine
 
 pytestmark = pytest.mark.smollm2
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import anyio
 
-from .admission import Ticket
-from .engine import Engine, GenerationRequest, GenerationStream
-from .formats import Framer, Summary
-from .metrics import Metrics
-from .responses import send_json
-from .states import CompletionState
+from chatstream_asgi.asgi.responses import send_json
+from chatstream_asgi.engines.base import Engine, GenerationRequest, GenerationStream
+from chatstream_asgi.protocols.framing import Framer, Summary
+from chatstream_asgi.service.admission import Ticket
+from chatstream_asgi.service.metrics import Metrics
+from chatstream_asgi.states import CompletionState
 
 __all__ = ["Reply"]
 

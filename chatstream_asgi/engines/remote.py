@@ -21,7 +21,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .engine import EngineError, GenerationRequest, GenerationStream, Message, QueueStream
+from chatstream_asgi.engines.base import EngineError, GenerationRequest, GenerationStream, Message, QueueStream
 
 if TYPE_CHECKING:
     import httpx

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .engine import GenerationParams, Message
+from chatstream_asgi.engines.base import GenerationParams, Message
 
 __all__ = [
     "ROLES",

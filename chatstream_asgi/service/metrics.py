@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .admission import Admission
-from .states import CompletionState
+from chatstream_asgi.service.admission import Admission
+from chatstream_asgi.states import CompletionState
 
 __all__ = ["REJECT_REASONS", "Metrics"]
 

@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from .engine import Engine, GenerationRequest, GenerationStream, Message
-from .remote_engine import EngineOverloaded, EngineUnavailable
+from chatstream_asgi.engines.base import Engine, GenerationRequest, GenerationStream, Message
+from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable
 
 __all__ = ["EnginePool"]
 

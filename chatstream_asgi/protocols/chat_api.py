@@ -44,14 +44,14 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
-from .chat_request import InvalidRequest, load_json_object, validate_params
-from .openai_api import OpenAIAPI
-from .replay import ReplayReceive, SharedReceive
-from .responses import send_bytes, send_json
+from chatstream_asgi.asgi.replay import ReplayReceive, SharedReceive
+from chatstream_asgi.asgi.responses import send_bytes, send_json
+from chatstream_asgi.protocols.openai import OpenAIAPI
+from chatstream_asgi.service.parsing import InvalidRequest, load_json_object, validate_params
 
 if TYPE_CHECKING:
-    from .chatstream import ChatStream
-    from .sessions import OpenSession
+    from chatstream_asgi.service.chatstream import ChatStream
+    from chatstream_asgi.sessions.manager import OpenSession
 
 __all__ = ["SESSION_PARAMS", "ChatAPI", "Endpoint", "FeedbackCallback", "endpoints", "resource_usage"]
 

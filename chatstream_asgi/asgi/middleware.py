@@ -17,11 +17,11 @@ from typing import Any
 
 from starlette.requests import Request
 
-from .api import Endpoint
-from .api import endpoints as _endpoints
-from .chatstream import SHARED_RECEIVE_KEY, Callback, ChatStream
-from .replay import BodyTooLarge, ClientDisconnected, ReplayReceive, SharedReceive, read_body
-from .responses import send_json
+from chatstream_asgi.asgi.replay import BodyTooLarge, ClientDisconnected, ReplayReceive, SharedReceive, read_body
+from chatstream_asgi.asgi.responses import send_json
+from chatstream_asgi.protocols.chat_api import Endpoint
+from chatstream_asgi.protocols.chat_api import endpoints as _endpoints
+from chatstream_asgi.service.chatstream import SHARED_RECEIVE_KEY, Callback, ChatStream
 
 __all__ = ["DEFAULT_ENDPOINTS", "ChatStreamMiddleware", "route_path"]
 

@@ -27,13 +27,13 @@ from typing import Any
 
 from starlette.requests import Request
 
-from .chat_request import InvalidRequest, apply_params, load_json_object, validate_params
-from .chatstream import Callback, ChatResult, ChatStream
-from .conversation import fit_to_budget
-from .engine import GenerationParams, Message
-from .formats import Framer, Summary
-from .responses import send_json
-from .states import CompletionState
+from chatstream_asgi.asgi.responses import send_json
+from chatstream_asgi.engines.base import GenerationParams, Message
+from chatstream_asgi.protocols.framing import Framer, Summary
+from chatstream_asgi.service.chatstream import Callback, ChatResult, ChatStream
+from chatstream_asgi.service.parsing import InvalidRequest, apply_params, load_json_object, validate_params
+from chatstream_asgi.service.prompts import fit_to_budget
+from chatstream_asgi.states import CompletionState
 
 __all__ = ["OpenAIAPI", "OpenAIChunkFramer", "OpenAICompletionFramer", "OpenAIError", "error_body"]
 

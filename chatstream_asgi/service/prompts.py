@@ -12,9 +12,9 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .chat_request import InvalidRequest
-from .engine import Message, PromptTooLong
-from .sessions import StoredMessage
+from chatstream_asgi.engines.base import Message, PromptTooLong
+from chatstream_asgi.service.parsing import InvalidRequest
+from chatstream_asgi.sessions.manager import StoredMessage
 
 __all__ = ["Turn", "commit_turn", "fit_to_budget", "new_message", "plain", "start_turn"]
 

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from .detokenize import IncrementalDetokenizer, StopMatcher, decode_windows
-from .engine import (
+from chatstream_asgi.engines.base import (
     EngineError,
     FinishReason,
     GenerationParams,
@@ -36,9 +35,10 @@ from .engine import (
     PromptTooLong,
     QueueStream,
 )
-from .kv_cache import BatchKVCache
-from .models import DEFAULT_MODEL, load_model
-from .sampling import BatchSampler
+from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache
+from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher, decode_windows
+from chatstream_asgi.engines.transformers.loading import DEFAULT_MODEL, load_model
+from chatstream_asgi.engines.transformers.sampling import BatchSampler
 
 __all__ = ["TransformersEngine"]
 

@@ -16,21 +16,21 @@ from prometheus_client import CollectorRegistry
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from .admission import Admission, QueueFull
-from .chat_request import ChatRequest, InvalidRequest, apply_params, parse_chat_request
-from .conversation import Turn, commit_turn, fit_to_budget, new_message, plain, start_turn
-from .engine import Engine, GenerationParams, GenerationRequest, Message
-from .formats import FORMATS, Framer
-from .metrics import Metrics
-from .mock import MockEngine, MockParams
-from .responses import send_json
-from .sendloop import Reply
-from .sessions import OpenSession, Session, SessionManager, SessionStore, StoredMessage
-from .states import CompletionState
+from chatstream_asgi.asgi.responses import send_json
+from chatstream_asgi.asgi.sendloop import Reply
+from chatstream_asgi.engines.base import Engine, GenerationParams, GenerationRequest, Message
+from chatstream_asgi.engines.mock import MockEngine, MockParams
+from chatstream_asgi.protocols.framing import FORMATS, Framer
+from chatstream_asgi.service.admission import Admission, QueueFull
+from chatstream_asgi.service.metrics import Metrics
+from chatstream_asgi.service.parsing import ChatRequest, InvalidRequest, apply_params, parse_chat_request
+from chatstream_asgi.service.prompts import Turn, commit_turn, fit_to_budget, new_message, plain, start_turn
+from chatstream_asgi.sessions.manager import OpenSession, Session, SessionManager, SessionStore, StoredMessage
+from chatstream_asgi.states import CompletionState
 
 if TYPE_CHECKING:
-    from .api import FeedbackCallback
-    from .sendloop import Receive, Send
+    from chatstream_asgi.asgi.sendloop import Receive, Send
+    from chatstream_asgi.protocols.chat_api import FeedbackCallback
 
 __all__ = ["Callback", "ChatResult", "ChatStream", "ChatStreamResponse", "get_result"]
 

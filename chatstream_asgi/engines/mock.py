@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .engine import EngineError, GenerationRequest, GenerationStream, Message
+from chatstream_asgi.engines.base import EngineError, GenerationRequest, GenerationStream, Message
 
 __all__ = ["MockEngine", "MockParams"]
 

@@ -10,8 +10,8 @@ from starlette.responses import FileResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .chatstream import ChatStream
-from .middleware import ChatStreamMiddleware
+from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
+from chatstream_asgi.service.chatstream import ChatStream
 
 __all__ = ["STATIC_DIR", "create_app"]
 

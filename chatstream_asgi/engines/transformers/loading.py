@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .engine import EngineError
+from chatstream_asgi.engines.base import EngineError
 
 __all__ = ["DEFAULT_MODEL", "MODEL_ALIASES", "ModelLoadError", "load_model", "resolve_model"]
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .engine import GenerationParams
+from chatstream_asgi.engines.base import GenerationParams
 
 __all__ = ["BatchSampler", "apply_repetition_penalty", "top_k_top_p_filter"]
 
