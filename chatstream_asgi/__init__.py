@@ -1,5 +1,6 @@
 """chatstream-asgi: turn any ASGI app into a load-controlled streaming LLM chat server."""
 
+from chatstream_asgi.asgi.endpoint import ChatStreamResponse
 from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
 from chatstream_asgi.engines.base import (
     Engine,
@@ -15,11 +16,13 @@ from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, OpenAIEngine
 from chatstream_asgi.protocols.framing import EOS_MARKER, ERROR_MARKER, FORMATS
 from chatstream_asgi.service.admission import Admission, QueueFull
-from chatstream_asgi.service.chatstream import Callback, ChatResult, ChatStream, ChatStreamResponse, get_result
+from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.service.outcomes import ChatResult, get_result
 from chatstream_asgi.service.parsing import ChatRequest, InvalidRequest
-from chatstream_asgi.sessions.manager import MemorySessionStore, Session, SessionStore
 from chatstream_asgi.sessions.redis_store import RedisSessionStore
+from chatstream_asgi.sessions.store import MemorySessionStore, Session, SessionStore
 from chatstream_asgi.states import CompletionState
+from chatstream_asgi.types import Callback
 from chatstream_asgi.web.app import create_app
 
 __version__ = "0.1.0"

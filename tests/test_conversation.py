@@ -11,14 +11,14 @@ import httpx
 import pytest
 
 from chatstream_asgi import ChatStream, InvalidRequest, MockEngine, MockParams, get_result
-from chatstream_asgi.engines.base import Message
+from chatstream_asgi.engines.base import ChatMessage
 from chatstream_asgi.service.prompts import commit_turn, fit_to_budget, new_message, start_turn
 from chatstream_asgi.web.app import create_app
 
 WATCHDOG = 30.0
 
 
-def words(messages: Sequence[Message]) -> int:
+def words(messages: Sequence[ChatMessage]) -> int:
     """A token counter for unit tests: one token per word."""
     return sum(len(m["content"].split()) for m in messages)
 
@@ -47,7 +47,7 @@ def test_truncation_drops_the_oldest_turns_first() -> None:
 def test_a_long_history_costs_few_token_counts() -> None:
     calls = []
 
-    def counting(messages: Sequence[Message]) -> int:
+    def counting(messages: Sequence[ChatMessage]) -> int:
         calls.append(len(messages))
         return words(messages)
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from chatstream_asgi import ChatStream
-from chatstream_asgi.sessions.manager import Session
 from chatstream_asgi.sessions.redis_store import RedisSessionStore
+from chatstream_asgi.sessions.store import Session
 from chatstream_asgi.web.app import create_app
 
 pytestmark = pytest.mark.anyio

@@ -16,7 +16,8 @@ from starlette.routing import Route
 
 from chatstream_asgi import ChatResult, ChatStream, ChatStreamMiddleware, CompletionState, get_result
 from chatstream_asgi.engines.mock import LONG_TEXT
-from chatstream_asgi.sessions.manager import MemorySessionStore, Session, SessionManager
+from chatstream_asgi.sessions.manager import SessionManager
+from chatstream_asgi.sessions.store import MemorySessionStore, Session
 from chatstream_asgi.web.app import create_app
 
 pytestmark = pytest.mark.anyio
@@ -279,7 +280,7 @@ async def test_memory_store_expires_and_is_bounded(monkeypatch: pytest.MonkeyPat
     assert (await store.load("b")).messages  # type: ignore[union-attr]
 
     now = [1000.0]
-    monkeypatch.setattr("chatstream_asgi.sessions.manager.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("chatstream_asgi.sessions.store.time.monotonic", lambda: now[0])
     short = MemorySessionStore(ttl=10)
     await short.save(Session("x"))
     now[0] += 9

@@ -12,39 +12,24 @@ body (an HMAC signature, say) goes *inside* it, on a replay path.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from typing import Any
+from collections.abc import Iterable, Mapping
 
-from starlette.requests import Request
-
-from chatstream_asgi.asgi.replay import BodyTooLarge, ClientDisconnected, ReplayReceive, SharedReceive, read_body
+from chatstream_asgi.asgi.replay import (
+    BodyTooLarge,
+    ClientDisconnected,
+    ReplayReceive,
+    SharedReceive,
+    read_body,
+    replay_request,
+)
 from chatstream_asgi.asgi.responses import send_json
-from chatstream_asgi.protocols.chat_api import Endpoint
-from chatstream_asgi.protocols.chat_api import endpoints as _endpoints
-from chatstream_asgi.service.chatstream import SHARED_RECEIVE_KEY, Callback, ChatStream
+from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, bind_request_id
+from chatstream_asgi.protocols.routes import DEFAULT_ENDPOINTS, Endpoint, chat_endpoint, extra_endpoints
+from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.service.replies import SHARED_RECEIVE_KEY
+from chatstream_asgi.types import ASGIApp, ASGIMessage, Callback, Receive, Scope, Send
 
-__all__ = ["DEFAULT_ENDPOINTS", "ChatStreamMiddleware", "route_path"]
-
-Message = MutableMapping[str, Any]
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-DEFAULT_ENDPOINTS: Mapping[str, str] = {
-    "clear_context": "/clear_context",
-    "get_prompt": "/get_prompt",
-    "get_load": "/get_load",
-    "set_generation_params": "/set_generation_params",
-    "get_generation_params": "/get_generation_params",
-    "set_feedback": "/set_feedback",
-    "get_resource_usage": "/get_resource_usage",
-    "metrics": "/metrics",
-    "chat_completions": "/v1/chat/completions",
-    "models": "/v1/models",
-}
-"""The extra endpoints served beside the chat paths: name → path. Their methods and JSON are
-documented in :mod:`chatstream_asgi.api` and :mod:`chatstream_asgi.openai_api`."""
+__all__ = ["ChatStreamMiddleware", "route_path"]
 
 
 def route_path(scope: Scope) -> str:
@@ -54,9 +39,6 @@ def route_path(scope: Scope) -> str:
     if root_path and path.startswith(root_path):
         return path[len(root_path) :] or "/"
     return path
-
-
-_CHAT_METHODS = frozenset({"POST"})
 
 
 class ChatStreamMiddleware:
@@ -84,15 +66,19 @@ class ChatStreamMiddleware:
         self.callback = callback
         self.replay_paths = frozenset(replay_paths)
         self.routes: dict[str, Endpoint] = {}
+        self._request_id_header = (
+            chat_stream.request_id_header if chat_stream is not None else DEFAULT_REQUEST_ID_HEADER
+        )
         if chat_stream is not None:
-            known = _endpoints(chat_stream)
+            known = extra_endpoints(chat_stream)
             for name, path in {**DEFAULT_ENDPOINTS, **(endpoints or {})}.items():
                 if name not in known:
                     raise ValueError(f"unknown endpoint {name!r}; known: {sorted(known)}")
                 if path is not None:
                     self.routes[path] = known[name]
+            chat = chat_endpoint(chat_stream)
             for path in paths:
-                self.routes[path] = Endpoint(_CHAT_METHODS, chat_stream.serve_chat, chat=True)
+                self.routes[path] = chat
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -100,10 +86,12 @@ class ChatStreamMiddleware:
             path = route_path(scope)
             route = self.routes.get(path)
             if route is not None:
-                await self._serve(route, scope, receive, send)
+                with bind_request_id(scope, self._request_id_header):
+                    await self._serve(route, scope, receive, send)
                 return
             if path in self.replay_paths:
-                await self._replay(scope, receive, send)
+                with bind_request_id(scope, self._request_id_header):
+                    await self._replay(scope, receive, send)
                 return
         elif scope_type == "lifespan" and self.chat_stream is not None:
             await self.app(scope, self._lifespan_receive(receive), send)
@@ -129,14 +117,14 @@ class ChatStreamMiddleware:
             return
         except ClientDisconnected as exc:
             if route.chat:
-                request = Request(scope, ReplayReceive(exc.body, SharedReceive(receive, disconnected=True)))
-                await cs.report_early_disconnect(scope, request=request, callback=self.callback)
+                request = replay_request(scope, exc.body, SharedReceive(receive, disconnected=True))
+                await cs.report_early_disconnect(request, self.callback)
             return
         shared = SharedReceive(receive)
         scope[SHARED_RECEIVE_KEY] = shared
         try:
             if route.chat:
-                request = Request(scope, ReplayReceive(body, shared))
+                request = replay_request(scope, body, shared)
                 await route.handler(scope, shared, send, body, request=request, callback=self.callback)
             else:
                 await route.handler(scope, shared, send, body)
@@ -157,7 +145,7 @@ class ChatStreamMiddleware:
         replay = ReplayReceive(body, shared)
         scope[SHARED_RECEIVE_KEY] = shared
 
-        async def replay_send(message: Message) -> None:
+        async def replay_send(message: ASGIMessage) -> None:
             if message["type"] == "http.response.start":
                 replay.response_started = True
             await send(message)
@@ -175,7 +163,7 @@ class ChatStreamMiddleware:
         chat_stream = self.chat_stream
         assert chat_stream is not None
 
-        async def lifespan_receive() -> Message:
+        async def lifespan_receive() -> ASGIMessage:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await chat_stream.start()

@@ -10,15 +10,15 @@ response starts, then passes through to the :class:`SharedReceive`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
-__all__ = ["BodyTooLarge", "ClientDisconnected", "ReplayReceive", "SharedReceive", "read_body"]
+from starlette.requests import Request
 
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
+from chatstream_asgi.types import ASGIMessage, Receive, Scope
 
-DISCONNECT: Message = {"type": "http.disconnect"}
+__all__ = ["BodyTooLarge", "ClientDisconnected", "ReplayReceive", "SharedReceive", "read_body", "replay_request"]
+
+
+DISCONNECT: ASGIMessage = {"type": "http.disconnect"}
 
 
 class BodyTooLarge(Exception):
@@ -33,7 +33,7 @@ class ClientDisconnected(Exception):
         self.body = body
 
 
-def content_length(scope: Message) -> int | None:
+def content_length(scope: ASGIMessage) -> int | None:
     """The declared Content-Length, or None when absent or malformed."""
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -44,7 +44,7 @@ def content_length(scope: Message) -> int | None:
     return None
 
 
-async def read_body(scope: Message, receive: Receive, max_size: int) -> bytes:
+async def read_body(scope: ASGIMessage, receive: Receive, max_size: int) -> bytes:
     """Read the whole body. Raises :class:`BodyTooLarge` or :class:`ClientDisconnected`."""
     declared = content_length(scope)
     if declared is not None and declared > max_size:
@@ -72,10 +72,10 @@ class SharedReceive:
 
     def __init__(self, receive: Receive, *, disconnected: bool = False) -> None:
         self._receive = receive
-        self._pending: asyncio.Future[Message] | None = None
+        self._pending: asyncio.Future[ASGIMessage] | None = None
         self.disconnected = disconnected
 
-    async def __call__(self) -> Message:
+    async def __call__(self) -> ASGIMessage:
         if self.disconnected:
             return DISCONNECT
         pending = self._pending
@@ -112,14 +112,20 @@ class ReplayReceive:
     __slots__ = ("_body_message", "_replays", "max_replays", "response_started", "shared")
 
     def __init__(self, body: bytes, shared: SharedReceive, *, max_replays: int = 8) -> None:
-        self._body_message: Message = {"type": "http.request", "body": body, "more_body": False}
+        self._body_message: ASGIMessage = {"type": "http.request", "body": body, "more_body": False}
         self.shared = shared
         self.response_started = False
         self.max_replays = max_replays
         self._replays = 0
 
-    async def __call__(self) -> Message:
+    async def __call__(self) -> ASGIMessage:
         if self.response_started or self._replays >= self.max_replays or self.shared.disconnected:
             return await self.shared()
         self._replays += 1
         return dict(self._body_message)
+
+
+def replay_request(scope: Scope, body: bytes, shared: SharedReceive) -> Request:
+    """A Starlette :class:`~starlette.requests.Request` whose body reads replay ``body``: what
+    callbacks are given, so that they can read the body again."""
+    return Request(scope, ReplayReceive(body, shared))

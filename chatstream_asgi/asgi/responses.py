@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Send", "send_bytes", "send_json"]
+from chatstream_asgi.types import Send
 
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+__all__ = ["Send", "send_bytes", "send_json"]
 
 
 async def send_bytes(

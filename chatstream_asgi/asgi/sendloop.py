@@ -12,30 +12,35 @@ more than the rest of the per-token work.
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import anyio
 
 from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.engines.base import Engine, GenerationRequest, GenerationStream
+from chatstream_asgi.logs import logger
 from chatstream_asgi.protocols.framing import Framer, Summary
-from chatstream_asgi.service.admission import Ticket
-from chatstream_asgi.service.metrics import Metrics
 from chatstream_asgi.states import CompletionState
+from chatstream_asgi.types import ASGIMessage, Headers, Receive, Send
 
-__all__ = ["Reply"]
+__all__ = ["QueueTicket", "Reply"]
+
+
+class QueueTicket(Protocol):
+    """A place in the admission queue (:class:`~chatstream_asgi.service.admission.Ticket`)."""
+
+    @property
+    def granted(self) -> bool: ...
+
+    async def wait(self, on_position: Callable[[int, float | None], Awaitable[None]] | None = None) -> None: ...
+
+    def leave(self) -> None: ...
 
 
 class _ClientGone(Exception):
     """A send failed or timed out: the client left or stopped reading."""
-
-
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 class Reply:
@@ -47,13 +52,11 @@ class Reply:
         engine: Engine,
         request: GenerationRequest,
         message_id: str,
-        ticket: Ticket,
+        ticket: QueueTicket,
         framer: Framer,
-        headers: list[tuple[bytes, bytes]],
-        metrics: Metrics,
-        logger: logging.LoggerAdapter[logging.Logger],
+        headers: Headers,
         send_timeout: float,
-        started_at: float,
+        on_first_text: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.request = request
@@ -61,10 +64,8 @@ class Reply:
         self.ticket = ticket
         self.framer = framer
         self.headers = headers
-        self.metrics = metrics
-        self.log = logger
         self.send_timeout = send_timeout
-        self.started_at = started_at
+        self.on_first_text = on_first_text
         # Bookkeeping that decides the state.
         self.response_started = False
         self.text_sent = False
@@ -134,11 +135,11 @@ class Reply:
             while (await receive())["type"] != "http.disconnect":
                 pass
         except Exception:  # a server whose receive fails after the client left
-            self.log.debug("receive failed; treating it as a disconnect", exc_info=True)
+            logger.debug("receive failed; treating it as a disconnect", exc_info=True)
         self.disconnected = True
         if self.final_sent or self.final_in_flight:
             return  # the disconnect races the last frame: let that send finish (or time out)
-        self.log.info("client disconnected")
+        logger.info("client disconnected")
         scope.cancel()
 
     async def _stream(self) -> None:
@@ -151,8 +152,8 @@ class Reply:
             if frame:  # an empty frame holds the text back (a non-streamed body goes out at the end)
                 await self._send_body(frame)
                 self.text_sent = True
-            if not self.text_parts:
-                self.metrics.time_to_first_token.observe(time.monotonic() - self.started_at)
+            if not self.text_parts and self.on_first_text is not None:
+                self.on_first_text()
             self.text_parts.append(text)
         summary = Summary(self.message_id, stream.finish_reason, stream.prompt_tokens, stream.completion_tokens)
         self.final_in_flight = True
@@ -169,14 +170,14 @@ class Reply:
             self.response_started = True
         await self._bounded_send({"type": "http.response.body", "body": body, "more_body": more_body})
 
-    async def _bounded_send(self, message: Message) -> None:
+    async def _bounded_send(self, message: ASGIMessage) -> None:
         """Send one message; :meth:`_watch_sends` ends the reply if it takes over ``send_timeout``."""
         assert self._send is not None
         self._send_started = time.monotonic()
         try:
             await self._send(message)
         except OSError:
-            self.log.info("send failed; treating it as a disconnect")
+            logger.info("send failed; treating it as a disconnect")
             self.disconnected = True
             raise _ClientGone from None
         finally:
@@ -193,7 +194,7 @@ class Reply:
             await anyio.sleep(period)
             started = self._send_started
             if started is not None and time.monotonic() - started >= self.send_timeout:
-                self.log.info("send timed out (the client stopped reading); treating it as a disconnect")
+                logger.info("send timed out (the client stopped reading); treating it as a disconnect")
                 self.disconnected = True
                 scope.cancel()
                 return
@@ -204,7 +205,6 @@ class Reply:
             return
         if stream.finish_reason is None:
             stream.cancel()
-        self.metrics.generated_tokens.inc(stream.completion_tokens)
 
     async def _send_error(self) -> None:
         """Tell the client what went wrong: 500 JSON, or an error frame once streaming began."""
@@ -212,7 +212,7 @@ class Reply:
             error, detail = "server_shutting_down", self.abort_reason
         else:
             error, detail = CompletionState.UNKNOWN_ERROR_OCCURRED.value, "generation failed"
-            self.log.error("generation failed", exc_info=self.error)
+            logger.error("generation failed", exc_info=self.error)
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.send_timeout):
             try:
                 if self.response_started:

@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "ChatMessage",
     "Engine",
     "EngineError",
     "FinishReason",
     "GenerationParams",
     "GenerationRequest",
     "GenerationStream",
-    "Message",
     "PromptTooLong",
     "QueueStream",
 ]
 
-Message = dict[str, str]
+ChatMessage = dict[str, str]
 """One chat message: ``{"role": "user" | "assistant" | "system", "content": "..."}``."""
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -62,7 +62,7 @@ class GenerationRequest:
     """What the front door hands an engine: the conversation so far and how to sample."""
 
     request_id: str
-    messages: list[Message]
+    messages: list[ChatMessage]
     params: GenerationParams = field(default_factory=GenerationParams)
     ignore_eos: bool = False
 
@@ -202,10 +202,10 @@ class Engine(Protocol):
         """Begin generating; must not block the event loop."""
         ...
 
-    def render_prompt(self, messages: Sequence[Message]) -> str:
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt text the model would see for ``messages`` (the chat template)."""
         ...
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Number of prompt tokens for ``messages``."""
         ...

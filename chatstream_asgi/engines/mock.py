@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from chatstream_asgi.engines.base import EngineError, GenerationRequest, GenerationStream, Message
+from chatstream_asgi.engines.base import ChatMessage, EngineError, GenerationRequest, GenerationStream
 
 __all__ = ["MockEngine", "MockParams"]
 
@@ -122,10 +122,10 @@ class MockEngine:
         tokens = _cut_at_stop(tokens[:limit], request.params.stop)
         return _MockStream(request, tokens, self.params, cut and len(tokens) == limit)
 
-    def render_prompt(self, messages: Sequence[Message]) -> str:
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
         return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(tokenize(self.render_prompt(messages)))
 
 

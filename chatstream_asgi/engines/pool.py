@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from chatstream_asgi.engines.base import Engine, GenerationRequest, GenerationStream, Message
+from chatstream_asgi.engines.base import ChatMessage, Engine, GenerationRequest, GenerationStream
 from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable
 
 __all__ = ["EnginePool"]
@@ -77,10 +77,10 @@ class EnginePool:
         """A stream from the least-loaded healthy member."""
         return _PoolStream(self, request)
 
-    def render_prompt(self, messages: Sequence[Message]) -> str:
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
         return self.engines[0].render_prompt(messages)
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return self.engines[0].count_tokens(messages)
 
     # -- routing ----------------------------------------------------------------------------

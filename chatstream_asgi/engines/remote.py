@@ -21,7 +21,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from chatstream_asgi.engines.base import EngineError, GenerationRequest, GenerationStream, Message, QueueStream
+from chatstream_asgi.engines.base import ChatMessage, EngineError, GenerationRequest, GenerationStream, QueueStream
 
 if TYPE_CHECKING:
     import httpx
@@ -130,13 +130,13 @@ class OpenAIEngine:
         task.add_done_callback(self._tasks.discard)
         return stream
 
-    def render_prompt(self, messages: Sequence[Message]) -> str:
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The tokenizer's chat template, or ``<|role|>``-tagged text without a tokenizer."""
         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Prompt tokens: counted by the tokenizer, else estimated from the length of the prompt text."""
         text = self.render_prompt(messages)
         if self.tokenizer is not None:

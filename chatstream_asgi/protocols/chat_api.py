@@ -34,80 +34,31 @@ endpoint                    method  request → response
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 import resource
 import sys
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from starlette.requests import Request
-
-from chatstream_asgi.asgi.replay import ReplayReceive, SharedReceive
+from chatstream_asgi.asgi.replay import SharedReceive, replay_request
 from chatstream_asgi.asgi.responses import send_bytes, send_json
-from chatstream_asgi.protocols.openai import OpenAIAPI
+from chatstream_asgi.logs import logger
 from chatstream_asgi.service.parsing import InvalidRequest, load_json_object, validate_params
 
 if TYPE_CHECKING:
     from chatstream_asgi.service.chatstream import ChatStream
     from chatstream_asgi.sessions.manager import OpenSession
 
-__all__ = ["SESSION_PARAMS", "ChatAPI", "Endpoint", "FeedbackCallback", "endpoints", "resource_usage"]
+from chatstream_asgi.types import Receive, Scope, Send
 
-logger = logging.getLogger("chatstream_asgi")
+__all__ = ["SESSION_PARAMS", "ChatAPI", "resource_usage"]
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-FeedbackCallback = Callable[[Request, str, "str | None"], Awaitable[None] | None]
-"""``feedback_callback(request, message_id, feedback)``, sync or async; feedback is like, dislike or None."""
 
 SESSION_PARAMS = frozenset({"temperature", "top_k", "top_p", "repetition_penalty"})
 """Generation parameters a session can set as its defaults."""
 
 FEEDBACK = frozenset({"like", "dislike"})
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """An endpoint the middleware serves.
-
-    ``handler(scope, receive, send, body)`` gets the buffered body (``b""`` without one); a
-    ``chat`` handler is also given ``request=`` and ``callback=`` and ends in a completion state.
-    """
-
-    methods: frozenset[str]
-    handler: Callable[..., Awaitable[Any]]
-    chat: bool = False
-
-    @property
-    def reads_body(self) -> bool:
-        """Whether the middleware buffers the body first."""
-        return "POST" in self.methods
-
-
-GET = frozenset({"GET", "HEAD"})
-POST = frozenset({"POST"})
-
-
-def endpoints(chat_stream: ChatStream) -> dict[str, Endpoint]:
-    """Every extra endpoint of ``chat_stream`` by name (the names of ``DEFAULT_ENDPOINTS``)."""
-    api = ChatAPI(chat_stream)
-    openai = OpenAIAPI(chat_stream)
-    return {
-        "clear_context": Endpoint(POST, api.clear_context),
-        "get_prompt": Endpoint(GET, api.get_prompt),
-        "get_load": Endpoint(GET, api.get_load),
-        "set_generation_params": Endpoint(POST, api.set_generation_params),
-        "get_generation_params": Endpoint(GET, api.get_generation_params),
-        "set_feedback": Endpoint(POST, api.set_feedback),
-        "get_resource_usage": Endpoint(GET, api.get_resource_usage),
-        "metrics": Endpoint(GET, api.metrics),
-        "chat_completions": Endpoint(POST, openai.chat_completions, chat=True),
-        "models": Endpoint(GET, openai.models),
-    }
 
 
 def _json_object(body: bytes) -> Mapping[str, Any]:
@@ -231,7 +182,7 @@ class ChatAPI:
             return
         shared = receive if isinstance(receive, SharedReceive) else SharedReceive(receive)
         try:
-            outcome = callback(Request(scope, ReplayReceive(body, shared)), message_id, feedback)
+            outcome = callback(replay_request(scope, body, shared), message_id, feedback)
             if inspect.isawaitable(outcome):
                 await outcome
         except Exception:

@@ -22,24 +22,25 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
-
-from starlette.requests import Request
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from chatstream_asgi.asgi.responses import send_json
-from chatstream_asgi.engines.base import GenerationParams, Message
+from chatstream_asgi.engines.base import ChatMessage, GenerationParams
+from chatstream_asgi.logs import current_request_id
 from chatstream_asgi.protocols.framing import Framer, Summary
-from chatstream_asgi.service.chatstream import Callback, ChatResult, ChatStream
+from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.service.outcomes import ChatResult, Rejection
 from chatstream_asgi.service.parsing import InvalidRequest, apply_params, load_json_object, validate_params
-from chatstream_asgi.service.prompts import fit_to_budget
+from chatstream_asgi.service.replies import PreparedChat
 from chatstream_asgi.states import CompletionState
+from chatstream_asgi.types import Callback, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 __all__ = ["OpenAIAPI", "OpenAIChunkFramer", "OpenAICompletionFramer", "OpenAIError", "error_body"]
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _PARAMS = {
     "temperature": "temperature",
@@ -58,6 +59,13 @@ _FINISH_REASONS = {"stop": "stop", "length": "length"}
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     """An error in OpenAI's shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_QUEUE_FULL = error_body(
+    "too many requests: every generation slot is busy and the wait queue is full",
+    "rate_limit_error",
+    "too_many_requests",
+)
 
 
 class OpenAIError(Exception):
@@ -189,10 +197,10 @@ def _content(value: Any, i: int) -> str:
     raise OpenAIError(f"messages[{i}].content must be a string or a list of text parts", param="messages")
 
 
-def _messages(value: Any) -> list[Message]:
+def _messages(value: Any) -> list[ChatMessage]:
     if not isinstance(value, list) or not value:
         raise OpenAIError("messages must be a non-empty list", param="messages")
-    out: list[Message] = []
+    out: list[ChatMessage] = []
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
             raise OpenAIError(f"messages[{i}] must be an object", param="messages")
@@ -227,29 +235,21 @@ class OpenAIAPI:
         await send_json(send, 200, {"object": "list", "data": [model]})
 
     async def chat_completions(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        body: bytes,
-        *,
-        request: Request | None = None,
-        callback: Callback | None = None,
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, *, request: Request, callback: Callback | None
     ) -> CompletionState | None:
         """``POST /v1/chat/completions``; None when the request was rejected."""
         cs = self.cs
-        started_at = time.monotonic()
-        log = cs.request_log(scope)
-        request_id: str = log.extra["request_id"]  # type: ignore[index]
-        headers = [(b"x-request-id", request_id.encode())]
+        headers = cs.id_headers()
         if cs.closing:
             body_ = error_body("the server is shutting down", "server_error", "server_shutting_down")
             await send_json(send, 503, body_, headers)
             return None
+        started_at = time.monotonic()
         try:
             stream, include_usage, messages, params = self._parse(body)
         except OpenAIError as exc:
-            return await cs.reject(send, 400, "invalid_request", exc.message, headers, log, exc.body())
+            await cs.outcomes.reject(send, Rejection(400, "invalid_request", exc.message, exc.body()), headers)
+            return None
         message_id = uuid.uuid4().hex
         completion_id, model, created = f"chatcmpl-{message_id}", cs.engine.model_name, int(time.time())
         framer: Framer = (
@@ -257,28 +257,20 @@ class OpenAIAPI:
             if stream
             else OpenAICompletionFramer(completion_id, model, created)
         )
-        result = ChatResult(request_id, message_id, messages, prompt=cs.engine.render_prompt(messages))
-        queue_full = error_body(
-            "too many requests: every generation slot is busy and the wait queue is full",
-            "rate_limit_error",
-            "too_many_requests",
-        )
-        return await cs.stream_reply(
-            scope,
-            receive,
-            send,
-            result,
-            params,
-            framer,
+        result = ChatResult(current_request_id() or "-", message_id, messages, prompt=cs.prompts.render(messages))
+        chat = PreparedChat(
+            result=result,
+            params=params,
+            framer=framer,
             headers=headers,
-            log=log,
-            started_at=started_at,
+            queue_full=(429, _QUEUE_FULL),
             request=request,
             callback=callback,
-            queue_full=(429, queue_full),
+            started_at=started_at,
         )
+        return await cs.stream(scope, receive, send, chat)
 
-    def _parse(self, body: bytes) -> tuple[bool, bool, list[Message], GenerationParams]:
+    def _parse(self, body: bytes) -> tuple[bool, bool, list[ChatMessage], GenerationParams]:
         try:
             data = load_json_object(body)
         except InvalidRequest as exc:
@@ -299,10 +291,8 @@ class OpenAIAPI:
             params = apply_params(cs.default_params, _overrides(data), max_new_tokens=cs.max_new_tokens)
         except InvalidRequest:
             raise OpenAIError(f"max_tokens must be at most {cs.max_new_tokens}", param="max_tokens") from None
-        system = [] if messages[0]["role"] == "system" else cs.system_messages()
-        budget = cs.engine.context_len - params.max_new_tokens
         try:
-            messages = fit_to_budget(cs.engine.count_tokens, system, [], messages, budget)
+            messages = cs.prompts.for_messages(messages, params.max_new_tokens)
         except InvalidRequest as exc:
             raise OpenAIError(exc.detail, param="messages", code="context_length_exceeded") from None
         return stream, bool(options.get("include_usage", False)), messages, params

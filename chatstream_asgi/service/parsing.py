@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from chatstream_asgi.engines.base import GenerationParams, Message
+from chatstream_asgi.engines.base import ChatMessage, GenerationParams
 
 __all__ = [
     "ROLES",
@@ -43,7 +43,7 @@ class ChatRequest:
     """A validated chat request."""
 
     user_input: str | None = None
-    messages: list[Message] | None = None
+    messages: list[ChatMessage] | None = None
     regenerate: bool = False
     generation_params: dict[str, Any] = field(default_factory=dict)
     format: str | None = None
@@ -125,10 +125,10 @@ def apply_params(base: GenerationParams, overrides: Mapping[str, Any], *, max_ne
     return params
 
 
-def _messages(value: Any) -> list[Message]:
+def _messages(value: Any) -> list[ChatMessage]:
     if not isinstance(value, list) or not value:
         raise InvalidRequest("messages must be a non-empty list")
-    out: list[Message] = []
+    out: list[ChatMessage] = []
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
             raise InvalidRequest(f"messages[{i}] must be an object")

@@ -1,7 +1,7 @@
 """A session's conversation: messages with ids, regenerate, and fitting the prompt to the context.
 
 History is a list of :data:`~chatstream_asgi.sessions.StoredMessage` (``{"id", "role",
-"content"}``). A reply's id is the one sent in ``X-ChatStream-Last-Generated-Message-Id``. Only a
+"content"}``). A reply's id is the one sent in ``X-ChatStream-Last-Generated-ChatMessage-Id``. Only a
 finished turn is stored: the user message together with its reply (whole, or partial when the
 client left mid-stream).
 """
@@ -12,11 +12,11 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from chatstream_asgi.engines.base import Message, PromptTooLong
+from chatstream_asgi.engines.base import ChatMessage, Engine, PromptTooLong
 from chatstream_asgi.service.parsing import InvalidRequest
-from chatstream_asgi.sessions.manager import StoredMessage
+from chatstream_asgi.sessions.store import StoredMessage
 
-__all__ = ["Turn", "commit_turn", "fit_to_budget", "new_message", "plain", "start_turn"]
+__all__ = ["PromptBuilder", "Turn", "commit_turn", "fit_to_budget", "new_message", "plain", "start_turn"]
 
 
 def new_message(role: str, content: str, message_id: str | None = None) -> StoredMessage:
@@ -24,7 +24,7 @@ def new_message(role: str, content: str, message_id: str | None = None) -> Store
     return {"id": message_id or uuid.uuid4().hex, "role": role, "content": content}
 
 
-def plain(messages: Iterable[StoredMessage]) -> list[Message]:
+def plain(messages: Iterable[StoredMessage]) -> list[ChatMessage]:
     """The messages as the engine takes them: role and content only."""
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -57,12 +57,12 @@ def commit_turn(history: Sequence[StoredMessage], turn: Turn, reply: StoredMessa
 
 
 def fit_to_budget(
-    count_tokens: Callable[[Sequence[Message]], int],
-    system: Sequence[Message],
+    count_tokens: Callable[[Sequence[ChatMessage]], int],
+    system: Sequence[ChatMessage],
     history: Sequence[StoredMessage],
-    tail: Sequence[Message],
+    tail: Sequence[ChatMessage],
     budget: int,
-) -> list[Message]:
+) -> list[ChatMessage]:
     """``system + history + tail``, dropping the oldest turns of ``history`` until it fits ``budget``
     tokens. Raises :class:`InvalidRequest` when even ``system + tail`` does not fit.
 
@@ -70,7 +70,7 @@ def fit_to_budget(
     a long history costs O(log turns) token counts, not one per turn.
     """
 
-    def build(start: int) -> list[Message]:
+    def build(start: int) -> list[ChatMessage]:
         return [*system, *plain(history[start:]), *tail]
 
     def fits(start: int) -> tuple[bool, int]:
@@ -93,3 +93,38 @@ def fit_to_budget(
         else:
             lo = mid + 1
     return build(starts[hi])
+
+
+class PromptBuilder:
+    """Fits conversations into the engine's context: system prompt first, then as many of the most
+    recent turns as leave room for ``max_new_tokens``."""
+
+    def __init__(self, engine: Engine, system_prompt: str | None) -> None:
+        self.engine = engine
+        self.system_prompt = system_prompt
+
+    def system_messages(self) -> list[ChatMessage]:
+        """The configured system prompt as a message list (empty without one)."""
+        return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+
+    def _budget(self, max_new_tokens: int) -> int:
+        return self.engine.context_len - max_new_tokens
+
+    def for_messages(self, messages: list[ChatMessage], max_new_tokens: int) -> list[ChatMessage]:
+        """A stateless request's messages; a system message of its own replaces the configured one."""
+        system = [] if messages[0]["role"] == "system" else self.system_messages()
+        return fit_to_budget(self.engine.count_tokens, system, [], messages, self._budget(max_new_tokens))
+
+    def for_turn(self, turn: Turn, max_new_tokens: int) -> list[ChatMessage]:
+        """A session turn: the history before it (oldest turns dropped first) and its user message."""
+        budget = self._budget(max_new_tokens)
+        return fit_to_budget(self.engine.count_tokens, self.system_messages(), turn.history, plain([turn.user]), budget)
+
+    def history_prompt(self, history: list[StoredMessage], max_new_tokens: int) -> str:
+        """The prompt text a session's history renders to, as the next reply would continue it."""
+        budget = self._budget(max_new_tokens)
+        return self.render(fit_to_budget(self.engine.count_tokens, self.system_messages(), history, [], budget))
+
+    def render(self, messages: list[ChatMessage]) -> str:
+        """``messages`` through the model's chat template."""
+        return self.engine.render_prompt(messages)

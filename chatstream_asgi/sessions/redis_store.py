@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from chatstream_asgi.sessions.manager import Session
+from chatstream_asgi.sessions.store import Session
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -26,12 +26,12 @@ import torch
 from transformers import DynamicCache
 
 from chatstream_asgi.engines.base import (
+    ChatMessage,
     EngineError,
     FinishReason,
     GenerationParams,
     GenerationRequest,
     GenerationStream,
-    Message,
     PromptTooLong,
     QueueStream,
 )
@@ -183,7 +183,7 @@ class TransformersEngine:
             self._cond.notify()
         return stream
 
-    def render_prompt(self, messages: Sequence[Message]) -> str:
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt text from the tokenizer's chat template (with the generation prompt)."""
         conversation = list(messages)
         if self.system_prompt and not any(m.get("role") == "system" for m in conversation):
@@ -193,13 +193,13 @@ class TransformersEngine:
         lines = [f"{m['role']}: {m['content']}" for m in conversation]
         return "\n".join([*lines, "assistant:"])
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Number of prompt tokens for ``messages``."""
         return len(self._encode(messages))
 
     # -- internals (event loop side) ---------------------------------------------------------
 
-    def _encode(self, messages: Sequence[Message]) -> list[int]:
+    def _encode(self, messages: Sequence[ChatMessage]) -> list[int]:
         return list(self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"])
 
     def _find_eos_ids(self) -> frozenset[int]:

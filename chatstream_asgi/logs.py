@@ -1,0 +1,74 @@
+"""The id of the request being served, and the package's logger that prints it on every line.
+
+The middleware (or the endpoint-mode response) binds the id when a request arrives, as
+asgi-correlation-id does: the client's id from the configured header when it is well-formed, else a
+fresh one. Every line logged through :data:`logger` while the request is served then starts with
+``[<request id>]`` (operators grep for it), without the id being handed from call to call. The id
+lives in a :class:`~contextvars.ContextVar`, so concurrent requests on one event loop never see
+each other's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from chatstream_asgi.types import Scope
+
+__all__ = ["DEFAULT_REQUEST_ID_HEADER", "bind_request_id", "current_request_id", "logger", "request_logger"]
+
+DEFAULT_REQUEST_ID_HEADER = "X-Request-Id"
+
+_request_id: ContextVar[str | None] = ContextVar("chatstream_request_id", default=None)
+_WELL_FORMED = re.compile(r"^[\w.:@/+=-]{1,128}$")
+
+
+def current_request_id() -> str | None:
+    """The id of the request this task is serving (None outside one)."""
+    return _request_id.get()
+
+
+def _from_headers(scope: Scope, header: bytes) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == header:
+            candidate = value.decode("latin-1")
+            return candidate if _WELL_FORMED.match(candidate) else None
+    return None
+
+
+@contextmanager
+def bind_request_id(scope: Scope, header: str = DEFAULT_REQUEST_ID_HEADER) -> Iterator[str]:
+    """Bind the request's id for the duration of the block (an id already bound is kept)."""
+    bound = _request_id.get()
+    if bound is not None:
+        yield bound
+        return
+    request_id = _from_headers(scope, header.lower().encode("latin-1")) or uuid.uuid4().hex[:16]
+    token = _request_id.set(request_id)
+    try:
+        yield request_id
+    finally:
+        _request_id.reset(token)
+
+
+class _RequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes ``[<request id>]`` and puts the id in the record's ``request_id`` attribute."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        request_id = _request_id.get() or "-"
+        kwargs.setdefault("extra", {})["request_id"] = request_id
+        return f"[{request_id}] {msg}", kwargs
+
+
+def request_logger(name: str) -> logging.LoggerAdapter[logging.Logger]:
+    """A logger whose lines carry the current request id."""
+    return _RequestLog(logging.getLogger(name), {})
+
+
+logger = request_logger("chatstream_asgi")
+"""The package's request-aware logger."""

@@ -1,0 +1,72 @@
+"""The endpoints the middleware serves beside the chat paths, by name, wired to their handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from chatstream_asgi.protocols.chat_api import ChatAPI
+from chatstream_asgi.protocols.openai import OpenAIAPI
+from chatstream_asgi.service.chatstream import ChatStream
+
+__all__ = ["DEFAULT_ENDPOINTS", "Endpoint", "chat_endpoint", "extra_endpoints"]
+
+DEFAULT_ENDPOINTS: Mapping[str, str] = {
+    "clear_context": "/clear_context",
+    "get_prompt": "/get_prompt",
+    "get_load": "/get_load",
+    "set_generation_params": "/set_generation_params",
+    "get_generation_params": "/get_generation_params",
+    "set_feedback": "/set_feedback",
+    "get_resource_usage": "/get_resource_usage",
+    "metrics": "/metrics",
+    "chat_completions": "/v1/chat/completions",
+    "models": "/v1/models",
+}
+"""The extra endpoints served beside the chat paths: name → path. Their methods and JSON are
+documented in :mod:`chatstream_asgi.protocols.chat_api` and :mod:`chatstream_asgi.protocols.openai`."""
+
+GET = frozenset({"GET", "HEAD"})
+POST = frozenset({"POST"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An endpoint the middleware serves.
+
+    ``handler(scope, receive, send, body)`` gets the buffered body (``b""`` without one); a
+    ``chat`` handler is also given ``request=`` and ``callback=`` and ends in a completion state.
+    """
+
+    methods: frozenset[str]
+    handler: Callable[..., Awaitable[Any]]
+    chat: bool = False
+
+    @property
+    def reads_body(self) -> bool:
+        """Whether the middleware buffers the body first."""
+        return "POST" in self.methods
+
+
+def chat_endpoint(chat_stream: ChatStream) -> Endpoint:
+    """The ``/chat_stream`` endpoint (served on the middleware's ``paths``)."""
+    return Endpoint(POST, chat_stream.serve_chat, chat=True)
+
+
+def extra_endpoints(chat_stream: ChatStream) -> dict[str, Endpoint]:
+    """Every extra endpoint of ``chat_stream`` by name (the names of :data:`DEFAULT_ENDPOINTS`)."""
+    api = ChatAPI(chat_stream)
+    openai = OpenAIAPI(chat_stream)
+    return {
+        "clear_context": Endpoint(POST, api.clear_context),
+        "get_prompt": Endpoint(GET, api.get_prompt),
+        "get_load": Endpoint(GET, api.get_load),
+        "set_generation_params": Endpoint(POST, api.set_generation_params),
+        "get_generation_params": Endpoint(GET, api.get_generation_params),
+        "set_feedback": Endpoint(POST, api.set_feedback),
+        "get_resource_usage": Endpoint(GET, api.get_resource_usage),
+        "metrics": Endpoint(GET, api.metrics),
+        "chat_completions": Endpoint(POST, openai.chat_completions, chat=True),
+        "models": Endpoint(GET, openai.models),
+    }

@@ -1,0 +1,117 @@
+"""From a ``/chat_stream`` body to a :class:`~chatstream_asgi.service.replies.PreparedChat`.
+
+Parse and validate the body, open the session of a ``user_input`` request (its cookie or
+``X-Session-Id``; a fresh session when missing, tampered or expired), merge the generation
+parameters (request over session over server defaults) and fit the conversation into the context.
+A ``messages`` request is stateless and leaves the session alone. Anything wrong raises a
+:class:`~chatstream_asgi.service.outcomes.Rejection`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from chatstream_asgi.engines.base import GenerationParams
+from chatstream_asgi.logs import current_request_id, logger
+from chatstream_asgi.protocols.framing import FORMATS
+from chatstream_asgi.service.outcomes import ChatResult, Rejection
+from chatstream_asgi.service.parsing import InvalidRequest, apply_params, parse_chat_request
+from chatstream_asgi.service.prompts import PromptBuilder, start_turn
+from chatstream_asgi.service.replies import PreparedChat
+from chatstream_asgi.sessions.manager import OpenSession, SessionManager
+from chatstream_asgi.types import Callback, Headers, Scope
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+__all__ = ["ChatPreparer"]
+
+_QUEUE_FULL_BODY = {"error": "too_many_requests"}
+
+
+class ChatPreparer:
+    """Prepares ``/chat_stream`` requests with the server's defaults."""
+
+    def __init__(
+        self,
+        *,
+        sessions: SessionManager,
+        prompts: PromptBuilder,
+        default_params: GenerationParams,
+        max_new_tokens: int,
+        stream_format: str,
+        queue_full_status: int,
+    ) -> None:
+        self.sessions = sessions
+        self.prompts = prompts
+        self.default_params = default_params
+        self.max_new_tokens = max_new_tokens
+        self.stream_format = stream_format
+        self.queue_full_status = queue_full_status
+        self._formats = frozenset(FORMATS)
+
+    async def prepare(
+        self,
+        scope: Scope,
+        body: bytes | str | Mapping[str, Any],
+        headers: Headers,
+        *,
+        request: Request,
+        callback: Callback | None,
+    ) -> PreparedChat:
+        """The chat ``body`` asks for. Appends the session's headers to ``headers`` (rejections carry them too)."""
+        started_at = time.monotonic()
+        try:
+            chat_request = parse_chat_request(body, formats=self._formats)
+        except InvalidRequest as exc:
+            raise Rejection(400, "invalid_request", exc.detail) from None
+        opened = None
+        if chat_request.messages is None:
+            opened = await self._open_session(scope)
+            headers += self.sessions.headers(opened)
+        overrides = chat_request.generation_params
+        if opened is not None:
+            overrides = {**opened.session.generation_params, **overrides}
+        turn = None
+        try:
+            params = apply_params(self.default_params, overrides, max_new_tokens=self.max_new_tokens)
+            if opened is None:
+                assert chat_request.messages is not None
+                messages = self.prompts.for_messages(chat_request.messages, params.max_new_tokens)
+            else:
+                history = opened.session.messages
+                turn = start_turn(history, chat_request.user_input, regenerate=chat_request.regenerate)
+                messages = self.prompts.for_turn(turn, params.max_new_tokens)
+        except InvalidRequest as exc:
+            raise Rejection(400, "invalid_request", exc.detail) from None
+        result = ChatResult(
+            request_id=current_request_id() or "-",
+            message_id=uuid.uuid4().hex,
+            messages=messages,
+            prompt=self.prompts.render(messages),
+            session_id=opened.session.id if opened else None,
+            session=opened.session if opened else None,
+            turn=turn,
+            chat_request=chat_request,
+        )
+        return PreparedChat(
+            result=result,
+            params=params,
+            framer=FORMATS[chat_request.format or self.stream_format](),
+            headers=headers,
+            queue_full=(self.queue_full_status, _QUEUE_FULL_BODY),
+            request=request,
+            callback=callback,
+            started_at=started_at,
+        )
+
+    async def _open_session(self, scope: Scope) -> OpenSession:
+        try:
+            return await self.sessions.open(scope)
+        except Exception:  # the session store failed (an unreachable Redis, say)
+            logger.exception("loading the session failed")
+            detail = "the session store is unavailable"
+            raise Rejection(503, "session_store_unavailable", detail, {"error": "session_store_unavailable"}) from None

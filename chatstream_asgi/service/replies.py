@@ -1,0 +1,119 @@
+"""One way to stream a reply, whichever protocol asked for it: admission, the send loop, the ending.
+
+The chat endpoint and the OpenAI-compatible endpoint each turn a request body into a
+:class:`PreparedChat`; :meth:`Replies.stream` does the rest the same way for both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from chatstream_asgi.asgi.sendloop import Reply
+from chatstream_asgi.engines.base import Engine, GenerationParams, GenerationRequest
+from chatstream_asgi.logs import logger
+from chatstream_asgi.protocols.framing import Framer
+from chatstream_asgi.service.admission import Admission, QueueFull
+from chatstream_asgi.service.metrics import Metrics
+from chatstream_asgi.service.outcomes import RESULT_KEY, ChatResult, Outcomes, Rejection
+from chatstream_asgi.states import CompletionState
+from chatstream_asgi.types import Callback, Headers, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+__all__ = ["SHARED_RECEIVE_KEY", "PreparedChat", "Replies"]
+
+SHARED_RECEIVE_KEY = "chatstream_asgi.receive"
+"""Where the middleware leaves the receive channel that the send loop watches for a disconnect."""
+
+
+@dataclass
+class PreparedChat:
+    """A validated chat, ready to be admitted: what to generate, how to frame it, whom to tell."""
+
+    result: ChatResult
+    params: GenerationParams
+    framer: Framer
+    headers: Headers
+    """Response headers beside the stream's own (request id, session token)."""
+    queue_full: tuple[int, Mapping[str, Any]]
+    """Status and JSON body of the queue-full rejection, in the protocol's own shape."""
+    request: Request
+    """What the callback is called with."""
+    callback: Callback | None = None
+    """Overrides the ChatStream's callback."""
+    started_at: float = 0.0
+    """When the request arrived (``time.monotonic()``): time to first token counts from here."""
+
+
+class Replies:
+    """Admits prepared chats, streams them, and keeps the open ones so shutdown can end them."""
+
+    def __init__(
+        self, engine: Engine, admission: Admission, metrics: Metrics, outcomes: Outcomes, send_timeout: float
+    ) -> None:
+        self.engine = engine
+        self.admission = admission
+        self.metrics = metrics
+        self.outcomes = outcomes
+        self.send_timeout = send_timeout
+        self._open: set[Reply] = set()
+
+    async def stream(self, scope: Scope, receive: Receive, send: Send, chat: PreparedChat) -> CompletionState | None:
+        """Admit ``chat`` and stream its reply; its completion state, or None when the queue was full."""
+        try:
+            ticket = self.admission.enter()
+        except QueueFull:
+            await self._send_queue_full(send, chat)
+            return None
+        result = chat.result
+        scope.setdefault("state", {})[RESULT_KEY] = result
+        reply = Reply(
+            engine=self.engine,
+            request=GenerationRequest(result.request_id, result.messages, chat.params),
+            message_id=result.message_id,
+            ticket=ticket,
+            framer=chat.framer,
+            headers=[
+                (b"content-type", chat.framer.media_type.encode()),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                (b"x-chatstream-last-generated-message-id", result.message_id.encode()),
+                *chat.headers,
+            ],
+            send_timeout=self.send_timeout,
+            on_first_text=self._first_text_observer(chat.started_at),
+        )
+        logger.info("accepted (position %d in queue)", ticket.position)
+        self._open.add(reply)
+        try:
+            await reply.run(scope.get(SHARED_RECEIVE_KEY, receive), send)
+        except anyio.get_cancelled_exc_class():
+            reply.mark_disconnected()  # the server dropped the request task: its client left
+            raise
+        finally:
+            self._open.discard(reply)
+            with anyio.CancelScope(shield=True):
+                await self.outcomes.complete(reply, result, chat.request, chat.callback)
+        return reply.state
+
+    def abort_all(self, reason: str) -> None:
+        """End every open reply with an error frame carrying ``reason`` (server shutdown)."""
+        for reply in list(self._open):
+            reply.abort(reason)
+
+    def _first_text_observer(self, started_at: float) -> Callable[[], None]:
+        histogram = self.metrics.time_to_first_token
+        return lambda: histogram.observe(time.monotonic() - started_at)
+
+    async def _send_queue_full(self, send: Send, chat: PreparedChat) -> None:
+        wait = self.admission.estimated_wait(self.admission.waiting + 1)
+        retry_after = [(b"retry-after", str(max(1, round(wait))).encode())] if wait is not None else []
+        status, body = chat.queue_full
+        rejection = Rejection(status, "queue_full", "every generation slot is busy and the queue is full", body)
+        await self.outcomes.reject(send, rejection, [*chat.headers, *retry_after])
