@@ -1,7 +1,6 @@
 """chatstream-asgi: turn any ASGI app into a load-controlled streaming LLM chat server."""
 
 from chatstream_asgi.asgi.endpoint import ChatStreamResponse
-from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
 from chatstream_asgi.engines.base import (
     Engine,
     EngineError,
@@ -14,11 +13,12 @@ from chatstream_asgi.engines.base import (
 from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, OpenAIEngine
+from chatstream_asgi.protocols.chat import ChatRequest, InvalidRequest
 from chatstream_asgi.protocols.framing import EOS_MARKER, ERROR_MARKER, FORMATS
+from chatstream_asgi.server.middleware import ChatStreamMiddleware
 from chatstream_asgi.service.admission import Admission, QueueFull
 from chatstream_asgi.service.chatstream import ChatStream
 from chatstream_asgi.service.outcomes import ChatResult, get_result
-from chatstream_asgi.service.parsing import ChatRequest, InvalidRequest
 from chatstream_asgi.sessions.redis_store import RedisSessionStore
 from chatstream_asgi.sessions.store import MemorySessionStore, Session, SessionStore
 from chatstream_asgi.states import CompletionState

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
@@ -43,43 +44,32 @@ class _ClientGone(Exception):
     """A send failed or timed out: the client left or stopped reading."""
 
 
+@dataclass(eq=False, kw_only=True)
 class Reply:
     """Streams one accepted request and decides its :class:`CompletionState`."""
 
-    def __init__(
-        self,
-        *,
-        engine: Engine,
-        request: GenerationRequest,
-        message_id: str,
-        ticket: QueueTicket,
-        framer: Framer,
-        headers: Headers,
-        send_timeout: float,
-        on_first_text: Callable[[], None] | None = None,
-    ) -> None:
-        self.engine = engine
-        self.request = request
-        self.message_id = message_id
-        self.ticket = ticket
-        self.framer = framer
-        self.headers = headers
-        self.send_timeout = send_timeout
-        self.on_first_text = on_first_text
-        # Bookkeeping that decides the state.
-        self.response_started = False
-        self.text_sent = False
-        self.final_sent = False
-        self.final_in_flight = False
-        self.disconnected = False
-        self.abort_reason: str | None = None
-        self.error: BaseException | None = None
-        # What the callback can read.
-        self.text_parts: list[str] = []
-        self.stream: GenerationStream | None = None
-        self._send: Send | None = None
-        self._send_started: float | None = None
-        self._scope: anyio.CancelScope | None = None
+    engine: Engine
+    request: GenerationRequest
+    message_id: str
+    ticket: QueueTicket
+    framer: Framer
+    headers: Headers
+    send_timeout: float
+    on_first_text: Callable[[], None] | None = None
+    # Bookkeeping that decides the state.
+    response_started: bool = field(default=False, init=False)
+    text_sent: bool = field(default=False, init=False)
+    final_sent: bool = field(default=False, init=False)
+    final_in_flight: bool = field(default=False, init=False)
+    disconnected: bool = field(default=False, init=False)
+    abort_reason: str | None = field(default=None, init=False)
+    error: BaseException | None = field(default=None, init=False)
+    # What the callback can read.
+    text_parts: list[str] = field(default_factory=list, init=False)
+    stream: GenerationStream | None = field(default=None, init=False)
+    _send: Send | None = field(default=None, init=False)
+    _send_started: float | None = field(default=None, init=False)
+    _scope: anyio.CancelScope | None = field(default=None, init=False)
 
     @property
     def text(self) -> str:

@@ -1,45 +1,39 @@
-"""OpenAI-compatible endpoints: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+"""OpenAI's Chat Completions API on the wire: request parsing, stream framers and error shapes.
 
-Close enough to OpenAI's Chat Completions API that the official ``openai`` client works
-unchanged, with the same admission, completion states, callback and metrics as ``/chat_stream``.
-Requests are stateless (no session). Mapped parameters: ``messages`` (string content or text
-parts; ``developer`` counts as ``system``), ``temperature``, ``top_p``, ``max_tokens`` /
-``max_completion_tokens``, ``stop``, ``seed``, ``stream``, ``stream_options.include_usage``, and
-the extensions ``top_k`` and ``repetition_penalty``. ``n`` must be 1; other OpenAI parameters
-are accepted and ignored.
+Close enough that the official ``openai`` client works unchanged. Mapped parameters: ``messages``
+(string content or text parts; ``developer`` counts as ``system``), ``temperature``, ``top_p``,
+``max_tokens`` / ``max_completion_tokens``, ``stop``, ``seed``, ``stream``,
+``stream_options.include_usage``, and the extensions ``top_k`` and ``repetition_penalty``. ``n``
+must be 1; other OpenAI parameters are accepted and ignored.
 
 - ``stream: false`` → one ``chat.completion`` object with ``usage``.
 - ``stream: true`` → server-sent events: ``chat.completion.chunk`` objects, then ``data: [DONE]``.
   While the request waits for a slot, SSE comments ``: queue {"position", "estimated_wait_seconds"}``
   (ignored by clients) report its place in the queue.
-- Errors: ``{"error": {"message", "type", "param", "code"}}`` with 400 (invalid request), 429
-  (queue full), 500 (generation failed) or 503 (shutting down); a failure mid-stream sends one
+- Errors: ``{"error": {"message", "type", "param", "code"}}``; a failure mid-stream sends one
   ``data: {"error": ...}`` event and ends the stream without ``[DONE]``.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-from chatstream_asgi.asgi.responses import send_json
-from chatstream_asgi.engines.base import ChatMessage, GenerationParams
-from chatstream_asgi.logs import current_request_id
+from chatstream_asgi.engines.base import ChatMessage
+from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, validate_params
 from chatstream_asgi.protocols.framing import Framer, Summary
-from chatstream_asgi.service.chatstream import ChatStream
-from chatstream_asgi.service.outcomes import ChatResult, Rejection
-from chatstream_asgi.service.parsing import InvalidRequest, apply_params, load_json_object, validate_params
-from chatstream_asgi.service.replies import PreparedChat
-from chatstream_asgi.states import CompletionState
-from chatstream_asgi.types import Callback, Receive, Scope, Send
 
-if TYPE_CHECKING:
-    from starlette.requests import Request
-
-__all__ = ["OpenAIAPI", "OpenAIChunkFramer", "OpenAICompletionFramer", "OpenAIError", "error_body"]
+__all__ = [
+    "QUEUE_FULL_BODY",
+    "ChatCompletionRequest",
+    "OpenAIChunkFramer",
+    "OpenAICompletionFramer",
+    "OpenAIError",
+    "error_body",
+    "parse_chat_completion",
+]
 
 
 _PARAMS = {
@@ -61,7 +55,7 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-_QUEUE_FULL = error_body(
+QUEUE_FULL_BODY = error_body(
     "too many requests: every generation slot is busy and the wait queue is full",
     "rate_limit_error",
     "too_many_requests",
@@ -223,76 +217,32 @@ def _overrides(data: Mapping[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-class OpenAIAPI:
-    """Handlers of the OpenAI-compatible endpoints."""
+@dataclass
+class ChatCompletionRequest:
+    """A validated ``/v1/chat/completions`` body."""
 
-    def __init__(self, chat_stream: ChatStream) -> None:
-        self.cs = chat_stream
+    messages: list[ChatMessage]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Generation parameters under this package's names (``max_tokens`` is ``max_new_tokens``)."""
+    stream: bool = False
+    include_usage: bool = False
 
-    async def models(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-        """``GET /v1/models``: the served model."""
-        model = {"id": self.cs.engine.model_name, "object": "model", "created": 0, "owned_by": "chatstream-asgi"}
-        await send_json(send, 200, {"object": "list", "data": [model]})
 
-    async def chat_completions(
-        self, scope: Scope, receive: Receive, send: Send, body: bytes, *, request: Request, callback: Callback | None
-    ) -> CompletionState | None:
-        """``POST /v1/chat/completions``; None when the request was rejected."""
-        cs = self.cs
-        headers = cs.id_headers()
-        if cs.closing:
-            body_ = error_body("the server is shutting down", "server_error", "server_shutting_down")
-            await send_json(send, 503, body_, headers)
-            return None
-        started_at = time.monotonic()
-        try:
-            stream, include_usage, messages, params = self._parse(body)
-        except OpenAIError as exc:
-            await cs.outcomes.reject(send, Rejection(400, "invalid_request", exc.message, exc.body()), headers)
-            return None
-        message_id = uuid.uuid4().hex
-        completion_id, model, created = f"chatcmpl-{message_id}", cs.engine.model_name, int(time.time())
-        framer: Framer = (
-            OpenAIChunkFramer(completion_id, model, created, include_usage=include_usage)
-            if stream
-            else OpenAICompletionFramer(completion_id, model, created)
-        )
-        result = ChatResult(current_request_id() or "-", message_id, messages, prompt=cs.prompts.render(messages))
-        chat = PreparedChat(
-            result=result,
-            params=params,
-            framer=framer,
-            headers=headers,
-            queue_full=(429, _QUEUE_FULL),
-            request=request,
-            callback=callback,
-            started_at=started_at,
-        )
-        return await cs.stream(scope, receive, send, chat)
-
-    def _parse(self, body: bytes) -> tuple[bool, bool, list[ChatMessage], GenerationParams]:
-        try:
-            data = load_json_object(body)
-        except InvalidRequest as exc:
-            raise OpenAIError(exc.detail) from None
-        if not isinstance(data.get("model", ""), str):
-            raise OpenAIError("model must be a string", param="model")
-        if data.get("n") not in (None, 1):
-            raise OpenAIError("only n=1 is supported", param="n")
-        stream = data.get("stream") or False
-        if not isinstance(stream, bool):
-            raise OpenAIError("stream must be a boolean", param="stream")
-        options = data.get("stream_options") or {}
-        if not isinstance(options, Mapping) or not isinstance(options.get("include_usage", False), bool):
-            raise OpenAIError("stream_options.include_usage must be a boolean", param="stream_options")
-        messages = _messages(data.get("messages"))
-        cs = self.cs
-        try:
-            params = apply_params(cs.default_params, _overrides(data), max_new_tokens=cs.max_new_tokens)
-        except InvalidRequest:
-            raise OpenAIError(f"max_tokens must be at most {cs.max_new_tokens}", param="max_tokens") from None
-        try:
-            messages = cs.prompts.for_messages(messages, params.max_new_tokens)
-        except InvalidRequest as exc:
-            raise OpenAIError(exc.detail, param="messages", code="context_length_exceeded") from None
-        return stream, bool(options.get("include_usage", False)), messages, params
+def parse_chat_completion(body: bytes) -> ChatCompletionRequest:
+    """Parse and validate a chat completion body; :class:`OpenAIError` says what is wrong."""
+    try:
+        data = load_json_object(body)
+    except InvalidRequest as exc:
+        raise OpenAIError(exc.detail) from None
+    if not isinstance(data.get("model", ""), str):
+        raise OpenAIError("model must be a string", param="model")
+    if data.get("n") not in (None, 1):
+        raise OpenAIError("only n=1 is supported", param="n")
+    stream = data.get("stream") or False
+    if not isinstance(stream, bool):
+        raise OpenAIError("stream must be a boolean", param="stream")
+    options = data.get("stream_options") or {}
+    if not isinstance(options, Mapping) or not isinstance(options.get("include_usage", False), bool):
+        raise OpenAIError("stream_options.include_usage must be a boolean", param="stream_options")
+    messages = _messages(data.get("messages"))
+    return ChatCompletionRequest(messages, _overrides(data), stream, bool(options.get("include_usage", False)))

@@ -113,11 +113,11 @@ class ChatStream:
         self.outcomes = Outcomes(self.metrics, self.sessions, callback)
         self.replies = Replies(engine, self.admission, self.metrics, self.outcomes, send_timeout)
         self.preparer = ChatPreparer(
-            sessions=self.sessions,
-            prompts=self.prompts,
-            default_params=self.default_params,
-            max_new_tokens=max_new_tokens,
-            stream_format=stream_format,
+            self.sessions,
+            self.prompts,
+            self.default_params,
+            max_new_tokens,
+            stream_format,
             queue_full_status=429 if too_many_request_as_http_error else 200,
         )
         self._started = False

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.engines.base import ChatMessage
 from chatstream_asgi.logs import logger
+from chatstream_asgi.protocols.chat import ChatRequest
 from chatstream_asgi.service.metrics import Metrics
-from chatstream_asgi.service.parsing import ChatRequest
 from chatstream_asgi.service.prompts import Turn, commit_turn, new_message
 from chatstream_asgi.sessions.manager import SessionManager
 from chatstream_asgi.sessions.store import Session

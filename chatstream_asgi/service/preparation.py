@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chatstream_asgi.engines.base import GenerationParams
 from chatstream_asgi.logs import current_request_id, logger
+from chatstream_asgi.protocols.chat import InvalidRequest, apply_params, parse_chat_request
 from chatstream_asgi.protocols.framing import FORMATS
 from chatstream_asgi.service.outcomes import ChatResult, Rejection
-from chatstream_asgi.service.parsing import InvalidRequest, apply_params, parse_chat_request
 from chatstream_asgi.service.prompts import PromptBuilder, start_turn
 from chatstream_asgi.service.replies import PreparedChat
 from chatstream_asgi.sessions.manager import OpenSession, SessionManager
@@ -30,28 +31,20 @@ if TYPE_CHECKING:
 __all__ = ["ChatPreparer"]
 
 _QUEUE_FULL_BODY = {"error": "too_many_requests"}
+_FORMATS = frozenset(FORMATS)
 
 
+@dataclass
 class ChatPreparer:
     """Prepares ``/chat_stream`` requests with the server's defaults."""
 
-    def __init__(
-        self,
-        *,
-        sessions: SessionManager,
-        prompts: PromptBuilder,
-        default_params: GenerationParams,
-        max_new_tokens: int,
-        stream_format: str,
-        queue_full_status: int,
-    ) -> None:
-        self.sessions = sessions
-        self.prompts = prompts
-        self.default_params = default_params
-        self.max_new_tokens = max_new_tokens
-        self.stream_format = stream_format
-        self.queue_full_status = queue_full_status
-        self._formats = frozenset(FORMATS)
+    sessions: SessionManager
+    prompts: PromptBuilder
+    default_params: GenerationParams
+    max_new_tokens: int
+    stream_format: str
+    queue_full_status: int
+    """429, or 200 as in the original library."""
 
     async def prepare(
         self,
@@ -65,7 +58,7 @@ class ChatPreparer:
         """The chat ``body`` asks for. Appends the session's headers to ``headers`` (rejections carry them too)."""
         started_at = time.monotonic()
         try:
-            chat_request = parse_chat_request(body, formats=self._formats)
+            chat_request = parse_chat_request(body, formats=_FORMATS)
         except InvalidRequest as exc:
             raise Rejection(400, "invalid_request", exc.detail) from None
         opened = None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from chatstream_asgi.engines.base import ChatMessage, Engine, PromptTooLong
-from chatstream_asgi.service.parsing import InvalidRequest
+from chatstream_asgi.protocols.chat import InvalidRequest
 from chatstream_asgi.sessions.store import StoredMessage
 
 __all__ = ["PromptBuilder", "Turn", "commit_turn", "fit_to_budget", "new_message", "plain", "start_turn"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -51,18 +51,16 @@ class PreparedChat:
     """When the request arrived (``time.monotonic()``): time to first token counts from here."""
 
 
+@dataclass
 class Replies:
     """Admits prepared chats, streams them, and keeps the open ones so shutdown can end them."""
 
-    def __init__(
-        self, engine: Engine, admission: Admission, metrics: Metrics, outcomes: Outcomes, send_timeout: float
-    ) -> None:
-        self.engine = engine
-        self.admission = admission
-        self.metrics = metrics
-        self.outcomes = outcomes
-        self.send_timeout = send_timeout
-        self._open: set[Reply] = set()
+    engine: Engine
+    admission: Admission
+    metrics: Metrics
+    outcomes: Outcomes
+    send_timeout: float
+    _open: set[Reply] = field(default_factory=set, init=False)
 
     async def stream(self, scope: Scope, receive: Receive, send: Send, chat: PreparedChat) -> CompletionState | None:
         """Admit ``chat`` and stream its reply; its completion state, or None when the queue was full."""

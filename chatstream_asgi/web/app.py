@@ -10,7 +10,7 @@ from starlette.responses import FileResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
+from chatstream_asgi.server.middleware import ChatStreamMiddleware
 from chatstream_asgi.service.chatstream import ChatStream
 
 __all__ = ["STATIC_DIR", "create_app"]

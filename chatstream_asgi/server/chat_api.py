@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from chatstream_asgi.asgi.replay import SharedReceive, replay_request
 from chatstream_asgi.asgi.responses import send_bytes, send_json
 from chatstream_asgi.logs import logger
-from chatstream_asgi.service.parsing import InvalidRequest, load_json_object, validate_params
+from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, validate_params
 
 if TYPE_CHECKING:
     from chatstream_asgi.service.chatstream import ChatStream

@@ -24,7 +24,7 @@ from chatstream_asgi.asgi.replay import (
 )
 from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, bind_request_id
-from chatstream_asgi.protocols.routes import DEFAULT_ENDPOINTS, Endpoint, chat_endpoint, extra_endpoints
+from chatstream_asgi.server.routes import DEFAULT_ENDPOINTS, Endpoint, chat_endpoint, extra_endpoints
 from chatstream_asgi.service.chatstream import ChatStream
 from chatstream_asgi.service.replies import SHARED_RECEIVE_KEY
 from chatstream_asgi.types import ASGIApp, ASGIMessage, Callback, Receive, Scope, Send

@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from chatstream_asgi.protocols.chat_api import ChatAPI
-from chatstream_asgi.protocols.openai import OpenAIAPI
+from chatstream_asgi.server.chat_api import ChatAPI
+from chatstream_asgi.server.openai_serving import OpenAIAPI
 from chatstream_asgi.service.chatstream import ChatStream
 
 __all__ = ["DEFAULT_ENDPOINTS", "Endpoint", "chat_endpoint", "extra_endpoints"]
@@ -25,7 +25,7 @@ DEFAULT_ENDPOINTS: Mapping[str, str] = {
     "models": "/v1/models",
 }
 """The extra endpoints served beside the chat paths: name → path. Their methods and JSON are
-documented in :mod:`chatstream_asgi.protocols.chat_api` and :mod:`chatstream_asgi.protocols.openai`."""
+documented in :mod:`chatstream_asgi.server.chat_api` and :mod:`chatstream_asgi.protocols.openai`."""
 
 GET = frozenset({"GET", "HEAD"})
 POST = frozenset({"POST"})
