@@ -15,4 +15,5 @@ if ! command -v redis-server >/dev/null || [ ! -x /usr/bin/chromium ]; then
 fi
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
+"$venv/bin/pylint" --disable=all --enable=duplicate-code --min-similarity-lines=6 --score=n chatstream_asgi
 exec "$venv/bin/python" -m pytest "$@"
