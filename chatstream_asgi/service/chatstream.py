@@ -112,6 +112,10 @@ class ChatStream:
     default; :class:`~chatstream_asgi.redis_store.RedisSessionStore` shares them between
     replicas), ``session_cookie_secure`` marks the cookie ``Secure``. ``feedback_callback``
     ``(request, message_id, feedback)`` hears likes and dislikes sent to ``/set_feedback``.
+
+    ``temperature``, ``top_k``, ``top_p`` and ``repetition_penalty`` left at ``None`` come from the
+    engine's ``default_generation_params`` (the model's own, e.g. its generation config) where it has
+    them, else 0.7, 50, 1.0 and 1.0.
     """
 
     def __init__(
@@ -123,10 +127,10 @@ class ChatStream:
         too_many_request_as_http_error: bool = True,
         max_new_tokens: int = 256,
         stream_format: str = "text",
-        temperature: float = 0.7,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
         system_prompt: str | None = None,
         callback: Callback | None = None,
         feedback_callback: FeedbackCallback | None = None,
@@ -151,12 +155,12 @@ class ChatStream:
         self.too_many_request_as_http_error = too_many_request_as_http_error
         self.max_new_tokens = max_new_tokens
         self.stream_format = stream_format
+        # Sampling not given here: the engine's model-suited defaults where it has them, else GenerationParams'.
+        suited = getattr(engine, "default_generation_params", None) or {}
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty}
+        sampling = {key: suited.get(key) if value is None else value for key, value in given.items()}
         self.default_params = GenerationParams(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens, **{key: value for key, value in sampling.items() if value is not None}
         )
         self.system_prompt = system_prompt
         self.callback = callback
