@@ -174,6 +174,7 @@ class ChatStream:
         self.metrics.observe_admission(self.admission)
         self._formats = frozenset(FORMATS)
         self._replies: set[Reply] = set()
+        self._finished_tokens = 0  # tokens of replies no longer in _replies (for get_load's live count)
         self._started = False
         self._closing = False
 
@@ -344,6 +345,7 @@ class ChatStream:
             raise
         finally:
             self._replies.discard(reply)
+            self._finished_tokens += reply.stream.completion_tokens if reply.stream is not None else 0
             with anyio.CancelScope(shield=True):
                 await self._complete(scope, reply, result, request, callback, log)
         return reply.state
@@ -364,8 +366,10 @@ class ChatStream:
         return state
 
     def get_load(self) -> dict[str, Any]:
-        """Slots in use and queue length, with the wait a new request would see."""
+        """Slots in use and queue length, with the wait a new request would see, and the tokens generated
+        so far (open replies included, so that two readings a second apart give the current tokens/s)."""
         admission = self.admission
+        open_tokens = sum(reply.stream.completion_tokens for reply in self._replies if reply.stream is not None)
         return {
             "processing": admission.active,
             "waiting": admission.waiting,
@@ -374,6 +378,7 @@ class ChatStream:
             "estimated_wait_seconds": admission.estimated_wait(admission.waiting + 1)
             if admission.active >= admission.max_active
             else 0.0,
+            "generated_tokens": self._finished_tokens + open_tokens,
         }
 
     # -- conversation ---------------------------------------------------------------------
