@@ -59,11 +59,13 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None, str]:
         if not (directory / filename).is_file():
             raise ModelLoadError(f"{filename} is missing from {directory}; reinstall {package}")
         return str(directory), filename, _ALIAS_NAMES[name_or_path.lower()]
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name, path.stem
     if path.is_dir():
         return str(path), None, path.resolve().name
+    if path.suffix == ".gguf" or name_or_path.startswith(("/", ".", "~")):  # a local path, not a hub id
+        raise ModelLoadError(f"model {name_or_path!r} not found: no such file or directory")
     return name_or_path, None, name_or_path
 
 
