@@ -257,6 +257,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
     )
+    if args.engine == "mock":
+        logger.info("engine: mock (%s replies, no model)", args.mock_type)
     _log_sampling(chat_stream, engine)
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the bound socket from here
