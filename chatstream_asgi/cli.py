@@ -273,9 +273,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
 def _log_sampling(chat_stream: ChatStream, engine: Engine) -> None:
     params = chat_stream.default_params
     source = "the model's recommended" if getattr(engine, "default_generation_params", None) else "the defaults"
+    how = "greedy, " if params.temperature == 0 else ""
     logger.info(
-        "sampling: temperature %g, top-p %g, top-k %d, repetition penalty %g (%s, unless set by --temperature etc.)",
-        params.temperature, params.top_p, params.top_k, params.repetition_penalty, source,
+        "sampling: %stemperature %g, top-p %g, top-k %d, repetition penalty %g (%s where --temperature etc. are unset)",
+        how, params.temperature, params.top_p, params.top_k, params.repetition_penalty, source,
     )  # fmt: skip
 
 

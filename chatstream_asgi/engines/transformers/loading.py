@@ -107,11 +107,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dty
     kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    logger.info("loading model %s from %s", display_name, os.path.join(source, gguf_file or ""))
+    dtype_name = str(dtype).removeprefix("torch.")
+    where = os.path.join(source, gguf_file or "")
+    logger.info("loading model %s onto %s as %s from %s", display_name, device, dtype_name, where)
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        logger.info("tokenizer loaded (%.1f s); loading the weights as %s", time.perf_counter() - started, dtype)
+        logger.info("tokenizer loaded (%.1f s); now the weights", time.perf_counter() - started)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
@@ -121,6 +123,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dty
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info(
         "model %s loaded on %s: %.0fM parameters, %.2f GB as %s (%.1f s)",
-        display_name, device, params / 1e6, size / 1e9, dtype, time.perf_counter() - started,
+        display_name, device, params / 1e6, size / 1e9, dtype_name, time.perf_counter() - started,
     )  # fmt: skip
     return model, tokenizer, display_name
