@@ -35,7 +35,7 @@ step() {  # step WHAT COMMAND...: run it quietly and say how long it took; on fa
   fi
 }
 
-echo "Setting up $venv with chatstream-asgi[$extras] (once; about 1-2 minutes; log: $log)" >&2
+echo "Setting up $venv with chatstream-asgi[$extras] (about 1-2 minutes; log: $log)" >&2
 start=$SECONDS
 mkdir -p "$venv"
 rm -f "$stamp"
