@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         logger.info("port %d is free; loading the %s engine with model %s", args.port, args.engine, args.model)
     engine = _engine(args)
     session_secret = args.session_secret
-    if session_secret is None and getattr(args, "session_store", None) is None:
+    if session_secret is None and getattr(args, "session_store", None) is None:  # a shared store needs its secret
         # In-memory sessions end with this process anyway: a random secret loses nothing (and warns of nothing).
         session_secret = secrets.token_urlsafe(32)
     chat_stream = ChatStream(
@@ -265,7 +265,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     config.loglevel = args.log_level.upper()
     config.errorlog = logging.getLogger("hypercorn.error")  # through the root handler only: each line once
     config.graceful_timeout = 5.0
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)  # every interface: this one will do
+    host = f"[{host}]" if ":" in host else host
     app = _announce_ready(create_app(chat_stream), f"http://{host}:{args.port}/", started)
     asyncio.run(_serve(serve, app, config, chat_stream))
 
