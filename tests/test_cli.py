@@ -200,3 +200,13 @@ def test_out_of_range_sampling_flag_is_a_usage_error(flag: str, value: str) -> N
     done = _cli("serve", "--engine", "mock", flag, value)
     assert done.returncode == 2
     assert f"argument {flag}: must be" in done.stderr.strip().splitlines()[-1]
+
+
+def test_serving_without_torch_names_the_extra_in_one_line() -> None:
+    serve = f"main(['serve', '--port', '{free_port()}'])"
+    code = f"import sys; sys.modules['torch'] = None; from chatstream_asgi.cli import main; {serve}"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the transformers engine needs torch, which is not installed")
+    assert "pip install -e '.[transformers]'" in last and "Traceback" not in done.stderr
