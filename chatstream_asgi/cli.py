@@ -238,7 +238,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     sock = _bind(args.host, args.port)
     if args.engine == "transformers":
         logger.info("port %d is free; loading the %s engine with model %s", args.port, args.engine, args.model)
-    engine = _engine(args)
+    try:
+        engine = _engine(args)
+    except KeyboardInterrupt:  # Ctrl+C while the model loads: a line, not a traceback from deep inside torch
+        logger.info("interrupted while loading")
+        raise SystemExit(130) from None
     session_secret = args.session_secret
     if session_secret is None and getattr(args, "session_store", None) is None:  # a shared store needs its secret
         # In-memory sessions end with this process anyway: a random secret loses nothing (and warns of nothing).

@@ -210,3 +210,17 @@ def test_serving_without_torch_names_the_extra_in_one_line() -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the transformers engine needs torch, which is not installed")
     assert "pip install -e '.[transformers]'" in last and "Traceback" not in done.stderr
+
+
+@pytest.mark.smollm2
+def test_ctrl_c_while_the_model_loads_exits_without_a_traceback() -> None:
+    port = free_port()
+    server = Server([sys.executable, "-m", "chatstream_asgi", "serve", "--port", str(port)], port, {})
+    try:
+        _wait_for_log(server, "loading model SmolLM2-135M-Instruct", timeout=60)  # torch imported, the load begun
+        server.signal(signal.SIGINT)
+        assert server.wait_exit(30) == 130
+        assert "interrupted while loading" in server.output()
+        assert "Traceback" not in server.output()
+    finally:
+        server.stop()
