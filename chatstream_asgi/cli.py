@@ -125,7 +125,7 @@ def _add_sampling_arguments(serve: argparse.ArgumentParser) -> None:
     )
     sampling.add_argument("--temperature", type=_at_least(0.0), metavar="T", help="0 is greedy (deterministic)")
     sampling.add_argument("--top-p", type=_fraction, metavar="P", help="nucleus sampling, in (0, 1]")
-    sampling.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens (0: all)")
+    sampling.add_argument("--top-k", type=_count, metavar="K", help="sample from the K likeliest tokens (0: all)")
     sampling.add_argument("--repetition-penalty", type=_at_least(1e-6), metavar="R", help="1.0 is none")
 
 
@@ -137,6 +137,13 @@ def _at_least(low: float) -> Any:
         return value
 
     return parse
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return value
 
 
 def _fraction(text: str) -> float:

@@ -195,7 +195,9 @@ def test_sampling_flags_and_start_up_log() -> None:
         server.stop()
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-1")]
+)
 def test_out_of_range_sampling_flag_is_a_usage_error(flag: str, value: str) -> None:
     done = _cli("serve", "--engine", "mock", flag, value)
     assert done.returncode == 2
