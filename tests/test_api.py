@@ -153,6 +153,7 @@ async def test_get_load_and_resource_usage() -> None:
         "max_processing": 3,
         "max_waiting": 7,
         "estimated_wait_seconds": 0.0,
+        "generated_tokens": 0,
     }
     assert usage["process"]["rss_bytes"] > 1 << 20
     assert isinstance(usage["cuda"], list)  # torch is CPU-only here: no devices

@@ -185,12 +185,13 @@ async def test_disconnect_while_queued_frees_the_queue_place(sticky: bool) -> No
         first_receive.disconnect()
     assert svc.log.states == [BEFORE, WHILE]
     assert len(svc.engine.streams) == 1  # the queued request never reached the engine
-    assert svc.cs.get_load() | {"estimated_wait_seconds": 0} == {
+    assert svc.cs.get_load() | {"estimated_wait_seconds": 0, "generated_tokens": 0} == {
         "processing": 0,
         "waiting": 0,
         "max_processing": 1,
         "max_waiting": 1,
         "estimated_wait_seconds": 0,
+        "generated_tokens": 0,
     }
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,16 +43,20 @@ def test_serve_mock_streams_and_stops_cleanly_on_sigint() -> None:
                 assert b"".join(response.iter_raw()) == b"echo these words back"
             too_long = client.post("/chat_stream", json={"messages": [{"role": "user", "content": "w " * 20}]})
             assert too_long.text == " ".join(["w"] * 8)  # cut at --max-new-tokens
-            assert client.get("/get_load").json() | {"estimated_wait_seconds": 0} == {
+            load = client.get("/get_load").json()
+            assert load | {"estimated_wait_seconds": 0} == {
                 "processing": 0,
                 "waiting": 0,
                 "max_processing": 2,
                 "max_waiting": 3,
                 "estimated_wait_seconds": 0,
+                "generated_tokens": load["generated_tokens"],
             }
             metrics = client.get("/metrics")
             assert metrics.status_code == 200
             assert 'chatstream_completions_total{state="success"} 2.0' in metrics.text
+            assert f"chatstream_generated_tokens_total {load['generated_tokens']:.1f}" in metrics.text
+            assert load["generated_tokens"] >= 8
         server.signal(signal.SIGINT)
         assert server.wait_exit(15) == 0, server.output()
     finally:
@@ -113,3 +122,107 @@ def test_serve_openai_engine_streams_from_a_remote_server() -> None:
             front.stop()
     finally:
         remote.stop()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, argv0: str | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to completion: as ``python -m chatstream_asgi``, or as a script named ``argv0``."""
+    if argv0 is None:
+        command = [sys.executable, "-m", "chatstream_asgi", *args]
+    else:
+        code = f"import sys; sys.argv[0] = {argv0!r}; from chatstream_asgi.cli import main; main({list(args)!r})"
+        command = [sys.executable, "-c", code]
+    env = os.environ | {"COLUMNS": "200"}  # argparse wraps help to the terminal: one line per option
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def test_help_shows_defaults_in_plain_text_under_the_name_it_was_called_by() -> None:
+    module = _cli("serve", "--help")
+    assert module.returncode == 0
+    assert module.stdout.startswith("usage: python -m chatstream_asgi serve [-h]")
+    for option, default in [("--port", "8000"), ("--concurrency", "4"), ("--queue", "16"), ("--max-new-tokens", "256"),
+                            ("--host", "127.0.0.1"), ("--engine", "transformers")]:  # fmt: skip
+        block = re.search(rf"^  {option} .*?(?=^  -|^$)", module.stdout, re.MULTILINE | re.DOTALL)
+        assert block and block[0].rstrip().endswith(f"(default: {default})"), option
+    assert "--temperature" in module.stdout and "--top-p" in module.stdout
+    assert "``" not in module.stdout and ":class:" not in module.stdout
+    script = _cli("serve", "--help", argv0="/somewhere/bin/chatstream-asgi")
+    assert script.stdout.startswith("usage: chatstream-asgi serve [-h]")
+    assert "  chatstream-asgi serve --engine mock" in script.stdout  # the examples use the same name
+    assert _cli("--help", argv0="chatstream-asgi").stdout.startswith("usage: chatstream-asgi [-h] COMMAND")
+
+
+def test_busy_port_is_one_line_before_the_model_loads() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _cli("serve", "--port", str(port))  # the default engine: SmolLM2, never loaded
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: port {port} on 127.0.0.1 is already in use (another server?): stop it or pick another with --port"
+    )
+    assert "Traceback" not in done.stderr
+    assert "loading model" not in done.stderr and "torch" not in done.stderr
+
+
+def test_missing_model_file_is_one_line_before_anything_loads() -> None:
+    done = _cli("serve", "--model", "./no-such-model.gguf", "--port", str(free_port()))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: model './no-such-model.gguf' not found: no such file or directory"
+    )
+    assert "Traceback" not in done.stderr and "loading model" not in done.stderr
+
+
+def test_sampling_flags_and_start_up_log() -> None:
+    """--temperature etc. set the server's default sampling; the log says so, says where to point a browser,
+    and has every line once (hypercorn's own included)."""
+    server = _serve_mock("--temperature", "0.3", "--top-p", "0.8", "--top-k", "5", "--repetition-penalty", "1.2")
+    try:
+        server.wait_ready()
+        params = httpx.get(server.url + "/get_generation_params").json()
+        assert params == {"temperature": 0.3, "top_p": 0.8, "top_k": 5, "repetition_penalty": 1.2}
+        _wait_for_log(server, "Running on")
+        log = server.output()
+        assert "sampling: temperature 0.3, top-p 0.8, top-k 5, repetition penalty 1.2" in log
+        assert f"open {server.url}/ in a browser" in log
+        assert log.count("Running on") == 1
+        assert "WARNING" not in log  # no session-secret warning for the in-memory sessions of one process
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5"), ("--top-k", "-1")]
+)
+def test_out_of_range_sampling_flag_is_a_usage_error(flag: str, value: str) -> None:
+    done = _cli("serve", "--engine", "mock", flag, value)
+    assert done.returncode == 2
+    assert f"argument {flag}: must be" in done.stderr.strip().splitlines()[-1]
+
+
+def test_serving_without_torch_names_the_extra_in_one_line() -> None:
+    serve = f"main(['serve', '--port', '{free_port()}'])"
+    code = f"import sys; sys.modules['torch'] = None; from chatstream_asgi.cli import main; {serve}"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the transformers engine needs torch, which is not installed")
+    assert "pip install -e '.[transformers]'" in last and "Traceback" not in done.stderr
+
+
+@pytest.mark.smollm2
+def test_ctrl_c_while_the_model_loads_exits_without_a_traceback() -> None:
+    port = free_port()
+    server = Server([sys.executable, "-m", "chatstream_asgi", "serve", "--port", str(port)], port, {})
+    try:
+        _wait_for_log(server, "loading model SmolLM2-135M-Instruct", timeout=60)  # torch imported, the load begun
+        server.signal(signal.SIGINT)
+        assert server.wait_exit(30) == 130
+        assert "interrupted while loading" in server.output()
+        assert "Traceback" not in server.output()
+    finally:
+        server.stop()

@@ -366,3 +366,60 @@ def test_importing_the_package_does_not_import_torch() -> None:
 
     code = "import sys, chatstream_asgi, chatstream_asgi.engines.base; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_token_count_is_current_while_streaming(tiny_engine: TransformersEngine) -> None:
+    """A request that ends early (a client leaving) reports the tokens generated so far, not 0."""
+
+    async def main() -> tuple[int, int]:
+        stream = tiny_engine.generate(request("Hi", GenerationParams(temperature=0.0, max_new_tokens=60)))
+        received = 0
+        async for _ in stream:
+            received += 1
+            if received == 3:
+                break
+        count = stream.completion_tokens
+        stream.cancel()
+        return received, count
+
+    received, count = run(main())
+    assert count >= received == 3
+
+
+def test_importing_without_torch_names_the_extra() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torch'] = None; import chatstream_asgi.engines.transformers"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ImportError: the transformers engine needs torch, which is not installed: install the 'transformers' extra "
+        "(from a checkout: pip install -e '.[transformers]'; torch first if you want a particular CPU/CUDA build)"
+    )
+
+
+def test_sampling_defaults_come_from_the_model() -> None:
+    """The model's generation config sets the engine's defaults; ChatStream takes them unless given its own;
+    a GGUF alias without one gets its recommended values; an engine without any keeps ChatStream's."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from chatstream_asgi import ChatStream, MockEngine
+    from chatstream_asgi.engines.transformers.loading import generation_defaults
+
+    sampled = SimpleNamespace(generation_config=GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95))
+    assert generation_defaults(sampled) == {"temperature": 0.6, "top_p": 0.95}
+    greedy = SimpleNamespace(generation_config=GenerationConfig(do_sample=False))
+    assert generation_defaults(greedy) == {"temperature": 0.0}
+    bare = SimpleNamespace(generation_config=GenerationConfig())
+    assert generation_defaults(bare) == {}
+    assert generation_defaults(bare, "SmolLM2") == {"temperature": 0.0}
+
+    engine = MockEngine()
+    assert ChatStream(engine).default_params == GenerationParams(temperature=0.7, top_k=50, top_p=1.0)
+    engine.default_generation_params = {"temperature": 0.6, "top_p": 0.95}  # type: ignore[attr-defined]
+    params = ChatStream(engine, top_k=20).default_params
+    assert (params.temperature, params.top_p, params.top_k) == (0.6, 0.95, 20)
+    assert ChatStream(engine, temperature=0.0).default_params.temperature == 0.0

@@ -357,8 +357,10 @@ async def test_get_load_and_metrics() -> None:
             "max_processing": 3,
             "max_waiting": 7,
             "estimated_wait_seconds": 0,
+            "generated_tokens": 0,
         }
         await client.post("/chat_stream", content=chat_body("count me"))
         metrics = (await client.get("/metrics")).text
+        assert (await client.get("/get_load")).json()["generated_tokens"] == 2  # "count me", echoed
     assert 'chatstream_completions_total{state="success"} 1.0' in metrics
     assert "chatstream_time_to_first_token_seconds_count 1.0" in metrics

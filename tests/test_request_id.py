@@ -23,6 +23,10 @@ def client(app: object) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test")  # type: ignore[arg-type]
 
 
+def ours(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("chatstream_asgi")]
+
+
 def completed_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The one-line completion records, token counts masked."""
     return [
@@ -37,10 +41,10 @@ async def test_the_clients_id_names_the_reply_and_every_log_line(caplog: pytest.
     async with client(create_app(ChatStream(use_mock_response=True, session_secret="s"))) as c:
         reply = await c.post("/chat_stream", json={"user_input": "hi"}, headers={"X-Request-Id": "order-66"})
     assert reply.status_code == 200 and reply.headers["x-request-id"] == "order-66"
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in ours(caplog)]
     assert lines and all(line.startswith("[order-66] ") for line in lines)
     assert completed_lines(caplog) == ["[order-66] completed: success (n tokens)"]
-    assert {r.request_id for r in caplog.records} == {"order-66"}  # type: ignore[attr-defined]
+    assert {r.request_id for r in ours(caplog)} == {"order-66"}  # type: ignore[attr-defined]
 
 
 async def test_the_header_name_is_configurable_and_a_malformed_id_is_replaced(
@@ -80,7 +84,7 @@ async def test_concurrent_requests_keep_their_own_ids(caplog: pytest.LogCaptureF
         for request_id in ids:
             tg.start_soon(ask, c, request_id)
     by_id: dict[str, list[str]] = {}
-    for record in caplog.records:
+    for record in ours(caplog):
         by_id.setdefault(record.request_id, []).append(record.getMessage())  # type: ignore[attr-defined]
     assert sorted(by_id) == sorted(ids)
     for request_id, lines in by_id.items():

@@ -18,6 +18,8 @@ import httpx
 import pytest
 from servers import Server, free_port
 
+from chatstream_asgi.web.app import PAGE_CSP
+
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
@@ -209,10 +211,75 @@ def test_page_needs_nothing_from_elsewhere() -> None:
         page = httpx.get(server.url + "/")
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
-        assert page.headers["content-security-policy"].startswith("default-src 'self'")
+        assert page.headers["content-security-policy"] == PAGE_CSP
+        assert "default-src 'self'" in PAGE_CSP and "unsafe" not in PAGE_CSP
         assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text)
+        assert "<style" not in page.text and " style=" not in page.text  # no inline style: the CSP would block it
         script = httpx.get(server.url + "/static/chatstream.js")
         assert script.status_code == 200
         assert "javascript" in script.headers["content-type"]
+        assert httpx.get(server.url + "/static/chatstream.css").headers["content-type"].startswith("text/css")
     finally:
+        server.stop()
+
+
+def load_label(page: Page, pattern: str) -> str:
+    """Wait until the load gauges' accessible label matches ``pattern``; the label."""
+    page.wait_for_function(
+        "p => new RegExp(p).test(document.getElementById('load').getAttribute('aria-label'))",
+        arg=pattern,
+        timeout=WATCHDOG_MS,
+    )
+    return page.get_attribute("#load", "aria-label") or ""
+
+
+def test_model_hint_and_load_gauges(browser: Browser) -> None:
+    """An empty page names the model and offers a hint and suggestions; the gauges follow the server's load:
+    streams running, the queue, and tokens/s while a reply streams; Clear brings the hint back."""
+    server = serve(
+        "--mock-type", "long", "--mock-time-per-token", "0.02", "--max-new-tokens", "400",
+        "--concurrency", "2", "--queue", "2",
+    )  # fmt: skip
+    contexts = [browser.new_context(viewport={"width": 1000, "height": 640}) for _ in range(3)]
+    try:
+        first, second, third = (context.new_page() for context in contexts)
+        for page in (first, second, third):
+            page.goto(server.url + "/")
+        first.wait_for_selector("#model >> text=mock", timeout=WATCHDOG_MS)
+        assert first.is_visible("#hint")
+        assert first.text_content("#hint-model") == "mock"
+        assert "press Enter" in (first.text_content("#hint") or "")
+        assert load_label(first, "0 of 2 streams, 0 of 2 waiting, 0 tokens/s") == (
+            "Server load: 0 of 2 streams, 0 of 2 waiting, 0 tokens/s"
+        )
+        assert first.get_attribute("#streams-arc", "stroke-dasharray") == "0.0 100"
+        screenshot(first, "empty")
+
+        first.click(".suggestions button >> text=What is the capital of France?")
+        first.wait_for_selector(".msg.user >> text=What is the capital of France?")
+        assert first.is_hidden("#hint")
+        wait_reply_grows(first)
+        label = load_label(first, r"1 of 2 streams, 0 of 2 waiting, [1-9]\d* tokens/s")
+        assert int(label.split(", ")[-1].split()[0]) > 0
+        assert first.get_attribute("#streams-arc", "stroke-dasharray") == "50.0 100"
+
+        send(second, "Me too")
+        wait_reply_grows(second)
+        send(third, "And me")
+        third.wait_for_selector("#status >> text=/number 1 in line/", timeout=WATCHDOG_MS)
+        load_label(first, "2 of 2 streams, 1 of 2 waiting")
+        assert "full" in (first.get_attribute("#streams-arc", "class") or "")
+        assert first.get_attribute("#queue-arc", "stroke-dasharray") == "50.0 100"
+        assert first.locator("#rate-line").get_attribute("points")
+        screenshot(first, "load")
+
+        for page in (first, second, third):
+            page.click("#stop")
+        first.click("#clear")
+        first.wait_for_selector("#hint", state="visible", timeout=WATCHDOG_MS)
+        load_label(first, "0 of 2 streams, 0 of 2 waiting")
+        screenshot(first, "cleared")
+    finally:
+        for context in contexts:
+            context.close()
         server.stop()

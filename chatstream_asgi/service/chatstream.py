@@ -54,6 +54,10 @@ class ChatStream:
     ``(request, message_id, feedback)`` hears likes and dislikes sent to ``/set_feedback``.
     Each request is logged and answered under the id in its ``request_id_header`` (a fresh id
     when absent or malformed).
+
+    ``temperature``, ``top_k``, ``top_p`` and ``repetition_penalty`` left at ``None`` come from the
+    engine's ``default_generation_params`` (the model's own, e.g. its generation config) where it has
+    them, else 0.7, 50, 1.0 and 1.0.
     """
 
     def __init__(
@@ -65,10 +69,10 @@ class ChatStream:
         too_many_request_as_http_error: bool = True,
         max_new_tokens: int = 256,
         stream_format: str = "text",
-        temperature: float = 0.7,
-        top_k: int = 50,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
         system_prompt: str | None = None,
         callback: Callback | None = None,
         feedback_callback: FeedbackCallback | None = None,
@@ -92,12 +96,12 @@ class ChatStream:
         self.engine = engine
         self.max_new_tokens = max_new_tokens
         self.stream_format = stream_format
+        # Sampling not given here: the engine's model-suited defaults where it has them, else GenerationParams'.
+        suited = getattr(engine, "default_generation_params", None) or {}
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty}
+        sampling = {key: suited.get(key) if value is None else value for key, value in given.items()}
         self.default_params = GenerationParams(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens, **{key: value for key, value in sampling.items() if value is not None}
         )
         self.feedback_callback = feedback_callback
         self.shutdown_timeout = shutdown_timeout
@@ -219,7 +223,8 @@ class ChatStream:
     # -- reading --------------------------------------------------------------------------
 
     def get_load(self) -> dict[str, Any]:
-        """Slots in use and queue length, with the wait a new request would see."""
+        """Slots in use and queue length, with the wait a new request would see, and the tokens generated
+        so far (open replies included, so that two readings a second apart give the current tokens/s)."""
         admission = self.admission
         return {
             "processing": admission.active,
@@ -229,6 +234,7 @@ class ChatStream:
             "estimated_wait_seconds": admission.estimated_wait(admission.waiting + 1)
             if admission.active >= admission.max_active
             else 0.0,
+            "generated_tokens": self.replies.generated_tokens,
         }
 
     def history_prompt(self, history: list[StoredMessage]) -> str:

@@ -61,6 +61,7 @@ class Replies:
     outcomes: Outcomes
     send_timeout: float
     _open: set[Reply] = field(default_factory=set, init=False)
+    _closed_tokens: int = field(default=0, init=False)
 
     async def stream(self, scope: Scope, receive: Receive, send: Send, chat: PreparedChat) -> CompletionState | None:
         """Admit ``chat`` and stream its reply; its completion state, or None when the queue was full."""
@@ -96,9 +97,15 @@ class Replies:
             raise
         finally:
             self._open.discard(reply)
+            self._closed_tokens += reply.stream.completion_tokens if reply.stream is not None else 0
             with anyio.CancelScope(shield=True):
                 await self.outcomes.complete(reply, result, chat.request, chat.callback)
         return reply.state
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated so far, open replies included (two readings a second apart give tokens/s)."""
+        return self._closed_tokens + sum(r.stream.completion_tokens for r in self._open if r.stream is not None)
 
     def abort_all(self, reason: str) -> None:
         """End every open reply with an error frame carrying ``reason`` (server shutdown)."""

@@ -1,6 +1,6 @@
 """A session store in Redis or Valkey, for several replicas sharing sessions.
 
-Needs the ``redis`` client (``pip install 'chatstream-asgi[redis]'``)::
+Needs the ``redis`` client (the ``redis`` extra; from a checkout: ``pip install -e '.[redis]'``)::
 
     store = RedisSessionStore.from_url("redis://localhost:6379/0", ttl=3600)
     chat_stream = ChatStream(engine, session_store=store, session_secret=os.environ["CHATSTREAM_SECRET"])

@@ -13,16 +13,15 @@ from starlette.staticfiles import StaticFiles
 from chatstream_asgi.server.middleware import ChatStreamMiddleware
 from chatstream_asgi.service.chatstream import ChatStream
 
-__all__ = ["STATIC_DIR", "create_app"]
+__all__ = ["PAGE_CSP", "STATIC_DIR", "create_app"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 """The chat page (``index.html``) and its script."""
 
-_PAGE_HEADERS = {
-    # Everything the page needs comes from this server.
-    "content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'",
-    "cache-control": "no-cache",
-}
+PAGE_CSP = "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+"""The page's Content-Security-Policy: everything comes from this server; no inline script or style."""
+
+_PAGE_HEADERS = {"content-security-policy": PAGE_CSP, "cache-control": "no-cache"}
 
 
 async def _index(request: Request) -> FileResponse:

@@ -37,7 +37,7 @@ from chatstream_asgi.engines.base import (
 )
 from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher, decode_windows
-from chatstream_asgi.engines.transformers.loading import DEFAULT_MODEL, load_model
+from chatstream_asgi.engines.transformers.loading import DEFAULT_MODEL, generation_defaults, load_model
 from chatstream_asgi.engines.transformers.sampling import BatchSampler
 
 __all__ = ["TransformersEngine"]
@@ -89,7 +89,9 @@ class TransformersEngine:
     ``model`` and ``tokenizer`` are a loaded transformers model and tokenizer; ``context_len``
     defaults to the model's ``max_position_embeddings``; at most ``max_batch_size`` sequences
     decode together (others wait). ``system_prompt``, if set, is prepended to conversations
-    without a system message.
+    without a system message. ``default_generation_params`` is the sampling that suits the model (its
+    generation config, or a known alias's recommended values): ``ChatStream`` uses it for the values it
+    is not given.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class TransformersEngine:
         self.context_len: int = context_len or getattr(config, "max_position_embeddings", None) or 2048
         self.max_batch_size = max_batch_size
         self.system_prompt = system_prompt
+        self.default_generation_params: dict[str, float] = generation_defaults(model)
         self.eos_token_ids = self._find_eos_ids()
         pad = tokenizer.pad_token_id
         self._pad_id: int = pad if pad is not None else min(self.eos_token_ids, default=0)
@@ -138,7 +141,9 @@ class TransformersEngine:
         """Load a model (``"smollm2"``, a local directory or a hub id) and build an engine on it."""
         model, tokenizer, display_name = load_model(name_or_path, device=device, dtype=dtype)
         kw.setdefault("name", display_name)
-        return cls(model, tokenizer, model.device, **kw)
+        engine = cls(model, tokenizer, model.device, **kw)
+        engine.default_generation_params = generation_defaults(model, name_or_path)
+        return engine
 
     # -- Engine protocol ---------------------------------------------------------------------
 
@@ -368,7 +373,7 @@ class TransformersEngine:
                 self._fail(seq, exc, outbox)
                 continue
             if out:
-                outbox.add(seq.stream, seq.stream.push, out)
+                outbox.add(seq.stream, seq.stream.push, out, completion_tokens=seq.generated)
             if seq.finish is not None:
                 self._finish(seq, seq.finish, outbox)
 

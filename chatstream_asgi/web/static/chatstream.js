@@ -1,8 +1,10 @@
-// The chat page: streams replies from POST chat_stream (format "sse") and shows queue position.
+// The chat page: streams replies from POST chat_stream (format "sse"), shows the queue position,
+// the model (GET v1/models) and the server's load as gauges (GET get_load, once a second).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const log = $("log");
+const hint = $("hint");
 const input = $("input");
 const status = $("status");
 const buttons = { send: $("send"), stop: $("stop"), regenerate: $("regenerate"), clear: $("clear") };
@@ -15,6 +17,7 @@ function setStatus(text, isError = false) {
 }
 
 function addBubble(className, text = "") {
+  hint.hidden = true;
   const div = document.createElement("div");
   div.className = className;
   div.textContent = text;
@@ -134,6 +137,7 @@ async function send(text) {
   if (!(await streamReply({ user_input: text }, bubble))) {
     question.remove();
     bubble.remove();
+    hint.hidden = log.querySelector(".msg") !== null;
     input.value = text; // not sent: keep it for another try
     setBusy(false);
   }
@@ -169,9 +173,93 @@ buttons.clear.addEventListener("click", async () => {
     setStatus(`Could not clear the conversation: ${await errorDetail(response)}`, true);
     return;
   }
-  log.replaceChildren();
+  log.replaceChildren(hint);
+  hint.hidden = false;
   setStatus("Conversation cleared.");
   setBusy(false);
 });
 
+for (const suggestion of hint.querySelectorAll(".suggestions button")) {
+  suggestion.addEventListener("click", () => {
+    if (controller) return;
+    input.value = suggestion.textContent;
+    $("form").requestSubmit();
+  });
+}
+
+// The model's name, in the header and the hint.
+fetch("v1/models")
+  .then((response) => (response.ok ? response.json() : null))
+  .then((body) => {
+    const name = body?.data?.[0]?.id;
+    if (name) $("model").textContent = $("hint-model").textContent = name;
+  })
+  .catch(() => {});
+
+// The server's load, drawn: arcs for streams running and requests queued (green, amber near full,
+// red at full) and a sparkline of tokens per second over the last minute.
+const load = {
+  element: $("load"),
+  samples: [], // tokens/s, one a second
+  last: null, // { tokens, time } of the previous reading
+};
+
+function drawArc(name, value, max) {
+  const fraction = max > 0 ? Math.min(1, value / max) : 0;
+  const arc = $(`${name}-arc`);
+  arc.setAttribute("stroke-dasharray", `${(fraction * 100).toFixed(1)} 100`);
+  arc.classList.toggle("idle", fraction === 0);
+  arc.classList.toggle("busy", fraction >= 0.75 && fraction < 1);
+  arc.classList.toggle("full", fraction >= 1);
+  $(`${name}-value`).textContent = value;
+}
+
+function drawRate(rate) {
+  const { samples } = load;
+  samples.push(rate);
+  if (samples.length > 60) samples.shift();
+  // Newest on the right, 60 samples across; the scale follows the busiest second shown.
+  const top = Math.max(10, ...samples) * 1.1;
+  const x = (i) => (100 - (samples.length - 1 - i) * (100 / 59)).toFixed(1);
+  const points = samples.map((value, i) => `${x(i)},${(56 - (value / top) * 52).toFixed(1)}`).join(" ");
+  $("rate-line").setAttribute("points", points);
+  $("rate-area").setAttribute("points", `${x(0)},56 ${points} 100,56`);
+  $("rate-value").textContent = Math.round(rate);
+}
+
+async function pollLoad() {
+  try {
+    const response = await fetch("get_load", { cache: "no-store" });
+    if (!response.ok) throw new Error(response.statusText);
+    const now = await response.json();
+    const time = performance.now();
+    drawArc("streams", now.processing, now.max_processing);
+    drawArc("queue", now.waiting, now.max_waiting);
+    let rate = null;
+    if (load.last && typeof now.generated_tokens === "number") {
+      const seconds = (time - load.last.time) / 1000;
+      rate = Math.max(0, now.generated_tokens - load.last.tokens) / seconds;
+      drawRate(rate);
+    }
+    load.last = { tokens: now.generated_tokens, time };
+    load.element.classList.remove("offline");
+    const rateText = rate === null ? "" : `, ${Math.round(rate)} tokens/s`;
+    load.element.setAttribute(
+      "aria-label",
+      `Server load: ${now.processing} of ${now.max_processing} streams, ${now.waiting} of ${now.max_waiting} waiting${rateText}`,
+    );
+  } catch {
+    load.element.classList.add("offline");
+    load.element.setAttribute("aria-label", "Server load: the server does not answer");
+  }
+}
+
+async function loadLoop() {
+  for (;;) {
+    if (!document.hidden) await pollLoad();
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+loadLoop();
 input.focus();

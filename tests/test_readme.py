@@ -1,0 +1,91 @@
+"""README's Python snippets run as shown, and every app they build answers a chat request.
+
+Each fenced ``python`` block is executed as a module of its own; a block whose first line is
+``# (continues the snippet above)`` runs together with the block before it. Then each app the snippet
+built (``app``, and ``signed`` in the auth section) gets ``POST`` requests on its chat paths through
+Starlette's ``TestClient`` (lifespan included). The snippet that loads SmolLM2 is marked ``smollm2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from chatstream_asgi.web.app import PAGE_CSP
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+CONTINUES = "# (continues the snippet above)"
+BODY = json.dumps({"user_input": "Hi", "generation_params": {"max_new_tokens": 8}}).encode()
+
+
+def snippets() -> list[tuple[int, str]]:
+    """``(first line number, code)`` of each runnable snippet, continuations joined to their start."""
+    text = README.read_text()
+    found: list[tuple[int, str]] = []
+    for match in re.finditer(r"^```python\n(.*?)^```$", text, re.MULTILINE | re.DOTALL):
+        line = text.count("\n", 0, match.start()) + 2
+        code = match[1]
+        if code.startswith(CONTINUES):
+            assert found, f"README.md:{line} continues nothing"
+            found[-1] = (found[-1][0], found[-1][1] + "\n" + code)
+        else:
+            found.append((line, code))
+    return found
+
+
+def _param(line: int, code: str) -> Any:
+    loads_smollm2 = re.search(r'^[^#\n]*from_pretrained\("smollm2"\)', code, re.MULTILINE)  # not in a comment
+    marks = [pytest.mark.smollm2] if loads_smollm2 else []
+    return pytest.param(code, id=f"README.md:{line}", marks=marks)
+
+
+def _post(client: TestClient, path: str, headers: dict[str, str] | None = None, body: bytes = BODY) -> Any:
+    return client.post(path, content=body, headers={"content-type": "application/json", **(headers or {})})
+
+
+def test_readme_has_snippets() -> None:
+    assert len(snippets()) >= 10
+
+
+@pytest.mark.parametrize("code", [_param(line, code) for line, code in snippets()])
+def test_snippet_runs_and_its_apps_answer(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("readme_snippet")  # a module of its own, as if saved to a file and imported
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "README.md snippet", "exec"), module.__dict__)
+    namespace = module.__dict__
+    apps = {name: namespace[name] for name in ("app", "signed") if name in namespace}
+    if "pool" in namespace:  # remote engines on hosts that do not exist: it builds, and serves /get_load
+        with TestClient(apps["app"]) as client:
+            assert client.get("/get_load").status_code == 200
+        return
+    if "TokenBackend" in namespace:  # the auth section: refused without credentials, served with them
+        signature = hmac.new(namespace["SECRET"], BODY, hashlib.sha256).hexdigest()
+        with TestClient(apps["app"]) as client, TestClient(apps["signed"]) as signed:  # one ChatStream: one lifespan
+            assert _post(client, "/chat_stream").status_code == 401
+            assert _post(client, "/chat_stream", {"authorization": "Bearer s3cret"}).text
+            assert _post(signed, "/chat_stream", {"x-signature": "forged"}).status_code == 401
+            reply = _post(signed, "/chat_stream", {"x-signature": signature})
+            assert reply.status_code == 200 and reply.text
+        return
+    assert list(apps) == ["app"], "a snippet that builds an app calls it app"
+    paths = re.findall(r'@app\.post\("([^"]+)"\)', code) or ["/chat_stream"]
+    if "is_mount=True" in code:
+        paths = ["/chat" + path for path in paths]
+    with TestClient(apps["app"]) as client:
+        for path in paths:
+            reply = _post(client, path)
+            assert reply.status_code == 200, (path, reply.text)
+            assert reply.text, path
+
+
+def test_readme_quotes_the_page_csp() -> None:
+    assert f"`Content-Security-Policy: {PAGE_CSP}`" in README.read_text()
