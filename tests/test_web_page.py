@@ -252,7 +252,7 @@ def test_model_hint_and_load_gauges(browser: Browser) -> None:
         assert load_label(first, "0 of 2 streams, 0 of 2 waiting, 0 tokens/s") == (
             "Server load: 0 of 2 streams, 0 of 2 waiting, 0 tokens/s"
         )
-        assert first.get_attribute("#streams-arc", "stroke-dasharray") == "0.0 100"
+        assert first.get_attribute("[data-gauge=streams] .arc", "stroke-dasharray") == "0.0 100"
         screenshot(first, "empty")
 
         first.click(".suggestions button >> text=What is the capital of France?")
@@ -261,15 +261,15 @@ def test_model_hint_and_load_gauges(browser: Browser) -> None:
         wait_reply_grows(first)
         label = load_label(first, r"1 of 2 streams, 0 of 2 waiting, [1-9]\d* tokens/s")
         assert int(label.split(", ")[-1].split()[0]) > 0
-        assert first.get_attribute("#streams-arc", "stroke-dasharray") == "50.0 100"
+        assert first.get_attribute("[data-gauge=streams] .arc", "stroke-dasharray") == "50.0 100"
 
         send(second, "Me too")
         wait_reply_grows(second)
         send(third, "And me")
         third.wait_for_selector("#status >> text=/number 1 in line/", timeout=WATCHDOG_MS)
         load_label(first, "2 of 2 streams, 1 of 2 waiting")
-        assert "full" in (first.get_attribute("#streams-arc", "class") or "")
-        assert first.get_attribute("#queue-arc", "stroke-dasharray") == "50.0 100"
+        assert "full" in (first.get_attribute("[data-gauge=streams] .arc", "class") or "")
+        assert first.get_attribute("[data-gauge=queue] .arc", "stroke-dasharray") == "50.0 100"
         assert first.locator("#rate-line").get_attribute("points")
         screenshot(first, "load")
 

@@ -204,14 +204,20 @@ const load = {
   last: null, // { tokens, time } of the previous reading
 };
 
+// One arc gauge per [data-gauge] element, from the page's single <template>.
+for (const meter of document.querySelectorAll("[data-gauge]")) {
+  meter.prepend($("gauge").content.cloneNode(true));
+}
+
 function drawArc(name, value, max) {
   const fraction = max > 0 ? Math.min(1, value / max) : 0;
-  const arc = $(`${name}-arc`);
+  const meter = document.querySelector(`[data-gauge="${name}"]`);
+  const arc = meter.querySelector(".arc");
   arc.setAttribute("stroke-dasharray", `${(fraction * 100).toFixed(1)} 100`);
   arc.classList.toggle("idle", fraction === 0);
   arc.classList.toggle("busy", fraction >= 0.75 && fraction < 1);
   arc.classList.toggle("full", fraction >= 1);
-  $(`${name}-value`).textContent = value;
+  meter.querySelector(".value").textContent = value;
 }
 
 function drawRate(rate) {
