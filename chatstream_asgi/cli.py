@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="on SIGINT/SIGTERM, how long open replies may finish before they are aborted",
     )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        metavar="SEC",
+        help="deadline per reply, queue wait included: a reply still running then ends with a "
+        "deadline_exceeded error (default: none)",
+    )
     serve.add_argument("--log-level", default="info")
     return parser
 
@@ -98,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         system_prompt=args.system_prompt,
         session_secret=args.session_secret,
         shutdown_timeout=args.shutdown_timeout,
+        request_timeout=args.request_timeout,
     )
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]

@@ -60,6 +60,7 @@ class Replies:
     metrics: Metrics
     outcomes: Outcomes
     send_timeout: float
+    request_timeout: float | None = None
     _open: set[Reply] = field(default_factory=set, init=False)
 
     async def stream(self, scope: Scope, receive: Receive, send: Send, chat: PreparedChat) -> CompletionState | None:
@@ -85,6 +86,7 @@ class Replies:
                 *chat.headers,
             ],
             send_timeout=self.send_timeout,
+            request_timeout=self.request_timeout,
             on_first_text=self._first_text_observer(chat.started_at),
         )
         logger.info("accepted (position %d in queue)", ticket.position)
