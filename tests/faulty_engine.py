@@ -2,8 +2,9 @@
 
 A request whose last user message is ``fault:<kind>@<n>`` gets that fault at its ``n``-th delta
 (0: before the first one): ``raise`` raises an :class:`EngineError`, ``bug`` a ``KeyError`` (a bug,
-not an engine error), ``stall`` waits forever (until the reply is cancelled). Every other request
-goes to the wrapped engine untouched.
+not an engine error), ``stall`` waits forever (until the reply is cancelled), ``gate`` waits until
+:attr:`FaultyEngine.gate` is set, then goes on. Every other request goes to the wrapped engine
+untouched.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def fault(kind: str, at: int) -> str:
 class FaultyStream(GenerationStream):
     """Delegates to ``inner`` until the fault's turn comes."""
 
-    def __init__(self, inner: GenerationStream, kind: str, at: int) -> None:
+    def __init__(self, inner: GenerationStream, kind: str, at: int, gate: asyncio.Event) -> None:
         super().__init__(inner.request_id)
-        self.inner, self.kind, self.at = inner, kind, at
+        self.inner, self.kind, self.at, self.gate = inner, kind, at, gate
         self.deltas = 0
 
     def cancel(self) -> None:
@@ -34,7 +35,9 @@ class FaultyStream(GenerationStream):
         self.inner.cancel()
 
     async def __anext__(self) -> str:
-        if self.deltas == self.at:
+        if self.deltas == self.at and self.kind == "gate":
+            await self.gate.wait()
+        elif self.deltas == self.at:
             if self.kind == "stall":
                 await asyncio.Event().wait()
             self.finish_reason = "error"
@@ -55,6 +58,7 @@ class FaultyEngine:
         self.inner = inner
         self.model_name = inner.model_name
         self.context_len = inner.context_len
+        self.gate = asyncio.Event()
 
     async def start(self) -> None:
         await self.inner.start()
@@ -68,7 +72,7 @@ class FaultyEngine:
         if not users or not users[-1].startswith(PREFIX):
             return stream
         kind, _, at = users[-1][len(PREFIX) :].partition("@")
-        return FaultyStream(stream, kind, int(at))
+        return FaultyStream(stream, kind, int(at), self.gate)
 
     def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
         return self.inner.render_prompt(messages)
