@@ -196,7 +196,7 @@ def check(client: Client, callbacks: list[list[str]], log: list[str]) -> str | N
         assert len(callbacks) == 1 and completed == [callbacks[0][0]], context  # one state, one callback
     elif client.moment == "mid_body" or not client.sent_all or response is None:
         # Left before its body was read: at most a before-streaming state from the body reader.
-        assert [c[0] for c in callbacks] in ([], [BEFORE]), context
+        assert [c[0] for c in callbacks] in ([], [BEFORE]) and completed == [c[0] for c in callbacks], context
         return callbacks[0][0] if callbacks else None
     else:
         raise AssertionError(f"a response came but the request was never accepted: {context}")
