@@ -316,6 +316,18 @@ async def test_mock_engine_stall_is_ended_by_the_deadline(served, client, record
     assert (load["processing"], load["waiting"]) == (0, 0)
 
 
+async def test_the_deadline_counts_the_queue_wait(served, client, records) -> None:
+    url = served(mock_service(records, request_timeout=1.5, num_of_concurrent_executions=1, max_queue_size=1))
+    stalled = asyncio.ensure_future(chat(client, url, "A", fault("stall", 2)))
+    while (await client.get(url + "/get_load")).json()["processing"] != 1:
+        await asyncio.sleep(0.01)  # bounded by the deadline: A ends by then
+    queued = await chat(client, url, "B")  # waits behind the stalled reply until its own deadline
+    assert (queued.status, queued.error()["error"]) == (504, "deadline_exceeded")
+    assert (await stalled).error()["error"] == "deadline_exceeded"
+    assert_served(await chat(client, url, "C", tokens=3), 3)
+    assert await records.states("A", "B", "C") == {"A": ERROR, "B": ERROR, "C": SUCCESS}
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_callback_fault_never_reaches_the_client(served, client, records, kind, caplog) -> None:
     def sync_callback(request: Any, state: Any) -> None:

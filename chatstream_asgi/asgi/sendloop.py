@@ -198,7 +198,7 @@ class Reply:
                 logger.warning("deadline exceeded (%.3g s); ending the reply", self.request_timeout)
                 self.abort(f"the reply took longer than {self.request_timeout:g} s", "deadline_exceeded")
                 return
-            await anyio.sleep(period if deadline is None else min(period, max(deadline - now, 0.0)))
+            await anyio.sleep(period if deadline is None or now >= deadline else min(period, deadline - now))
             started = self._send_started
             if started is not None and time.monotonic() - started >= self.send_timeout:
                 logger.info("send timed out (the client stopped reading); treating it as a disconnect")
