@@ -215,7 +215,8 @@ class Reply:
             stream.cancel()
 
     async def _send_error(self) -> None:
-        """Tell the client what went wrong: 500 JSON, or an error frame once streaming began."""
+        """Tell the client what went wrong: a JSON error (500; 503 on shutdown, 504 past the deadline),
+        or an error frame once streaming began."""
         if self.abort_reason is not None:
             error, detail = self.abort_error, self.abort_reason
         else:
