@@ -135,6 +135,13 @@ def _event(block: str) -> tuple[str, dict[str, Any]]:
     return lines["event"], json.loads(lines["data"])
 
 
+async def wait_load(client: httpx.AsyncClient, url: str, key: str, value: int) -> None:
+    """Poll ``/get_load`` (bounded) until ``key`` is ``value``: admission has no event to await from outside."""
+    async with asyncio.timeout(WATCHDOG):
+        while (await client.get(url + "/get_load")).json()[key] != value:
+            await asyncio.sleep(0.01)
+
+
 def assert_served(reply: Reply, tokens: int | None = None) -> None:
     assert reply.status == 200 and reply.done, reply.text
     if tokens is not None:
@@ -231,8 +238,7 @@ async def test_decode_fault_fails_the_batch_and_the_queued_request_goes_on(
     b = asyncio.ensure_future(chat(client, url, "B", tokens=24))
     await generated.wait("B")
     c = asyncio.ensure_future(chat(client, url, "C", tokens=5))
-    while (await client.get(url + "/get_load")).json()["waiting"] != 1:  # bounded by the watchdog below
-        await asyncio.sleep(0.01)
+    await wait_load(client, url, "waiting", 1)
     queued.set()
     a, b, c = await asyncio.wait_for(asyncio.gather(a, b, c), WATCHDOG)
     assert failed
@@ -319,8 +325,7 @@ async def test_mock_engine_stall_is_ended_by_the_deadline(served, client, record
 async def test_a_stalled_request_in_the_queue_is_ended_too(served, client, records) -> None:
     url = served(mock_service(records, request_timeout=1.5, num_of_concurrent_executions=1, max_queue_size=1))
     stalled = asyncio.ensure_future(chat(client, url, "A", fault("stall", 2)))
-    while (await client.get(url + "/get_load")).json()["processing"] != 1:
-        await asyncio.sleep(0.01)  # bounded by the deadline: A ends by then
+    await wait_load(client, url, "processing", 1)  # well before A's deadline ends it
     queued = await chat(client, url, "B", fault("stall", 0))  # queued behind A, then stalls itself
     assert queued.error()["error"] == "deadline_exceeded"
     assert [name for name, _ in queued.events] == ["queue", "error"]  # told its place, then the error
