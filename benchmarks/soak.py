@@ -186,7 +186,7 @@ class Load:
 
     async def leave_early(self, http: httpx.AsyncClient) -> str:
         body = {"messages": [{"role": "user", "content": "hi"}], "generation_params": {"max_new_tokens": 50}}
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError from 3.11 on
             await asyncio.wait_for(http.post("/chat_stream", json=body), self.rng.uniform(0, 0.01))
             return "finished"
         return "left"

@@ -129,7 +129,7 @@ class Client:
             response = self.response = Response(reader, self.fmt)
             try:
                 await asyncio.wait_for(response.read_head(), QUEUE_PATIENCE if self.moment == "queued" else None)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError from 3.11 on
                 return  # not queued (or a slow queue event): it left before its first token all the same
             if response.status != 200:
                 await response.read_all()
@@ -163,7 +163,7 @@ async def fuzz(server: str, port: int, count: int, seed: int) -> list[Client]:
                 await asyncio.wait_for(client.run(port, rng, held), CLIENT_WATCHDOG)
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 client.notes.append(f"connection ended: {exc!r}")
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError from 3.11 on
                 raise AssertionError(f"client waited {CLIENT_WATCHDOG} s: {client}") from None
 
     await asyncio.wait_for(asyncio.gather(*(one(c) for c in clients)), RUN_WATCHDOG)

@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import torch
@@ -137,7 +138,7 @@ def _event(block: str) -> tuple[str, dict[str, Any]]:
 
 async def wait_load(client: httpx.AsyncClient, url: str, key: str, value: int) -> None:
     """Poll ``/get_load`` (bounded) until ``key`` is ``value``: admission has no event to await from outside."""
-    async with asyncio.timeout(WATCHDOG):
+    with anyio.fail_after(WATCHDOG):
         while (await client.get(url + "/get_load")).json()[key] != value:
             await asyncio.sleep(0.01)
 
