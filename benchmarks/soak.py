@@ -6,8 +6,9 @@ hypercorn|uvicorn|granian``, ``--clients N``). The suite runs a 25-second varian
 
 The server (a subprocess) serves this module's ``app``: a ``ChatStream`` over a mock engine
 (8 slots, 16 queue places, 5 ms to the first token, 1 ms a token) with ``/_soak/stats`` (RSS,
-asyncio tasks, sessions, live objects, load). ``--clients`` clients (httpx, in this process) loop
-until the end, each turn one of: a chat turn of one of 64 users (each starts over with
+asyncio tasks, sessions, live objects, load). Each of 64 users first takes one chat turn (and so
+holds a session token); then ``--clients`` clients (httpx, in this process) loop until the end,
+each turn one of: a chat turn of one of the users (each starts over with
 ``/clear_context`` after 6 turns, as people start new conversations), a stateless chat, an OpenAI
 streaming completion, a client that leaves mid-stream, one that leaves before its first token,
 and a malformed body. Some get 429 when every slot and queue place is taken.
@@ -153,8 +154,16 @@ class Load:
                 outcome = "transport_error"
             self.counts[f"{action}:{outcome}"] += 1
 
-    async def chat(self, http: httpx.AsyncClient) -> str:
-        user = self.rng.choice(self.users)
+    async def sign_in(self) -> None:
+        """One first turn per user, a few at a time (no 429), so every user holds its session token."""
+        no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+        async with httpx.AsyncClient(base_url=self.url, timeout=30, cookies=no_cookies) as http:
+            for first in range(0, USERS, 4):
+                await asyncio.gather(*(self.chat(http, user) for user in self.users[first : first + 4]))
+        assert all(user.token for user in self.users), "a user got no session token"
+
+    async def chat(self, http: httpx.AsyncClient, user: User | None = None) -> str:
+        user = user or self.rng.choice(self.users)
         if user.turns >= TURNS_PER_CONVERSATION and user.token:
             await http.post("/clear_context", headers={"x-session-id": user.token})
             user.turns = 0
@@ -249,6 +258,7 @@ async def soak(
     samples: list[dict[str, Any]] = []
     with serving(server) as url:
         load = Load(url, random.Random(seed))
+        await load.sign_in()
         t0 = time.monotonic()
         print(f"soak on {server}: {duration:.0f} s, {clients} clients, warm-up {warmup:.0f} s")
         print(f"{'t (s)':>8} {'requests':>9} {'RSS MiB':>8} {'tasks':>6} {'sessions':>8} {'objects':>9} "
