@@ -26,7 +26,7 @@ def test_short_soak_stays_flat() -> None:
     spec.loader.exec_module(soak)
     result = asyncio.run(soak.soak(25.0, interval=2.5, clients=32))
     growth, counts = result["growth"], result["counts"]
-    assert sum(counts.values()) >= 500, counts  # the load ran
+    assert sum(counts.values()) >= 200, counts  # the load ran (about 3,000 on an idle 2-core machine)
     assert not any(key.endswith((":500", ":transport_error")) for key in counts), counts
     assert growth["rss"] <= RSS_GROWTH, (result["start"], result["end"])
     assert growth["tasks"] <= TASK_GROWTH, (result["start"], result["end"])
