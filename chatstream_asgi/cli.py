@@ -111,7 +111,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="SEC",
         help="on SIGINT/SIGTERM, how long open replies may finish before they are aborted",
     )
-    serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        metavar="SEC",
+        help="deadline per reply, queue wait included: a reply still running then ends with a "
+        "deadline_exceeded error (default: none)",
+    )
+        serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
     return parser
 
 
@@ -267,6 +275,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         top_p=args.top_p,
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
+        request_timeout=args.request_timeout,
     )
     if args.engine == "mock":
         logger.info("engine: mock (%s replies, no model)", args.mock_type)

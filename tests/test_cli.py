@@ -226,3 +226,17 @@ def test_ctrl_c_while_the_model_loads_exits_without_a_traceback() -> None:
         assert "Traceback" not in server.output()
     finally:
         server.stop()
+
+
+def test_request_timeout_ends_a_stalled_reply() -> None:
+    """``--request-timeout``: a reply whose first token would come after 60 s ends with a 504."""
+    server = _serve_mock("--request-timeout", "0.5", "--mock-initial-wait", "60")
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.url, timeout=10.0) as client:
+            response = client.post("/chat_stream", json={"user_input": "hello"})
+            assert response.status_code == 504
+            assert response.json()["error"] == "deadline_exceeded"
+            assert client.get("/get_load").json()["processing"] == 0
+    finally:
+        server.stop()

@@ -5,9 +5,10 @@ One task writes (never two concurrent ``send`` calls); a second task reads ``rec
 tokens or inside a blocked ``send``. The completion state comes from the loop's own bookkeeping
 (what was sent), never from the disconnect message alone: a disconnect after the final frame is
 ``success``, and one that arrives while the final frame is being sent lets that send finish. A
-third task bounds every ``send`` by ``send_timeout`` (a client that stops reading blocks ``send``
-on flow control) with one timer per reply rather than a cancel scope per send, which would cost
-more than the rest of the per-token work.
+third task, the watchdog, bounds every ``send`` by ``send_timeout`` (a client that stops reading
+blocks ``send`` on flow control) with one timer per reply rather than a cancel scope per send,
+which would cost more than the rest of the per-token work; the same timer ends a reply that runs
+past its ``request_timeout`` (a stalled engine) with a ``deadline_exceeded`` error.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class QueueTicket(Protocol):
     def leave(self) -> None: ...
 
 
+_ABORT_STATUS = {"server_shutting_down": 503, "deadline_exceeded": 504}
+"""The status of an aborted reply that had not started its response (any other error: 500)."""
+
+
 class _ClientGone(Exception):
     """A send failed or timed out: the client left or stopped reading."""
 
@@ -55,6 +60,8 @@ class Reply:
     framer: Framer
     headers: Headers
     send_timeout: float
+    request_timeout: float | None = None
+    """Seconds the whole reply (queue wait included) may take; None: no deadline."""
     on_first_text: Callable[[], None] | None = None
     # Bookkeeping that decides the state.
     response_started: bool = field(default=False, init=False)
@@ -63,6 +70,7 @@ class Reply:
     final_in_flight: bool = field(default=False, init=False)
     disconnected: bool = field(default=False, init=False)
     abort_reason: str | None = field(default=None, init=False)
+    abort_error: str = field(default="server_shutting_down", init=False)
     error: BaseException | None = field(default=None, init=False)
     # What the callback can read.
     text_parts: list[str] = field(default_factory=list, init=False)
@@ -86,10 +94,10 @@ class Reply:
             return CompletionState.CLIENT_DISCONNECTED_BEFORE_STREAMING
         return CompletionState.UNKNOWN_ERROR_OCCURRED
 
-    def abort(self, reason: str) -> None:
-        """End this reply from outside (server shutdown) with an error frame."""
+    def abort(self, reason: str, error: str = "server_shutting_down") -> None:
+        """End this reply from outside (server shutdown, deadline) with an ``error`` frame."""
         if self.abort_reason is None:
-            self.abort_reason = reason
+            self.abort_reason, self.abort_error = reason, error
         if self._scope is not None:
             self._scope.cancel()
 
@@ -104,7 +112,7 @@ class Reply:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
-                tg.start_soon(self._watch_sends, tg.cancel_scope)
+                tg.start_soon(self._watchdog)
                 try:
                     await self._stream()
                 except _ClientGone:
@@ -173,20 +181,30 @@ class Reply:
         finally:
             self._send_started = None
 
-    async def _watch_sends(self, scope: anyio.CancelScope) -> None:
-        """Bound every send by ``send_timeout`` with one timer per reply, not one per send.
+    async def _watchdog(self) -> None:
+        """Bound every send by ``send_timeout`` and the reply by ``request_timeout``, with one
+        timer per reply, not one per send.
 
         A client that stops reading makes ``send`` block on flow control; a send in flight for
-        ``send_timeout`` (detected within a quarter of it) ends the reply as a disconnect.
+        ``send_timeout`` (detected within a quarter of it) ends the reply as a disconnect. A reply
+        still running at its deadline (a stalled engine) is aborted with ``deadline_exceeded``,
+        unless its final frame is already on the way.
         """
         period = max(self.send_timeout / 4, 0.001)
+        deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
         while True:
-            await anyio.sleep(period)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline and not self.final_in_flight:
+                logger.warning("deadline exceeded (%.3g s); ending the reply", self.request_timeout)
+                self.abort(f"the reply took longer than {self.request_timeout:g} s", "deadline_exceeded")
+                return
+            await anyio.sleep(period if deadline is None or now >= deadline else min(period, deadline - now))
             started = self._send_started
             if started is not None and time.monotonic() - started >= self.send_timeout:
                 logger.info("send timed out (the client stopped reading); treating it as a disconnect")
                 self.disconnected = True
-                scope.cancel()
+                assert self._scope is not None
+                self._scope.cancel()
                 return
 
     def _close_stream(self) -> None:
@@ -197,9 +215,10 @@ class Reply:
             stream.cancel()
 
     async def _send_error(self) -> None:
-        """Tell the client what went wrong: 500 JSON, or an error frame once streaming began."""
+        """Tell the client what went wrong: a JSON error (500; 503 on shutdown, 504 past the deadline),
+        or an error frame once streaming began."""
         if self.abort_reason is not None:
-            error, detail = "server_shutting_down", self.abort_reason
+            error, detail = self.abort_error, self.abort_reason
         else:
             error, detail = CompletionState.UNKNOWN_ERROR_OCCURRED.value, "generation failed"
             logger.error("generation failed", exc_info=self.error)
@@ -209,7 +228,7 @@ class Reply:
                     body = self.framer.error(error, detail)
                     await self._send({"type": "http.response.body", "body": body, "more_body": False})
                 else:
-                    status = 503 if self.abort_reason is not None else 500
+                    status = _ABORT_STATUS.get(error, 500)
                     await send_json(self._send, status, self.framer.error_json(error, detail), self._id_headers())
             except OSError:
                 self.disconnected = True

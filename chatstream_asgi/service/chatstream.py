@@ -58,6 +58,10 @@ class ChatStream:
     ``temperature``, ``top_k``, ``top_p`` and ``repetition_penalty`` left at ``None`` come from the
     engine's ``default_generation_params`` (the model's own, e.g. its generation config) where it has
     them, else 0.7, 50, 1.0 and 1.0.
+
+    ``request_timeout`` (seconds, off by default) is a deadline on each reply, queue wait
+    included: a reply still running then (a stalled engine) ends ``unknown_error_occurred`` with
+    a ``deadline_exceeded`` error frame, or a 504 JSON error if nothing was sent yet.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class ChatStream:
         session_cookie: str = "chatstream_session",
         session_cookie_secure: bool = False,
         send_timeout: float = 30.0,
+        request_timeout: float | None = None,
         shutdown_timeout: float = 10.0,
         request_id_header: str = DEFAULT_REQUEST_ID_HEADER,
         use_mock_response: bool = False,
@@ -115,7 +120,9 @@ class ChatStream:
         )
         self.prompts = PromptBuilder(engine, system_prompt)
         self.outcomes = Outcomes(self.metrics, self.sessions, callback)
-        self.replies = Replies(engine, self.admission, self.metrics, self.outcomes, send_timeout)
+        if request_timeout is not None and request_timeout <= 0:
+            raise ValueError("request_timeout must be positive (or None for no deadline)")
+        self.replies = Replies(engine, self.admission, self.metrics, self.outcomes, send_timeout, request_timeout)
         self.preparer = ChatPreparer(
             self.sessions,
             self.prompts,

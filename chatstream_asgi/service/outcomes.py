@@ -125,7 +125,7 @@ class Outcomes:
     async def left_early(self, request: Request, callback: Callback | None) -> CompletionState:
         """Record a client that left while still sending its request body."""
         state = CompletionState.CLIENT_DISCONNECTED_BEFORE_STREAMING
-        logger.info("client disconnected while sending the body")
+        logger.info("completed: %s (0 tokens): the client left while sending the body", state.value)
         self.metrics.completions.labels(state=state.value).inc()
         await self._call_callback(request, callback, state)
         return state

@@ -60,6 +60,7 @@ class Replies:
     metrics: Metrics
     outcomes: Outcomes
     send_timeout: float
+    request_timeout: float | None = None
     _open: set[Reply] = field(default_factory=set, init=False)
     _closed_tokens: int = field(default=0, init=False)
 
@@ -86,6 +87,7 @@ class Replies:
                 *chat.headers,
             ],
             send_timeout=self.send_timeout,
+            request_timeout=self.request_timeout,
             on_first_text=self._first_text_observer(chat.started_at),
         )
         logger.info("accepted (position %d in queue)", ticket.position)
