@@ -119,7 +119,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="deadline per reply, queue wait included: a reply still running then ends with a "
         "deadline_exceeded error (default: none)",
     )
-        serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
     return parser
 
 
