@@ -2,7 +2,8 @@
 
 JSON in, JSON out. Session endpoints use the session of the ``chatstream_session`` cookie or the
 ``X-Session-Id`` header (a fresh one when missing) and answer with ``X-Session-Id`` (and
-``Set-Cookie`` for a new session). Errors: ``400 {"error": "invalid_request", "detail": ...}``,
+``Set-Cookie`` for a new session). Errors: ``400 {"error": "invalid_request", "detail": ...}``
+(counted in ``chatstream_rejected_total``),
 ``404 {"error": "not_found", "detail": ...}``.
 
 ==========================  ======  ============================================================
@@ -45,6 +46,7 @@ from chatstream_asgi.asgi.replay import SharedReceive, replay_request
 from chatstream_asgi.asgi.responses import send_bytes, send_json
 from chatstream_asgi.logs import logger
 from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, validate_params
+from chatstream_asgi.service.outcomes import Rejection
 
 if TYPE_CHECKING:
     from chatstream_asgi.service.chatstream import ChatStream
@@ -108,6 +110,7 @@ class ChatAPI:
 
     async def clear_context(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         async with self._session(scope, send) as opened:
+            _json_object(body)  # no fields, but a body must still be a JSON object
             cleared = len(opened.session.messages)
             if cleared:
                 opened.session.messages = []
@@ -145,7 +148,7 @@ class ChatAPI:
             message_id, feedback = data.get("message_id"), data.get("feedback")
             if not isinstance(message_id, str) or not message_id:
                 raise InvalidRequest("message_id must be a non-empty string")
-            if feedback is not None and feedback not in FEEDBACK:
+            if feedback is not None and (not isinstance(feedback, str) or feedback not in FEEDBACK):
                 raise InvalidRequest(f"feedback must be one of {sorted(FEEDBACK)} or null")
             message = next(
                 (m for m in opened.session.messages if m["id"] == message_id and m["role"] == "assistant"), None
@@ -206,6 +209,6 @@ class _SessionScope:
         if isinstance(exc, InvalidRequest):
             assert self.opened is not None
             headers = self.cs.sessions.headers(self.opened)
-            await send_json(self.send, 400, {"error": "invalid_request", "detail": exc.detail}, headers)
+            await self.cs.outcomes.reject(self.send, Rejection(400, "invalid_request", exc.detail), headers)
             return True
         return False
