@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("CHATSTREAM_SESSION_SECRET"),
         help="signs session tokens (default: $CHATSTREAM_SESSION_SECRET, else random per process)",
     )
+    serve.add_argument(
+        "--admin-token",
+        default=os.environ.get("CHATSTREAM_ADMIN_TOKEN"),
+        help="/get_resource_usage and /get_prompt need 'Authorization: Bearer TOKEN' "
+        "(default: $CHATSTREAM_ADMIN_TOKEN, else they are public)",
+    )
+    serve.add_argument(
+        "--no-admin-endpoints",
+        dest="admin_endpoints",
+        action="store_false",
+        help="do not serve /get_resource_usage and /get_prompt at all",
+    )
     serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round")
     serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC")
     serve.add_argument("--mock-time-per-token", type=float, default=0.05, metavar="SEC")
@@ -103,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config.bind = [f"{args.host}:{args.port}"]
     config.loglevel = args.log_level.upper()
     config.graceful_timeout = 5.0
-    asyncio.run(_serve(serve, create_app(chat_stream), config, chat_stream))
+    app = create_app(chat_stream, admin_token=args.admin_token, admin_endpoints=args.admin_endpoints)
+    asyncio.run(_serve(serve, app, config, chat_stream))
 
 
 async def _serve(serve: Any, app: Any, config: Any, chat_stream: ChatStream) -> None:
