@@ -61,7 +61,7 @@ class Target:
     """A ChatStream behind the middleware, with what the properties read of it."""
 
     engine: RecordingEngine = field(default_factory=RecordingEngine)
-    latencies: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.cs = ChatStream(self.engine, session_secret="s", max_new_tokens=MAX_NEW_TOKENS)
