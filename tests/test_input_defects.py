@@ -624,3 +624,29 @@ async def test_concurrent_updates_of_one_session_lose_nothing_on_redis(redis_url
         check_nothing_lost(await concurrent_updates(chat_stream(session_store=store, mock_params={"type": "echo"})))
     finally:
         await store.close()
+
+
+# -- 6 (all paths). a failure inside an extra endpoint is a JSON answer -----------------------------
+
+
+class UnreachableStore(MemorySessionStore):
+    async def load(self, session_id: str) -> Session | None:
+        raise ConnectionError("store unreachable")
+
+
+async def test_api_endpoints_answer_json_when_the_store_or_the_handler_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken_usage() -> dict[str, Any]:
+        raise RuntimeError("no /proc here")
+
+    monkeypatch.setattr("chatstream_asgi.server.chat_api.resource_usage", broken_usage)
+    async with client(create_app(chat_stream(session_store=UnreachableStore()))) as c:
+        prompt = await c.get("/get_prompt")
+        params = await c.post("/set_generation_params", json={"temperature": 0.2})
+        usage = await c.get("/get_resource_usage")
+        load = await c.get("/get_load")
+    for response in (prompt, params):
+        assert response.status_code == 503 and response.json() == {"error": "session_store_unavailable"}
+    assert usage.status_code == 500 and usage.json()["error"] == "internal_error"
+    assert load.status_code == 200

@@ -215,7 +215,12 @@ class _SessionScope:
         self.opened: OpenSession | None = None
 
     async def __aenter__(self) -> OpenSession:
-        self.opened = await self.cs.sessions.open(self.scope)
+        try:
+            self.opened = await self.cs.sessions.open(self.scope)
+        except Exception:  # the session store failed (an unreachable Redis, say): 503, as on the chat path
+            logger.exception("loading the session failed")
+            detail = "the session store is unavailable"
+            raise Rejection(503, "session_store_unavailable", detail, {"error": "session_store_unavailable"}) from None
         return self.opened
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:

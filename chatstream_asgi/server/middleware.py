@@ -23,7 +23,7 @@ from chatstream_asgi.asgi.replay import (
     replay_request,
 )
 from chatstream_asgi.asgi.responses import send_json
-from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, bind_request_id
+from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, bind_request_id, logger
 from chatstream_asgi.protocols.openai import error_body
 from chatstream_asgi.server.routes import (
     ADMIN_ENDPOINTS,
@@ -34,6 +34,7 @@ from chatstream_asgi.server.routes import (
     protect,
 )
 from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.service.outcomes import Rejection
 from chatstream_asgi.service.replies import SHARED_RECEIVE_KEY
 from chatstream_asgi.types import ASGIApp, ASGIMessage, Callback, Receive, Scope, Send
 
@@ -128,7 +129,7 @@ class ChatStreamMiddleware:
             await send_json(send, 405, body or {"error": "method_not_allowed", "detail": detail}, [(b"allow", allow)])
             return
         if not route.reads_body:
-            await route.handler(scope, receive, send, b"")
+            await self._call_api(route, scope, receive, send, b"")
             return
         cs = self.chat_stream
         try:
@@ -148,9 +149,35 @@ class ChatStreamMiddleware:
                 request = replay_request(scope, body, shared)
                 await route.handler(scope, shared, send, body, request=request, callback=self.callback)
             else:
-                await route.handler(scope, shared, send, body)
+                await self._call_api(route, scope, shared, send, body)
         finally:
             shared.close()
+
+    async def _call_api(self, route: Endpoint, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """Call an extra endpoint; a failure before its answer started becomes a JSON answer
+        (a rejection's, else 500), never a bare 500 from the server."""
+        cs = self.chat_stream
+        assert cs is not None
+        started = False
+
+        async def tracked_send(message: ASGIMessage) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await route.handler(scope, receive, tracked_send, body)
+        except Rejection as rejection:
+            if started:
+                raise
+            await cs.outcomes.reject(send, rejection, cs.id_headers())
+        except Exception:
+            if started:
+                raise
+            logger.exception("%s failed", route_path(scope))
+            detail = "the server failed to answer this request"
+            payload = error_body(detail, "server_error", "internal_error") if route.openai else None
+            await send_json(send, 500, payload or {"error": "internal_error", "detail": detail}, cs.id_headers())
 
     async def _replay(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
