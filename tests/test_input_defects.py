@@ -301,11 +301,14 @@ class PickyTemplate(MockEngine):
         return len(self.render_prompt(messages).split())
 
 
-async def test_get_prompt_of_an_empty_conversation_under_a_picky_template() -> None:
+async def test_get_prompt_under_a_template_that_refuses_an_empty_conversation() -> None:
     async with client(create_app(chat_stream(engine=PickyTemplate()))) as c:
         response = await c.get("/get_prompt")
+        await c.post("/chat_stream", json={"user_input": "hi"})
+        after = await c.get("/get_prompt")
     assert response.status_code == 200
     assert response.json() == {"prompt": "", "messages": []}
+    assert after.status_code == 200 and "hi" in after.json()["prompt"]
 
 
 @pytest.mark.parametrize(
@@ -650,3 +653,19 @@ async def test_api_endpoints_answer_json_when_the_store_or_the_handler_fails(
         assert response.status_code == 503 and response.json() == {"error": "session_store_unavailable"}
     assert usage.status_code == 500 and usage.json()["error"] == "internal_error"
     assert load.status_code == 200
+
+
+@pytest.mark.smollm2
+def test_get_prompt_on_the_default_server_with_smollm2(smollm2_engine: Any) -> None:
+    """The issue's case: ``serve`` with SmolLM2 and no system prompt, a fresh client asks for its prompt."""
+    cs = ChatStream(smollm2_engine, session_secret=SECRET)
+
+    async def main() -> list[httpx.Response]:
+        async with client(create_app(cs)) as c:
+            empty = await c.get("/get_prompt")
+            await c.post("/chat_stream", json={"user_input": "Hi", "generation_params": {"max_new_tokens": 4}})
+            return [empty, await c.get("/get_prompt")]
+
+    empty, after = anyio.run(main)
+    assert empty.status_code == 200 and empty.json()["messages"] == []
+    assert after.status_code == 200 and "Hi" in after.json()["prompt"]

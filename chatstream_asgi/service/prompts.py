@@ -109,8 +109,11 @@ def fit_to_budget(
         return [*system, *plain(history[start:]), *tail]
 
     def fits(start: int) -> tuple[bool, int]:
+        messages = build(start)
+        if not messages:  # nothing to render (some templates refuse an empty conversation)
+            return True, 0
         try:
-            used = count_tokens(build(start))
+            used = count_tokens(messages)
         except PromptTooLong as exc:
             raise InvalidRequest(str(exc)) from None
         return used <= budget, used
