@@ -99,6 +99,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=os.environ.get("CHATSTREAM_SESSION_SECRET"),
         help="signs session tokens (default: $CHATSTREAM_SESSION_SECRET, else random per process)",
     )
+    serve.add_argument(
+        "--admin-token",
+        default=os.environ.get("CHATSTREAM_ADMIN_TOKEN"),
+        help="/get_resource_usage and /get_prompt need 'Authorization: Bearer TOKEN' "
+        "(default: $CHATSTREAM_ADMIN_TOKEN, else they are public)",
+    )
+    serve.add_argument(
+        "--no-admin-endpoints",
+        dest="admin_endpoints",
+        action="store_false",
+        help="do not serve /get_resource_usage and /get_prompt at all",
+    )
     serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round", help="mock engine replies")
     serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC", help="mock engine: first delay")
     serve.add_argument(
@@ -287,7 +299,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     config.graceful_timeout = 5.0
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(args.host, args.host)  # every interface: this one will do
     host = f"[{host}]" if ":" in host else host
-    app = _announce_ready(create_app(chat_stream), f"http://{host}:{args.port}/", started)
+    app = create_app(chat_stream, admin_token=args.admin_token, admin_endpoints=args.admin_endpoints)
+    app = _announce_ready(app, f"http://{host}:{args.port}/", started)
     asyncio.run(_serve(serve, app, config, chat_stream))
 
 

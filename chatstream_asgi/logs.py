@@ -20,7 +20,14 @@ from typing import Any
 
 from chatstream_asgi.types import Scope
 
-__all__ = ["DEFAULT_REQUEST_ID_HEADER", "bind_request_id", "current_request_id", "logger", "request_logger"]
+__all__ = [
+    "DEFAULT_REQUEST_ID_HEADER",
+    "bind_request_id",
+    "current_request_id",
+    "escape",
+    "logger",
+    "request_logger",
+]
 
 DEFAULT_REQUEST_ID_HEADER = "X-Request-Id"
 
@@ -56,8 +63,22 @@ def bind_request_id(scope: Scope, header: str = DEFAULT_REQUEST_ID_HEADER) -> It
         _request_id.reset(token)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape(text: str) -> str:
+    """``text`` with line breaks and other control characters backslash-escaped, so that user
+    text in a log line can never start a line of its own (or forge one)."""
+    return text if text.isprintable() else text.translate(_CONTROL)
+
+
 class _RequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Prefixes ``[<request id>]`` and puts the id in the record's ``request_id`` attribute."""
+    """Prefixes ``[<request id>]``, puts the id in the record's ``request_id`` attribute, and
+    escapes every string argument (:func:`escape`): arguments are where user text goes."""
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        super().log(level, msg, *(escape(a) if isinstance(a, str) else a for a in args), **kwargs)
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         request_id = _request_id.get() or "-"

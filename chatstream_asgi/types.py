@@ -42,9 +42,12 @@ class ChatService(Protocol):
 
     request_id_header: str
     stream_format: str
+    max_body_size: int
 
     async def serve_chat(
         self, scope: Scope, receive: Receive, send: Send, body: Any, *, request: Request, callback: Callback | None
     ) -> CompletionState | None: ...
+
+    async def reject_body_too_large(self, send: Send, limit: int, *, openai: bool = False) -> None: ...
 
     async def report_early_disconnect(self, request: Request, callback: Callback | None = None) -> CompletionState: ...

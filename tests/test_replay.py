@@ -102,11 +102,16 @@ async def test_close_cancels_the_pending_upstream_read() -> None:
     assert shared._pending is None
 
 
+async def read_once(replay: ReplayReceive) -> dict:
+    """One reader: a coroutine of its own that reads once (a Starlette ``Request``, say)."""
+    return dict(await replay())
+
+
 async def test_replay_gives_every_reader_the_body_then_passes_through() -> None:
     upstream = Receive(messages=[], sticky=False)
     replay = ReplayReceive(b"payload", SharedReceive(upstream))
     for _ in range(3):
-        assert await replay() == {"type": "http.request", "body": b"payload", "more_body": False}
+        assert await read_once(replay) == {"type": "http.request", "body": b"payload", "more_body": False}
     replay.response_started = True
     upstream.disconnect()
     with anyio.fail_after(2):
@@ -118,9 +123,9 @@ async def test_replay_stops_replaying_after_max_replays_so_watchers_block() -> N
     """A reader polling for a disconnect before the response starts must block, not spin."""
     replay = ReplayReceive(b"x", SharedReceive(Receive(messages=[])), max_replays=3)
     for _ in range(3):
-        assert (await replay())["body"] == b"x"
+        assert (await read_once(replay))["body"] == b"x"
     with anyio.move_on_after(0.05) as scope:
-        await replay()
+        await read_once(replay)
     assert scope.cancelled_caught
 
 
@@ -134,4 +139,16 @@ async def test_replayed_messages_are_copies() -> None:
     replay = ReplayReceive(b"x", SharedReceive(Receive(messages=[])))
     first = await replay()
     first["body"] = b"changed"
+    assert (await read_once(replay))["body"] == b"x"
+
+
+async def test_the_same_reader_gets_the_body_once_then_waits_for_the_disconnect() -> None:
+    upstream = Receive(messages=[])
+    replay = ReplayReceive(b"x", SharedReceive(upstream))
     assert (await replay())["body"] == b"x"
+    with anyio.move_on_after(0.05) as scope:
+        await replay()  # the same coroutine asks again (Quart's loop): no second copy
+    assert scope.cancelled_caught
+    upstream.disconnect()
+    with anyio.fail_after(2):
+        assert (await replay())["type"] == "http.disconnect"

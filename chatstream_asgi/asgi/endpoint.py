@@ -1,8 +1,9 @@
 """Endpoint mode: the response that :meth:`ChatStream.handle_chat_stream_request` returns.
 
 Starlette and FastAPI call a response as an ASGI app. This one reads the body when the endpoint
-did not pass it, binds the request id (the middleware has done so when it is installed), and
-hands the request to the chat service, which streams the reply itself.
+did not pass it (under the service's ``max_body_size``, as the middleware does), binds the
+request id (the middleware has done so when it is installed), and hands the request to the chat
+service, which streams the reply itself.
 """
 
 from __future__ import annotations
@@ -13,11 +14,28 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from chatstream_asgi.asgi.replay import BodyTooLarge, content_length
 from chatstream_asgi.logs import bind_request_id
 from chatstream_asgi.protocols.framing import FORMATS
 from chatstream_asgi.types import Callback, ChatService, Receive, Scope, Send
 
 __all__ = ["ChatStreamResponse"]
+
+
+async def read_request_body(request: Request, max_size: int) -> bytes:
+    """The request's body, at most ``max_size`` bytes (:class:`BodyTooLarge` otherwise): refused on
+    its Content-Length when that says too much, else counted as it arrives (chunked or lying)."""
+    declared = content_length(request.scope)
+    if declared is not None and declared > max_size:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # a body the endpoint already read comes back from its cache
+        size += len(chunk)
+        if size > max_size:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ChatStreamResponse(Response):
@@ -42,7 +60,10 @@ class ChatStreamResponse(Response):
             body = self.request_body
             if body is None:
                 try:
-                    body = await self.request.body()
+                    body = await read_request_body(self.request, service.max_body_size)
+                except BodyTooLarge:
+                    await service.reject_body_too_large(send, service.max_body_size)
+                    return
                 except ClientDisconnect:
                     await service.report_early_disconnect(self.request, self.callback)
                     return

@@ -3,13 +3,15 @@
 :func:`read_body` buffers a request body under a size limit. :class:`SharedReceive` makes the
 server's ``receive`` safe for several readers: one upstream read at a time, its result handed to
 whoever asked, and ``http.disconnect`` sticky, since hypercorn reports it only once and granian
-wakes only one waiter. :class:`ReplayReceive` serves the buffered body to every reader until the
-response starts, then passes through to the :class:`SharedReceive`.
+wakes only one waiter. :class:`ReplayReceive` hands the buffered body once to each reader, then
+passes through to the :class:`SharedReceive`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
+from types import FrameType
 
 from starlette.requests import Request
 
@@ -102,26 +104,37 @@ class SharedReceive:
 
 
 class ReplayReceive:
-    """Replays the buffered body to every reader until the response starts.
+    """Hands the buffered body once to each reader, then passes through to the :class:`SharedReceive`.
 
-    A reader that already has the body and waits for ``http.disconnect`` before the response
-    starts would see the body again; after ``max_replays`` replays the body stops coming and
-    ``receive`` passes through, so such a reader blocks instead of spinning.
+    A *reader* is the coroutine that awaits ``receive()``: a Starlette ``Request`` reading its
+    body, an auth middleware's read loop, Quart's message loop. Each one gets the whole body in one
+    ``more_body=False`` message the first time it asks. When the same reader asks again (Quart
+    keeps reading after the body; a disconnect watcher loops), it waits on the server for the
+    disconnect instead of receiving the body twice. Once the response starts, every call passes
+    through. ``max_replays`` bounds the copies handed out (a reader wrapped in a new coroutine per
+    call cannot be told apart from a new reader).
     """
 
-    __slots__ = ("_body_message", "_replays", "max_replays", "response_started", "shared")
+    __slots__ = ("_body_message", "_readers", "max_replays", "response_started", "shared")
 
     def __init__(self, body: bytes, shared: SharedReceive, *, max_replays: int = 8) -> None:
         self._body_message: ASGIMessage = {"type": "http.request", "body": body, "more_body": False}
         self.shared = shared
         self.response_started = False
         self.max_replays = max_replays
-        self._replays = 0
+        # The frames that got the body: kept alive so that their ids cannot be reused.
+        self._readers: list[FrameType] = []
 
     async def __call__(self) -> ASGIMessage:
-        if self.response_started or self._replays >= self.max_replays or self.shared.disconnected:
+        reader = sys._getframe(1)
+        if (
+            self.response_started
+            or self.shared.disconnected
+            or len(self._readers) >= self.max_replays
+            or any(seen is reader for seen in self._readers)
+        ):
             return await self.shared()
-        self._replays += 1
+        self._readers.append(reader)
         return dict(self._body_message)
 
 

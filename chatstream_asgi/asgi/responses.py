@@ -26,6 +26,7 @@ async def send_bytes(
             "headers": [
                 (b"content-type", content_type.encode()),
                 (b"content-length", str(len(body)).encode()),
+                (b"x-content-type-options", b"nosniff"),
                 *headers,
             ],
         }
@@ -34,6 +35,6 @@ async def send_bytes(
 
 
 async def send_json(send: Send, status: int, payload: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    """Send ``payload`` as a JSON response."""
-    body = json.dumps(payload, ensure_ascii=False).encode()
+    """Send ``payload`` as a JSON response (text that cannot be encoded is escaped, never a crash)."""
+    body = json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")
     await send_bytes(send, status, body, "application/json", headers)

@@ -21,7 +21,7 @@ from typing import Protocol
 import anyio
 
 from chatstream_asgi.asgi.responses import send_json
-from chatstream_asgi.engines.base import Engine, GenerationRequest, GenerationStream
+from chatstream_asgi.engines.base import Engine, EngineError, GenerationRequest, GenerationStream
 from chatstream_asgi.logs import logger
 from chatstream_asgi.protocols.framing import Framer, Summary
 from chatstream_asgi.states import CompletionState
@@ -36,7 +36,12 @@ class QueueTicket(Protocol):
     @property
     def granted(self) -> bool: ...
 
-    async def wait(self, on_position: Callable[[int, float | None], Awaitable[None]] | None = None) -> None: ...
+    async def wait(
+        self,
+        on_position: Callable[[int, float | None], Awaitable[None]] | None = None,
+        *,
+        heartbeat: float | None = None,
+    ) -> None: ...
 
     def leave(self) -> None: ...
 
@@ -62,6 +67,8 @@ class Reply:
     send_timeout: float
     request_timeout: float | None = None
     """Seconds the whole reply (queue wait included) may take; None: no deadline."""
+    keepalive_interval: float | None = None
+    """While queued, the queue event is repeated this often (a keep-alive for proxies)."""
     on_first_text: Callable[[], None] | None = None
     # Bookkeeping that decides the state.
     response_started: bool = field(default=False, init=False)
@@ -143,7 +150,8 @@ class Reply:
     async def _stream(self) -> None:
         framer = self.framer
         if not self.ticket.granted:
-            await self.ticket.wait(self._send_queue_update if framer.queue_events else None)
+            on_position = self._send_queue_update if framer.queue_events else None
+            await self.ticket.wait(on_position, heartbeat=self.keepalive_interval)
         self.stream = stream = self.engine.generate(self.request)
         async for text in stream:
             frame = framer.delta(text)
@@ -153,6 +161,8 @@ class Reply:
             if not self.text_parts and self.on_first_text is not None:
                 self.on_first_text()
             self.text_parts.append(text)
+        if stream.finish_reason == "cancelled" and not stream.cancelled:
+            raise EngineError("the engine ended the generation (it is shutting down)")
         summary = Summary(self.message_id, stream.finish_reason, stream.prompt_tokens, stream.completion_tokens)
         self.final_in_flight = True
         await self._send_body(framer.final(summary), more_body=False)

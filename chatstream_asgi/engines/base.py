@@ -140,13 +140,10 @@ class QueueStream(GenerationStream):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def push(self, text: str, completion_tokens: int | None = None) -> None:
-        """Append a text delta (call on the event loop); ``completion_tokens`` is the count so far, if known.
-
-        The count is kept current so that a request ending early (a disconnect) reports the tokens
-        generated for it, not the 0 it would show until the engine gets round to finishing it.
-        """
-        if completion_tokens is not None:
+    def push(self, text: str, *, completion_tokens: int | None = None) -> None:
+        """Append a text delta (call on the event loop); ``completion_tokens`` is the count so far,
+        so that a stream cancelled before its finish arrives still reports what was generated."""
+        if completion_tokens is not None and not self._done:
             self.completion_tokens = completion_tokens
         if text:
             self._items.append(text)

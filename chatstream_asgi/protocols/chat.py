@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from chatstream_asgi.engines.base import ChatMessage, GenerationParams
 
 __all__ = [
+    "MAX_INT_DIGITS",
+    "MAX_JSON_DEPTH",
     "ROLES",
     "ChatRequest",
     "InvalidRequest",
@@ -28,6 +31,11 @@ __all__ = [
 
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_STOP_STRINGS = 16
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of objects and lists a request body may have."""
+MAX_INT_DIGITS = 40
+"""Longest integer a request body may hold (a seed needs 19 digits)."""
+MAX_INT_BITS = 133  # 10**40 < 2**133
 
 
 class InvalidRequest(ValueError):
@@ -133,7 +141,7 @@ def _messages(value: Any) -> list[ChatMessage]:
         if not isinstance(item, Mapping):
             raise InvalidRequest(f"messages[{i}] must be an object")
         role, content = item.get("role"), item.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidRequest(f"messages[{i}].role must be one of {sorted(ROLES)}")
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{i}].content must be a string")
@@ -141,14 +149,71 @@ def _messages(value: Any) -> list[ChatMessage]:
     return out
 
 
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequest(f"body holds {name}, which JSON does not allow")
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:
+        raise InvalidRequest(f"body holds an integer of more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidRequest("body holds a number too large for a float")
+    return value
+
+
+def _check_values(data: Any, *, strings: bool) -> None:
+    """Walk parsed JSON (iteratively): bounded nesting, finite numbers, and (with ``strings``) text
+    that can be encoded again, since it is echoed in errors, logged and stored."""
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if strings and not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidRequest("body holds a lone UTF-16 surrogate, which is not text") from None
+        elif isinstance(value, (Mapping, list, tuple)):
+            if depth >= MAX_JSON_DEPTH:
+                raise InvalidRequest(f"body is nested more than {MAX_JSON_DEPTH} levels deep")
+            items = [*value.keys(), *value.values()] if isinstance(value, Mapping) else value
+            stack.extend((item, depth + 1) for item in items)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest("body holds a number that is not finite")
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+            raise InvalidRequest(f"body holds an integer of more than {MAX_INT_DIGITS} digits")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def load_json_object(body: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
-    """The JSON object in ``body`` (raw bytes, text, or already parsed); :class:`InvalidRequest` otherwise."""
+    """The JSON object in ``body`` (raw bytes, text, or already parsed); :class:`InvalidRequest` otherwise.
+
+    The one JSON loader of every endpoint. Beyond syntax it refuses what parses but would break
+    later: nesting deeper than :data:`MAX_JSON_DEPTH`, integers of more than
+    :data:`MAX_INT_DIGITS` digits, ``NaN``/``Infinity`` and numbers that overflow a float, and
+    lone UTF-16 surrogates (``"\\ud800"``) in keys or text.
+    """
     if isinstance(body, (bytes, str)):
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            text = body.decode("utf-8") if isinstance(body, bytes) else body
+            data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant)
+        except UnicodeDecodeError:
+            raise InvalidRequest("body is not valid UTF-8") from None
+        except json.JSONDecodeError as exc:
             raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest(f"body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+        # Bytes that decode as UTF-8 hold no surrogate: only a \\uD800-\\uDFFF escape can make one.
+        _check_values(data, strings=isinstance(body, str) or _SURROGATE_ESCAPE.search(text) is not None)
     else:
+        _check_values(body, strings=True)
         data = body
     if not isinstance(data, Mapping):
         raise InvalidRequest("body must be a JSON object")
@@ -182,7 +247,7 @@ def parse_chat_request(body: bytes | str | Mapping[str, Any], *, formats: frozen
         request.generation_params = validate_params(data["generation_params"])
 
     fmt = data.get("format")
-    if fmt is not None and fmt not in formats:
+    if fmt is not None and (not isinstance(fmt, str) or fmt not in formats):
         raise InvalidRequest(f"format must be one of {sorted(formats)}")
     request.format = fmt
     return request

@@ -198,7 +198,8 @@ def _messages(value: Any) -> list[ChatMessage]:
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
             raise OpenAIError(f"messages[{i}] must be an object", param="messages")
-        role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+        role = item.get("role")
+        role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
             raise OpenAIError(f"messages[{i}].role must be one of {sorted(_ROLES)}", param="messages")
         out.append({"role": role, "content": _content(item.get("content"), i)})

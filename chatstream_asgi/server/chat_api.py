@@ -2,7 +2,8 @@
 
 JSON in, JSON out. Session endpoints use the session of the ``chatstream_session`` cookie or the
 ``X-Session-Id`` header (a fresh one when missing) and answer with ``X-Session-Id`` (and
-``Set-Cookie`` for a new session). Errors: ``400 {"error": "invalid_request", "detail": ...}``,
+``Set-Cookie`` for a new session). Errors: ``400 {"error": "invalid_request", "detail": ...}``
+(counted in ``chatstream_rejected_total``),
 ``404 {"error": "not_found", "detail": ...}``.
 
 ==========================  ======  ============================================================
@@ -45,6 +46,9 @@ from chatstream_asgi.asgi.replay import SharedReceive, replay_request
 from chatstream_asgi.asgi.responses import send_bytes, send_json
 from chatstream_asgi.logs import logger
 from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, validate_params
+from chatstream_asgi.service.outcomes import Rejection
+from chatstream_asgi.service.prompts import public
+from chatstream_asgi.sessions.store import Session, update_session
 
 if TYPE_CHECKING:
     from chatstream_asgi.service.chatstream import ChatStream
@@ -108,21 +112,26 @@ class ChatAPI:
 
     async def clear_context(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         async with self._session(scope, send) as opened:
-            cleared = len(opened.session.messages)
-            if cleared:
-                opened.session.messages = []
-                await self.cs.sessions.store.save(opened.session)
+            _json_object(body)  # no fields, but a body must still be a JSON object
+
+            def clear(session: Session) -> int:
+                cleared = len(session.messages)
+                session.messages = []
+                return cleared
+
+            cleared = await update_session(self.cs.sessions.store, opened.session.id, clear)
             await self._reply(send, opened, {"cleared": cleared})
 
     async def get_prompt(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         async with self._session(scope, send) as opened:
-            session = opened.session
-            payload = {"prompt": self.cs.history_prompt(session.messages), "messages": session.messages}
-            await self._reply(send, opened, payload)
+            history = opened.session.messages
+            heavy = sum(len(m["content"]) for m in history) > self.cs.prompts.HEAVY_CHARS
+            prompt = await self.cs.prompts.off_loop(lambda: self.cs.history_prompt(history), heavy=heavy)
+            await self._reply(send, opened, {"prompt": prompt, "messages": public(history)})
 
     async def get_generation_params(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         async with self._session(scope, send) as opened:
-            await self._reply(send, opened, self._effective(opened))
+            await self._reply(send, opened, self._effective(opened.session.generation_params))
 
     async def set_generation_params(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         async with self._session(scope, send) as opened:
@@ -132,12 +141,16 @@ class ChatAPI:
             unknown = resets - SESSION_PARAMS
             if unknown:
                 raise InvalidRequest(f"generation_params.{min(unknown)} is not a known parameter")
-            params = opened.session.generation_params
-            params.update(values)
-            for key in resets:
-                params.pop(key, None)
-            await self.cs.sessions.store.save(opened.session)
-            await self._reply(send, opened, self._effective(opened))
+
+            def update(session: Session) -> dict[str, Any]:
+                params = session.generation_params
+                params.update(values)
+                for key in resets:
+                    params.pop(key, None)
+                return dict(params)
+
+            params = await update_session(self.cs.sessions.store, opened.session.id, update)
+            await self._reply(send, opened, self._effective(params))
 
     async def set_feedback(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         async with self._session(scope, send) as opened:
@@ -145,27 +158,30 @@ class ChatAPI:
             message_id, feedback = data.get("message_id"), data.get("feedback")
             if not isinstance(message_id, str) or not message_id:
                 raise InvalidRequest("message_id must be a non-empty string")
-            if feedback is not None and feedback not in FEEDBACK:
+            if feedback is not None and (not isinstance(feedback, str) or feedback not in FEEDBACK):
                 raise InvalidRequest(f"feedback must be one of {sorted(FEEDBACK)} or null")
-            message = next(
-                (m for m in opened.session.messages if m["id"] == message_id and m["role"] == "assistant"), None
-            )
-            if message is None:
+
+            def give(session: Session) -> bool:
+                for message in session.messages:
+                    if message["id"] == message_id and message["role"] == "assistant":
+                        message["feedback"] = feedback
+                        return True
+                return False
+
+            if not await update_session(self.cs.sessions.store, opened.session.id, give):
                 headers = self.cs.sessions.headers(opened)
                 detail = f"no reply with id {message_id!r} in this session"
                 await send_json(send, 404, {"error": "not_found", "detail": detail}, headers)
                 return
-            message["feedback"] = feedback
-            await self.cs.sessions.store.save(opened.session)
             await self._feedback_callback(scope, receive, body, message_id, feedback)
             await self._reply(send, opened, {"message_id": message_id, "feedback": feedback})
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _effective(self, opened: OpenSession) -> dict[str, Any]:
+    def _effective(self, params: Mapping[str, Any]) -> dict[str, Any]:
         defaults = asdict(self.cs.default_params)
         values = {k: defaults[k] for k in sorted(SESSION_PARAMS)}
-        values.update(opened.session.generation_params)
+        values.update(params)
         return values
 
     async def _reply(self, send: Send, opened: OpenSession, payload: Mapping[str, Any]) -> None:
@@ -199,13 +215,18 @@ class _SessionScope:
         self.opened: OpenSession | None = None
 
     async def __aenter__(self) -> OpenSession:
-        self.opened = await self.cs.sessions.open(self.scope)
+        try:
+            self.opened = await self.cs.sessions.open(self.scope)
+        except Exception:  # the session store failed (an unreachable Redis, say): 503, as on the chat path
+            logger.exception("loading the session failed")
+            detail = "the session store is unavailable"
+            raise Rejection(503, "session_store_unavailable", detail, {"error": "session_store_unavailable"}) from None
         return self.opened
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         if isinstance(exc, InvalidRequest):
             assert self.opened is not None
             headers = self.cs.sessions.headers(self.opened)
-            await send_json(self.send, 400, {"error": "invalid_request", "detail": exc.detail}, headers)
+            await self.cs.outcomes.reject(self.send, Rejection(400, "invalid_request", exc.detail), headers)
             return True
         return False

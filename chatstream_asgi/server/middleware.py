@@ -23,9 +23,18 @@ from chatstream_asgi.asgi.replay import (
     replay_request,
 )
 from chatstream_asgi.asgi.responses import send_json
-from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, bind_request_id
-from chatstream_asgi.server.routes import DEFAULT_ENDPOINTS, Endpoint, chat_endpoint, extra_endpoints
+from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, bind_request_id, logger
+from chatstream_asgi.protocols.openai import error_body
+from chatstream_asgi.server.routes import (
+    ADMIN_ENDPOINTS,
+    DEFAULT_ENDPOINTS,
+    Endpoint,
+    chat_endpoint,
+    extra_endpoints,
+    protect,
+)
 from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.service.outcomes import Rejection
 from chatstream_asgi.service.replies import SHARED_RECEIVE_KEY
 from chatstream_asgi.types import ASGIApp, ASGIMessage, Callback, Receive, Scope, Send
 
@@ -33,10 +42,14 @@ __all__ = ["ChatStreamMiddleware", "route_path"]
 
 
 def route_path(scope: Scope) -> str:
-    """The path relative to ``root_path`` (uvicorn includes ``root_path`` in ``path``, hypercorn not)."""
+    """The path relative to ``root_path`` (uvicorn includes ``root_path`` in ``path``, hypercorn not).
+
+    ``root_path`` is stripped only on a path-segment boundary, as Starlette does: under a mount at
+    ``/chat``, ``/chat/chat_stream`` is ``/chat_stream`` while ``/chat_stream`` stays itself.
+    """
     path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path):
+    root_path: str = scope.get("root_path", "").rstrip("/")
+    if root_path and (path == root_path or path.startswith(root_path + "/")):
         return path[len(root_path) :] or "/"
     return path
 
@@ -45,8 +58,11 @@ class ChatStreamMiddleware:
     """Serve ``chat_stream`` on ``paths`` in front of ``app``; replay bodies on ``replay_paths``.
 
     ``endpoints`` maps extra endpoint names to paths (``None`` drops one); ``callback`` overrides
-    the ChatStream's completion callback for requests served here. Without ``chat_stream`` the
-    middleware only buffers and replays bodies.
+    the ChatStream's completion callback for requests served here. The admin endpoints
+    (``get_resource_usage`` and ``get_prompt``, which shows the system prompt) are dropped with
+    ``admin_endpoints=False`` and answer 401 without ``Authorization: Bearer <admin_token>``
+    when ``admin_token`` is set. Without ``chat_stream`` the middleware only buffers and
+    replays bodies.
     """
 
     def __init__(
@@ -59,6 +75,8 @@ class ChatStreamMiddleware:
         replay_paths: Iterable[str] = (),
         max_body_size: int = 1 << 20,
         callback: Callback | None = None,
+        admin_endpoints: bool = True,
+        admin_token: str | None = None,
     ) -> None:
         self.app = app
         self.chat_stream = chat_stream
@@ -74,8 +92,12 @@ class ChatStreamMiddleware:
             for name, path in {**DEFAULT_ENDPOINTS, **(endpoints or {})}.items():
                 if name not in known:
                     raise ValueError(f"unknown endpoint {name!r}; known: {sorted(known)}")
-                if path is not None:
-                    self.routes[path] = known[name]
+                if path is None or (name in ADMIN_ENDPOINTS and not admin_endpoints):
+                    continue
+                route = known[name]
+                if name in ADMIN_ENDPOINTS and admin_token is not None:
+                    route = protect(route, admin_token)
+                self.routes[path] = route
             chat = chat_endpoint(chat_stream)
             for path in paths:
                 self.routes[path] = chat
@@ -102,18 +124,18 @@ class ChatStreamMiddleware:
         assert self.chat_stream is not None
         if scope["method"] not in route.methods:
             allow = ", ".join(sorted(route.methods)).encode()
-            await send_json(send, 405, {"error": "method_not_allowed"}, [(b"allow", allow)])
+            detail = f"{scope['method']} is not allowed here; use {allow.decode()}"
+            body = error_body(detail, "invalid_request_error", "method_not_allowed") if route.openai else None
+            await send_json(send, 405, body or {"error": "method_not_allowed", "detail": detail}, [(b"allow", allow)])
             return
         if not route.reads_body:
-            await route.handler(scope, receive, send, b"")
+            await self._call_api(route, scope, receive, send, b"")
             return
         cs = self.chat_stream
         try:
             body = await read_body(scope, receive, self.max_body_size)
         except BodyTooLarge:
-            if route.chat:
-                cs.metrics.rejected.labels(reason="body_too_large").inc()
-            await self._send_too_large(send)
+            await cs.reject_body_too_large(send, self.max_body_size, openai=route.openai)
             return
         except ClientDisconnected as exc:
             if route.chat:
@@ -127,9 +149,35 @@ class ChatStreamMiddleware:
                 request = replay_request(scope, body, shared)
                 await route.handler(scope, shared, send, body, request=request, callback=self.callback)
             else:
-                await route.handler(scope, shared, send, body)
+                await self._call_api(route, scope, shared, send, body)
         finally:
             shared.close()
+
+    async def _call_api(self, route: Endpoint, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """Call an extra endpoint; a failure before its answer started becomes a JSON answer
+        (a rejection's, else 500), never a bare 500 from the server."""
+        cs = self.chat_stream
+        assert cs is not None
+        started = False
+
+        async def tracked_send(message: ASGIMessage) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await route.handler(scope, receive, tracked_send, body)
+        except Rejection as rejection:
+            if started:
+                raise
+            await cs.outcomes.reject(send, rejection, cs.id_headers())
+        except Exception:
+            if started:
+                raise
+            logger.exception("%s failed", route_path(scope))
+            detail = "the server failed to answer this request"
+            payload = error_body(detail, "server_error", "internal_error") if route.openai else None
+            await send_json(send, 500, payload or {"error": "internal_error", "detail": detail}, cs.id_headers())
 
     async def _replay(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -137,8 +185,10 @@ class ChatStreamMiddleware:
             shared = SharedReceive(receive)
         except BodyTooLarge:
             if self.chat_stream is not None:
-                self.chat_stream.metrics.rejected.labels(reason="body_too_large").inc()
-            await self._send_too_large(send)
+                await self.chat_stream.reject_body_too_large(send, self.max_body_size)
+            else:
+                detail = f"the request body is larger than {self.max_body_size} bytes"
+                await send_json(send, 413, {"error": "body_too_large", "detail": detail}, [(b"connection", b"close")])
             return
         except ClientDisconnected as exc:
             body, shared = exc.body, SharedReceive(receive, disconnected=True)
@@ -154,10 +204,6 @@ class ChatStreamMiddleware:
             await self.app(scope, replay, replay_send)
         finally:
             shared.close()
-
-    async def _send_too_large(self, send: Send) -> None:
-        detail = f"the request body is larger than {self.max_body_size} bytes"
-        await send_json(send, 413, {"error": "body_too_large", "detail": detail}, [(b"connection", b"close")])
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         chat_stream = self.chat_stream

@@ -26,6 +26,7 @@ from chatstream_asgi.protocols.openai import (
 )
 from chatstream_asgi.service.chatstream import ChatStream
 from chatstream_asgi.service.outcomes import ChatResult, Rejection
+from chatstream_asgi.service.prompts import TemplateError
 from chatstream_asgi.service.replies import PreparedChat
 from chatstream_asgi.states import CompletionState
 from chatstream_asgi.types import Callback, Receive, Scope, Send
@@ -60,6 +61,7 @@ class OpenAIAPI:
         started_at = time.monotonic()
         try:
             stream, include_usage, messages, params = self._parse(body)
+            messages, prompt = await self._prepare(messages, params)
         except OpenAIError as exc:
             await cs.outcomes.reject(send, Rejection(400, "invalid_request", exc.message, exc.body()), headers)
             return None
@@ -70,7 +72,7 @@ class OpenAIAPI:
             if stream
             else OpenAICompletionFramer(completion_id, model, created)
         )
-        result = ChatResult(current_request_id() or "-", message_id, messages, prompt=cs.prompts.render(messages))
+        result = ChatResult(current_request_id() or "-", message_id, messages, prompt=prompt)
         chat = PreparedChat(
             result=result,
             params=params,
@@ -90,8 +92,12 @@ class OpenAIAPI:
             params = apply_params(cs.default_params, parsed.overrides, max_new_tokens=cs.max_new_tokens)
         except InvalidRequest:
             raise OpenAIError(f"max_tokens must be at most {cs.max_new_tokens}", param="max_tokens") from None
+        return parsed.stream, parsed.include_usage, parsed.messages, params
+
+    async def _prepare(self, messages: list[ChatMessage], params: GenerationParams) -> tuple[list[ChatMessage], str]:
         try:
-            messages = cs.prompts.for_messages(parsed.messages, params.max_new_tokens)
+            return await self.cs.prompts.prepare_messages(messages, params.max_new_tokens)
+        except TemplateError as exc:
+            raise OpenAIError(exc.detail, param="messages") from None
         except InvalidRequest as exc:
             raise OpenAIError(exc.detail, param="messages", code="context_length_exceeded") from None
-        return parsed.stream, parsed.include_usage, messages, params

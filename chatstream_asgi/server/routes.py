@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.server.chat_api import ChatAPI
 from chatstream_asgi.server.openai_serving import OpenAIAPI
 from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.types import Receive, Scope, Send
 
-__all__ = ["DEFAULT_ENDPOINTS", "Endpoint", "chat_endpoint", "extra_endpoints"]
+__all__ = ["ADMIN_ENDPOINTS", "DEFAULT_ENDPOINTS", "Endpoint", "chat_endpoint", "extra_endpoints", "protect"]
 
 DEFAULT_ENDPOINTS: Mapping[str, str] = {
     "clear_context": "/clear_context",
@@ -27,6 +30,10 @@ DEFAULT_ENDPOINTS: Mapping[str, str] = {
 """The extra endpoints served beside the chat paths: name → path. Their methods and JSON are
 documented in :mod:`chatstream_asgi.server.chat_api` and :mod:`chatstream_asgi.protocols.openai`."""
 
+ADMIN_ENDPOINTS = frozenset({"get_resource_usage", "get_prompt"})
+"""Endpoints that show the server's internals (process memory; the system prompt): they can be
+turned off or put behind a token (see :class:`~chatstream_asgi.ChatStreamMiddleware`)."""
+
 GET = frozenset({"GET", "HEAD"})
 POST = frozenset({"POST"})
 
@@ -42,6 +49,8 @@ class Endpoint:
     methods: frozenset[str]
     handler: Callable[..., Awaitable[Any]]
     chat: bool = False
+    openai: bool = False
+    """Errors in OpenAI's shape."""
 
     @property
     def reads_body(self) -> bool:
@@ -67,6 +76,21 @@ def extra_endpoints(chat_stream: ChatStream) -> dict[str, Endpoint]:
         "set_feedback": Endpoint(POST, api.set_feedback),
         "get_resource_usage": Endpoint(GET, api.get_resource_usage),
         "metrics": Endpoint(GET, api.metrics),
-        "chat_completions": Endpoint(POST, openai.chat_completions, chat=True),
-        "models": Endpoint(GET, openai.models),
+        "chat_completions": Endpoint(POST, openai.chat_completions, chat=True, openai=True),
+        "models": Endpoint(GET, openai.models, openai=True),
     }
+
+
+def protect(endpoint: Endpoint, token: str) -> Endpoint:
+    """``endpoint`` behind ``Authorization: Bearer <token>``: 401 JSON without it."""
+    expected = f"Bearer {token}".encode()
+
+    async def guarded(scope: Scope, receive: Receive, send: Send, body: bytes, **kwargs: Any) -> Any:
+        given = next((value for name, value in scope.get("headers", ()) if name == b"authorization"), b"")
+        if not hmac.compare_digest(given, expected):
+            detail = "this endpoint needs Authorization: Bearer <admin token>"
+            headers = [(b"www-authenticate", b"Bearer")]
+            return await send_json(send, 401, {"error": "unauthorized", "detail": detail}, headers)
+        return await endpoint.handler(scope, receive, send, body, **kwargs)
+
+    return replace(endpoint, handler=guarded)

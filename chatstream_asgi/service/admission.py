@@ -12,6 +12,8 @@ import collections
 import time
 from collections.abc import Awaitable, Callable
 
+import anyio
+
 __all__ = ["Admission", "QueueFull", "Ticket"]
 
 PositionCallback = Callable[[int, "float | None"], Awaitable[None]]
@@ -45,8 +47,9 @@ class Ticket:
             return 0
         return self._admission._queue.index(self) + 1
 
-    async def wait(self, on_position: PositionCallback | None = None) -> None:
-        """Wait for a slot. ``on_position`` hears the position and estimate as they change."""
+    async def wait(self, on_position: PositionCallback | None = None, *, heartbeat: float | None = None) -> None:
+        """Wait for a slot. ``on_position`` hears the position and estimate as they change, and
+        again every ``heartbeat`` seconds without a change (a keep-alive for the stream)."""
         admission = self._admission
         last: int | None = None
         while not self._granted:
@@ -56,7 +59,13 @@ class Ticket:
                 last = position
                 await on_position(position, admission.estimated_wait(position))
                 continue  # the queue may have moved while we were reporting
-            await changed.wait()
+            if on_position is None or heartbeat is None:
+                await changed.wait()
+                continue
+            with anyio.move_on_after(heartbeat) as quiet:
+                await changed.wait()
+            if quiet.cancelled_caught:
+                last = None  # report the same position again
 
     def leave(self) -> None:
         """Give back the slot or the queue place. Idempotent."""

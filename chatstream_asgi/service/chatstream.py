@@ -19,6 +19,7 @@ from chatstream_asgi.engines.base import Engine, GenerationParams
 from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, current_request_id
 from chatstream_asgi.protocols.framing import FORMATS
+from chatstream_asgi.protocols.openai import error_body
 from chatstream_asgi.service.admission import Admission
 from chatstream_asgi.service.metrics import Metrics
 from chatstream_asgi.service.outcomes import Outcomes, Rejection
@@ -62,6 +63,11 @@ class ChatStream:
     ``request_timeout`` (seconds, off by default) is a deadline on each reply, queue wait
     included: a reply still running then (a stalled engine) ends ``unknown_error_occurred`` with
     a ``deadline_exceeded`` error frame, or a 504 JSON error if nothing was sent yet.
+
+    Limits: ``max_body_size`` bytes of request body in endpoint mode (the middleware has its
+    own), ``max_history_messages`` kept per session (the oldest turns go first), and while a
+    request waits in the queue its queue event (an SSE comment for the OpenAI API) is repeated
+    every ``keepalive_interval`` seconds, so proxies do not close an idle stream.
     """
 
     def __init__(
@@ -87,6 +93,9 @@ class ChatStream:
         send_timeout: float = 30.0,
         request_timeout: float | None = None,
         shutdown_timeout: float = 10.0,
+        keepalive_interval: float = 15.0,
+        max_body_size: int = 1 << 20,
+        max_history_messages: int = 200,
         request_id_header: str = DEFAULT_REQUEST_ID_HEADER,
         use_mock_response: bool = False,
         mock_params: Mapping[str, Any] | None = None,
@@ -111,6 +120,7 @@ class ChatStream:
         self.feedback_callback = feedback_callback
         self.shutdown_timeout = shutdown_timeout
         self.send_timeout = send_timeout
+        self.max_body_size = max_body_size
         self.request_id_header = request_id_header
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
         self.metrics = Metrics(metrics_registry)
@@ -119,10 +129,18 @@ class ChatStream:
             session_store, session_secret, cookie_name=session_cookie, cookie_secure=session_cookie_secure
         )
         self.prompts = PromptBuilder(engine, system_prompt)
-        self.outcomes = Outcomes(self.metrics, self.sessions, callback)
+        self.outcomes = Outcomes(self.metrics, self.sessions, callback, max_history_messages=max_history_messages)
         if request_timeout is not None and request_timeout <= 0:
             raise ValueError("request_timeout must be positive (or None for no deadline)")
-        self.replies = Replies(engine, self.admission, self.metrics, self.outcomes, send_timeout, request_timeout)
+        self.replies = Replies(
+            engine,
+            self.admission,
+            self.metrics,
+            self.outcomes,
+            send_timeout,
+            request_timeout=request_timeout,
+            keepalive_interval=keepalive_interval,
+        )
         self.preparer = ChatPreparer(
             self.sessions,
             self.prompts,
@@ -218,6 +236,13 @@ class ChatStream:
         """Admit a prepared chat (from any protocol) and stream its reply; None when the queue was full."""
         await self.start()
         return await self.replies.stream(scope, receive, send, chat)
+
+    async def reject_body_too_large(self, send: Send, limit: int, *, openai: bool = False) -> None:
+        """Answer 413 for a body over ``limit`` bytes (in OpenAI's error shape for ``openai``) and count it."""
+        detail = f"the request body is larger than {limit} bytes"
+        body = error_body(detail, "invalid_request_error", "body_too_large") if openai else None
+        headers = [*self.id_headers(), (b"connection", b"close")]
+        await self.outcomes.reject(send, Rejection(413, "body_too_large", detail, body), headers)
 
     async def report_early_disconnect(self, request: Request, callback: Callback | None = None) -> CompletionState:
         """Record a client that left while still sending its request body."""

@@ -9,18 +9,19 @@ callback is logged and goes no further.
 from __future__ import annotations
 
 import inspect
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.engines.base import ChatMessage
-from chatstream_asgi.logs import logger
+from chatstream_asgi.logs import current_request_id, logger
 from chatstream_asgi.protocols.chat import ChatRequest
 from chatstream_asgi.service.metrics import Metrics
 from chatstream_asgi.service.prompts import Turn, commit_turn, new_message
 from chatstream_asgi.sessions.manager import SessionManager
-from chatstream_asgi.sessions.store import Session
+from chatstream_asgi.sessions.store import Session, update_session
 from chatstream_asgi.states import CompletionState
 from chatstream_asgi.types import Callback, Headers, Scope, Send
 
@@ -95,10 +96,13 @@ class Rejection(Exception):
 class Outcomes:
     """Counts, logs and reports every way a request ends."""
 
-    def __init__(self, metrics: Metrics, sessions: SessionManager, callback: Callback | None) -> None:
+    def __init__(
+        self, metrics: Metrics, sessions: SessionManager, callback: Callback | None, *, max_history_messages: int = 200
+    ) -> None:
         self.metrics = metrics
         self.sessions = sessions
         self.callback = callback
+        self.max_history_messages = max_history_messages
 
     async def reject(self, send: Send, rejection: Rejection, headers: Headers) -> None:
         """Send ``rejection`` and count it."""
@@ -123,8 +127,11 @@ class Outcomes:
         await self._call_callback(request, callback, state)
 
     async def left_early(self, request: Request, callback: Callback | None) -> CompletionState:
-        """Record a client that left while still sending its request body."""
+        """Record a client that left while still sending its request body (its callback gets a
+        :class:`ChatResult` too, with no conversation)."""
         state = CompletionState.CLIENT_DISCONNECTED_BEFORE_STREAMING
+        result = ChatResult(current_request_id() or "-", uuid.uuid4().hex, [], state=state)
+        request.scope.setdefault("state", {})[RESULT_KEY] = result
         logger.info("completed: %s (0 tokens): the client left while sending the body", state.value)
         self.metrics.completions.labels(state=state.value).inc()
         await self._call_callback(request, callback, state)
@@ -132,12 +139,15 @@ class Outcomes:
 
     async def _save_turn(self, result: ChatResult) -> None:
         assert result.session_id is not None and result.turn is not None
-        store = self.sessions.store
+        turn, limit = result.turn, self.max_history_messages
+        reply = new_message("assistant", result.reply, result.message_id, tokens=result.completion_tokens)
+
+        def commit(session: Session) -> Session:
+            session.messages = commit_turn(session.messages, turn, reply, limit)
+            return session
+
         try:
-            session = await store.load(result.session_id) or Session(result.session_id)
-            reply = new_message("assistant", result.reply, result.message_id)
-            session.messages = commit_turn(session.messages, result.turn, reply)
-            await store.save(session)
+            session = await update_session(self.sessions.store, result.session_id, commit)
         except Exception:
             logger.exception("saving the conversation failed")
             return

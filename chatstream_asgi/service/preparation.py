@@ -73,18 +73,18 @@ class ChatPreparer:
             params = apply_params(self.default_params, overrides, max_new_tokens=self.max_new_tokens)
             if opened is None:
                 assert chat_request.messages is not None
-                messages = self.prompts.for_messages(chat_request.messages, params.max_new_tokens)
+                messages, prompt = await self.prompts.prepare_messages(chat_request.messages, params.max_new_tokens)
             else:
                 history = opened.session.messages
                 turn = start_turn(history, chat_request.user_input, regenerate=chat_request.regenerate)
-                messages = self.prompts.for_turn(turn, params.max_new_tokens)
+                messages, prompt = await self.prompts.prepare_turn(turn, params.max_new_tokens)
         except InvalidRequest as exc:
             raise Rejection(400, "invalid_request", exc.detail) from None
         result = ChatResult(
             request_id=current_request_id() or "-",
             message_id=uuid.uuid4().hex,
             messages=messages,
-            prompt=self.prompts.render(messages),
+            prompt=prompt,
             session_id=opened.session.id if opened else None,
             session=opened.session if opened else None,
             turn=turn,

@@ -11,17 +11,40 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
 
 from chatstream_asgi.engines.base import ChatMessage, Engine, PromptTooLong
 from chatstream_asgi.protocols.chat import InvalidRequest
 from chatstream_asgi.sessions.store import StoredMessage
 
-__all__ = ["PromptBuilder", "Turn", "commit_turn", "fit_to_budget", "new_message", "plain", "start_turn"]
+__all__ = [
+    "PromptBuilder",
+    "TemplateError",
+    "Turn",
+    "commit_turn",
+    "fit_to_budget",
+    "new_message",
+    "plain",
+    "public",
+    "start_turn",
+]
+
+T = TypeVar("T")
 
 
-def new_message(role: str, content: str, message_id: str | None = None) -> StoredMessage:
-    """A history message with a fresh id (or ``message_id``)."""
-    return {"id": message_id or uuid.uuid4().hex, "role": role, "content": content}
+def new_message(role: str, content: str, message_id: str | None = None, tokens: int | None = None) -> StoredMessage:
+    """A history message with a fresh id (or ``message_id``) and, when known, its token count."""
+    message: StoredMessage = {"id": message_id or uuid.uuid4().hex, "role": role, "content": content}
+    if tokens is not None:
+        message["tokens"] = tokens
+    return message
+
+
+def public(messages: Iterable[StoredMessage]) -> list[StoredMessage]:
+    """The messages as the API shows them: without the stored token counts."""
+    return [{k: v for k, v in m.items() if k != "tokens"} for m in messages]
 
 
 def plain(messages: Iterable[StoredMessage]) -> list[ChatMessage]:
@@ -48,12 +71,22 @@ def start_turn(history: Sequence[StoredMessage], user_input: str | None, *, rege
     return Turn(list(history), new_message("user", user_input or ""))
 
 
-def commit_turn(history: Sequence[StoredMessage], turn: Turn, reply: StoredMessage) -> list[StoredMessage]:
-    """``history`` (as stored now) with the turn's reply; a regenerated reply replaces the old one."""
+def commit_turn(
+    history: Sequence[StoredMessage], turn: Turn, reply: StoredMessage, max_messages: int | None = None
+) -> list[StoredMessage]:
+    """``history`` (as stored now) with the turn's reply; a regenerated reply replaces the old one.
+    Beyond ``max_messages`` the oldest turns are dropped (whole turns: it starts with a user message)."""
     for i, message in enumerate(history):
         if message["id"] == turn.user["id"]:
-            return [*history[: i + 1], reply]
-    return [*history, turn.user, reply]
+            committed = [*history[: i + 1], reply]
+            break
+    else:
+        committed = [*history, turn.user, reply]
+    if max_messages is not None and len(committed) > max_messages:
+        first = len(committed) - max_messages
+        starts = [i for i in range(first, len(committed)) if committed[i]["role"] == "user"]
+        committed = committed[starts[0] if starts else len(committed) - 2 :]
+    return committed
 
 
 def fit_to_budget(
@@ -67,15 +100,20 @@ def fit_to_budget(
     tokens. Raises :class:`InvalidRequest` when even ``system + tail`` does not fit.
 
     Dropping turns only shortens the prompt, so the first start that fits is found by bisection:
-    a long history costs O(log turns) token counts, not one per turn.
+    a long history costs O(log turns) token counts, not one per turn. When every history message
+    carries its stored ``"tokens"``, the start is first estimated from them and then checked
+    exactly, usually with one or two counts.
     """
 
     def build(start: int) -> list[ChatMessage]:
         return [*system, *plain(history[start:]), *tail]
 
     def fits(start: int) -> tuple[bool, int]:
+        messages = build(start)
+        if not messages:  # nothing to render (some templates refuse an empty conversation)
+            return True, 0
         try:
-            used = count_tokens(build(start))
+            used = count_tokens(messages)
         except PromptTooLong as exc:
             raise InvalidRequest(str(exc)) from None
         return used <= budget, used
@@ -86,6 +124,14 @@ def fit_to_budget(
     if not ok:
         raise InvalidRequest(f"the prompt has {used} tokens; at most {budget} fit")
     lo, hi = 0, len(starts) - 1  # starts[hi] fits; find the smallest index that does
+    guess = _estimate(history, starts, budget - used)
+    if guess is not None and guess < hi:
+        if not fits(starts[guess])[0]:
+            lo = guess + 1
+        elif guess == 0 or not fits(starts[guess - 1])[0]:
+            return build(starts[guess])
+        else:
+            hi = guess - 1
     while lo < hi:
         mid = (lo + hi) // 2
         if fits(starts[mid])[0]:
@@ -95,13 +141,40 @@ def fit_to_budget(
     return build(starts[hi])
 
 
+def _estimate(history: Sequence[StoredMessage], starts: list[int], room: int) -> int | None:
+    """The index in ``starts`` of the earliest start whose stored token counts fit ``room``
+    (tokens left beside system and tail); None when some message has no stored count."""
+    counts = [m.get("tokens") for m in history]
+    if not all(isinstance(c, int) for c in counts):
+        return None
+    total = 0
+    suffix = [0] * (len(history) + 1)
+    for i in range(len(history) - 1, -1, -1):
+        total += counts[i]  # type: ignore[operator]
+        suffix[i] = total
+    return next(index for index, start in enumerate(starts) if suffix[start] <= room)
+
+
+class TemplateError(InvalidRequest):
+    """The model's chat template (or tokenizer) cannot render the conversation."""
+
+
 class PromptBuilder:
     """Fits conversations into the engine's context: system prompt first, then as many of the most
-    recent turns as leave room for ``max_new_tokens``."""
+    recent turns as leave room for ``max_new_tokens``.
+
+    The ``prepare_*`` coroutines run the token counting and the chat template off the event loop
+    (one worker thread at a time) once a conversation is longer than ``HEAVY_CHARS``: a long
+    conversation must not stall every other stream of the process. A template or tokenizer that
+    fails raises :class:`TemplateError` (a 400), never a bare 500.
+    """
+
+    HEAVY_CHARS = 4096
 
     def __init__(self, engine: Engine, system_prompt: str | None) -> None:
         self.engine = engine
         self.system_prompt = system_prompt
+        self._limiter: anyio.CapacityLimiter | None = None
 
     def system_messages(self) -> list[ChatMessage]:
         """The configured system prompt as a message list (empty without one)."""
@@ -110,21 +183,78 @@ class PromptBuilder:
     def _budget(self, max_new_tokens: int) -> int:
         return self.engine.context_len - max_new_tokens
 
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """The engine's token count; :class:`TemplateError` when the template or tokenizer fails."""
+        try:
+            return self.engine.count_tokens(messages)
+        except PromptTooLong:
+            raise
+        except Exception as exc:
+            raise _template_error(exc) from exc
+
     def for_messages(self, messages: list[ChatMessage], max_new_tokens: int) -> list[ChatMessage]:
         """A stateless request's messages; a system message of its own replaces the configured one."""
         system = [] if messages[0]["role"] == "system" else self.system_messages()
-        return fit_to_budget(self.engine.count_tokens, system, [], messages, self._budget(max_new_tokens))
+        return fit_to_budget(self.count_tokens, system, [], messages, self._budget(max_new_tokens))
 
     def for_turn(self, turn: Turn, max_new_tokens: int) -> list[ChatMessage]:
         """A session turn: the history before it (oldest turns dropped first) and its user message."""
         budget = self._budget(max_new_tokens)
-        return fit_to_budget(self.engine.count_tokens, self.system_messages(), turn.history, plain([turn.user]), budget)
+        return fit_to_budget(self.count_tokens, self.system_messages(), turn.history, plain([turn.user]), budget)
 
     def history_prompt(self, history: list[StoredMessage], max_new_tokens: int) -> str:
-        """The prompt text a session's history renders to, as the next reply would continue it."""
+        """The prompt text a session's history renders to, as the next reply would continue it
+        (``""`` for an empty conversation that the template refuses, as SmolLM2's does)."""
+        system = self.system_messages()
+        if not system and not history:
+            try:
+                return self.engine.render_prompt([])
+            except Exception:
+                return ""
         budget = self._budget(max_new_tokens)
-        return self.render(fit_to_budget(self.engine.count_tokens, self.system_messages(), history, [], budget))
+        return self.render(fit_to_budget(self.count_tokens, system, history, [], budget))
 
     def render(self, messages: list[ChatMessage]) -> str:
         """``messages`` through the model's chat template."""
-        return self.engine.render_prompt(messages)
+        try:
+            return self.engine.render_prompt(messages)
+        except Exception as exc:
+            raise _template_error(exc) from exc
+
+    # -- off the event loop ---------------------------------------------------------------
+
+    async def prepare_messages(self, messages: list[ChatMessage], max_new_tokens: int) -> tuple[list[ChatMessage], str]:
+        """:meth:`for_messages` and the prompt it renders to."""
+
+        def prepare() -> tuple[list[ChatMessage], str]:
+            fitted = self.for_messages(messages, max_new_tokens)
+            return fitted, self.render(fitted)
+
+        return await self.off_loop(prepare, heavy=_chars(messages) > self.HEAVY_CHARS)
+
+    async def prepare_turn(self, turn: Turn, max_new_tokens: int) -> tuple[list[ChatMessage], str]:
+        """:meth:`for_turn` and the prompt it renders to; the user message gets its token count."""
+
+        def prepare() -> tuple[list[ChatMessage], str]:
+            if "tokens" not in turn.user:
+                turn.user["tokens"] = self.count_tokens(plain([turn.user]))
+            fitted = self.for_turn(turn, max_new_tokens)
+            return fitted, self.render(fitted)
+
+        return await self.off_loop(prepare, heavy=_chars([*turn.history, turn.user]) > self.HEAVY_CHARS)
+
+    async def off_loop(self, fn: Callable[[], T], *, heavy: bool = True) -> T:
+        """``fn()``, in the prompt worker thread when ``heavy``, else right here."""
+        if not heavy:
+            return fn()
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)  # one tokenizer user at a time
+        return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+
+
+def _chars(messages: Iterable[ChatMessage | StoredMessage]) -> int:
+    return sum(len(m["content"]) for m in messages)
+
+
+def _template_error(exc: Exception) -> TemplateError:
+    return TemplateError(f"the model's chat template cannot render this conversation ({type(exc).__name__}: {exc})")

@@ -61,6 +61,7 @@ class Replies:
     outcomes: Outcomes
     send_timeout: float
     request_timeout: float | None = None
+    keepalive_interval: float = 15.0
     _open: set[Reply] = field(default_factory=set, init=False)
     _closed_tokens: int = field(default=0, init=False)
 
@@ -83,11 +84,13 @@ class Replies:
                 (b"content-type", chat.framer.media_type.encode()),
                 (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no"),
+                (b"x-content-type-options", b"nosniff"),
                 (b"x-chatstream-last-generated-message-id", result.message_id.encode()),
                 *chat.headers,
             ],
             send_timeout=self.send_timeout,
             request_timeout=self.request_timeout,
+            keepalive_interval=self.keepalive_interval,
             on_first_text=self._first_text_observer(chat.started_at),
         )
         logger.info("accepted (position %d in queue)", ticket.position)
@@ -119,8 +122,9 @@ class Replies:
         return lambda: histogram.observe(time.monotonic() - started_at)
 
     async def _send_queue_full(self, send: Send, chat: PreparedChat) -> None:
-        wait = self.admission.estimated_wait(self.admission.waiting + 1)
-        retry_after = [(b"retry-after", str(max(1, round(wait))).encode())] if wait is not None else []
+        # Every 429 says when to come back: the estimate, or a second when there is none yet.
+        wait = self.admission.estimated_wait(self.admission.waiting + 1) or 1.0
+        retry_after = [(b"retry-after", str(max(1, round(wait))).encode())]
         status, body = chat.queue_full
         rejection = Rejection(status, "queue_full", "every generation slot is busy and the queue is full", body)
         await self.outcomes.reject(send, rejection, [*chat.headers, *retry_after])

@@ -76,9 +76,9 @@ class SessionManager:
     def verify(self, token: str) -> str | None:
         """The session id a token names, or None when it is malformed or its signature is wrong."""
         session_id, _, _ = token.partition(".")
-        if not session_id or len(token) > 128:
-            return None
-        return session_id if hmac.compare_digest(self.sign(session_id), token) else None
+        if not session_id or len(token) > 128 or not token.isascii():
+            return None  # our tokens are ASCII: anything else is forged (and compare_digest needs bytes)
+        return session_id if hmac.compare_digest(self.sign(session_id).encode(), token.encode()) else None
 
     def client_token(self, scope: MutableMapping[str, Any]) -> tuple[str | None, bool]:
         """The token a request presents (``X-Session-Id`` first, then the cookie) and whether

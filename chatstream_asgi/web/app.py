@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,7 +29,8 @@ async def _index(request: Request) -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
 
 
-def create_app(chat_stream: ChatStream) -> ChatStreamMiddleware:
-    """A Starlette app serving the chat page, wrapped in :class:`ChatStreamMiddleware` serving ``chat_stream``."""
+def create_app(chat_stream: ChatStream, **options: Any) -> ChatStreamMiddleware:
+    """A Starlette app serving the chat page, wrapped in :class:`ChatStreamMiddleware` serving
+    ``chat_stream``; ``options`` go to the middleware (``admin_token=``, ``admin_endpoints=``, ...)."""
     page = Starlette(routes=[Route("/", _index), Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")])
-    return ChatStreamMiddleware(page, chat_stream)
+    return ChatStreamMiddleware(page, chat_stream, **options)

@@ -372,8 +372,7 @@ class TransformersEngine:
                 logger.exception("detokenizing %s failed", seq.stream.request_id)
                 self._fail(seq, exc, outbox)
                 continue
-            if out:
-                outbox.add(seq.stream, seq.stream.push, out, completion_tokens=seq.generated)
+            outbox.add(seq.stream, seq.stream.push, out, completion_tokens=seq.generated)
             if seq.finish is not None:
                 self._finish(seq, seq.finish, outbox)
 
