@@ -12,6 +12,7 @@ body (an HMAC signature, say) goes *inside* it, on a replay path.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -120,8 +121,13 @@ class ChatStreamMiddleware:
             await route.handler(scope, receive, send, b"")
             return
         cs = self.chat_stream
+        guard: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if route.chat:  # a callback told of a client that left sees a request whose body reads as a disconnect
+            gone = Request(scope, SharedReceive(receive, disconnected=True))
+            guard = cs.reports_cancellation(scope, gone, self.callback)
         try:
-            body = await read_body(scope, receive, self.max_body_size)
+            async with guard:
+                body = await read_body(scope, receive, self.max_body_size)
         except BodyTooLarge:
             if route.chat:
                 cs.metrics.rejected.labels(reason="body_too_large").inc()

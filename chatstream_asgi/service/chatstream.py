@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -251,7 +252,8 @@ class ChatStream:
         opened = None
         if chat_request.messages is None:
             try:
-                opened = await self.sessions.open(scope)
+                async with self.reports_cancellation(scope, request, callback):
+                    opened = await self.sessions.open(scope)
             except Exception:  # the session store failed (an unreachable Redis, say)
                 log.exception("loading the session failed")
                 await send_json(send, 503, {"error": "session_store_unavailable"}, headers)
@@ -300,7 +302,8 @@ class ChatStream:
         completion state, history saving, metrics and the callback. ``queue_full`` is the status
         and JSON body of the queue-full rejection.
         """
-        await self.start()
+        async with self.reports_cancellation(scope, request, callback):
+            await self.start()
         try:
             ticket = self.admission.enter()
         except QueueFull:
@@ -351,13 +354,27 @@ class ChatStream:
         request: Request | None = None,
         callback: Callback | None = None,
     ) -> CompletionState:
-        """Record a client that left while still sending its request body."""
+        """Record a client that left before its request was admitted (while sending the body, say)."""
         state = CompletionState.CLIENT_DISCONNECTED_BEFORE_STREAMING
         log = self.request_log(scope)
-        log.info("client disconnected while sending the body")
+        log.info("client disconnected before admission")
         self.metrics.completions.labels(state=state.value).inc()
         await self._call_callback(scope, request, callback, state, log)
         return state
+
+    @contextlib.asynccontextmanager
+    async def reports_cancellation(
+        self, scope: MutableMapping[str, Any], request: Request | None, callback: Callback | None
+    ) -> AsyncIterator[None]:
+        """Around every wait before admission: a cancellation there (the server dropped the request
+        task because its client left, as Ray Serve's proxy does) ends the request as
+        ``client_disconnected_before_streaming``, reported once and shielded, then re-raised."""
+        try:
+            yield
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self.report_early_disconnect(scope, request=request, callback=callback)
+            raise
 
     def get_load(self) -> dict[str, Any]:
         """Slots in use and queue length, with the wait a new request would see."""
@@ -528,7 +545,8 @@ class ChatStreamResponse(Response):
         body = self.request_body
         if body is None:
             try:
-                body = await self.request.body()
+                async with cs.reports_cancellation(scope, self.request, self.callback):
+                    body = await self.request.body()
             except ClientDisconnect:
                 await cs.report_early_disconnect(scope, request=self.request, callback=self.callback)
                 return
