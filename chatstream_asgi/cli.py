@@ -16,6 +16,7 @@ from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import OpenAIEngine
 from chatstream_asgi.protocols.framing import FORMATS
 from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.sessions.manager import SessionStore
 
 __all__ = ["build_parser", "main"]
 
@@ -27,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a chat model over HTTP")
     serve.add_argument("--engine", choices=["transformers", "mock", "openai"], default="transformers")
     serve.add_argument("--model", default="smollm2", help="'smollm2' (default), a local directory or a hub id")
-    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    serve.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        help="cpu, cuda, cuda:1, mps (default: best available); repeat for one engine per device behind a pool",
+    )
+    serve.add_argument("--devices", choices=["all"], default=None, help="'all': one engine per visible CUDA device")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
     serve.add_argument(
         "--remote-url",
@@ -47,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--session-secret",
         default=os.environ.get("CHATSTREAM_SESSION_SECRET"),
         help="signs session tokens (default: $CHATSTREAM_SESSION_SECRET, else random per process)",
+    )
+    serve.add_argument(
+        "--session-store",
+        default="memory",
+        metavar="URL",
+        help="'memory' (default) or redis://host:port/db, shared by replicas (needs --session-secret)",
     )
     serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round")
     serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC")
@@ -73,9 +86,41 @@ def _engine(args: argparse.Namespace) -> Engine:
         return engines[0] if len(engines) == 1 else EnginePool(engines)
     from chatstream_asgi.engines.transformers.engine import TransformersEngine
 
-    return TransformersEngine.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, max_batch_size=args.concurrency
-    )
+    devices = _devices(args)
+    batch = -(-args.concurrency // len(devices))  # --concurrency is the total, spread over the devices
+    engines = [
+        TransformersEngine.from_pretrained(args.model, device=device, dtype=args.dtype, max_batch_size=batch)
+        for device in devices
+    ]
+    return engines[0] if len(engines) == 1 else EnginePool(engines)
+
+
+def _devices(args: argparse.Namespace) -> list[str | None]:
+    """``--devices all``: every CUDA device; else each ``--device`` (one engine each), or the best available."""
+    if args.devices == "all":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--devices all: no CUDA device is visible")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return list(args.device) or [None]
+
+
+def _session_store(args: argparse.Namespace) -> SessionStore | None:
+    """The in-memory store (None), or a Redis store shared by replicas, which needs a fixed secret."""
+    url = args.session_store
+    if url == "memory":
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise SystemExit(f"--session-store: 'memory' or a redis:// URL, not {url!r}")
+    if not args.session_secret:
+        raise SystemExit(
+            "--session-store is shared: set --session-secret (or CHATSTREAM_SESSION_SECRET), the same on every"
+            " replica; a random per-process secret would make the other replicas reject the session cookie"
+        )
+    from chatstream_asgi.sessions.redis_store import RedisSessionStore
+
+    return RedisSessionStore.from_url(url)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -89,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("the server needs hypercorn: pip install 'chatstream-asgi[server]'") from None
     from chatstream_asgi.web.app import create_app
 
+    session_store = _session_store(args)
     chat_stream = ChatStream(
         _engine(args),
         num_of_concurrent_executions=args.concurrency,
@@ -97,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream_format=args.stream_format,
         system_prompt=args.system_prompt,
         session_secret=args.session_secret,
+        session_store=session_store,
         shutdown_timeout=args.shutdown_timeout,
     )
     config = Config()

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,10 @@ def test_free_slot_routing_and_one_conversation_across_two_replicas(proxy: str) 
         assert turn2.headers["x-session-id"] == token
         assert "set-cookie" not in turn2.headers  # the other replica accepted the cookie: the same secret
         second.close()
-        prompt = client.get("/chat/get_prompt").json()
-    contents = [m["content"] for m in prompt["messages"]]
+        deadline = time.monotonic() + TIMEOUT  # a turn is saved just after its last byte: bounded wait
+        while len(contents := [m["content"] for m in client.get("/chat/get_prompt").json()["messages"]]) < 4:
+            assert time.monotonic() < deadline, contents
+            time.sleep(0.02)
     assert contents[0::2] == ["first turn", "second turn"]
     assert contents[1] == turn1.text and contents[3] == turn2.text
 
