@@ -130,7 +130,9 @@ class OpenAIEngine:
     :meth:`shutdown`); without it the engine opens and closes its own. ``top_k``,
     ``repetition_penalty`` (and ``ignore_eos`` when set) go as extra body fields, which vLLM,
     llama.cpp and chatstream-asgi accept; ``sampling_extensions=False`` leaves them out (for
-    servers that reject unknown fields, such as OpenAI's own).
+    servers that reject unknown fields, such as OpenAI's own). ``extra_body`` is merged into every
+    request body (server-specific fields: llama.cpp's ``logit_bias`` or ``min_p``, vLLM's
+    ``chat_template_kwargs``, ...).
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class OpenAIEngine:
         context_len: int | None = None,
         tokenizer: Any = None,
         sampling_extensions: bool = True,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> None:
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith("/v1") else root + "/v1"
@@ -152,11 +155,13 @@ class OpenAIEngine:
         self.timeout = timeout
         self.tokenizer = tokenizer
         self.sampling_extensions = sampling_extensions
+        self.extra_body = dict(extra_body or {})
         self.context_len = context_len or DEFAULT_CONTEXT_LEN
         self._context_len_given = context_len is not None
         self._client = client
         self._owns_client = client is None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._forward_request_id = True
         self._load_probe: tuple[str, Callable[[httpx.Response], RemoteLoad | None]] | bool | None = None
 
     @property
@@ -300,7 +305,7 @@ class OpenAIEngine:
             body["repetition_penalty"] = params.repetition_penalty
             if request.ignore_eos:
                 body["ignore_eos"] = True
-        return body
+        return {**body, **self.extra_body}
 
     async def _run(self, stream: _RemoteStream, request: GenerationRequest) -> None:
         try:
@@ -323,9 +328,10 @@ class OpenAIEngine:
             await self._discover(client)
         url = self.base_url + "/chat/completions"
         responded = False
+        request_id = request.request_id if self._forward_request_id else None
         try:
             async with client.stream(
-                "POST", url, json=self._body(request), headers=self._headers(request.request_id)
+                "POST", url, json=self._body(request), headers=self._headers(request_id)
             ) as response:
                 responded = True
                 if response.status_code != 200:
@@ -334,6 +340,11 @@ class OpenAIEngine:
                         body += chunk
                         if len(body) >= _MAX_ERROR_BODY:
                             break
+                    if response.status_code == 400 and not body and request_id:
+                        # llama-cpp-python's server answers an empty 400 to an X-Request-Id that is not a UUID.
+                        logger.warning("%s refused X-Request-Id %r: not forwarding request ids", url, request_id)
+                        self._forward_request_id = False
+                        return await self._stream(stream, request)
                     raise _status_error(url, response.status_code, bytes(body))
                 finish, usage, deltas = await _read_events(stream, response, url)
         except httpx.TransportError as exc:
