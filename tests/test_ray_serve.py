@@ -169,6 +169,40 @@ def test_free_slot_routing_and_one_conversation_across_two_replicas(proxy: str) 
     assert contents[1] == turn1.text and contents[3] == turn2.text
 
 
+def test_simultaneous_requests_take_both_replicas(proxy: str) -> None:
+    """Two requests at once against two replicas of one slot each (no queue): both are admitted, one on each.
+    Ray's default router probed both replicas concurrently, saw equal queues and sent both to one."""
+    body = {"messages": [{"role": "user", "content": "at once"}], "format": "ndjson", "generation_params": LONG}
+    for _ in range(3):
+        with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client, contextlib.ExitStack() as streams:
+            opened = open_together(client, streams, "/chat/chat_stream", body, 2)
+            assert [response.status_code for response in opened] == [200, 200]
+            assert len({response.headers["x-chatstream-replica"] for response in opened}) == 2
+
+
+def open_together(
+    client: httpx.Client, streams: contextlib.ExitStack, path: str, body: dict[str, Any], count: int
+) -> list[httpx.Response]:
+    """``count`` streamed requests sent at the same moment (threads behind a barrier)."""
+    barrier = threading.Barrier(count)
+    opened: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def open_one() -> None:
+        barrier.wait(TIMEOUT)
+        response = client.send(client.build_request("POST", path, json=body), stream=True)
+        with lock:
+            opened.append(response)
+            streams.callback(response.close)
+
+    threads = [threading.Thread(target=open_one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    return opened
+
+
 def test_four_states_and_429_through_the_proxy_then_a_rolling_redeploy(proxy: str) -> None:
     stream = {"messages": [{"role": "user", "content": "go"}], "format": "ndjson", "generation_params": LONG}
     with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client:

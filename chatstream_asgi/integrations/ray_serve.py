@@ -28,6 +28,7 @@ the replicas cannot import.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -37,7 +38,6 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
 from chatstream_asgi.engines.base import Engine
 from chatstream_asgi.service.chatstream import ChatStream
 
@@ -55,6 +55,11 @@ SHUTDOWN_MARGIN_S = 5.0
 """Added to the graceful shutdown budget for the error frames and the lifespan shutdown."""
 
 ROUTING_STATS_PERIOD_S = 1.0
+_CHAT_STREAM_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(ChatStream.__init__).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
 _RESERVATION_TTL_S = 2.0
 
 
@@ -87,7 +92,7 @@ def chat_app(
     num_replicas: int = 1,
     longest_reply_s: float,
     control_room: int = CONTROL_ROOM,
-    app_factory: Callable[[ChatStream], ChatStreamMiddleware] | None = None,
+    app_factory: Callable[[ChatStream], Any] | None = None,
     name: str = "chatstream",
     ray_actor_options: Mapping[str, Any] | None = None,
     **chat_stream_options: Any,
@@ -97,20 +102,22 @@ def chat_app(
     ``longest_reply_s`` is the longest a reply may stream (``max_new_tokens`` over the slowest
     tokens per second you accept); with ``shutdown_timeout`` (a ``ChatStream`` option) it sets
     Ray's graceful shutdown budget. ``session_store_url`` (``redis://host:port/db``) is required
-    with more than one replica. ``app_factory(chat_stream)`` builds the replica's ASGI app (default
-    :func:`~chatstream_asgi.create_app`: chat page, chat endpoints, extra APIs, ``/metrics``); it
-    must return the :class:`~chatstream_asgi.ChatStreamMiddleware`. Run it with
+    with more than one replica. ``app_factory(chat_stream)`` builds the replica's ASGI app around
+    the service (default :func:`~chatstream_asgi.create_app`: chat page, chat endpoints, extra
+    APIs, ``/metrics``). ``ray_actor_options`` default to ``{"num_cpus": 0}`` (the engine's thread
+    is not a Ray task); give a GPU engine ``{"num_gpus": 1}``. Run it with
     ``serve.run(chat_app(...), route_prefix="/")``.
     """
     if not session_secret:
         raise ValueError("Ray Serve replicas need a fixed session_secret (a random one per replica rejects cookies)")
     if num_replicas > 1 and not session_store_url:
         raise ValueError("more than one replica needs a shared session store: pass session_store_url='redis://...'")
+    limits = {**_CHAT_STREAM_DEFAULTS, **chat_stream_options}
     options = deployment_options(
-        num_of_concurrent_executions=chat_stream_options.get("num_of_concurrent_executions", 2),
-        max_queue_size=chat_stream_options.get("max_queue_size", 5),
+        num_of_concurrent_executions=limits["num_of_concurrent_executions"],
+        max_queue_size=limits["max_queue_size"],
         longest_reply_s=longest_reply_s,
-        shutdown_timeout=chat_stream_options.get("shutdown_timeout", 10.0),
+        shutdown_timeout=limits["shutdown_timeout"],
         control_room=control_room,
     )
 
@@ -148,7 +155,7 @@ def chat_app(
 class _ReplicaApp:
     """The replica's ASGI app: names the replica in an ``X-ChatStream-Replica`` response header."""
 
-    def __init__(self, app: ChatStreamMiddleware, chat_stream: ChatStream) -> None:
+    def __init__(self, app: Any, chat_stream: ChatStream) -> None:
         self.app = app
         self.chat_stream = chat_stream
         self.tag = serve.get_replica_context().replica_tag.encode()
