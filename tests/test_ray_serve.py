@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ serve = pytest.importorskip("ray.serve")
 ray = pytest.importorskip("ray")
 
 from chatstream_asgi.integrations.ray_serve import chat_app, deployment_options  # noqa: E402
+
+pytestmark = pytest.mark.ray
 
 TESTS = Path(__file__).parent
 TIMEOUT = 30.0
@@ -54,10 +57,9 @@ def one_replica_app(max_new_tokens: int = 2000) -> Any:
 @pytest.fixture(scope="module")
 def proxy(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture
     """Ray (bounded to this module) with both apps deployed; yields the proxy's URL."""
-    sys_path = os.pathsep.join([str(TESTS / "apps"), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
-    os.environ["PYTHONPATH"] = sys_path  # the driver unpickles nothing, the workers import ray_engines
-    import sys
-
+    old_path = os.environ.get("PYTHONPATH")
+    sys_path = os.pathsep.join([str(TESTS / "apps"), str(TESTS.parent), old_path or ""])
+    os.environ["PYTHONPATH"] = sys_path  # Ray's processes (started now) import ray_engines and the package
     sys.path.insert(0, str(TESTS / "apps"))
     from ray_engines import long_mock
 
@@ -87,6 +89,11 @@ def proxy(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture
     finally:
         serve.shutdown()
         ray.shutdown()
+        sys.path.remove(str(TESTS / "apps"))
+        if old_path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old_path
 
 
 class Lines:
