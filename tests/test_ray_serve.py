@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -265,6 +266,24 @@ def test_four_states_and_429_through_the_proxy_then_a_rolling_redeploy(proxy: st
         after = client.post("/one/chat_stream", json={**stream, "generation_params": {"max_new_tokens": 2}})
         assert after.status_code == 200
         assert after.headers["x-chatstream-replica"] != old
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_before_streaming(proxy: str) -> None:
+    """Ray's proxy both sends ``http.disconnect`` and cancels the replica's task when the client leaves;
+    whichever lands first, the request ends in ``client_disconnected_before_streaming``, counted once.
+    (Which one lands first is a race here; tests/test_cancellation.py cancels deterministically.)"""
+    with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client:
+        before = metrics(client, "/one").get("client_disconnected_before_streaming", 0)
+        host, port = proxy.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as conn:
+            head = "POST /one/chat_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            conn.sendall(f"{head}Content-Length: 1000\r\n\r\n".encode() + b'{"messages": [')
+            time.sleep(1.0)  # let the proxy hand the request to the replica: nothing outside can await that
+        deadline = time.monotonic() + TIMEOUT
+        while metrics(client, "/one").get("client_disconnected_before_streaming", 0) == before:
+            assert time.monotonic() < deadline, "no state reported"
+            time.sleep(0.05)
+        assert metrics(client, "/one")["client_disconnected_before_streaming"] == before + 1
 
 
 @pytest.mark.xfail(strict=True, reason="Ray's proxy sets X-Request-Id and the app adds its own: the lead's fix")
