@@ -7,9 +7,9 @@ every ``load_interval`` seconds from members that have ``probe_load()`` (a remot
 streams the pool opened or closed there since. The report counts every client of that remote, so
 several front replicas sharing the same remotes balance correctly. With a reported capacity, load
 is relative to it, and a member with a free slot goes first. Ties go round robin. A member whose request failed with
-:class:`~chatstream_asgi.remote_engine.EngineUnavailable` (a remote that cannot be reached) is
+:class:`~chatstream_asgi.EngineUnavailable` (a remote that cannot be reached) is
 skipped for ``cooldown`` seconds, then tried again. A request whose member fails that way, or
-answers :class:`~chatstream_asgi.remote_engine.EngineOverloaded`, before any text is retried
+answers :class:`~chatstream_asgi.EngineOverloaded`, before any text is retried
 once on each other member; after the first delta, errors reach the caller as they are.
 """
 
