@@ -26,6 +26,7 @@ from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import OpenAIEngine
 from chatstream_asgi.protocols.framing import FORMATS
 from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.sessions.store import SessionStore
 
 __all__ = ["build_parser", "main"]
 
@@ -75,7 +76,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default="smollm2",
         help="smollm2 (SmolLM2-135M-Instruct), a local directory, a .gguf file or a hub id",
     )
-    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    serve.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        help="cpu, cuda, cuda:1, mps (default: best available); repeat for one engine per device behind a pool",
+    )
+    serve.add_argument("--devices", choices=["all"], default=None, help="'all': one engine per visible CUDA device")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
     serve.add_argument(
         "--remote-url",
@@ -110,6 +117,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         dest="admin_endpoints",
         action="store_false",
         help="do not serve /get_resource_usage and /get_prompt at all",
+    )
+    serve.add_argument(
+        "--session-store",
+        default="memory",
+        metavar="URL",
+        help="'memory' (default) or redis://host:port/db, shared by replicas (needs --session-secret)",
     )
     serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round", help="mock engine replies")
     serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC", help="mock engine: first delay")
@@ -189,15 +202,47 @@ def _engine(args: argparse.Namespace) -> Engine:
     except ImportError as exc:
         raise SystemExit(f"error: {exc}") from None
     logger.info("imported torch and transformers (%.1f s)", time.perf_counter() - started)
+    devices = _devices(args)
+    batch = -(-args.concurrency // len(devices))  # --concurrency is the total, spread over the devices
     try:
         resolve_model(args.model)  # the model file is there (cheap), before the slow load
-        engine = TransformersEngine.from_pretrained(
-            args.model, device=args.device, dtype=args.dtype, max_batch_size=args.concurrency
-        )
+        engines = [
+            TransformersEngine.from_pretrained(args.model, device=device, dtype=args.dtype, max_batch_size=batch)
+            for device in devices
+        ]
     except ModelLoadError as exc:
         raise SystemExit(f"error: {exc}") from None
-    _log_kv_cache(engine)
-    return engine
+    for engine in engines:
+        _log_kv_cache(engine)
+    return engines[0] if len(engines) == 1 else EnginePool(engines)
+
+
+def _devices(args: argparse.Namespace) -> list[str | None]:
+    """``--devices all``: every CUDA device; else each ``--device`` (one engine each), or the best available."""
+    if args.devices == "all":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--devices all: no CUDA device is visible")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return list(args.device) or [None]
+
+
+def _session_store(args: argparse.Namespace) -> SessionStore | None:
+    """The in-memory store (None), or a Redis store shared by replicas, which needs a fixed secret."""
+    url = args.session_store
+    if url == "memory":
+        return None
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise SystemExit(f"--session-store: 'memory' or a redis:// URL, not {url!r}")
+    if not args.session_secret:
+        raise SystemExit(
+            "--session-store is shared: set --session-secret (or CHATSTREAM_SESSION_SECRET), the same on every"
+            " replica; a random per-process secret would make the other replicas reject the session cookie"
+        )
+    from chatstream_asgi.sessions.redis_store import RedisSessionStore
+
+    return RedisSessionStore.from_url(url)
 
 
 def _log_kv_cache(engine: Any) -> None:
@@ -263,6 +308,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     from chatstream_asgi.web.app import create_app
 
     sock = _bind(args.host, args.port)
+    session_store = _session_store(args)
     if args.engine == "transformers":
         logger.info("port %d is free; loading the %s engine with model %s", args.port, args.engine, args.model)
     try:
@@ -271,7 +317,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         logger.info("interrupted while loading")
         raise SystemExit(130) from None
     session_secret = args.session_secret
-    if session_secret is None and getattr(args, "session_store", None) is None:  # a shared store needs its secret
+    if session_secret is None and session_store is None:  # a shared store has refused to start without one
         # In-memory sessions end with this process anyway: a random secret loses nothing (and warns of nothing).
         session_secret = secrets.token_urlsafe(32)
     chat_stream = ChatStream(
@@ -282,6 +328,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         stream_format=args.stream_format,
         system_prompt=args.system_prompt,
         session_secret=session_secret,
+        session_store=session_store,
         shutdown_timeout=args.shutdown_timeout,
         temperature=args.temperature,
         top_p=args.top_p,

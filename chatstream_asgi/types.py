@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chatstream_asgi.states import CompletionState
@@ -51,3 +52,7 @@ class ChatService(Protocol):
     async def reject_body_too_large(self, send: Send, limit: int, *, openai: bool = False) -> None: ...
 
     async def report_early_disconnect(self, request: Request, callback: Callback | None = None) -> CompletionState: ...
+
+    def reports_cancellation(
+        self, request: Request, callback: Callback | None
+    ) -> AbstractAsyncContextManager[None]: ...

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-test
 rm -rf "$venv"
-scripts/setup.sh "$venv" transformers,server,redis,remote,examples,test
+# ray (about 250 MB) and llamacpp: llama-cpp-python builds llama.cpp from source, about 15 minutes on
+# 2 cores the first time; pip keeps the wheel in its cache, so later fresh venvs install it in seconds.
+scripts/setup.sh "$venv" transformers,server,redis,remote,examples,ray,llamacpp,test
 if ! command -v redis-server >/dev/null || [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "Installing redis-server and chromium (apt-get)" >&2

@@ -22,12 +22,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("asgi", ("asgi",)),
     ("service", ("service",)),
     ("server", ("server",)),
-    ("entry", ("web", "cli", "__main__", "__init__")),
+    ("entry", ("web", "cli", "integrations", "__main__", "__init__")),
 ]
 """Bottom to top: a module may import its own layer (without a cycle) and the layers below."""
 
 FRAMEWORKS = ("starlette", "fastapi", "quart", "litestar", "hypercorn", "uvicorn")
-FRAMEWORK_LAYERS = ("asgi.", "server.", "web.", "cli")
+FRAMEWORK_LAYERS = ("asgi.", "server.", "web.", "integrations.", "cli")
 
 
 def module_name(path: Path) -> str:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import pytest
+from live_server import serve_in_thread
 from servers import free_port
 from test_remote_engine import MESSAGES, WATCHDOG, WHILE_STREAMING, front, processing, remote, request
 
 from chatstream_asgi import Engine, MockEngine
 from chatstream_asgi.engines.pool import EnginePool
-from chatstream_asgi.engines.remote import EngineUnavailable, OpenAIEngine
+from chatstream_asgi.engines.remote import EngineUnavailable, OpenAIEngine, RemoteLoad
 
 pytestmark = pytest.mark.anyio
 
@@ -22,7 +24,9 @@ def dead_url() -> str:
 
 async def test_concurrent_requests_spread_over_two_remotes() -> None:
     with remote(time_per_token_sec=0.02) as (url_a, states_a), remote(time_per_token_sec=0.02) as (url_b, states_b):
-        pool = EnginePool([OpenAIEngine(url_a, timeout=WATCHDOG), OpenAIEngine(url_b, timeout=WATCHDOG)])
+        pool = EnginePool(
+            [OpenAIEngine(url_a, timeout=WATCHDOG), OpenAIEngine(url_b, timeout=WATCHDOG)], load_interval=None
+        )
         with anyio.fail_after(WATCHDOG):
             async with front(pool) as (client, states):
                 replies: list[int] = []
@@ -45,7 +49,8 @@ async def test_concurrent_requests_spread_over_two_remotes() -> None:
 async def test_least_loaded_member_gets_the_next_stream_and_cancel_frees_it() -> None:
     with remote(time_per_token_sec=0.02) as (url_a, states_a), remote(time_per_token_sec=0.02) as (url_b, states_b):
         pool = EnginePool(
-            [OpenAIEngine(url_a, "mock", timeout=WATCHDOG), OpenAIEngine(url_b, "mock", timeout=WATCHDOG)]
+            [OpenAIEngine(url_a, "mock", timeout=WATCHDOG), OpenAIEngine(url_b, "mock", timeout=WATCHDOG)],
+            load_interval=None,  # the pool's own counts under test
         )
         await pool.start()
         with anyio.fail_after(WATCHDOG):
@@ -83,7 +88,9 @@ async def test_finished_streams_are_released_and_ties_alternate() -> None:
 
 async def test_dead_member_is_skipped_until_its_cooldown_ends() -> None:
     with remote() as (url, _):
-        pool = EnginePool([OpenAIEngine(dead_url()), OpenAIEngine(url, timeout=WATCHDOG)], cooldown=0.3)
+        pool = EnginePool(
+            [OpenAIEngine(dead_url()), OpenAIEngine(url, timeout=WATCHDOG)], cooldown=0.3, load_interval=None
+        )
         await pool.start()
         with anyio.fail_after(WATCHDOG):
             first = pool.generate(request(max_new_tokens=5))
@@ -129,7 +136,10 @@ async def test_all_members_dead_fails_fast() -> None:
 async def test_full_member_hands_the_request_to_another() -> None:
     with remote(concurrency=1, queue=0, time_per_token_sec=0.02) as (full_url, full_states), remote() as (url, _):
         outsider = OpenAIEngine(full_url, "mock", timeout=WATCHDOG)
-        pool = EnginePool([OpenAIEngine(full_url, "mock", timeout=WATCHDOG), OpenAIEngine(url, timeout=WATCHDOG)])
+        pool = EnginePool(
+            [OpenAIEngine(full_url, "mock", timeout=WATCHDOG), OpenAIEngine(url, timeout=WATCHDOG)],
+            load_interval=None,  # fail-over under test: the pool must not know the member is full
+        )
         await pool.start()
         with anyio.fail_after(WATCHDOG):
             busy = outsider.generate(request("busy"))
@@ -174,3 +184,97 @@ async def test_pool_is_served_through_the_openai_endpoint() -> None:
                     text = (await response.aread()).decode()
                 assert text.endswith("data: [DONE]\n\n")
                 assert '"completion_tokens":4' in text
+
+
+async def test_a_second_front_routes_by_the_remotes_own_load() -> None:
+    """Another front end holds two streams on remote A; this pool has opened nothing, yet it sends its
+    requests to B, because A's own /get_load says it is busier."""
+    with remote(time_per_token_sec=0.02) as (url_a, _), remote(time_per_token_sec=0.02) as (url_b, _):
+        other_front = OpenAIEngine(url_a, "mock", timeout=WATCHDOG)
+        pool = EnginePool(
+            [OpenAIEngine(url_a, "mock", timeout=WATCHDOG), OpenAIEngine(url_b, "mock", timeout=WATCHDOG)],
+            load_interval=None,  # refreshed by hand below
+        )
+        await pool.start()
+        with anyio.fail_after(WATCHDOG):
+            held = [other_front.generate(request(f"other-{i}")) for i in range(2)]
+            for stream in held:
+                await stream.__anext__()
+            await pool.refresh_loads()
+            assert pool.reported == (RemoteLoad(2, 4, "get_load"), RemoteLoad(0, 4, "get_load"))
+            ours = [pool.generate(request(f"r{i}")) for i in range(3)]
+            # B until it is as busy as A (own streams count on top of the report), then ties rotate.
+            assert [stream.index for stream in ours] == [1, 1, 0]
+            for stream in [*ours, *held]:
+                stream.cancel()
+            assert pool.active == (0, 0)
+        await pool.shutdown()
+        await other_front.shutdown()
+
+
+class FakeMetrics:
+    """A server that reports load the way vLLM, llama.cpp or TGI do (or not at all); counts requests per path."""
+
+    def __init__(self, routes: dict[str, str]) -> None:
+        self.routes = routes
+        self.hits: dict[str, int] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        self.hits[path] = self.hits.get(path, 0) + 1
+        body = self.routes.get(path)
+        status = 200 if body is not None else 404
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": (body or "not found").encode()})
+
+
+VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+vllm:gpu_cache_usage_perc{model_name="m"} 0.5
+"""
+LLAMACPP_METRICS = """# HELP llamacpp:requests_processing Number of requests processing.
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 1
+llamacpp:requests_deferred 4
+"""
+LLAMACPP_SLOTS = '[{"id": 0, "is_processing": true}, {"id": 1, "is_processing": false}, {"id": 2, "state": 1}]'
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        ({"/metrics": VLLM_METRICS}, RemoteLoad(5, None, "metrics (vllm)")),
+        ({"/metrics": LLAMACPP_METRICS}, RemoteLoad(5, None, "metrics (llama.cpp)")),
+        ({"/slots": LLAMACPP_SLOTS, "/metrics": LLAMACPP_METRICS}, RemoteLoad(2, 3, "slots")),
+        ({"/metrics": "tgi_queue_size 2\ntgi_batch_current_size 6\n"}, RemoteLoad(8, None, "metrics (tgi)")),
+        ({"/metrics": "python_gc_objects_collected_total 5\n"}, None),
+        ({}, None),
+    ],
+)
+async def test_probe_load_reads_each_servers_own_endpoint(routes: dict[str, str], expected: RemoteLoad | None) -> None:
+    app = FakeMetrics({"/ready": "ok", "/get_load": "not json", **routes})
+    with serve_in_thread(app, ready_path="/ready") as url:
+        engine = OpenAIEngine(url + "/v1", "m", timeout=WATCHDOG)
+        with anyio.fail_after(WATCHDOG):
+            assert await engine.probe_load() == expected
+            assert await engine.probe_load() == expected
+        await engine.shutdown()
+    if expected is None:
+        assert app.hits == {"/ready": app.hits["/ready"], "/get_load": 1, "/slots": 1, "/metrics": 1}  # asked once
+    else:  # the endpoint that answered is remembered: the others are not asked again
+        assert app.hits["/" + expected.source.split()[0]] == 2
+
+
+async def test_loads_are_polled_while_the_pool_runs() -> None:
+    with remote() as (url, _):
+        pool = EnginePool([OpenAIEngine(url, "mock", timeout=WATCHDOG)], load_interval=0.05)
+        await pool.start()
+        with anyio.fail_after(WATCHDOG):
+            while pool.reported[0] is None:
+                await anyio.sleep(0.01)  # the poller's interval under test, not a synchronisation
+        assert pool.reported == (RemoteLoad(0, 4, "get_load"),)
+        await pool.shutdown()

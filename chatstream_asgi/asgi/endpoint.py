@@ -60,7 +60,8 @@ class ChatStreamResponse(Response):
             body = self.request_body
             if body is None:
                 try:
-                    body = await read_request_body(self.request, service.max_body_size)
+                    async with service.reports_cancellation(self.request, self.callback):
+                        body = await read_request_body(self.request, service.max_body_size)
                 except BodyTooLarge:
                     await service.reject_body_too_large(send, service.max_body_size)
                     return

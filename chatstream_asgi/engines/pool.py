@@ -1,23 +1,29 @@
 """``EnginePool``: one engine in front of several, routing each request to the least-loaded one.
 
-Load is what the pool itself sees: the streams it handed to each member that have not yet
-finished or been cancelled. Ties go round robin. A member whose request failed with
-:class:`~chatstream_asgi.remote_engine.EngineUnavailable` (a remote that cannot be reached) is
+A member's load is the larger of what the pool itself sees (the streams it handed to that member
+that have not yet finished or been cancelled) and what the member reports about itself, polled
+every ``load_interval`` seconds from members that have ``probe_load()`` (a remote's ``/get_load``,
+``/slots`` or ``/metrics``: see :meth:`~chatstream_asgi.OpenAIEngine.probe_load`), plus the
+streams the pool opened or closed there since. The report counts every client of that remote, so
+several front replicas sharing the same remotes balance correctly. With a reported capacity, load
+is relative to it, and a member with a free slot goes first. Ties go round robin. A member whose request failed with
+:class:`~chatstream_asgi.EngineUnavailable` (a remote that cannot be reached) is
 skipped for ``cooldown`` seconds, then tried again. A request whose member fails that way, or
-answers :class:`~chatstream_asgi.remote_engine.EngineOverloaded`, before any text is retried
+answers :class:`~chatstream_asgi.EngineOverloaded`, before any text is retried
 once on each other member; after the first delta, errors reach the caller as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Sequence
 
 from chatstream_asgi.engines.base import ChatMessage, Engine, GenerationRequest, GenerationStream
-from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable
+from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, RemoteLoad
 
 __all__ = ["EnginePool"]
 
@@ -29,19 +35,30 @@ class EnginePool:
 
     ``model_name`` defaults to the first member's; ``context_len`` is the smallest member's;
     :meth:`render_prompt` and :meth:`count_tokens` are the first member's, so members should
-    serve the same model. :attr:`active` and :attr:`healthy` show the pool's view per member.
+    serve the same model. :attr:`active`, :attr:`reported` and :attr:`healthy` show the pool's view
+    per member. ``load_interval=None`` turns polling off (route by the pool's own counts only).
     """
 
-    def __init__(self, engines: Sequence[Engine], *, cooldown: float = 10.0, model_name: str | None = None) -> None:
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        *,
+        cooldown: float = 10.0,
+        model_name: str | None = None,
+        load_interval: float | None = 1.0,
+    ) -> None:
         if not engines:
             raise ValueError("EnginePool needs at least one engine")
         self.engines = list(engines)
         self.cooldown = cooldown
+        self.load_interval = load_interval
         self._model_name = model_name
         self._active = [0] * len(self.engines)
+        self._reported: list[tuple[RemoteLoad, int] | None] = [None] * len(self.engines)  # (report, own count then)
         self._down_until = [0.0] * len(self.engines)
         self._next = 0
         self._lock = threading.Lock()  # GenerationStream.cancel may come from any thread
+        self._poller: asyncio.Task[None] | None = None
 
     @property
     def model_name(self) -> str:
@@ -57,17 +74,45 @@ class EnginePool:
         return tuple(self._active)
 
     @property
+    def reported(self) -> tuple[RemoteLoad | None, ...]:
+        """Per member: its last report of its own load (None: it reports none, or not yet)."""
+        return tuple(report[0] if report else None for report in self._reported)
+
+    @property
     def healthy(self) -> tuple[bool, ...]:
         """Per member: False while it cools down after a connection failure."""
         now = time.monotonic()
         return tuple(until <= now for until in self._down_until)
 
     async def start(self) -> None:
-        """Start every member."""
+        """Start every member, then poll the loads of those that report one."""
         await asyncio.gather(*(engine.start() for engine in self.engines))
+        if self.load_interval and self._poller is None and any(hasattr(e, "probe_load") for e in self.engines):
+            self._poller = asyncio.get_running_loop().create_task(self._poll_loads(self.load_interval))
+
+    async def refresh_loads(self) -> None:
+        """Ask every member that can report its own load for it, now."""
+        members = [(i, engine) for i, engine in enumerate(self.engines) if hasattr(engine, "probe_load")]
+        loads = await asyncio.gather(*(engine.probe_load() for _, engine in members), return_exceptions=True)
+        with self._lock:
+            for (i, _), load in zip(members, loads, strict=True):
+                self._reported[i] = (load, self._active[i]) if isinstance(load, RemoteLoad) else None
+
+    async def _poll_loads(self, interval: float) -> None:
+        while True:
+            try:
+                await self.refresh_loads()
+            except Exception:  # a member's probe must not end the polling
+                logger.exception("polling the members' loads failed")
+            await asyncio.sleep(interval)
 
     async def shutdown(self) -> None:
         """Shut every member down (all of them, even if one fails); re-raises the first failure."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
         results = await asyncio.gather(*(engine.shutdown() for engine in self.engines), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -85,8 +130,21 @@ class EnginePool:
 
     # -- routing ----------------------------------------------------------------------------
 
+    def _load(self, index: int) -> tuple[bool, float]:
+        """(no free slot, load): the larger of the pool's count and the member's report brought up to date
+        with the streams the pool opened or closed there since; relative to its slots when it reports them."""
+        own = self._active[index]
+        report = self._reported[index]
+        if report is None:
+            return False, own
+        load, own_then = report
+        busy = max(own, load.busy + own - own_then)
+        if load.capacity:
+            return busy >= load.capacity, busy / load.capacity
+        return False, busy
+
     def _acquire(self, tried: set[int]) -> int | None:
-        """Pick and count a member not in ``tried``: healthy first, fewest streams, ties round robin."""
+        """Pick and count a member not in ``tried``: healthy first, then least loaded, ties round robin."""
         n = len(self.engines)
         with self._lock:
             now = time.monotonic()
@@ -94,7 +152,7 @@ class EnginePool:
             candidates = [i for i in left if self._down_until[i] <= now] or left  # all down: try anyway
             if not candidates:
                 return None
-            index = min(candidates, key=lambda i: (self._active[i], (i - self._next) % n))
+            index = min(candidates, key=lambda i: (*self._load(i), (i - self._next) % n))
             self._next = (index + 1) % n
             self._active[index] += 1
             return index

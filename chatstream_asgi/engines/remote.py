@@ -5,6 +5,10 @@ engine posts ``/v1/chat/completions`` with ``stream: true`` and hands the text d
 server-sent events to the front door. Cancelling a stream closes its HTTP response, so the
 remote server sees a disconnect and frees its slot.
 
+:meth:`OpenAIEngine.probe_load` reads the remote's own load, for :class:`~chatstream_asgi.EnginePool`
+to route by: chatstream-asgi's ``/get_load``, llama.cpp server's ``/slots`` or the ``/metrics`` of
+vLLM, llama.cpp or TGI, whichever answers first (remembered); llama-cpp-python's server has none.
+
 Remote failures become :class:`~chatstream_asgi.engine.EngineError` (the front door ends the
 request as ``unknown_error_occurred``: a 500 JSON error before any text, an error frame after):
 :class:`EngineOverloaded` for 429 and 503 (the remote's queue is full), :class:`EngineUnavailable`
@@ -18,7 +22,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chatstream_asgi.engines.base import ChatMessage, EngineError, GenerationRequest, GenerationStream, QueueStream
@@ -26,7 +32,7 @@ from chatstream_asgi.engines.base import ChatMessage, EngineError, GenerationReq
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["CHARS_PER_TOKEN", "EngineOverloaded", "EngineUnavailable", "OpenAIEngine"]
+__all__ = ["CHARS_PER_TOKEN", "EngineOverloaded", "EngineUnavailable", "OpenAIEngine", "RemoteLoad"]
 
 logger = logging.getLogger("chatstream_asgi.remote")
 
@@ -37,6 +43,65 @@ DEFAULT_CONTEXT_LEN = 8192
 _OVERLOADED = frozenset({429, 503})
 _FINISH_REASONS = {"length": "length"}  # "stop", "eos_token", "stop_sequence", ... all mean stop
 _MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RemoteLoad:
+    """A remote server's own report of its load: requests running or waiting there (from every
+    client, not only this front end), its slots when it says, and which endpoint said so."""
+
+    busy: int
+    capacity: int | None = None
+    source: str = ""
+
+
+def _from_get_load(response: httpx.Response) -> RemoteLoad | None:
+    """chatstream-asgi's ``/get_load``."""
+    data = response.json()
+    busy = _int(data.get("processing"), None) if isinstance(data, Mapping) else None
+    if busy is None:
+        return None
+    return RemoteLoad(busy + (_int(data.get("waiting"), 0) or 0), _int(data.get("max_processing")), "get_load")
+
+
+def _from_slots(response: httpx.Response) -> RemoteLoad | None:
+    """llama.cpp server's ``/slots``: one object per slot, ``is_processing`` (``state == 1`` before 2024-11)."""
+    slots = response.json()
+    if not isinstance(slots, list) or not slots or not all(isinstance(slot, Mapping) for slot in slots):
+        return None
+    busy = sum(1 for slot in slots if slot.get("is_processing") or slot.get("state") == 1)
+    return RemoteLoad(busy, len(slots), "slots")
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{[^}]*\})?\s+([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?:\s|$)")
+_METRICS = {
+    "vllm:num_requests_running": "vllm",
+    "vllm:num_requests_waiting": "vllm",
+    "llamacpp:requests_processing": "llama.cpp",
+    "llamacpp:requests_deferred": "llama.cpp",
+    "tgi_batch_current_size": "tgi",
+    "tgi_queue_size": "tgi",
+}
+
+
+def _from_metrics(response: httpx.Response) -> RemoteLoad | None:
+    """Running plus waiting requests from the Prometheus text of vLLM, llama.cpp or TGI (summed over labels)."""
+    busy = 0.0
+    source = None
+    for line in response.text.splitlines():
+        sample = _SAMPLE.match(line)
+        if sample is not None and sample[1] in _METRICS:
+            busy += float(sample[2])
+            source = _METRICS[sample[1]]
+    return None if source is None else RemoteLoad(round(busy), None, f"metrics ({source})")
+
+
+_LOAD_PROBES: tuple[tuple[str, Callable[[httpx.Response], RemoteLoad | None]], ...] = (
+    ("/get_load", _from_get_load),
+    ("/slots", _from_slots),
+    ("/metrics", _from_metrics),
+)
+LOAD_PROBE_TIMEOUT = 2.0
 
 
 class EngineOverloaded(EngineError):
@@ -65,7 +130,9 @@ class OpenAIEngine:
     :meth:`shutdown`); without it the engine opens and closes its own. ``top_k``,
     ``repetition_penalty`` (and ``ignore_eos`` when set) go as extra body fields, which vLLM,
     llama.cpp and chatstream-asgi accept; ``sampling_extensions=False`` leaves them out (for
-    servers that reject unknown fields, such as OpenAI's own).
+    servers that reject unknown fields, such as OpenAI's own). ``extra_body`` is merged into every
+    request body (server-specific fields: llama.cpp's ``logit_bias`` or ``min_p``, vLLM's
+    ``chat_template_kwargs``, ...).
     """
 
     def __init__(
@@ -79,6 +146,7 @@ class OpenAIEngine:
         context_len: int | None = None,
         tokenizer: Any = None,
         sampling_extensions: bool = True,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> None:
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith("/v1") else root + "/v1"
@@ -87,11 +155,14 @@ class OpenAIEngine:
         self.timeout = timeout
         self.tokenizer = tokenizer
         self.sampling_extensions = sampling_extensions
+        self.extra_body = dict(extra_body or {})
         self.context_len = context_len or DEFAULT_CONTEXT_LEN
         self._context_len_given = context_len is not None
         self._client = client
         self._owns_client = client is None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._forward_request_id = True
+        self._load_probe: tuple[str, Callable[[httpx.Response], RemoteLoad | None]] | bool | None = None
 
     @property
     def model_name(self) -> str:
@@ -142,6 +213,37 @@ class OpenAIEngine:
         if self.tokenizer is not None:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return -(-len(text) // CHARS_PER_TOKEN)
+
+    async def probe_load(self) -> RemoteLoad | None:
+        """The remote's own load, or None when it reports none or cannot be reached now.
+
+        Tries ``/get_load``, ``/slots``, ``/metrics`` on the server's root and keeps the first that
+        answers with a load; a server that answers none of them is not asked again.
+        """
+        import httpx
+
+        if self._load_probe is False:
+            return None
+        root = self.base_url.removesuffix("/v1")
+        probes = [self._load_probe] if isinstance(self._load_probe, tuple) else list(_LOAD_PROBES)
+        for path, parse in probes:
+            try:
+                response = await self._http().get(root + path, headers=self._headers(), timeout=LOAD_PROBE_TIMEOUT)
+            except httpx.TransportError:
+                return None  # down for now: ask again next time
+            if response.status_code != 200:
+                continue
+            try:
+                load = parse(response)
+            except ValueError:  # not JSON
+                load = None
+            if load is not None:
+                self._load_probe = (path, parse)
+                return load
+        if self._load_probe is None:
+            logger.info("%s reports no load (no /get_load, /slots or /metrics): routing by own counts", root)
+            self._load_probe = False
+        return None
 
     # -- internals ------------------------------------------------------------------------
 
@@ -203,7 +305,7 @@ class OpenAIEngine:
             body["repetition_penalty"] = params.repetition_penalty
             if request.ignore_eos:
                 body["ignore_eos"] = True
-        return body
+        return {**body, **self.extra_body}
 
     async def _run(self, stream: _RemoteStream, request: GenerationRequest) -> None:
         try:
@@ -226,9 +328,10 @@ class OpenAIEngine:
             await self._discover(client)
         url = self.base_url + "/chat/completions"
         responded = False
+        request_id = request.request_id if self._forward_request_id else None
         try:
             async with client.stream(
-                "POST", url, json=self._body(request), headers=self._headers(request.request_id)
+                "POST", url, json=self._body(request), headers=self._headers(request_id)
             ) as response:
                 responded = True
                 if response.status_code != 200:
@@ -237,6 +340,11 @@ class OpenAIEngine:
                         body += chunk
                         if len(body) >= _MAX_ERROR_BODY:
                             break
+                    if response.status_code == 400 and not body and request_id:
+                        # llama-cpp-python's server answers an empty 400 to an X-Request-Id that is not a UUID.
+                        logger.warning("%s refused X-Request-Id %r: not forwarding request ids", url, request_id)
+                        self._forward_request_id = False
+                        return await self._stream(stream, request)
                     raise _status_error(url, response.status_code, bytes(body))
                 finish, usage, deltas = await _read_events(stream, response, url)
         except httpx.TransportError as exc:

@@ -12,6 +12,7 @@ body (an HMAC signature, say) goes *inside* it, on a replay path.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 
 from chatstream_asgi.asgi.replay import (
@@ -132,8 +133,14 @@ class ChatStreamMiddleware:
             await self._call_api(route, scope, receive, send, b"")
             return
         cs = self.chat_stream
+        # A chat request whose task is cancelled while its body arrives (its client left) still ends in a state.
+        guard: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+        if route.chat:
+            gone = replay_request(scope, b"", SharedReceive(receive, disconnected=True))
+            guard = cs.reports_cancellation(gone, self.callback)
         try:
-            body = await read_body(scope, receive, self.max_body_size)
+            async with guard:
+                body = await read_body(scope, receive, self.max_body_size)
         except BodyTooLarge:
             await cs.reject_body_too_large(send, self.max_body_size, openai=route.openai)
             return

@@ -8,6 +8,7 @@ end) and :class:`PromptBuilder` (fitting conversations into the context).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -54,7 +55,8 @@ class ChatStream:
     ``session_cookie_secure`` marks the cookie ``Secure``. ``feedback_callback``
     ``(request, message_id, feedback)`` hears likes and dislikes sent to ``/set_feedback``.
     Each request is logged and answered under the id in its ``request_id_header`` (a fresh id
-    when absent or malformed).
+    when absent or malformed); ``echo_request_id=False`` leaves the header out of the reply, for a
+    proxy in front that sets it itself (Ray Serve's does).
 
     ``temperature``, ``top_k``, ``top_p`` and ``repetition_penalty`` left at ``None`` come from the
     engine's ``default_generation_params`` (the model's own, e.g. its generation config) where it has
@@ -97,6 +99,7 @@ class ChatStream:
         max_body_size: int = 1 << 20,
         max_history_messages: int = 200,
         request_id_header: str = DEFAULT_REQUEST_ID_HEADER,
+        echo_request_id: bool = True,
         use_mock_response: bool = False,
         mock_params: Mapping[str, Any] | None = None,
         metrics_registry: CollectorRegistry | None = None,
@@ -122,6 +125,7 @@ class ChatStream:
         self.send_timeout = send_timeout
         self.max_body_size = max_body_size
         self.request_id_header = request_id_header
+        self.echo_request_id = echo_request_id
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
         self.metrics = Metrics(metrics_registry)
         self.metrics.observe_admission(self.admission)
@@ -226,7 +230,8 @@ class ChatStream:
             await send_json(send, 503, {"error": "server_shutting_down"}, headers)
             return None
         try:
-            chat = await self.preparer.prepare(scope, body, headers, request=request, callback=callback)
+            async with self.outcomes.reports_cancellation(request, callback):  # the session may be loading
+                chat = await self.preparer.prepare(scope, body, headers, request=request, callback=callback)
         except Rejection as rejection:
             await self.outcomes.reject(send, rejection, headers)
             return None
@@ -234,7 +239,8 @@ class ChatStream:
 
     async def stream(self, scope: Scope, receive: Receive, send: Send, chat: PreparedChat) -> CompletionState | None:
         """Admit a prepared chat (from any protocol) and stream its reply; None when the queue was full."""
-        await self.start()
+        async with self.outcomes.reports_cancellation(chat.request, chat.callback):
+            await self.start()
         return await self.replies.stream(scope, receive, send, chat)
 
     async def reject_body_too_large(self, send: Send, limit: int, *, openai: bool = False) -> None:
@@ -248,8 +254,14 @@ class ChatStream:
         """Record a client that left while still sending its request body."""
         return await self.outcomes.left_early(request, callback)
 
+    def reports_cancellation(self, request: Request, callback: Callback | None) -> AbstractAsyncContextManager[None]:
+        """Wrap a wait before admission: a cancellation there is reported as a client that left, then re-raised."""
+        return self.outcomes.reports_cancellation(request, callback)
+
     def id_headers(self) -> Headers:
         """The response header that echoes the current request's id."""
+        if not self.echo_request_id:
+            return []
         return [(self.request_id_header.lower().encode("latin-1"), (current_request_id() or "-").encode())]
 
     # -- reading --------------------------------------------------------------------------

@@ -8,11 +8,14 @@ callback is logged and goes no further.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.engines.base import ChatMessage
@@ -127,15 +130,27 @@ class Outcomes:
         await self._call_callback(request, callback, state)
 
     async def left_early(self, request: Request, callback: Callback | None) -> CompletionState:
-        """Record a client that left while still sending its request body (its callback gets a
-        :class:`ChatResult` too, with no conversation)."""
+        """Record a client that left before its request was admitted: while sending the body, or while
+        its session loaded (its callback gets a :class:`ChatResult` too, with no conversation)."""
         state = CompletionState.CLIENT_DISCONNECTED_BEFORE_STREAMING
         result = ChatResult(current_request_id() or "-", uuid.uuid4().hex, [], state=state)
         request.scope.setdefault("state", {})[RESULT_KEY] = result
-        logger.info("completed: %s (0 tokens): the client left while sending the body", state.value)
+        logger.info("completed: %s (0 tokens): the client left before admission", state.value)
         self.metrics.completions.labels(state=state.value).inc()
         await self._call_callback(request, callback, state)
         return state
+
+    @contextlib.asynccontextmanager
+    async def reports_cancellation(self, request: Request, callback: Callback | None) -> AsyncIterator[None]:
+        """Around every wait before admission: a cancellation there (a server that cancels the request
+        task when its client leaves, as Ray Serve's proxy does) ends the request as
+        ``client_disconnected_before_streaming``, reported once and shielded, then re-raised."""
+        try:
+            yield
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self.left_early(request, callback)
+            raise
 
     async def _save_turn(self, result: ChatResult) -> None:
         assert result.session_id is not None and result.turn is not None

@@ -1,0 +1,25 @@
+"""Engines for the Ray Serve tests, importable by Ray's worker processes (tests/apps is on their path)."""
+
+from __future__ import annotations
+
+from chatstream_asgi.engines.base import EngineError, GenerationRequest, GenerationStream
+from chatstream_asgi.engines.mock import MockEngine, MockParams
+
+
+class _Failing(GenerationStream):
+    async def __anext__(self) -> str:
+        self.finish_reason = "error"
+        raise EngineError("the engine failed (asked to)")
+
+
+class FailOnRequest(MockEngine):
+    """The ``long`` mock at ``time_per_token`` seconds a token; a user message ``"fail"`` makes generation fail."""
+
+    def generate(self, request: GenerationRequest) -> GenerationStream:
+        if request.messages[-1]["content"] == "fail":
+            return _Failing(request.request_id)
+        return super().generate(request)
+
+
+def long_mock(time_per_token: float = 0.05) -> FailOnRequest:
+    return FailOnRequest(MockParams(type="long", time_per_token_sec=time_per_token))

@@ -1,0 +1,154 @@
+"""A server that *cancels* the request task when its client leaves (as Ray Serve's proxy does, often before
+``http.disconnect`` arrives): every wait before admission must still end the request in
+``client_disconnected_before_streaming``, reported once, and the cancellation must go on (re-raised)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+from asgi_harness import Send, StateLog, chat_body, http_scope
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from chatstream_asgi import ChatStream, ChatStreamMiddleware, MockEngine, MockParams
+from chatstream_asgi.sessions.store import MemorySessionStore, Session
+
+pytestmark = pytest.mark.anyio
+
+BEFORE = "client_disconnected_before_streaming"
+WATCHDOG = 5.0
+
+
+class StalledReceive:
+    """Delivers the first body chunk (``more_body``), then stalls: the client is still uploading."""
+
+    def __init__(self, first_chunk: bytes) -> None:
+        self._messages = [{"type": "http.request", "body": first_chunk, "more_body": True}]
+        self.stalled = anyio.Event()
+
+    async def __call__(self) -> dict[str, Any]:
+        if self._messages:
+            return self._messages.pop(0)
+        self.stalled.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+class FullReceive:
+    """Delivers the whole body, then waits (a client that stays)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def __call__(self) -> dict[str, Any]:
+        if self._messages:
+            return self._messages.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+class StalledStore(MemorySessionStore):
+    """A session store whose ``load`` hangs (a slow Redis) until the test has cancelled the request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loading = anyio.Event()
+
+    async def load(self, session_id: str) -> Session | None:
+        self.loading.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+def completions(cs: ChatStream, state: str) -> float:
+    value = cs.metrics.registry.get_sample_value("chatstream_completions_total", {"state": state})
+    return value or 0.0
+
+
+async def cancel_while(app: Callable[..., Awaitable[None]], scope: Any, receive: Any, waiting: anyio.Event) -> Send:
+    """Run the request as a task, cancel it once ``waiting`` is set, and check the cancellation went on."""
+    send = Send()
+    with anyio.fail_after(WATCHDOG):
+        task = asyncio.ensure_future(app(scope, receive, send))
+        await waiting.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    return send
+
+
+def service(**options: Any) -> tuple[ChatStream, StateLog]:
+    log = StateLog()
+    engine = MockEngine(MockParams(type="echo", time_per_token_sec=0.0))
+    return ChatStream(engine, callback=log, session_secret="s", **options), log
+
+
+@pytest.mark.parametrize("path", ["/chat_stream", "/v1/chat/completions"])
+async def test_cancelled_while_the_body_is_read_reports_before_streaming_once(path: str) -> None:
+    cs, log = service()
+    app = ChatStreamMiddleware(Response("not found", 404), cs)
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    receive = StalledReceive(body[:10])
+    send = await cancel_while(app, http_scope(path, body=body), receive, receive.stalled)
+    assert log.states == [BEFORE]
+    assert completions(cs, BEFORE) == 1
+    assert send.messages == []
+    assert cs.admission.active == cs.admission.waiting == 0
+
+
+async def test_cancelled_while_the_session_loads_reports_before_streaming_once() -> None:
+    store = StalledStore()
+    cs, log = service(session_store=store)
+    app = ChatStreamMiddleware(Response("not found", 404), cs)
+    body = chat_body("hello")
+    await cancel_while(app, http_scope(body=body), FullReceive(body), store.loading)
+    assert log.states == [BEFORE]
+    assert completions(cs, BEFORE) == 1
+
+
+async def test_cancelled_while_queued_reports_before_streaming_once() -> None:
+    """Already right before the fix (the send loop reports it); guards against a second report."""
+    log = StateLog()
+    cs = ChatStream(
+        MockEngine(MockParams(type="long", time_per_token_sec=0.01)),
+        num_of_concurrent_executions=1,
+        max_queue_size=1,
+        callback=log,
+    )
+    app = ChatStreamMiddleware(Response("not found", 404), cs)
+    body = chat_body("hello", format="ndjson")
+    first_send = Send()
+    with anyio.fail_after(WATCHDOG):
+        first = asyncio.ensure_future(app(http_scope(body=body), FullReceive(body), first_send))
+        await first_send.wait_until(lambda s: s.text_frames > 0)
+        queued = asyncio.ensure_future(app(http_scope(body=body), FullReceive(body), Send()))
+        while cs.admission.waiting == 0:
+            await cs.admission._changed.wait()
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    assert sorted(log.states) == [BEFORE, "client_disconnected_while_streaming"]
+    assert completions(cs, BEFORE) == 1
+
+
+async def test_endpoint_mode_cancelled_while_the_body_is_read_reports_once() -> None:
+    cs, log = service()
+
+    async def chat(request: Request) -> Response:
+        return await cs.handle_chat_stream_request(request)
+
+    app = Starlette(routes=[Route("/chat_stream", chat, methods=["POST"])])
+    body = chat_body("hello")
+    receive = StalledReceive(body[:5])
+    await cancel_while(app, http_scope(body=body), receive, receive.stalled)
+    assert log.states == [BEFORE]
+    assert completions(cs, BEFORE) == 1

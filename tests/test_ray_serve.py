@@ -1,0 +1,302 @@
+"""chatstream-asgi on a local Ray Serve instance, through Ray's HTTP proxy (``chatstream_asgi.integrations.ray_serve``).
+
+Two apps: ``/chat`` has two replicas sharing sessions through Redis (1 slot, no queue each, so a request
+that the router sends to a busy replica gets 429 at once); ``/one`` has one replica (1 slot, 1 queued)
+for the four states, 429 with ``Retry-After`` and a rolling redeploy with a stream open. Ray needs
+about 1.5 GB of memory and a minute on 2 cores: its own module, skipped without ``ray[serve]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from servers import free_port
+from test_redis_store import redis_url  # noqa: F401 - the fixture
+
+serve = pytest.importorskip("ray.serve")
+ray = pytest.importorskip("ray")
+
+from chatstream_asgi.integrations.ray_serve import chat_app, deployment_options  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+TESTS = Path(__file__).parent
+TIMEOUT = 30.0
+SECRET = "ray-test-secret"
+LONG = {"max_new_tokens": 2000}
+
+
+def one_replica_app(max_new_tokens: int = 2000) -> Any:
+    from ray_engines import long_mock
+
+    return chat_app(
+        functools.partial(long_mock, 0.05),
+        session_secret=SECRET,
+        num_replicas=1,
+        longest_reply_s=10.0,
+        num_of_concurrent_executions=1,
+        max_queue_size=1,
+        max_new_tokens=max_new_tokens,
+        shutdown_timeout=2.0,
+        name="one",
+    )
+
+
+@pytest.fixture(scope="module")
+def proxy(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture
+    """Ray (bounded to this module) with both apps deployed; yields the proxy's URL."""
+    old_path = os.environ.get("PYTHONPATH")
+    sys_path = os.pathsep.join([str(TESTS / "apps"), str(TESTS.parent), old_path or ""])
+    os.environ["PYTHONPATH"] = sys_path  # Ray's processes (started now) import ray_engines and the package
+    sys.path.insert(0, str(TESTS / "apps"))
+    from ray_engines import long_mock
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": sys_path}},
+    )
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        two = chat_app(
+            functools.partial(long_mock, 0.05),
+            session_secret=SECRET,
+            session_store_url=redis_url,
+            num_replicas=2,
+            longest_reply_s=10.0,
+            num_of_concurrent_executions=1,
+            max_queue_size=0,
+            max_new_tokens=2000,
+            name="two",
+        )
+        serve.run(two, name="chat", route_prefix="/chat")
+        serve.run(one_replica_app(), name="one", route_prefix="/one")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        sys.path.remove(str(TESTS / "apps"))
+        if old_path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old_path
+
+
+class Lines:
+    """The NDJSON events of a streamed response. Keep it while the stream must stay open: dropping a
+    half-read ``iter_lines()`` generator closes httpx's connection."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.iter_lines()
+
+    def next(self) -> dict[str, Any]:
+        return json.loads(next(self._lines))
+
+    def rest(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self._lines]
+
+
+def metrics(client: httpx.Client, prefix: str) -> dict[str, float]:
+    text = client.get(f"{prefix}/metrics").text
+    return {m[1]: float(m[2]) for m in re.finditer(r'chatstream_completions_total\{state="(\w+)"\} (\S+)', text)}
+
+
+def test_options_cover_the_app_limits_and_the_longest_reply() -> None:
+    options = deployment_options(num_of_concurrent_executions=4, max_queue_size=16, longest_reply_s=60.0)
+    assert options["max_ongoing_requests"] == 4 + 16 + 8
+    assert options["graceful_shutdown_timeout_s"] >= 60.0 + 10.0
+    with pytest.raises(ValueError, match="shared session store"):
+        chat_app(dict, session_secret="s", num_replicas=2, longest_reply_s=1.0)
+    with pytest.raises(ValueError, match="session_secret"):
+        chat_app(dict, session_secret="", longest_reply_s=1.0)
+
+
+def test_free_slot_routing_and_one_conversation_across_two_replicas(proxy: str) -> None:
+    """Each replica has one slot and no queue. While one replica streams, every request must go to the
+    other; a conversation started on one replica continues on the other with the same cookie."""
+    hold = {"messages": [{"role": "user", "content": "hold the slot"}], "format": "ndjson", "generation_params": LONG}
+    short = {"max_new_tokens": 3}
+    with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client, contextlib.ExitStack() as streams:
+
+        def admitted(body: dict[str, Any], not_on: str, stream: bool = False, **kwargs: Any) -> httpx.Response:
+            """The request, sent again while Ray still counts a just-finished reply on the busy replica
+            (bounded); a 429 may only come from the replica that is known to be busy."""
+            for _ in range(20):
+                if stream:
+                    response = streams.enter_context(client.stream("POST", "/chat/chat_stream", json=body, **kwargs))
+                else:
+                    response = client.post("/chat/chat_stream", json=body, **kwargs)
+                if response.status_code == 200:
+                    return response
+                assert response.status_code == 429, response.read()
+                assert response.headers["x-chatstream-replica"] == not_on
+            raise AssertionError("never admitted")
+
+        first = streams.enter_context(client.stream("POST", "/chat/chat_stream", json=hold))
+        first_events = Lines(first)
+        assert first_events.next()["type"] == "delta"
+        a = first.headers["x-chatstream-replica"]
+        # The only free slot is on the other replica: the router must send the turn there at once.
+        turn1 = client.post("/chat/chat_stream", json={"user_input": "first turn", "generation_params": short})
+        assert turn1.status_code == 200, turn1.text
+        b = turn1.headers["x-chatstream-replica"]
+        assert b != a
+        token = turn1.headers["x-session-id"]
+        second = admitted(hold, a, stream=True)  # now hold b as well ...
+        second_events = Lines(second)
+        assert second_events.next()["type"] == "delta"
+        assert second.headers["x-chatstream-replica"] == b
+        first.close()  # ... and free a: the conversation must continue there
+        assert client.cookies["chatstream_session"] == token  # the client sends the cookie turn 1 set
+        turn2 = admitted({"user_input": "second turn", "generation_params": short}, b)
+        assert turn2.headers["x-chatstream-replica"] == a
+        assert turn2.headers["x-session-id"] == token
+        assert "set-cookie" not in turn2.headers  # the other replica accepted the cookie: the same secret
+        second.close()
+        deadline = time.monotonic() + TIMEOUT  # a turn is saved just after its last byte: bounded wait
+        while len(contents := [m["content"] for m in client.get("/chat/get_prompt").json()["messages"]]) < 4:
+            assert time.monotonic() < deadline, contents
+            time.sleep(0.02)
+    assert contents[0::2] == ["first turn", "second turn"]
+    assert contents[1] == turn1.text and contents[3] == turn2.text
+
+
+def test_simultaneous_requests_take_both_replicas(proxy: str) -> None:
+    """Two requests at once against two replicas of one slot each (no queue): both are admitted, one on each.
+    Ray's default router probed both replicas concurrently, saw equal queues and sent both to one."""
+    body = {"messages": [{"role": "user", "content": "at once"}], "format": "ndjson", "generation_params": LONG}
+    for _ in range(3):
+        with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client, contextlib.ExitStack() as streams:
+            opened = open_together(client, streams, "/chat/chat_stream", body, 2)
+            assert [response.status_code for response in opened] == [200, 200]
+            assert len({response.headers["x-chatstream-replica"] for response in opened}) == 2
+
+
+def open_together(
+    client: httpx.Client, streams: contextlib.ExitStack, path: str, body: dict[str, Any], count: int
+) -> list[httpx.Response]:
+    """``count`` streamed requests sent at the same moment (threads behind a barrier)."""
+    barrier = threading.Barrier(count)
+    opened: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def open_one() -> None:
+        barrier.wait(TIMEOUT)
+        response = client.send(client.build_request("POST", path, json=body), stream=True)
+        with lock:
+            opened.append(response)
+            streams.callback(response.close)
+
+    threads = [threading.Thread(target=open_one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    return opened
+
+
+def test_four_states_and_429_through_the_proxy_then_a_rolling_redeploy(proxy: str) -> None:
+    stream = {"messages": [{"role": "user", "content": "go"}], "format": "ndjson", "generation_params": LONG}
+    with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client:
+        before = metrics(client, "/one")
+        ok = client.post("/one/chat_stream", json={**stream, "generation_params": {"max_new_tokens": 4}})
+        assert ok.status_code == 200 and json.loads(ok.text.splitlines()[-1])["state"] == "success"
+        with client.stream("POST", "/one/chat_stream", json=stream) as left:
+            assert Lines(left).next()["type"] == "delta"  # then the client leaves mid-stream
+        with client.stream("POST", "/one/chat_stream", json=stream) as holder:
+            holder_events = Lines(holder)
+            assert holder_events.next()["type"] == "delta"
+            with client.stream("POST", "/one/chat_stream", json=stream) as queued:
+                queued_events = Lines(queued)
+                assert queued_events.next() | {"estimated_wait_seconds": None} == {
+                    "type": "queue",
+                    "position": 1,
+                    "estimated_wait_seconds": None,
+                }
+                over = client.post("/one/chat_stream", json=stream)
+                assert over.status_code == 429
+                assert over.json() == {"error": "too_many_requests"}
+                assert int(over.headers["retry-after"]) >= 1
+                assert client.get("/one/get_load").json()["waiting"] == 1  # control room: not stuck behind
+            # The queued client left; the holder's stream goes on.
+            assert holder_events.next()["type"] == "delta"
+        failed = client.post("/one/chat_stream", json={"messages": [{"role": "user", "content": "fail"}]})
+        assert failed.status_code == 500
+        assert failed.json()["error"] == "unknown_error_occurred"
+        counts = metrics(client, "/one")
+        gained = {state: counts.get(state, 0) - before.get(state, 0) for state in counts}
+        assert gained == {
+            "success": 1,
+            "client_disconnected_while_streaming": 2,
+            "client_disconnected_before_streaming": 1,
+            "unknown_error_occurred": 1,
+        }
+
+        # Rolling redeploy while a reply streams: the old replica drains it to the end.
+        reply = {**stream, "generation_params": {"max_new_tokens": 60}}  # about 3 s at 0.05 s a token
+        with client.stream("POST", "/one/chat_stream", json=reply) as open_stream:
+            events_in = Lines(open_stream)
+            assert events_in.next()["type"] == "delta"
+            old = open_stream.headers["x-chatstream-replica"]
+            redeploy = threading.Thread(
+                target=serve.run, args=(one_replica_app(1000),), kwargs={"name": "one", "route_prefix": "/one"}
+            )
+            redeploy.start()
+            events = events_in.rest()
+        redeploy.join(TIMEOUT)
+        assert not redeploy.is_alive()
+        assert events[-1]["type"] == "done" and events[-1]["state"] == "success"
+        assert sum(1 for e in events if e["type"] == "delta") == 59
+        after = client.post("/one/chat_stream", json={**stream, "generation_params": {"max_new_tokens": 2}})
+        assert after.status_code == 200
+        assert after.headers["x-chatstream-replica"] != old
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_before_streaming(proxy: str) -> None:
+    """Ray's proxy both sends ``http.disconnect`` and cancels the replica's task when the client leaves;
+    whichever lands first, the request ends in ``client_disconnected_before_streaming``, counted once.
+    (Which one lands first is a race here; tests/test_cancellation.py cancels deterministically.) A
+    client that leaves before the proxy handed its request on never reaches the app at all, which
+    nothing outside can await: such a try is made again, up to three times."""
+    with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client:
+        host, port = proxy.removeprefix("http://").split(":")
+        for _ in range(3):
+            before = metrics(client, "/one").get("client_disconnected_before_streaming", 0)
+            with socket.create_connection((host, int(port)), timeout=TIMEOUT) as conn:
+                head = "POST /one/chat_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                conn.sendall(f"{head}Content-Length: 1000\r\n\r\n".encode() + b'{"messages": [')
+                time.sleep(1.0)  # let the proxy hand the request to the replica
+            deadline = time.monotonic() + 10.0
+            while (after := metrics(client, "/one").get("client_disconnected_before_streaming", 0)) == before:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            if after != before:
+                assert after == before + 1
+                return
+        pytest.fail("no state reported in three tries")
+
+
+def test_x_request_id_is_sent_once(proxy: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "generation_params": {"max_new_tokens": 1}}
+    response = httpx.post(f"{proxy}/one/chat_stream", json=body, headers={"x-request-id": "abc-1"}, timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers.get_list("x-request-id") == ["abc-1"]
+    plain = httpx.post(f"{proxy}/one/chat_stream", json=body, timeout=TIMEOUT)
+    assert len(plain.headers.get_list("x-request-id")) == 1
