@@ -58,6 +58,7 @@ def test_readme_has_snippets() -> None:
 
 @pytest.mark.parametrize("code", [_param(line, code) for line, code in snippets()])
 def test_snippet_runs_and_its_apps_answer(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATSTREAM_SESSION_SECRET", "readme-secret")
     module = types.ModuleType("readme_snippet")  # a module of its own, as if saved to a file and imported
     monkeypatch.setitem(sys.modules, module.__name__, module)
     exec(compile(code, "README.md snippet", "exec"), module.__dict__)
@@ -66,6 +67,9 @@ def test_snippet_runs_and_its_apps_answer(code: str, monkeypatch: pytest.MonkeyP
     if "pool" in namespace:  # remote engines on hosts that do not exist: it builds, and serves /get_load
         with TestClient(apps["app"]) as client:
             assert client.get("/get_load").status_code == 200
+        return
+    if "chat_app" in namespace:  # a Ray Serve application: it builds here; tests/test_ray_serve.py runs one
+        assert type(apps["app"]).__name__ == "Application"
         return
     if "TokenBackend" in namespace:  # the auth section: refused without credentials, served with them
         signature = hmac.new(namespace["SECRET"], BODY, hashlib.sha256).hexdigest()
