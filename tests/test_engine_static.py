@@ -186,7 +186,7 @@ def test_graph_decode_matches_eager_token_for_token(tiny_engine: TransformersEng
     eager = staggered(static_engine(tiny_engine, cuda_graphs=False), monkeypatch, contents, joins)
     graphs = static_engine(tiny_engine)
     replayed = staggered(graphs, monkeypatch, contents, joins)
-    assert graphs._runner is not None and graphs._runner._graphs  # really replayed graphs
+    assert graphs._runner is not None and graphs._runner.graphs  # really replayed graphs
     assert replayed == eager
 
 

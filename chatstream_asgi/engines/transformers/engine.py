@@ -44,7 +44,7 @@ from chatstream_asgi.engines.base import (
 )
 from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher, decode_windows
-from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner
+from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner, capture_all
 from chatstream_asgi.engines.transformers.loading import DEFAULT_MODEL, load_model
 from chatstream_asgi.engines.transformers.sampling import BatchSampler
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, plan_rows
@@ -157,6 +157,7 @@ class TransformersEngine:
         self._kv = BatchKVCache(self._num_layers, row_capacity=max_batch_size)
         self._static_kv: StaticKVCache | None = None
         self._runner: DecodeRunner | None = None
+        self._prefill_runner: PrefillRunner | None = None
         self._sampler: BatchSampler | None = None
 
     @classmethod
@@ -313,8 +314,13 @@ class TransformersEngine:
             self._layout.bytes_per_token,
             "" if rows == self.max_batch_size else f"; the budget caps the batch below {self.max_batch_size}",
         )
-        self._runner = DecodeRunner(self._call_model, self._static_kv, self._pad_id, use_graphs=self.cuda_graphs)
-        self._runner.capture()
+        kv, pad, graphs = self._static_kv, self._pad_id, self.cuda_graphs
+        self._runner = DecodeRunner(self._call_model, kv, pad, use_graphs=graphs)
+        self._prefill_runner = PrefillRunner(
+            self._call_model, self._run_model, kv, pad, use_graphs=graphs, chunk=self.max_prefill_tokens
+        )
+        if self._runner.shapes:
+            capture_all([self._runner, self._prefill_runner], self.device)
 
     def _iteration(self, admitted: list[_Sequence]) -> None:
         """One loop turn: prefill arrivals (one hand-off), then one decode step (one hand-off)."""
@@ -378,21 +384,27 @@ class TransformersEngine:
         self._accept(seqs, tokens.tolist(), outbox)
 
     def _prefill_chunks(self, outbox: _Outbox) -> None:
-        """Static path: put up to ``max_prefill_tokens`` prompt tokens into the cache, oldest first.
+        """Static path: one prefill forward between two decode steps, oldest prompts first.
 
-        Sequences whose prompt completes join the batch at rows ``n, n+1, ...`` (their slots); at
-        most one, the last, stays partly prefilled, in the top slot, until a later turn.
+        Each prompt contributes at most ``max_prefill_tokens`` tokens to it. A partly prefilled
+        prompt continues alone; new prompts are batched while the padded batch still fits one
+        captured prefill graph (a replay costs about the same for any of its shapes). Sequences
+        whose prompt completes join the batch at rows ``n, n+1, ...`` (their slots); at most one,
+        the last, stays partly prefilled, in the top slot, until a later turn.
         """
         kv = self._static_kv
         assert kv is not None
-        budget = self.max_prefill_tokens or self.context_len * kv.rows
+        assert self._prefill_runner is not None
+        limit = self.max_prefill_tokens or self.context_len
         chunks: list[tuple[_Sequence, int, int]] = []
         for seq in self._prefilling:
-            if budget <= 0:
+            take = min(len(seq.prompt_ids) - seq.cached, limit)
+            width = max([take, *(t for _, _, t in chunks)])
+            if chunks and (seq.cached or not self._prefill_runner.batchable(len(chunks) + 1, width)):
                 break
-            take = min(len(seq.prompt_ids) - seq.cached, budget)
             chunks.append((seq, seq.cached, take))
-            budget -= take
+            if seq.cached or seq.cached + take < len(seq.prompt_ids):
+                break  # a continued chunk runs alone; at most one prompt is left partly prefilled
         first_row = len(self._active)
         done = [seq for seq, start, take in chunks if start + take == len(seq.prompt_ids)]
         for i, (seq, _, _) in enumerate(chunks):
@@ -431,18 +443,6 @@ class TransformersEngine:
         self._active.extend(done)
         if done:
             self._accept(done, tokens.tolist(), outbox)
-
-    def _forward_chunk(
-        self, ids: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor, slots: torch.Tensor, kv_len: int
-    ) -> torch.Tensor:
-        """Left-padded prompt chunks written into ``slots``; returns each row's last-position logits."""
-        assert self._static_kv is not None
-        ids, positions, columns, slots = (t.to(self.device) for t in (ids, positions, columns, slots))
-        keys = torch.arange(kv_len, device=self.device)
-        mask = (keys.view(1, 1, kv_len) <= positions.unsqueeze(2)).unsqueeze(1)
-        cache = self._static_kv.for_chunk(slots, columns, kv_len)
-        out = self._run_model(cache, input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
-        return out.logits[:, -1, :]
 
     def _decode(self, outbox: _Outbox) -> None:
         """One token for every active row (on the static path: steps until the batch must change)."""
@@ -522,8 +522,10 @@ class TransformersEngine:
         return min(seq.params.max_new_tokens, self.context_len - len(seq.prompt_ids))
 
     def _forward_prefill(self, *inputs: Any) -> Any:
-        """The prefill forward of the engine's path (:meth:`_forward_chunk` or :meth:`_forward_prompts`)."""
-        return self._forward_chunk(*inputs) if self.static else self._forward_prompts(*inputs)
+        """The prefill forward of the engine's path (:meth:`PrefillRunner.run` or :meth:`_forward_prompts`)."""
+        if self._prefill_runner is not None:
+            return self._prefill_runner.run(*inputs)
+        return self._forward_prompts(*inputs)
 
     def _forward_prompts(
         self, input_ids: torch.Tensor, mask: torch.Tensor
