@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="smollm2", help="'smollm2' (default), a local directory or a hub id")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
+    gpu = serve.add_argument_group("transformers engine on CUDA (static KV cache)")
+    gpu.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly (debugging)")
+    gpu.add_argument("--kv-cache-memory", type=float, metavar="GIB", help="KV cache budget in GiB")
+    gpu.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION", help="or: share of the card")
+    gpu.add_argument("--max-prefill-tokens", type=int, metavar="N", help="prompt tokens per chunk between steps")
     serve.add_argument(
         "--remote-url",
         action="append",
@@ -74,7 +79,14 @@ def _engine(args: argparse.Namespace) -> Engine:
     from chatstream_asgi.engines.transformers.engine import TransformersEngine
 
     return TransformersEngine.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, max_batch_size=args.concurrency
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.concurrency,
+        cuda_graphs=not args.no_cuda_graphs,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
 
 

@@ -195,3 +195,35 @@ def test_graph_engine_matches_alone(f32_engine: TransformersEngine, monkeypatch)
     contents = [*PROMPTS, LONG]
     expected = [reference_greedy(f32_engine, c, 12) for c in contents]
     assert staggered(static_engine(f32_engine), monkeypatch, contents, {2: [1], 5: [2, 3], 7: [4]}) == expected
+
+
+def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
+    from chatstream_asgi import cli
+
+    seen: dict[str, Any] = {}
+
+    def fake(cls: type, name: str, **options: Any) -> str:
+        seen.update(options, name=name)
+        return "engine"
+
+    monkeypatch.setattr(TransformersEngine, "from_pretrained", classmethod(fake))
+    argv = ["serve", "--no-cuda-graphs", "--kv-cache-memory", "2.5", "--max-prefill-tokens", "256"]
+    assert cli._engine(cli.build_parser().parse_args(argv)) == "engine"
+    assert seen["cuda_graphs"] is False
+    assert (seen["kv_cache_memory"], seen["gpu_memory_utilization"], seen["max_prefill_tokens"]) == (2.5, None, 256)
+
+
+def test_kv_cache_usage_is_a_metric() -> None:
+    from types import SimpleNamespace
+
+    from chatstream_asgi.service.metrics import Metrics
+
+    metrics = Metrics()
+    engine = SimpleNamespace(kv_cache_usage=0.25)
+    metrics.observe_engine(engine)
+    assert b"chatstream_kv_cache_usage_ratio 0.25" in metrics.render()
+    engine.kv_cache_usage = 1.0
+    assert b"chatstream_kv_cache_usage_ratio 1.0" in metrics.render()
+    other = Metrics()
+    other.observe_engine(object())  # an engine without a static cache
+    assert b"chatstream_kv_cache_usage_ratio 0.0" in other.render()

@@ -168,6 +168,7 @@ class ChatStream:
         self.shutdown_timeout = shutdown_timeout
         self.metrics = Metrics(metrics_registry)
         self.metrics.observe_admission(self.admission)
+        self.metrics.observe_engine(engine)
         self._formats = frozenset(FORMATS)
         self._replies: set[Reply] = set()
         self._started = False
