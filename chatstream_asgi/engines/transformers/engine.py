@@ -105,8 +105,9 @@ class TransformersEngine:
     GPU options (see the module docstring): ``static_cache`` (default: on CUDA) selects the
     preallocated cache, sized by ``kv_cache_memory`` (GiB) or ``gpu_memory_utilization`` (a
     fraction of the card, like vLLM's); fewer rows than ``max_batch_size`` when the budget holds
-    fewer. ``cuda_graphs=False`` runs its decode step eagerly (for debugging). ``max_prefill_tokens``
-    caps the prompt tokens prefilled between two decode steps (static cache only; default: no cap).
+    fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``max_prefill_tokens``
+    caps the tokens of one prompt prefilled between two decode steps (static cache only; default: no
+    cap). ``kv_cache_usage`` is the share of the slots in use.
     """
 
     def __init__(
@@ -299,7 +300,7 @@ class TransformersEngine:
         logger.info("engine %s stopped", self.model_name)
 
     def _prepare(self) -> None:
-        """On the static path: allocate the cache from the budget and capture the decode graphs."""
+        """On the static path: allocate the cache from the budget, capture the decode and prefill graphs."""
         if not self.static or self._static_kv is not None:
             return
         assert self._layout is not None
