@@ -35,7 +35,7 @@ __all__ = ["DecodeRunner", "PrefillRunner", "bucket_for", "capture_all", "length
 logger = logging.getLogger("chatstream_asgi.engine")
 
 _MIN_LENGTH_BUCKET = 64
-_TOKEN_BUCKETS = (32, 128, 512)
+_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 _MAX_GRAPH_TOKENS = 8192
 
 Key = tuple[int, ...]
@@ -183,7 +183,7 @@ class PrefillRunner:
     """Prompt chunks written into cache slots; returns each row's last-position logits.
 
     Shapes it pads to (and captures): new prompts as ``(rows, tokens, tokens)`` with ``tokens`` in
-    32/128/512 and ``rows * tokens <= 8192``; a continued chunk of one prompt as ``(1, chunk,
+    16, 32, ... 512 and ``rows * tokens <= 8192``; a continued chunk of one prompt as ``(1, chunk,
     length)`` for ``chunk`` the bucket of ``max_prefill_tokens``. Other chunks run eagerly through
     ``run_eager`` (the engine's call under its attention kernels), unpadded.
     """
