@@ -9,26 +9,37 @@ For each batch size it measures, on the same model in the same process:
 (b) engine TransformersEngine's aggregate tokens/s with that many concurrent requests, driven
            through the async API (greedy, EOS ignored, wall time from first submit to last finish);
 (c) 1-by-1 the original library's design: one batch-1 forward per request in turn;
-(d) hf-cb  transformers' own continuous batching (``model.generate_batch``).
+(d) hf-cb  transformers' own continuous batching (``model.generate_batch``);
+(e) graph  on CUDA, the torch-only ceiling: the HF model over a ``StaticCache`` (prompt + new
+           tokens long), one decode step captured in a ``torch.cuda.CUDAGraph`` (warm-up on a side
+           stream), replayed; tokens/s = batch / replay time.
+
+On CUDA it also prints the weight-read floor (parameter bytes / measured device-to-device copy
+bandwidth: no decode step can be faster), the engine's ratio to it, and the inter-token latency
+p50/p99 per stream at each batch size.
 
 ``--device cuda`` runs it on a GPU; ``--random-init DIR`` builds the model from the config and
 tokenizer in DIR with random weights (throughput does not depend on the weights), for hosts that
 lack the model file.
 
-It then prints the time to first token of a request joining a batch of 15 running sequences,
-next to the time of one prefill of that prompt plus one batch-16 decode step.
+It then prints the time to first token of a request joining the largest batch minus one running
+sequences, next to one prefill of that prompt plus two decode steps; and, on the static cache,
+the inter-token latency of 15 running streams while a long prompt joins them
+(``--max-prefill-tokens`` chunks it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -90,19 +101,128 @@ def raw_step_seconds(model: torch.nn.Module, rows: list[list[int]], context: int
     return statistics.median(times[1:])
 
 
-async def engine_run(engine: TransformersEngine, batch: int, new_tokens: int) -> tuple[float, int]:
-    """Seconds and completion tokens for ``batch`` concurrent greedy requests."""
+async def engine_run(engine: TransformersEngine, batch: int, new_tokens: int) -> tuple[float, int, list[float]]:
+    """Seconds, completion tokens and inter-delta gaps (all streams) for ``batch`` concurrent greedy requests."""
     params = GenerationParams(temperature=0.0, max_new_tokens=new_tokens)
+    gaps: list[float] = []
 
     async def one(i: int) -> int:
         stream = engine.generate(GenerationRequest(f"b{i}", messages(i), params, ignore_eos=True))
+        last = None
         async for _ in stream:
-            pass
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
         return stream.completion_tokens
 
     start = time.perf_counter()
     counts = await asyncio.gather(*(one(i) for i in range(batch)))
-    return time.perf_counter() - start, sum(counts)
+    return time.perf_counter() - start, sum(counts), gaps
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+@torch.inference_mode()
+def graph_ceiling_seconds(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """(e): median replay time of one decode step of the HF model over a StaticCache, captured in a CUDA graph."""
+    from transformers import StaticCache
+
+    device = model.device
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+    ids = torch.randint(100, 1000, (batch, prompt_len), device=device)
+    model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    step_ids = ids[:, -1:].clone()
+    positions = torch.full((batch, 1), prompt_len, dtype=torch.long, device=device)
+
+    def rewind() -> None:  # the captured step advances the cache's write position: put it back
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(prompt_len)
+
+    def step() -> torch.Tensor:
+        return model(input_ids=step_ids, position_ids=positions, cache=cache, use_cache=True).logits
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+            rewind()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(5):
+        rewind()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(new_tokens):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / new_tokens)
+    return statistics.median(times[1:])
+
+
+@torch.inference_mode()
+def weight_floor_seconds(model: torch.nn.Module) -> tuple[float, float]:
+    """(floor seconds a step, bandwidth GB/s): parameter bytes over a measured device-to-device copy rate."""
+    device = model.device
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    src = torch.randn(2**28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    bandwidth = 2 * 10 * src.numel() * src.element_size() / (start.elapsed_time(end) / 1000)
+    del src, dst
+    torch.cuda.empty_cache()
+    return weights / bandwidth, bandwidth / 1e9
+
+
+async def long_join_itl(engine: TransformersEngine, running: int, prompt_tokens: int) -> tuple[float, float, float]:
+    """Inter-token gaps of ``running`` streams: (median before, max and p50 while a long prompt joins)."""
+    params = GenerationParams(temperature=0.0, max_new_tokens=100_000 // 100)
+    busy = [
+        engine.generate(GenerationRequest(f"busy{i}", messages(i), params, ignore_eos=True)) for i in range(running)
+    ]
+    stamps: list[list[float]] = [[] for _ in busy]
+    joined = asyncio.Event()
+    window: list[float] = []
+
+    async def drain(i: int, stream: object) -> None:
+        async for _ in stream:  # type: ignore[attr-defined]
+            stamps[i].append(time.perf_counter())
+            if joined.is_set() and len(stamps[i]) > 40:
+                return
+
+    tasks = [asyncio.create_task(drain(i, s)) for i, s in enumerate(busy)]
+    while min(map(len, stamps)) < 20:
+        await asyncio.sleep(0.005)
+    long_prompt = [{"role": "user", "content": "word " * prompt_tokens}]
+    while engine.count_tokens(long_prompt) > prompt_tokens:
+        long_prompt = [{"role": "user", "content": "word " * (len(long_prompt[0]["content"]) // 5 - 50)}]
+    window.append(time.perf_counter())
+    one_token = GenerationParams(temperature=0.0, max_new_tokens=1)
+    joiner = engine.generate(GenerationRequest("long", long_prompt, one_token))
+    async for _ in joiner:
+        pass
+    window.append(time.perf_counter())
+    joined.set()
+    await asyncio.gather(*tasks)
+    for s in busy:
+        s.cancel()
+    before = [b - a for ts in stamps for a, b in itertools.pairwise(ts) if b < window[0]]
+    during = [b - a for ts in stamps for a, b in itertools.pairwise(ts) if b >= window[0] and a <= window[1]]
+    return statistics.median(before), max(during), statistics.median(during)
 
 
 @torch.inference_mode()
@@ -166,15 +286,16 @@ def prefill_plus_step_seconds(model: torch.nn.Module, prompt: list[int], rows: l
     return prefill + raw_step_seconds(model, rows, context=max(map(len, rows)) + 64, steps=3)
 
 
-def random_engine(directory: str, device: str, dtype: str | None, batch: int) -> TransformersEngine:
+def random_engine(directory: str, device: str, dtype: str | None, **options: object) -> TransformersEngine:
     """An engine over a model with ``directory``'s config and tokenizer and random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch_dtype)
-    model.to(device).eval()
+    with torch.device(device):  # initialise on the device: a 1B model's random init on CPU takes minutes
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch_dtype)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    return TransformersEngine(model, tokenizer, device, max_batch_size=batch, name=f"{Path(directory).name} (random)")
+    return TransformersEngine(model, tokenizer, device, name=f"{Path(directory).name} (random)", **options)
 
 
 def main() -> None:
@@ -188,47 +309,65 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--random-init", metavar="DIR", help="config + tokenizer in DIR, random weights")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="engine: run the static-cache step eagerly")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None, help="engine: prefill chunk per step")
+    parser.add_argument("--long-prompt", type=int, default=2000, help="tokens of the prompt joining 15 streams")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens = 16
     torch.set_num_threads(args.threads)
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("chatstream_asgi").setLevel(logging.INFO)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
+    options = {"max_batch_size": max(batch_sizes), "max_prefill_tokens": args.max_prefill_tokens}
+    if args.no_cuda_graphs:
+        options["cuda_graphs"] = False
     if args.random_init:
-        engine = random_engine(args.random_init, args.device, args.dtype, max(batch_sizes))
+        engine = random_engine(args.random_init, args.device, args.dtype, **options)
     else:
-        engine = TransformersEngine.from_pretrained(
-            args.model, device=args.device, dtype=args.dtype, max_batch_size=max(batch_sizes)
-        )
+        engine = TransformersEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, **options)
     model = engine.model
-    where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else f"{args.threads} threads"
+    cuda = model.device.type == "cuda"
+    where = torch.cuda.get_device_name(model.device) if cuda else f"{args.threads} threads"
     print(f"model {engine.model_name} ({model.dtype}), torch {torch.__version__}, {where}, "
           f"{args.new_tokens} new tokens per request, greedy, EOS ignored")  # fmt: skip
+    joining = max(batch_sizes) - 1
 
-    async def run_engine() -> tuple[dict[int, tuple[float, int]], float]:
+    async def run_engine() -> tuple[dict[int, tuple[float, int, list[float]]], float, Any]:
+        started = time.perf_counter()
         await engine.start()
+        print(f"engine start-up (cache, graph capture): {time.perf_counter() - started:.1f} s")
         await engine_run(engine, 2, 4)  # warm-up
         results = {b: await engine_run(engine, b, args.new_tokens) for b in batch_sizes}
-        ttft = await join_ttft(engine, 15, 2 if args.quick else 5)
+        ttft = await join_ttft(engine, joining, 2 if args.quick else 5)
+        long_join = {}
+        if engine.static:  # the same engine, unchunked and chunked (the setting is read at every step)
+            for chunk in (None, args.max_prefill_tokens or 256):
+                engine.max_prefill_tokens = chunk
+                long_join[chunk] = await long_join_itl(engine, 15, args.long_prompt)
         await engine.shutdown()
-        return results, ttft
+        return results, ttft, long_join
 
-    engine_results, ttft = asyncio.run(run_engine())
-    one_by_one_steps = 4 if args.quick else 16
+    engine_results, ttft, long_join = asyncio.run(run_engine())
+    one_by_one_steps = 4 if args.quick or cuda else 16
     rows_by_batch = {b: prompts(engine, b) for b in batch_sizes}
     table = []
     for b in batch_sizes:
         rows = rows_by_batch[b]
         context = max(map(len, rows)) + args.new_tokens // 2
         raw = b / raw_step_seconds(model, rows, context, steps=3 if args.quick else 8)
-        seconds, tokens = engine_results[b]
+        seconds, tokens, _ = engine_results[b]
         eng = tokens / seconds
         seq = 1 / one_by_one_seconds_per_token(model, rows, one_by_one_steps)
-        table.append([b, raw, eng, seq])
-    busy_rows = prompts(engine, 15)
-    joiner = prompts(engine, 16)[-1]
+        graph = b / graph_ceiling_seconds(model, b, max(map(len, rows)), args.new_tokens) if cuda else float("nan")
+        table.append([b, raw, eng, seq, graph])
+    busy_rows = prompts(engine, joining)
+    joiner = prompts(engine, joining + 1)[-1]
     reference = prefill_plus_step_seconds(model, joiner, [*busy_rows, joiner])
+    step_p50 = percentile(engine_results[max(batch_sizes)][2], 0.5)
+    floor, bandwidth = weight_floor_seconds(model) if cuda else (float("nan"), float("nan"))
     for row in table:  # last: generate_batch may switch the model's attention implementation
         if args.skip_hf:
             row.append(float("nan"))
@@ -237,17 +376,30 @@ def main() -> None:
             row.append(tokens / seconds)
 
     print()
-    print("batch | (a) raw tok/s | (b) engine tok/s | (c) 1-by-1 tok/s | (d) hf-cb tok/s |  b/a |  b/c |  b/d")
-    print("------|---------------|------------------|------------------|-----------------|------|------|------")
-    for b, raw, eng, seq, hf in table:
+    print("batch | (a) raw tok/s | (b) engine tok/s | (c) 1-by-1 tok/s | (d) hf-cb tok/s | (e) graph tok/s "
+          "|  b/a |  b/c |  b/d |  b/e | ITL p50/p99 ms")  # fmt: skip
+    print("------|---------------|------------------|------------------|-----------------|-----------------"
+          "|------|------|------|------|---------------")  # fmt: skip
+    for b, raw, eng, seq, graph, hf in table:
+        gaps = engine_results[b][2]
         print(
-            f"{b:5d} | {raw:13.1f} | {eng:16.1f} | {seq:16.1f} | {hf:15.1f} | "
-            f"{eng / raw:4.2f} | {eng / seq:4.1f} | {eng / hf:4.1f}"
+            f"{b:5d} | {raw:13.1f} | {eng:16.1f} | {seq:16.1f} | {hf:15.1f} | {graph:15.1f} | "
+            f"{eng / raw:4.2f} | {eng / seq:4.1f} | {eng / hf:4.1f} | {eng / graph:4.2f} | "
+            f"{percentile(gaps, 0.5) * 1000:.2f}/{percentile(gaps, 0.99) * 1000:.2f}"
         )
+    if cuda:
+        print()
+        print(f"weight-read floor: {floor * 1000:.3f} ms a step ({bandwidth:.0f} GB/s copy); engine ms/step and "
+              "ratio floor/step by batch: " + ", ".join(
+                  f"{b}: {b / eng * 1000:.2f} ms ({floor / (b / eng):.2f})" for b, _, eng, *_ in table))  # fmt: skip
     print()
-    print(f"time to first token joining 15 running sequences: {ttft * 1000:.0f} ms "
-          f"(one prefill of {len(joiner)} tokens + one batch-16 decode step: "
-          f"{reference * 1000:.0f} ms)")  # fmt: skip
+    print(f"time to first token joining {joining} running sequences: {ttft * 1000:.1f} ms "
+          f"(one prefill of {len(joiner)} tokens + one eager batch-{joining + 1} decode step: "
+          f"{reference * 1000:.1f} ms; engine decode step p50 {step_p50 * 1000:.2f} ms)")  # fmt: skip
+    for chunk, (before, worst, mid) in long_join.items():
+        print(f"15 streams while a {args.long_prompt}-token prompt joins (max_prefill_tokens={chunk}): "
+              f"inter-token p50 {before * 1000:.2f} ms before, {mid * 1000:.2f} ms p50 and "
+              f"{worst * 1000:.2f} ms max during ({worst / before:.1f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -84,6 +84,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     serve.add_argument("--devices", choices=["all"], default=None, help="'all': one engine per visible CUDA device")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
+    gpu = serve.add_argument_group("transformers engine on CUDA (static KV cache)")
+    gpu.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly (debugging)")
+    gpu.add_argument("--kv-cache-memory", type=float, metavar="GIB", help="KV cache budget in GiB")
+    gpu.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION", help="or: share of the card")
+    gpu.add_argument("--max-prefill-tokens", type=int, metavar="N", help="prompt tokens per chunk between steps")
     serve.add_argument(
         "--remote-url",
         action="append",
@@ -207,7 +212,16 @@ def _engine(args: argparse.Namespace) -> Engine:
     try:
         resolve_model(args.model)  # the model file is there (cheap), before the slow load
         engines = [
-            TransformersEngine.from_pretrained(args.model, device=device, dtype=args.dtype, max_batch_size=batch)
+            TransformersEngine.from_pretrained(
+                args.model,
+                device=device,
+                dtype=args.dtype,
+                max_batch_size=batch,
+                cuda_graphs=not args.no_cuda_graphs,
+                kv_cache_memory=args.kv_cache_memory,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                max_prefill_tokens=args.max_prefill_tokens,
+            )
             for device in devices
         ]
     except ModelLoadError as exc:

@@ -61,13 +61,13 @@ class StepProbe:
         self._pauses[step] = (threading.Event(), threading.Event())
         return self._pauses[step]
 
-    def _step(self, input_ids: torch.Tensor, *args: Any) -> torch.Tensor:
+    def _step(self, first: torch.Tensor, *args: Any) -> torch.Tensor:
         pause = self._pauses.get(len(self.sizes))
         if pause is not None:
             pause[0].set()
             assert pause[1].wait(WATCHDOG)
-        self.sizes.append(input_ids.shape[0])
-        return self._inner(input_ids, *args)
+        self.sizes.append(first.shape[0])  # one row per sequence, on either cache
+        return self._inner(first, *args)
 
 
 async def wait_event(event: threading.Event) -> None:

@@ -129,6 +129,7 @@ class ChatStream:
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
         self.metrics = Metrics(metrics_registry)
         self.metrics.observe_admission(self.admission)
+        self.metrics.observe_engine(engine)
         self.sessions = SessionManager(
             session_store, session_secret, cookie_name=session_cookie, cookie_secure=session_cookie_secure
         )

@@ -2,10 +2,17 @@
 
 One generation thread per engine runs a loop of steps. Requests from :meth:`TransformersEngine.generate`
 wait in a queue; at the start of a step the waiting ones are prefilled together and merged into the
-running batch (:class:`~chatstream_asgi.kv_cache.BatchKVCache`), then one decode forward produces one
-token for every row. Finished and cancelled rows leave between steps. Each step's text deltas are
-handed to the event loop with one ``call_soon_threadsafe`` per loop, where they are pushed into the
-requests' :class:`~chatstream_asgi.engine.QueueStream`.
+running batch, then one decode forward produces one token for every row. Finished and cancelled rows
+leave between steps. Each step's text deltas are handed to the event loop with one
+``call_soon_threadsafe`` per loop, where they are pushed into the requests'
+:class:`~chatstream_asgi.engines.base.QueueStream`.
+
+Two key/value caches back the batch. On CPU (by default), :class:`BatchKVCache` grows with the
+batch and right-aligns its rows. On CUDA, :class:`StaticKVCache` holds a fixed number of slots sized
+from a memory budget, allocated once at start-up; the decode step runs as a CUDA graph replay
+(:class:`DecodeRunner`), and prompts are prefilled eagerly, in chunks of at most
+``max_prefill_tokens`` between decode steps when that is set, so running streams keep flowing while
+a long prompt joins.
 
 Importing this module imports torch and transformers; ``import chatstream_asgi`` does not.
 """
@@ -37,8 +44,10 @@ from chatstream_asgi.engines.base import (
 )
 from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher, decode_windows
+from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner, capture_all
 from chatstream_asgi.engines.transformers.loading import DEFAULT_MODEL, generation_defaults, load_model
 from chatstream_asgi.engines.transformers.sampling import BatchSampler
+from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, plan_rows
 
 __all__ = ["TransformersEngine"]
 
@@ -58,6 +67,8 @@ class _Sequence:
     generated: int = 0
     last_token: int = 0
     finish: FinishReason | None = None
+    cached: int = 0  # tokens in the static cache (static path)
+    slot: int = -1  # the static cache slot holding them (static path)
 
 
 class _Outbox:
@@ -92,6 +103,13 @@ class TransformersEngine:
     without a system message. ``default_generation_params`` is the sampling that suits the model (its
     generation config, or a known alias's recommended values): ``ChatStream`` uses it for the values it
     is not given.
+
+    GPU options (see the module docstring): ``static_cache`` (default: on CUDA) selects the
+    preallocated cache, sized by ``kv_cache_memory`` (GiB) or ``gpu_memory_utilization`` (a
+    fraction of the card, like vLLM's); fewer rows than ``max_batch_size`` when the budget holds
+    fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``max_prefill_tokens``
+    caps the tokens of one prompt prefilled between two decode steps (static cache only; default: no
+    cap). ``kv_cache_usage`` is the share of the slots in use.
     """
 
     def __init__(
@@ -104,6 +122,11 @@ class TransformersEngine:
         max_batch_size: int = 16,
         name: str | None = None,
         system_prompt: str | None = None,
+        static_cache: bool | None = None,
+        cuda_graphs: bool = True,
+        kv_cache_memory: float | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_prefill_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -120,6 +143,13 @@ class TransformersEngine:
         self._num_layers: int = config.get_text_config().num_hidden_layers
         self._cache_arg = "cache" if "cache" in _forward_params(model) else "past_key_values"
         self._attention = _attention_kernels(self.device)
+        self.static = self.device.type == "cuda" if static_cache is None else static_cache
+        self.cuda_graphs = cuda_graphs
+        self.max_prefill_tokens = max_prefill_tokens
+        self._budget = {"kv_cache_memory": kv_cache_memory, "gpu_memory_utilization": gpu_memory_utilization}
+        self._layout = KVLayout.of(config, model.dtype) if self.static else None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
 
         self._cond = threading.Condition()
         self._pending: deque[_Sequence] = deque()
@@ -127,7 +157,11 @@ class TransformersEngine:
         self._thread: threading.Thread | None = None
         # Owned by the generation thread:
         self._active: list[_Sequence] = []
+        self._prefilling: deque[_Sequence] = deque()  # admitted, prompt not fully in the cache (static path)
         self._kv = BatchKVCache(self._num_layers, row_capacity=max_batch_size)
+        self._static_kv: StaticKVCache | None = None
+        self._runner: DecodeRunner | None = None
+        self._prefill_runner: PrefillRunner | None = None
         self._sampler: BatchSampler | None = None
 
     @classmethod
@@ -148,8 +182,17 @@ class TransformersEngine:
     # -- Engine protocol ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the generation thread (idempotent)."""
+        """Start the generation thread and wait until it is ready (cache allocated, graphs captured)."""
         self._ensure_thread()
+        await asyncio.to_thread(self._ready.wait)
+        if self._start_error is not None:
+            raise self._start_error
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the static cache's slots held by running or prefilling sequences (0 without one)."""
+        kv = self._static_kv
+        return (len(self._active) + len(self._prefilling)) / kv.rows if kv is not None else 0.0
 
     async def shutdown(self) -> None:
         """Stop the generation thread; open streams finish with ``cancelled``."""
@@ -232,23 +275,58 @@ class TransformersEngine:
     # -- generation thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        logger.info("engine %s started on %s", self.model_name, self.device)
         with torch.inference_mode():
+            try:
+                self._prepare()
+            except BaseException as exc:
+                logger.exception("engine %s failed to start", self.model_name)
+                self._start_error = exc
+                self._ready.set()
+                self._stopping = True
+            else:
+                self._ready.set()
+                logger.info("engine %s started on %s", self.model_name, self.device)
             while True:
                 with self._cond:
-                    while not (self._pending or self._active or self._stopping):
+                    while not (self._pending or self._active or self._prefilling or self._stopping):
                         self._cond.wait()
                     if self._stopping:
                         break
-                    room = self.max_batch_size - len(self._active)
+                    rows = self._static_kv.rows if self._static_kv is not None else self.max_batch_size
+                    room = rows - len(self._active) - len(self._prefilling)
                     admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
                 try:
                     self._iteration(admitted)
                 except Exception as exc:  # a bug outside the guarded steps: fail the batch, keep serving
                     logger.exception("engine step failed")
-                    self._fail_all([*self._active, *admitted], exc)
+                    self._fail_all([*self._active, *self._prefilling, *admitted], exc)
+                    self._prefilling = deque()
         self._close_all()
         logger.info("engine %s stopped", self.model_name)
+
+    def _prepare(self) -> None:
+        """On the static path: allocate the cache from the budget, capture the decode and prefill graphs."""
+        if not self.static or self._static_kv is not None:
+            return
+        assert self._layout is not None
+        rows = plan_rows(self._layout, self.context_len, self.max_batch_size, self.device, **self._budget)
+        self._static_kv = StaticKVCache(self._layout, rows, self.context_len, self.device)
+        logger.info(
+            "KV cache: %d rows x %d tokens = %d tokens, %.2f GiB (%d bytes a token)%s",
+            rows,
+            self.context_len,
+            rows * self.context_len,
+            self._static_kv.nbytes / 2**30,
+            self._layout.bytes_per_token,
+            "" if rows == self.max_batch_size else f"; the budget caps the batch below {self.max_batch_size}",
+        )
+        kv, pad, graphs = self._static_kv, self._pad_id, self.cuda_graphs
+        self._runner = DecodeRunner(self._call_model, kv, pad, use_graphs=graphs)
+        self._prefill_runner = PrefillRunner(
+            self._call_model, self._run_model, kv, pad, use_graphs=graphs, chunk=self.max_prefill_tokens
+        )
+        if self._runner.shapes:
+            capture_all([self._runner, self._prefill_runner], self.device)
 
     def _iteration(self, admitted: list[_Sequence]) -> None:
         """One loop turn: prefill arrivals (one hand-off), then one decode step (one hand-off)."""
@@ -259,7 +337,17 @@ class TransformersEngine:
                 self._finish(seq, "cancelled", outbox)
             else:
                 waiting.append(seq)
-        if waiting:
+        if self.static:
+            self._prefilling.extend(waiting)
+            for seq in self._prefilling:
+                if seq.stream.cancelled:
+                    self._finish(seq, "cancelled", outbox)
+            self._prefilling = deque(s for s in self._prefilling if s.finish is None)
+            if self._prefilling:
+                self._prefill_chunks(outbox)
+                self._retire(outbox)
+                outbox.flush()
+        elif waiting:
             self._prefill(waiting, outbox)
             self._retire(outbox)
             outbox.flush()
@@ -301,9 +389,77 @@ class TransformersEngine:
         self._active.extend(seqs)
         self._accept(seqs, tokens.tolist(), outbox)
 
+    def _prefill_chunks(self, outbox: _Outbox) -> None:
+        """Static path: one prefill forward between two decode steps, oldest prompts first.
+
+        Each prompt contributes at most ``max_prefill_tokens`` tokens to it. A partly prefilled
+        prompt continues alone; new prompts are batched while the padded batch still fits one
+        captured prefill graph (a replay costs about the same for any of its shapes). Sequences
+        whose prompt completes join the batch at rows ``n, n+1, ...`` (their slots); at most one,
+        the last, stays partly prefilled, in the top slot, until a later turn.
+        """
+        kv = self._static_kv
+        assert kv is not None
+        assert self._prefill_runner is not None
+        limit = self.max_prefill_tokens or self.context_len
+        chunks: list[tuple[_Sequence, int, int]] = []
+        for seq in self._prefilling:
+            take = min(len(seq.prompt_ids) - seq.cached, limit)
+            width = max([take, *(t for _, _, t in chunks)])
+            if chunks and (seq.cached or not self._prefill_runner.batchable(len(chunks) + 1, width)):
+                break
+            chunks.append((seq, seq.cached, take))
+            if seq.cached or seq.cached + take < len(seq.prompt_ids):
+                break  # a continued chunk runs alone; at most one prompt is left partly prefilled
+        first_row = len(self._active)
+        done = [seq for seq, start, take in chunks if start + take == len(seq.prompt_ids)]
+        for i, (seq, _, _) in enumerate(chunks):
+            target = first_row + i if i < len(done) else kv.rows - 1
+            if seq.slot >= 0:
+                kv.move(seq.slot, target, seq.cached)
+            seq.slot = target
+        width = max(take for _, _, take in chunks)
+        ids = torch.full((len(chunks), width), self._pad_id, dtype=torch.long)
+        positions = torch.zeros((len(chunks), width), dtype=torch.long)
+        columns = torch.full((len(chunks), width), kv.scratch, dtype=torch.long)
+        for row, (seq, start, take) in enumerate(chunks):
+            ids[row, width - take :] = torch.tensor(seq.prompt_ids[start : start + take], dtype=torch.long)
+            positions[row, width - take :] = torch.arange(start, start + take)
+            columns[row, width - take :] = positions[row, width - take :]
+        slots = torch.tensor([seq.slot for seq, _, _ in chunks], dtype=torch.long)
+        kv_len = max(start + take for _, start, take in chunks)
+        try:
+            logits = self._forward_prefill(ids, positions, columns, slots, kv_len)
+            if done:
+                sampler = self._get_sampler(logits.shape[-1])
+                sampler.add_rows([s.params for s in done], [s.prompt_ids for s in done])
+                tokens = sampler.sample(logits[: len(done)], slice(first_row, first_row + len(done)))
+        except Exception as exc:
+            logger.exception("prefill of %d sequence(s) failed", len(chunks))
+            if self._sampler is not None:
+                self._sampler.keep_rows(range(min(first_row, len(self._sampler))))
+            for seq, _, _ in chunks:
+                self._fail(seq, exc, outbox)
+            self._prefilling = deque(s for s in self._prefilling if s.finish is None)
+            return
+        for seq, start, take in chunks:
+            seq.cached = start + take
+        for _ in done:
+            self._prefilling.popleft()
+        self._active.extend(done)
+        if done:
+            self._accept(done, tokens.tolist(), outbox)
+
     def _decode(self, outbox: _Outbox) -> None:
-        """One token for every active row."""
+        """One token for every active row (on the static path: steps until the batch must change)."""
         rows = self._active
+        if self.static:
+            try:
+                self._decode_ahead(rows, outbox)
+            except Exception as exc:
+                logger.exception("decode step over %d sequence(s) failed", len(rows))
+                self._fail_all(rows, exc, outbox)
+            return
         input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long, device=self.device)
         try:
             mask, positions = self._kv.prepare_step()
@@ -317,7 +473,67 @@ class TransformersEngine:
             return
         self._accept(rows, tokens.tolist(), outbox)
 
-    def _forward_prefill(
+    def _decode_ahead(self, rows: list[_Sequence], outbox: _Outbox) -> None:
+        """Decode steps over ``rows``, each queued on the device before the host reads the one before.
+
+        While the host detokenizes and delivers step ``k``, the device already runs step ``k + 1``
+        on step ``k``'s sampled tokens (they never leave the device), so host work overlaps device
+        work. Step ``k + 1`` is queued only when no row can reach its length limit at step ``k`` and
+        nothing waits to change the batch; if step ``k`` finishes a row or something starts waiting,
+        the loop reads step ``k + 1`` for the rows still running and returns, so rows leave and join
+        between steps as on the eager path.
+        """
+        pending = self._launch(rows, first=True)
+        while True:
+            ahead = self._launch(rows, first=False) if self._can_run_ahead(rows) else None
+            self._accept(rows, pending(), outbox)
+            outbox.flush()
+            if ahead is None:
+                return
+            if any(s.finish is not None for s in rows) or not self._can_run_ahead(rows, ahead=False):
+                live = [(s, t) for s, t in zip(rows, ahead(), strict=True) if s.finish is None]
+                if live:
+                    self._accept([s for s, _ in live], [t for _, t in live], outbox)
+                outbox.flush()
+                return
+            pending = ahead
+
+    def _launch(self, rows: list[_Sequence], *, first: bool) -> Callable[[], list[int]]:
+        """Queue one decode step and the sampling of its tokens; return the call that reads them.
+
+        ``first``: the input tokens come from the host (the batch changed); else from the device,
+        where the previous step's sampled tokens were fed back.
+        """
+        assert self._runner is not None and self._sampler is not None
+        positions = torch.tensor([s.cached for s in rows], dtype=torch.long)
+        input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long) if first else None
+        for seq in rows:
+            seq.cached += 1
+        tokens = self._sampler.sample(self._forward_step(positions, input_ids))
+        self._runner.feed(tokens)
+        return self._runner.fetch(tokens)
+
+    def _can_run_ahead(self, rows: list[_Sequence], *, ahead: bool = True) -> bool:
+        """Whether the next step may be queued before this one is read (see :meth:`_decode_ahead`)."""
+        kv = self._static_kv
+        assert kv is not None
+        if self._stopping or self._prefilling or (self._pending and len(rows) < kv.rows):
+            return False
+        if any(s.stream.cancelled for s in rows):
+            return False
+        return not ahead or all(s.generated + 1 < self._limit(s) for s in rows)
+
+    def _limit(self, seq: _Sequence) -> int:
+        """How many tokens ``seq`` may generate."""
+        return min(seq.params.max_new_tokens, self.context_len - len(seq.prompt_ids))
+
+    def _forward_prefill(self, *inputs: Any) -> Any:
+        """The prefill forward of the engine's path (:meth:`PrefillRunner.run` or :meth:`_forward_prompts`)."""
+        if self._prefill_runner is not None:
+            return self._prefill_runner.run(*inputs)
+        return self._forward_prompts(*inputs)
+
+    def _forward_prompts(
         self, input_ids: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Prefill left-padded prompts; return last-position logits and per-layer keys/values."""
@@ -326,22 +542,32 @@ class TransformersEngine:
         out = self._run_model(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
 
-    def _forward_step(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward_step(self, first: torch.Tensor, *inputs: Any) -> torch.Tensor:
         """One decode forward over the whole batch; returns next-token logits ``[rows, vocab]``.
 
-        This is the one method a GPU variant replaces: with :class:`BatchKVCache` preallocated at
-        ``max_batch_size`` rows and a fixed number of columns (it already writes in place), pad the
-        rows to a few bucket sizes, copy inputs into static tensors and replay a CUDA graph captured
-        per bucket instead of calling the model eagerly.
+        ``first`` has one row per sequence. On the static path the arguments are ``(positions,
+        input_ids or None)``, host tensors for :meth:`DecodeRunner.step`; else ``(input_ids,
+        attention_mask, position_ids)`` over the eager cache.
         """
+        if self._runner is not None:
+            return self._runner.step(first, *inputs)
+        input_ids, (mask, positions) = first, inputs
         cache = self._kv.as_transformers_cache()
         out = self._run_model(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
         return out.logits[:, -1, :]
 
     def _run_model(self, cache: Any, **inputs: Any) -> Any:
-        """The model's forward with ``cache``, under the engine's attention kernels."""
+        """The model's forward with ``cache``, under the engine's attention kernels (variable shapes)."""
         with self._attention():
-            return self.model(use_cache=True, **inputs, **{self._cache_arg: cache})
+            return self._call_model(cache, **inputs)
+
+    def _call_model(self, cache: Any, **inputs: Any) -> Any:
+        """The model's forward with ``cache`` under PyTorch's own attention choice.
+
+        For the static decode step: its shapes come in a few buckets, so cuDNN attention plans
+        once per bucket (and within a CUDA graph, at capture only); it measured fastest there.
+        """
+        return self.model(use_cache=True, **inputs, **{self._cache_arg: cache})
 
     def _get_sampler(self, vocab_size: int) -> BatchSampler:
         if self._sampler is None:
@@ -356,7 +582,7 @@ class TransformersEngine:
             seq.detokenizer.tokens.append(token)
             if token in self.eos_token_ids and not seq.ignore_eos:
                 seq.finish = "stop"
-            elif seq.generated >= min(seq.params.max_new_tokens, self.context_len - len(seq.prompt_ids)):
+            elif seq.generated >= self._limit(seq):
                 seq.finish = "length"
         windows = [w for seq in seqs for w in seq.detokenizer.windows()]
         texts = decode_windows(self.tokenizer, windows)
@@ -418,7 +644,12 @@ class TransformersEngine:
         for hole in (i for i in gone if i < keep):
             order[hole] = next(movers)
         self._active = [rows[i] for i in order]
-        self._kv.keep_rows(order)
+        if self._static_kv is not None:
+            self._static_kv.keep_rows(order, max((rows[i].cached for i in order), default=0))
+            for row, seq in enumerate(self._active):
+                seq.slot = row
+        else:
+            self._kv.keep_rows(order)
         if self._sampler is not None:
             self._sampler.keep_rows(order)
 
@@ -427,10 +658,11 @@ class TransformersEngine:
         outbox = _Outbox()
         with self._cond:
             waiting, self._pending = list(self._pending), deque()
-        for seq in [*self._active, *waiting]:
+        for seq in [*self._active, *self._prefilling, *waiting]:
             if seq.finish is None:
                 self._finish(seq, "cancelled", outbox)
         self._active = []
+        self._prefilling = deque()
         self._kv.clear()
         if self._sampler is not None:
             self._sampler.keep_rows([])

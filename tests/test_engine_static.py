@@ -1,0 +1,229 @@
+"""The engine's static-cache path: slots from a budget, padded decode buckets, chunked prefill.
+
+On CPU these run the same padded steps eagerly (what CI covers); with
+``CHATSTREAM_TEST_DEVICE=cuda`` the graph tests compare replayed CUDA graphs with the eager step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_engine_batching import PROMPTS, StepProbe, collect, reference_greedy, request, run, wait_event
+from transformers import LlamaConfig
+
+from chatstream_asgi.engines.base import EngineError, GenerationParams, GenerationStream
+from chatstream_asgi.engines.transformers import TransformersEngine
+from chatstream_asgi.engines.transformers.graph_runner import bucket_for, length_buckets, row_buckets
+from chatstream_asgi.engines.transformers.loading import load_model
+from chatstream_asgi.engines.transformers.static_cache import KVLayout, UnsupportedModel, plan_rows
+
+DEVICE = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")
+cuda_only = pytest.mark.skipif(
+    not (DEVICE.startswith("cuda") and torch.cuda.is_available()), reason="needs CHATSTREAM_TEST_DEVICE=cuda"
+)
+LONG = "a b c d e f g h i j k l m n o p The quick brown fox jumps over the lazy dog. " * 3
+
+
+@pytest.fixture(scope="module")
+def f32_engine(tiny_model_dir: Path) -> TransformersEngine:
+    """An unstarted engine on a float32 copy of the tiny model (in bfloat16, a different summation
+    order flips near-tie greedy picks, so comparisons with ``model.generate`` alone use float32)."""
+    model, tokenizer, _ = load_model(str(tiny_model_dir), device=DEVICE, dtype="float32")
+    return TransformersEngine(model, tokenizer, model.device)
+
+
+def static_engine(tiny_engine: TransformersEngine, **options: Any) -> TransformersEngine:
+    options.setdefault("max_batch_size", 8)
+    return TransformersEngine(
+        tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, static_cache=True, **options
+    )
+
+
+def staggered(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch, contents: list[str], joins: dict) -> list:
+    """Start ``contents[0]``; before decode step ``s`` start the prompts ``joins[s]``; return all texts."""
+    probe = StepProbe(engine, monkeypatch)
+    pauses = {step: probe.pause_at(step) for step in joins}
+
+    async def main() -> list[str]:
+        def start(i: int) -> asyncio.Task:
+            return asyncio.create_task(collect(engine.generate(request(contents[i], rid=str(i)))))
+
+        await engine.start()
+        tasks = [start(0)]
+        for step, joiners in joins.items():
+            reached, release = pauses[step]
+            await wait_event(reached)
+            tasks += [start(i) for i in joiners]
+            release.set()
+        results = await asyncio.gather(*tasks)
+        await engine.shutdown()
+        return ["".join(deltas) for deltas, _ in results]
+
+    texts = run(main())
+    monkeypatch.undo()
+    return texts
+
+
+def test_buckets() -> None:
+    assert row_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert row_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert row_buckets(1) == [1]
+    assert length_buckets(512) == [64, 128, 256, 512]
+    assert length_buckets(300) == [64, 128, 256, 300]
+    assert [bucket_for(n, [1, 2, 4, 8]) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError):
+        bucket_for(9, [1, 2, 4, 8])
+
+
+def test_static_greedy_matches_alone_across_buckets(f32_engine: TransformersEngine, monkeypatch) -> None:
+    """Rows of different lengths join at different steps (batch 1 -> 2 -> 4 -> 5, padded to 8) and leave."""
+    contents = [*PROMPTS, LONG]
+    expected = [reference_greedy(f32_engine, c, 12) for c in contents]
+    engine = static_engine(f32_engine)
+    assert staggered(engine, monkeypatch, contents, {2: [1], 5: [2, 3], 7: [4]}) == expected
+
+
+def test_chunked_prefill_keeps_running_rows_decoding(f32_engine: TransformersEngine, monkeypatch) -> None:
+    engine = static_engine(f32_engine, max_prefill_tokens=8)
+    long_tokens = engine.count_tokens([{"role": "user", "content": LONG}])
+    assert long_tokens > 40
+    prefills: list[int] = []
+    inner = engine._forward_prefill
+
+    def counting(ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        prefills.append(ids.shape[1])
+        return inner(ids, *args)
+
+    monkeypatch.setattr(engine, "_forward_prefill", counting)
+    probe = StepProbe(engine, monkeypatch)
+    reached, release = probe.pause_at(2)
+    params = GenerationParams(temperature=0.0, max_new_tokens=20)
+    mark = []
+
+    async def main() -> list[str]:
+        first = asyncio.create_task(collect(engine.generate(request("Hi", params, rid="run"))))
+        await wait_event(reached)
+        mark.append(len(prefills))
+        second = asyncio.create_task(collect(engine.generate(request(LONG, params, rid="long"))))
+        release.set()
+        results = await asyncio.gather(first, second)
+        await engine.shutdown()
+        return ["".join(deltas) for deltas, _ in results]
+
+    texts = run(main())
+    assert texts == [reference_greedy(f32_engine, c, 20) for c in ("Hi", LONG)]
+    chunks = prefills[mark[0] :]  # the long prompt's
+    assert max(chunks) <= 8 and len(chunks) >= long_tokens // 8
+    # The long prompt arrived during decode step 2: from step 3 on, one step of the running row
+    # after every chunk, and the long row joins the step after its last chunk.
+    assert probe.sizes[3 : 3 + len(chunks) - 1] == [1] * (len(chunks) - 1)
+    assert probe.sizes[3 + len(chunks) - 1] == 2
+
+
+def test_budget_caps_rows_and_the_rest_wait(tiny_engine: TransformersEngine, monkeypatch) -> None:
+    assert KVLayout.of(tiny_engine.model.config, torch.float32).bytes_per_token == 2 * 2 * 2 * 16 * 4  # k+v, layers
+    layout = KVLayout.of(tiny_engine.model.config, tiny_engine.model.dtype)
+    slot = layout.bytes_per_token * (tiny_engine.context_len + 1)
+    two_rows = 2.5 * slot / 2**30
+    assert plan_rows(layout, tiny_engine.context_len, 8, torch.device("cpu"), kv_cache_memory=two_rows) == 2
+    with pytest.raises(EngineError, match="holds no sequence of 512 tokens"):
+        plan_rows(layout, tiny_engine.context_len, 8, torch.device("cpu"), kv_cache_memory=0.5 * slot / 2**30)
+
+    engine = static_engine(tiny_engine, kv_cache_memory=two_rows)
+    probe = StepProbe(engine, monkeypatch)
+    reached, release = probe.pause_at(1)
+    usage = []
+
+    async def main() -> list[GenerationStream]:
+        streams = [engine.generate(request(p, rid=str(i))) for i, p in enumerate(PROMPTS)]
+        tasks = asyncio.gather(*(collect(s) for s in streams))
+        await wait_event(reached)
+        usage.append(engine.kv_cache_usage)
+        release.set()
+        await tasks
+        await engine.shutdown()
+        usage.append(engine.kv_cache_usage)
+        return streams
+
+    streams = run(main())
+    assert [s.finish_reason for s in streams] == ["length"] * 4
+    assert max(probe.sizes) == 2  # never more rows than the budget holds
+    assert usage == [1.0, 0.0]
+
+
+def test_budget_too_small_fails_start(tiny_engine: TransformersEngine) -> None:
+    engine = static_engine(tiny_engine, kv_cache_memory=1e-6)
+    with pytest.raises(EngineError, match="raise the budget or lower context_len"):
+        run(engine.start())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"sliding_window": 64}, "sliding-window"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "layer types"),
+        ({"v_head_dim": 32}, "value head size 32 differs from key head size 16"),
+    ],
+)
+def test_unsupported_models_are_refused_at_load(tiny_engine: TransformersEngine, changes: dict, message: str) -> None:
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    with pytest.raises(UnsupportedModel, match=message):
+        KVLayout.of(config, torch.float32)
+    assert KVLayout.of(LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2), torch.float32)
+
+
+@cuda_only
+def test_graph_decode_matches_eager_token_for_token(tiny_engine: TransformersEngine, monkeypatch) -> None:
+    contents = [*PROMPTS, LONG, "Hello world", "What is"]
+    joins = {2: [1], 4: [2, 3], 6: [4, 5, 6]}
+    eager = staggered(static_engine(tiny_engine, cuda_graphs=False), monkeypatch, contents, joins)
+    graphs = static_engine(tiny_engine)
+    replayed = staggered(graphs, monkeypatch, contents, joins)
+    assert graphs._runner is not None and graphs._runner.graphs  # really replayed graphs
+    assert replayed == eager
+
+
+@cuda_only
+def test_graph_engine_matches_alone(f32_engine: TransformersEngine, monkeypatch) -> None:
+    contents = [*PROMPTS, LONG]
+    expected = [reference_greedy(f32_engine, c, 12) for c in contents]
+    assert staggered(static_engine(f32_engine), monkeypatch, contents, {2: [1], 5: [2, 3], 7: [4]}) == expected
+
+
+def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
+    from chatstream_asgi import cli
+
+    seen: dict[str, Any] = {}
+
+    def fake(cls: type, name: str, **options: Any) -> str:
+        seen.update(options, name=name)
+        return "engine"
+
+    monkeypatch.setattr(TransformersEngine, "from_pretrained", classmethod(fake))
+    argv = ["serve", "--no-cuda-graphs", "--kv-cache-memory", "2.5", "--max-prefill-tokens", "256"]
+    assert cli._engine(cli.build_parser().parse_args(argv)) == "engine"
+    assert seen["cuda_graphs"] is False
+    assert (seen["kv_cache_memory"], seen["gpu_memory_utilization"], seen["max_prefill_tokens"]) == (2.5, None, 256)
+
+
+def test_kv_cache_usage_is_a_metric() -> None:
+    from types import SimpleNamespace
+
+    from chatstream_asgi.service.metrics import Metrics
+
+    metrics = Metrics()
+    engine = SimpleNamespace(kv_cache_usage=0.25)
+    metrics.observe_engine(engine)
+    assert b"chatstream_kv_cache_usage_ratio 0.25" in metrics.render()
+    engine.kv_cache_usage = 1.0
+    assert b"chatstream_kv_cache_usage_ratio 1.0" in metrics.render()
+    other = Metrics()
+    other.observe_engine(object())  # an engine without a static cache
+    assert b"chatstream_kv_cache_usage_ratio 0.0" in other.render()
