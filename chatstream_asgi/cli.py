@@ -226,8 +226,6 @@ def _engine(args: argparse.Namespace) -> Engine:
         ]
     except ModelLoadError as exc:
         raise SystemExit(f"error: {exc}") from None
-    for engine in engines:
-        _log_kv_cache(engine)
     return engines[0] if len(engines) == 1 else EnginePool(engines)
 
 
@@ -257,19 +255,6 @@ def _session_store(args: argparse.Namespace) -> SessionStore | None:
     from chatstream_asgi.sessions.redis_store import RedisSessionStore
 
     return RedisSessionStore.from_url(url)
-
-
-def _log_kv_cache(engine: Any) -> None:
-    """One line: the key/value cache's size per token and at most (every row at full context)."""
-    config = engine.model.config.get_text_config()
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * engine.model.dtype.itemsize
-    most = per_token * engine.context_len * engine.max_batch_size
-    logger.info(
-        "KV cache: %.0f KiB per token; it grows with the batch, at most %.2f GB (%d rows x %d tokens)",
-        per_token / 1024, most / 1e9, engine.max_batch_size, engine.context_len,
-    )  # fmt: skip
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -148,6 +148,8 @@ class TransformersEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self._budget = {"kv_cache_memory": kv_cache_memory, "gpu_memory_utilization": gpu_memory_utilization}
         self._layout = KVLayout.of(config, model.dtype) if self.static else None
+        if not self.static:
+            _log_growing_cache(config.get_text_config(), model.dtype.itemsize, max_batch_size, self.context_len)
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
 
@@ -684,6 +686,17 @@ def _attention_kernels(device: torch.device) -> Callable[[], contextlib.Abstract
         return contextlib.nullcontext
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return lambda: sdpa_kernel(backends)
+
+
+def _log_growing_cache(config: Any, itemsize: int, rows: int, context_len: int) -> None:
+    """One line for the eager cache, which grows with the batch: its size a token and at most."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+    logger.info(
+        "KV cache: %.0f KiB a token; it grows with the batch, at most %.2f GB (%d rows x %d tokens)",
+        per_token / 1024, per_token * context_len * rows / 1e9, rows, context_len,
+    )  # fmt: skip
 
 
 def _forward_params(model: Any) -> frozenset[str]:
