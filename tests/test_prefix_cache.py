@@ -8,14 +8,19 @@ and compares the texts, and checks that reuse happened where it should (``cached
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+import anyio
+import httpx
 import pytest
 from test_engine_batching import collect, run
 
+from chatstream_asgi import ChatStream, get_result
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.engines.transformers.prefix_cache import PrefixCache
+from chatstream_asgi.web.app import create_app
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=10)
 SYSTEM = "You are a helpful assistant. The quick brown fox jumps over the lazy dog. " * 3
@@ -151,3 +156,38 @@ def test_prefix_cache_index() -> None:
     cache.insert([7, 8, 9, 10, 11, 12], empty, empty, "c")  # 11 tokens: the least recently used goes
     assert cache.tokens == 6 and cache.match([1, 2, 3])[1] == 0
     assert cache.release("a") == 0 and cache.release("c") == 6 and cache.tokens == 0
+
+
+@pytest.mark.anyio
+async def test_served_turns_report_reuse_and_clear_context_frees_it(
+    tiny_engine: TransformersEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make(tiny_engine, False)
+    seen = []
+    cs = ChatStream(
+        engine,
+        max_new_tokens=6,
+        temperature=0.0,
+        system_prompt=SYSTEM,
+        session_secret="s",
+        callback=lambda request, state: seen.append(get_result(request)),
+    )
+    caplog.set_level(logging.INFO, logger="chatstream_asgi")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(cs)), base_url="http://test") as c:
+        with anyio.fail_after(60):
+            for question in QUESTIONS[:2]:
+                assert (await c.post("/chat_stream", json={"user_input": question})).status_code == 200
+            metrics = (await c.get("/metrics")).text
+            held = engine.prefix_cache_tokens
+            assert held > 0
+            assert (await c.post("/clear_context")).json() == {"cleared": 4}
+        await engine.shutdown()
+    first, second = seen
+    assert first.cached_tokens == 0 and second.cached_tokens > len(SYSTEM) // 10
+    assert f"chatstream_prefix_cache_hit_tokens_total {float(second.cached_tokens)}" in metrics
+    prefilled = first.prompt_tokens + second.prompt_tokens - second.cached_tokens
+    assert f"chatstream_prefill_tokens_total {float(prefilled)}" in metrics
+    assert f"completed: success (6 tokens), {second.cached_tokens} of {second.prompt_tokens} prompt tokens reused" in (
+        caplog.text
+    )
+    assert engine.prefix_cache_tokens == 0  # the conversation's entries are gone

@@ -161,6 +161,9 @@ class ChatAPI:
             if cleared:
                 opened.session.messages = []
                 await self.cs.sessions.store.save(opened.session)
+            release = getattr(self.cs.engine, "release_session", None)  # the engine's prefix cache entries
+            if release is not None:
+                release(opened.session.id)
             await self._reply(send, opened, {"cleared": cleared})
 
     async def get_prompt(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:

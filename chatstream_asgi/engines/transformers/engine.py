@@ -46,8 +46,8 @@ from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher, decode_windows
 from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner, capture_all
 from chatstream_asgi.engines.transformers.loading import DEFAULT_MODEL, load_model
-from chatstream_asgi.engines.transformers.sampling import BatchSampler
 from chatstream_asgi.engines.transformers.prefix_cache import PrefixCache, PrefixEntry
+from chatstream_asgi.engines.transformers.sampling import BatchSampler
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, UnsupportedModel, plan_rows
 
 __all__ = ["TransformersEngine"]

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 __all__ = ["PrefixCache", "PrefixEntry"]
 
@@ -74,14 +75,14 @@ class PrefixCache:
             self._entries.move_to_end(id(best))
         return best, best_len
 
-    def insert(self, ids: Sequence[int], keys: list[torch.Tensor], values: list[torch.Tensor], owner: str | None) -> None:
+    def insert(self, ids: Sequence[int], keys: list[Tensor], values: list[Tensor], owner: str | None) -> None:
         """Hold ``ids`` with their keys and values (copies the caller gives up), evicting LRU entries to fit."""
         if not ids or len(ids) > self.capacity:
             return
         with self._lock:
             self._insert(torch.tensor(ids, dtype=torch.long), keys, values, owner)
 
-    def _insert(self, new: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], owner: str | None) -> None:
+    def _insert(self, new: Tensor, keys: list[Tensor], values: list[Tensor], owner: str | None) -> None:
         owners = {owner} if owner else set()
         for key, entry in list(self._entries.items()):
             n = min(len(entry), len(new))
