@@ -35,7 +35,7 @@ __all__ = ["DecodeRunner", "PrefillRunner", "bucket_for", "capture_all", "length
 logger = logging.getLogger("chatstream_asgi.engine")
 
 _MIN_LENGTH_BUCKET = 64
-_TOKEN_BUCKETS = (32, 128, 512)
+_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 _MAX_GRAPH_TOKENS = 8192
 
 Key = tuple[int, ...]
@@ -183,7 +183,7 @@ class PrefillRunner:
     """Prompt chunks written into cache slots; returns each row's last-position logits.
 
     Shapes it pads to (and captures): new prompts as ``(rows, tokens, tokens)`` with ``tokens`` in
-    32/128/512 and ``rows * tokens <= 8192``; a continued chunk of one prompt as ``(1, chunk,
+    16, 32, ... 512 and ``rows * tokens <= 8192``; a continued chunk of one prompt as ``(1, chunk,
     length)`` for ``chunk`` the bucket of ``max_prefill_tokens``. Other chunks run eagerly through
     ``run_eager`` (the engine's call under its attention kernels), unpadded.
     """
@@ -208,14 +208,14 @@ class PrefillRunner:
         self.device = device
         self.row_buckets = row_buckets(cache.rows)
         self.length_buckets = length_buckets(cache.max_len)
-        self.token_buckets = [t for t in _TOKEN_BUCKETS if t <= cache.max_len]
+        self.token_buckets = [t for t in _TOKEN_BUCKETS if t <= cache.max_len] or [cache.max_len]
         fresh = [(r, t, t) for t in self.token_buckets for r in self.row_buckets if r * t <= _MAX_GRAPH_TOKENS]
         self._continued = bucket_for(chunk, self.token_buckets) if chunk and chunk <= self.token_buckets[-1] else 0
         continued = [(1, self._continued, n) for n in self.length_buckets if n > self._continued and self._continued]
         self._known = set(fresh + continued)
         self.shapes: list[Key] = sorted(self._known, reverse=True) if use_graphs and device.type == "cuda" else []
         self.graphs: dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        width = self.token_buckets[-1] if self.token_buckets else 1
+        width = self.token_buckets[-1]
         self._inputs = torch.zeros(3, cache.rows, width, dtype=torch.long, device=device)  # ids, positions, columns
         self._slots = torch.zeros(cache.rows, dtype=torch.long, device=device)
         self._columns = torch.arange(cache.max_len + 1, device=device)

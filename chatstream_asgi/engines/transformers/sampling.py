@@ -113,13 +113,19 @@ class BatchSampler:
         tokens = torch.argmax(logits, dim=-1)
         sampled = [n for n, i in enumerate(row_ids) if not self._greedy[i]]
         if sampled:
-            pick = torch.tensor(sampled, dtype=torch.long).to(logits.device, non_blocking=True)
+            pick = torch.tensor(sampled, dtype=torch.long)
+            pick = pick.pin_memory() if logits.is_cuda else pick
+            pick = pick.to(logits.device, non_blocking=True)
             temperature = self.temperature[rows][pick].unsqueeze(1)
             filtered = top_k_top_p_filter(logits[pick] / temperature, self.top_k[rows][pick], self.top_p[rows][pick])
             probs = torch.softmax(filtered, dim=-1)
+            # One draw per row from its own generator: the exponential race torch.multinomial runs for
+            # one sample, without its validity check, which reads a value back (a host sync per row).
+            race = torch.empty_like(probs)
             first = rows.start or 0
             for j, n in enumerate(sampled):
-                tokens[n] = torch.multinomial(probs[j], 1, generator=self.generators[first + n])[0]
+                race[j].exponential_(generator=self.generators[first + n])
+            tokens.index_copy_(0, pick, torch.argmax(probs / race, dim=-1))
         # A scatter of a scalar: indexing with a host ``True`` would copy it from pageable memory,
         # which waits for the device (and would stall the engine's queued steps).
         self.seen[rows].scatter_(1, tokens.unsqueeze(1), True)

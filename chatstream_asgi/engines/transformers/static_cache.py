@@ -69,7 +69,7 @@ class KVLayout:
         if layer_types != {"full_attention"}:
             raise UnsupportedModel(
                 f"{name}: layer types {sorted(layer_types)} need a cache this engine's static path does not have; "
-                "only full-attention layers are supported (run with --no-cuda-graphs on CPU to use the eager cache)"
+                "only full-attention layers are supported (TransformersEngine(static_cache=False) uses the eager cache)"
             )
         window = getattr(text, "sliding_window", None)
         if window and getattr(text, "use_sliding_window", True):
