@@ -93,6 +93,16 @@ class EnginePool:
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return self.engines[0].count_tokens(messages)
 
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Prompt tokens the members reused from their prefix caches (0 for members without one)."""
+        return sum(getattr(e, "prefix_hit_tokens", 0) for e in self.engines)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the members computed (0 for members that do not count them)."""
+        return sum(getattr(e, "prefill_tokens", 0) for e in self.engines)
+
     def release_session(self, session_key: str) -> int:
         """Forget the conversation's member and free what the members hold for it (tokens freed)."""
         with self._lock:
