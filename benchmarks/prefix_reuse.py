@@ -10,7 +10,8 @@ short smoke run, ``--device cuda`` / ``--model`` for other shapes).
    prompt's token ids differ from the ones generated (re-tokenizing the reply's text merged
    differently), the hit rate as measured. Each run is repeated (``--repeat``) on fresh conversations
    (the cache is emptied between them through ``release_session``) and the best time taken per turn
-   (the machine is shared: the least disturbed run is the closest to the engine's own cost).
+   (the machine is shared: the least disturbed run is the closest to the engine's own cost); runs
+   with reuse on and off alternate, two engines on one model, so other load falls on both alike.
 2. **16 concurrent conversations sharing one 300-token system prompt**, two turns each (a turn is sent
    when the conversation's last one ends), after one earlier conversation with that system prompt:
    prefill tokens per request (what the engine computed), tokens reused, and aggregate generated
@@ -113,19 +114,32 @@ async def shared_system(engine: TransformersEngine, system: str, conversations: 
     }
 
 
-async def measure(engine: TransformersEngine, args: argparse.Namespace, system: str) -> dict[str, Any]:
-    await engine.start()
-    try:
+async def measure(engines: dict[bool, TransformersEngine], args: argparse.Namespace, system: str) -> dict:
+    """Both engines (reuse on, off), their runs interleaved so that the machine's other load hits both alike."""
+    runs: dict[bool, list[list[dict]]] = {True: [], False: []}
+    results: dict[bool, dict[str, Any]] = {}
+    for engine in engines.values():
+        await engine.start()
         await long_chat(engine, 2, 10, 8, key=1000)  # warm-up
-        runs = [await long_chat(engine, args.turns, args.words, args.reply, key=r) for r in range(args.repeat)]
-        shared = await shared_system(engine, system, args.conversations, args.reply)
+    try:
+        for r in range(args.repeat):
+            for reuse, engine in engines.items():
+                print(f"conversation {r + 1}/{args.repeat}, reuse {'on' if reuse else 'off'}", file=sys.stderr)
+                runs[reuse].append(await long_chat(engine, args.turns, args.words, args.reply, key=r))
+        for reuse, engine in engines.items():
+            print(f"shared system prompt, reuse {'on' if reuse else 'off'}", file=sys.stderr)
+            per_turn = [
+                {name: min(run[t][name] for run in runs[reuse]) for name in ("ttft", "prompt", "reused", "generated")}
+                for t in range(args.turns)
+            ]
+            results[reuse] = {
+                "turns": per_turn,
+                "shared": await shared_system(engine, system, args.conversations, args.reply),
+            }
     finally:
-        await engine.shutdown()
-    per_turn = [
-        {name: min(run[t][name] for run in runs) for name in ("ttft", "prompt", "reused", "generated")}
-        for t in range(args.turns)
-    ]
-    return {"turns": per_turn, "shared": shared}
+        for engine in engines.values():
+            await engine.shutdown()
+    return results
 
 
 def system_prompt(tokenizer: Any, tokens: int) -> str:
@@ -152,11 +166,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     model, tokenizer, name = load_model(args.model, device=args.device, dtype=args.dtype)
     system = system_prompt(tokenizer, args.system_tokens)
-    results = {}
-    for reuse in (True, False):
-        print(f"running with reuse {'on' if reuse else 'off'} ...", file=sys.stderr)
-        engine = TransformersEngine(model, tokenizer, model.device, name=name, max_batch_size=16, prefix_cache=reuse)
-        results[reuse] = asyncio.run(measure(engine, args, system))
+    engines = {
+        reuse: TransformersEngine(model, tokenizer, model.device, name=name, max_batch_size=16, prefix_cache=reuse)
+        for reuse in (True, False)
+    }
+    results = asyncio.run(measure(engines, args, system))
 
     print(f"# {name} on {args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs,"
           f" torch {torch.__version__}, {torch.get_num_threads()} threads)")  # fmt: skip
