@@ -89,6 +89,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     gpu.add_argument("--kv-cache-memory", type=float, metavar="GIB", help="KV cache budget in GiB")
     gpu.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION", help="or: share of the card")
     gpu.add_argument("--max-prefill-tokens", type=int, metavar="N", help="prompt tokens per chunk between steps")
+    reuse = serve.add_argument_group("transformers engine: prefix reuse (KV kept between turns)")
+    reuse.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
+    reuse.add_argument("--prefix-cache-memory", type=float, default=1.0, metavar="GIB", help="KV kept for reuse")
     serve.add_argument(
         "--remote-url",
         action="append",
@@ -221,6 +224,8 @@ def _engine(args: argparse.Namespace) -> Engine:
                 kv_cache_memory=args.kv_cache_memory,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 max_prefill_tokens=args.max_prefill_tokens,
+                prefix_cache=not args.no_prefix_cache,
+                prefix_cache_memory=args.prefix_cache_memory,
             )
             for device in devices
         ]

@@ -12,6 +12,7 @@ from servers import free_port
 from test_remote_engine import MESSAGES, WATCHDOG, WHILE_STREAMING, front, processing, remote, request
 
 from chatstream_asgi import Engine, MockEngine
+from chatstream_asgi.engines.base import GenerationStream
 from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import EngineUnavailable, OpenAIEngine, RemoteLoad
 
@@ -278,3 +279,30 @@ async def test_loads_are_polled_while_the_pool_runs() -> None:
                 await anyio.sleep(0.01)  # the poller's interval under test, not a synchronisation
         assert pool.reported == (RemoteLoad(0, 4, "get_load"),)
         await pool.shutdown()
+
+
+async def test_a_conversation_returns_to_its_member_while_it_has_a_free_slot() -> None:
+    members = [MockEngine(model_name="m"), MockEngine(model_name="m")]
+    for member in members:
+        member.max_batch_size = 2  # type: ignore[attr-defined]
+    pool = EnginePool(members)
+
+    def turn(rid: str, key: str | None) -> GenerationStream:
+        req = request(rid, max_new_tokens=50)
+        req.session_key = key
+        return pool.generate(req)
+
+    with anyio.fail_after(WATCHDOG):
+        first = turn("a1", "conversation-a")
+        assert first.index == 0
+        assert [delta async for delta in first]
+        others = [turn("b", "conversation-b"), turn("c", None)]  # least loaded, ties round robin
+        assert [s.index for s in others] == [1, 0]
+        again = turn("a2", "conversation-a")  # member 0 has a slot left (1 of 2 busy): back there
+        assert again.index == 0 and pool.active == (2, 1)
+        third = turn("a3", "conversation-a")  # member 0 is full: any other, which misses its cache
+        assert third.index == 1
+        for stream in [*others, again, third]:
+            stream.cancel()
+        assert pool.release_session("conversation-a") == 0  # mocks hold no cache; the route is forgotten
+        assert turn("a4", "conversation-a").index == 0  # plain least-loaded choice again

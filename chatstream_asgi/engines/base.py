@@ -59,19 +59,26 @@ class GenerationParams:
 
 @dataclass
 class GenerationRequest:
-    """What the front door hands an engine: the conversation so far and how to sample."""
+    """What the front door hands an engine: the conversation so far and how to sample.
+
+    ``session_key`` names the conversation (the same for all its turns, ``None`` for stateless
+    requests): a pool sends a conversation's turns to the engine that served the last one, whose
+    prefix cache holds it, and an engine can free what it held when the conversation is cleared.
+    """
 
     request_id: str
     messages: list[ChatMessage]
     params: GenerationParams = field(default_factory=GenerationParams)
     ignore_eos: bool = False
+    session_key: str | None = None
 
 
 class GenerationStream:
     """Async iterator of text deltas for one request.
 
     After iteration ends, :attr:`finish_reason`, :attr:`prompt_tokens` and
-    :attr:`completion_tokens` describe the generation. :meth:`cancel` may be called from any
+    :attr:`completion_tokens` describe the generation; :attr:`cached_tokens` of the prompt tokens
+    were not computed again but reused from the engine's prefix cache. :meth:`cancel` may be called from any
     thread, any number of times; iteration then ends with ``finish_reason == "cancelled"``.
     """
 
@@ -80,6 +87,7 @@ class GenerationStream:
         self.finish_reason: FinishReason | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self._cancelled = threading.Event()
 
     @property

@@ -11,6 +11,12 @@ is relative to it, and a member with a free slot goes first. Ties go round robin
 skipped for ``cooldown`` seconds, then tried again. A request whose member fails that way, or
 answers :class:`~chatstream_asgi.EngineOverloaded`, before any text is retried
 once on each other member; after the first delta, errors reach the caller as they are.
+
+Session affinity: a request with a ``session_key`` goes to the member that served that
+conversation's last turn, whose prefix cache still holds its keys and values (KV is local to a
+process), when that member is healthy and has a free slot (``active < max_batch_size`` where the
+member tells its slots; else when it is among the least loaded); otherwise the usual choice, which
+then simply misses the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from chatstream_asgi.engines.base import ChatMessage, Engine, GenerationRequest, GenerationStream
@@ -28,6 +35,8 @@ from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, 
 __all__ = ["EnginePool"]
 
 logger = logging.getLogger("chatstream_asgi.pool")
+
+_AFFINITY_KEYS = 65536  # conversations remembered (least recently routed forgotten first)
 
 
 class EnginePool:
@@ -57,6 +66,7 @@ class EnginePool:
         self._reported: list[tuple[RemoteLoad, int] | None] = [None] * len(self.engines)  # (report, own count then)
         self._down_until = [0.0] * len(self.engines)
         self._next = 0
+        self._affinity: OrderedDict[str, int] = OrderedDict()  # session key -> member that served it last
         self._lock = threading.Lock()  # GenerationStream.cancel may come from any thread
         self._poller: asyncio.Task[None] | None = None
 
@@ -128,6 +138,22 @@ class EnginePool:
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return self.engines[0].count_tokens(messages)
 
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Prompt tokens the members reused from their prefix caches (0 for members without one)."""
+        return sum(getattr(e, "prefix_hit_tokens", 0) for e in self.engines)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the members computed (0 for members that do not count them)."""
+        return sum(getattr(e, "prefill_tokens", 0) for e in self.engines)
+
+    def release_session(self, session_key: str) -> int:
+        """Forget the conversation's member and free what the members hold for it (tokens freed)."""
+        with self._lock:
+            self._affinity.pop(session_key, None)
+        return sum(e.release_session(session_key) for e in self.engines if hasattr(e, "release_session"))
+
     # -- routing ----------------------------------------------------------------------------
 
     def _load(self, index: int) -> tuple[bool, float]:
@@ -143,8 +169,9 @@ class EnginePool:
             return busy >= load.capacity, busy / load.capacity
         return False, busy
 
-    def _acquire(self, tried: set[int]) -> int | None:
-        """Pick and count a member not in ``tried``: healthy first, then least loaded, ties round robin."""
+    def _acquire(self, tried: set[int], session_key: str | None = None) -> int | None:
+        """Pick and count a member not in ``tried``: the session's last member while it has a free slot
+        (its prefix cache holds the conversation), else healthy first, least loaded, ties round robin."""
         n = len(self.engines)
         with self._lock:
             now = time.monotonic()
@@ -153,9 +180,23 @@ class EnginePool:
             if not candidates:
                 return None
             index = min(candidates, key=lambda i: (*self._load(i), (i - self._next) % n))
-            self._next = (index + 1) % n
+            last = self._affinity.get(session_key) if session_key else None
+            if last in candidates and not self._load(last)[0] and self._has_room(last, self._active[index]):
+                index = last
+            else:
+                self._next = (index + 1) % n
+            if session_key:
+                self._affinity[session_key] = index
+                self._affinity.move_to_end(session_key)
+                if len(self._affinity) > _AFFINITY_KEYS:
+                    self._affinity.popitem(last=False)
             self._active[index] += 1
             return index
+
+    def _has_room(self, index: int, least: int) -> bool:
+        """A free slot on member ``index`` (its ``max_batch_size`` if it has one, else no more load than ``least``)."""
+        slots = getattr(self.engines[index], "max_batch_size", None)
+        return self._active[index] < slots if isinstance(slots, int) else self._active[index] <= least
 
     def _release(self, index: int) -> None:
         with self._lock:
@@ -187,7 +228,7 @@ class _PoolStream(GenerationStream):
         return self._pool.engines[self.index]
 
     def _open(self) -> GenerationStream:
-        index = self._pool._acquire(self._tried)
+        index = self._pool._acquire(self._tried, self._request.session_key)
         assert index is not None, "every member was tried"
         self.index = index
         self._tried.add(index)
@@ -208,6 +249,7 @@ class _PoolStream(GenerationStream):
         self.finish_reason = inner.finish_reason
         self.prompt_tokens = inner.prompt_tokens
         self.completion_tokens = inner.completion_tokens
+        self.cached_tokens = inner.cached_tokens
 
     def cancel(self) -> None:
         super().cancel()

@@ -120,6 +120,9 @@ class ChatAPI:
                 return cleared
 
             cleared = await update_session(self.cs.sessions.store, opened.session.id, clear)
+            release = getattr(self.cs.engine, "release_session", None)  # the engine's prefix cache entries
+            if release is not None:
+                release(opened.session.id)
             await self._reply(send, opened, {"cleared": cleared})
 
     async def get_prompt(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from chatstream_asgi.service.admission import Admission
@@ -60,7 +63,23 @@ class Metrics:
     def observe_engine(self, engine: object) -> None:
         """Read the engine's ``kv_cache_usage`` at scrape time (0 for engines without a static cache)."""
         self.kv_cache_usage.set_function(lambda: getattr(engine, "kv_cache_usage", 0.0))
+        self.registry.register(_PrefixCounters(engine))
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""
         return generate_latest(self.registry)
+
+
+class _PrefixCounters:
+    """The engine's prompt token counters, read at scrape time: reused from its prefix cache, and prefilled
+    (computed); their ratio is the prefix cache's hit rate. 0 for engines without them."""
+
+    def __init__(self, engine: object) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, attr, doc in (
+            ("chatstream_prefix_cache_hit_tokens", "prefix_hit_tokens", "Prompt tokens reused from the prefix cache."),
+            ("chatstream_prefill_tokens", "prefill_tokens", "Prompt tokens computed by prefill (not reused)."),
+        ):
+            yield CounterMetricFamily(name, doc, value=getattr(self.engine, attr, 0))

@@ -68,6 +68,8 @@ class ChatResult:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Of ``prompt_tokens``, those the engine reused from its prefix cache instead of computing them."""
     session_id: str | None = None
     """The session of a ``user_input`` request; None for stateless (``messages``) requests."""
     session: Session | None = field(default=None, repr=False)
@@ -122,9 +124,13 @@ class Outcomes:
             result.finish_reason = reply.stream.finish_reason
             result.prompt_tokens = reply.stream.prompt_tokens
             result.completion_tokens = reply.stream.completion_tokens
+            result.cached_tokens = reply.stream.cached_tokens
         self.metrics.completions.labels(state=state.value).inc()
         self.metrics.generated_tokens.inc(result.completion_tokens)
-        logger.info("completed: %s (%d tokens)", state.value, result.completion_tokens)
+        logger.info(
+            "completed: %s (%d tokens), %d of %d prompt tokens reused",
+            state.value, result.completion_tokens, result.cached_tokens, result.prompt_tokens,
+        )  # fmt: skip
         if result.turn is not None and state in SAVED_STATES:
             await self._save_turn(result)
         await self._call_callback(request, callback, state)

@@ -76,7 +76,7 @@ class Replies:
         scope.setdefault("state", {})[RESULT_KEY] = result
         reply = Reply(
             engine=self.engine,
-            request=GenerationRequest(result.request_id, result.messages, chat.params),
+            request=GenerationRequest(result.request_id, result.messages, chat.params, session_key=result.session_id),
             message_id=result.message_id,
             ticket=ticket,
             framer=chat.framer,

@@ -26,7 +26,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,8 +46,9 @@ from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher, decode_windows
 from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner, capture_all
 from chatstream_asgi.engines.transformers.loading import DEFAULT_MODEL, generation_defaults, load_model
+from chatstream_asgi.engines.transformers.prefix_cache import PrefixCache, PrefixEntry
 from chatstream_asgi.engines.transformers.sampling import BatchSampler
-from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, plan_rows
+from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, UnsupportedModel, plan_rows
 
 __all__ = ["TransformersEngine"]
 
@@ -69,6 +70,10 @@ class _Sequence:
     finish: FinishReason | None = None
     cached: int = 0  # tokens in the static cache (static path)
     slot: int = -1  # the static cache slot holding them (static path)
+    session_key: str | None = None
+    output: list[int] = field(default_factory=list)  # generated ids, kept for the prefix cache
+    reused: int = 0  # leading prompt tokens whose keys and values come from the prefix cache
+    prefix: PrefixEntry | None = None  # where they come from, until copied into the batch
 
 
 class _Outbox:
@@ -110,6 +115,12 @@ class TransformersEngine:
     fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``max_prefill_tokens``
     caps the tokens of one prompt prefilled between two decode steps (static cache only; default: no
     cap). ``kv_cache_usage`` is the share of the slots in use.
+
+    Prefix reuse (``prefix_cache``, default on): the keys and values of finished sequences are kept,
+    up to ``prefix_cache_memory`` GiB (default 1), and a prompt that begins with held token ids
+    prefills only the rest (see :mod:`~chatstream_asgi.engines.transformers.prefix_cache`).
+    ``prefix_hit_tokens`` and ``prefill_tokens`` count the prompt tokens reused and computed;
+    :meth:`release_session` frees what a conversation held.
     """
 
     def __init__(
@@ -127,6 +138,8 @@ class TransformersEngine:
         kv_cache_memory: float | None = None,
         gpu_memory_utilization: float | None = None,
         max_prefill_tokens: int | None = None,
+        prefix_cache: bool = True,
+        prefix_cache_memory: float = 1.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -165,6 +178,9 @@ class TransformersEngine:
         self._runner: DecodeRunner | None = None
         self._prefill_runner: PrefillRunner | None = None
         self._sampler: BatchSampler | None = None
+        self._prefix = self._make_prefix_cache(prefix_cache, prefix_cache_memory)
+        self.prefix_hit_tokens = 0
+        self.prefill_tokens = 0
 
     @classmethod
     def from_pretrained(
@@ -226,6 +242,7 @@ class TransformersEngine:
             ignore_eos=request.ignore_eos,
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop=StopMatcher(params.stop),
+            session_key=request.session_key,
         )
         self._ensure_thread()
         with self._cond:
@@ -247,10 +264,32 @@ class TransformersEngine:
         """Number of prompt tokens for ``messages``."""
         return len(self._encode(messages))
 
+    @property
+    def prefix_cache_tokens(self) -> int:
+        """Tokens whose keys and values the prefix cache holds now."""
+        return self._prefix.tokens if self._prefix is not None else 0
+
+    def release_session(self, session_key: str) -> int:
+        """Free the prefix cache entries only ``session_key``'s requests produced (its context was cleared).
+
+        Entries another conversation also produced stay. Returns the number of tokens freed.
+        """
+        return self._prefix.release(session_key) if self._prefix is not None else 0
+
     # -- internals (event loop side) ---------------------------------------------------------
 
     def _encode(self, messages: Sequence[ChatMessage]) -> list[int]:
         return list(self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"])
+
+    def _make_prefix_cache(self, enabled: bool, memory: float) -> PrefixCache | None:
+        if not enabled:
+            return None
+        try:
+            layout = self._layout or KVLayout.of(self.model.config, self.model.dtype)
+        except UnsupportedModel as exc:
+            logger.warning("prefix cache off: %s", exc)
+            return None
+        return PrefixCache(int(memory * 2**30) // layout.bytes_per_token)
 
     def _find_eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -338,6 +377,7 @@ class TransformersEngine:
             if seq.stream.cancelled:
                 self._finish(seq, "cancelled", outbox)
             else:
+                self._match_prefix(seq)
                 waiting.append(seq)
         if self.static:
             self._prefilling.extend(waiting)
@@ -363,19 +403,38 @@ class TransformersEngine:
             self._retire(outbox)
         outbox.flush()
 
+    def _match_prefix(self, seq: _Sequence) -> None:
+        """Look ``seq``'s prompt up in the prefix cache; count reused and prefilled tokens."""
+        if self._prefix is not None:
+            seq.prefix, seq.reused = self._prefix.match(seq.prompt_ids)
+            if self.static:
+                seq.cached = seq.reused
+        seq.stream.cached_tokens = seq.reused
+        self.prefix_hit_tokens += seq.reused
+        self.prefill_tokens += len(seq.prompt_ids) - seq.reused
+
     def _prefill(self, seqs: list[_Sequence], outbox: _Outbox) -> None:
-        """Run the prompts of ``seqs`` together, sample their first tokens, merge them into the batch."""
+        """Run the prompts of ``seqs`` together, sample their first tokens, merge them into the batch.
+
+        Rows are left-padded twice: reused prefixes are right-aligned in the first ``past`` columns of
+        the cache handed to the forward, new tokens in the ``width`` columns after them; the mask
+        leaves out the gaps, and position ids continue each row's prefix.
+        """
         first_row = len(self._active)
-        width = max(len(s.prompt_ids) for s in seqs)
+        past = max(s.reused for s in seqs)
+        width = max(len(s.prompt_ids) - s.reused for s in seqs)
         input_ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), past + width), dtype=torch.long)
+        positions = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, seq in enumerate(seqs):
-            n = len(seq.prompt_ids)
-            input_ids[row, width - n :] = torch.tensor(seq.prompt_ids, dtype=torch.long)
-            mask[row, width - n :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            new = seq.prompt_ids[seq.reused :]
+            input_ids[row, width - len(new) :] = torch.tensor(new, dtype=torch.long)
+            mask[row, past - seq.reused : past] = 1
+            mask[row, past + width - len(new) :] = 1
+            positions[row, width - len(new) :] = torch.arange(seq.reused, len(seq.prompt_ids))
+        input_ids, mask, positions = input_ids.to(self.device), mask.to(self.device), positions.to(self.device)
         try:
-            logits, layers = self._forward_prefill(input_ids, mask)
+            logits, layers = self._forward_prefill(input_ids, mask, positions, self._past_layers(seqs, past))
             sampler = self._get_sampler(logits.shape[-1])
             sampler.add_rows([s.params for s in seqs], [s.prompt_ids for s in seqs])
             tokens = sampler.sample(logits, slice(first_row, first_row + len(seqs)))
@@ -419,6 +478,10 @@ class TransformersEngine:
             target = first_row + i if i < len(done) else kv.rows - 1
             if seq.slot >= 0:
                 kv.move(seq.slot, target, seq.cached)
+            elif seq.prefix is not None:
+                for buf, held in zip((*kv.keys, *kv.values), (*seq.prefix.keys, *seq.prefix.values), strict=True):
+                    buf[target, :, : seq.reused] = held[:, : seq.reused]
+                seq.prefix = None
             seq.slot = target
         width = max(take for _, _, take in chunks)
         ids = torch.full((len(chunks), width), self._pad_id, dtype=torch.long)
@@ -535,12 +598,37 @@ class TransformersEngine:
             return self._prefill_runner.run(*inputs)
         return self._forward_prompts(*inputs)
 
+    def _past_layers(self, seqs: list[_Sequence], past: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the reused prefixes of ``seqs`` right-aligned in ``[rows, kv_heads, past, head_dim]``."""
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not past:
+            return layers
+        like = next(s.prefix for s in seqs if s.prefix is not None)
+        for layer in range(len(like.keys)):
+            pair = []
+            for held in (like.keys[layer], like.values[layer]):
+                heads, _, dim = held.shape
+                pair.append(held.new_zeros((len(seqs), heads, past, dim)))
+            for row, seq in enumerate(seqs):
+                if seq.prefix is not None and seq.reused:
+                    pair[0][row, :, past - seq.reused :] = seq.prefix.keys[layer][:, : seq.reused]
+                    pair[1][row, :, past - seq.reused :] = seq.prefix.values[layer][:, : seq.reused]
+            layers.append((pair[0], pair[1]))
+        for seq in seqs:
+            seq.prefix = None
+        return layers
+
     def _forward_prompts(
-        self, input_ids: torch.Tensor, mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        past: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Prefill left-padded prompts; return last-position logits and per-layer keys/values."""
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        """Prefill left-padded prompts after ``past`` keys/values; return last-position logits and the layers."""
         cache = DynamicCache(config=self.model.config)
+        for layer, (keys, values) in enumerate(past):
+            cache.update(keys, values, layer)
         out = self._run_model(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -581,6 +669,7 @@ class TransformersEngine:
         for seq, token in zip(seqs, tokens, strict=True):
             seq.generated += 1
             seq.last_token = token
+            seq.output.append(token)
             seq.detokenizer.tokens.append(token)
             if token in self.eos_token_ids and not seq.ignore_eos:
                 seq.finish = "stop"
@@ -640,6 +729,9 @@ class TransformersEngine:
         gone = [i for i, s in enumerate(rows) if s.finish is not None]
         if not gone:
             return
+        if self._prefix is not None:
+            for i in gone:
+                self._retain(rows[i], i)
         keep = len(rows) - len(gone)
         order = list(range(keep))
         movers = (i for i in range(keep, len(rows)) if rows[i].finish is None)
@@ -654,6 +746,25 @@ class TransformersEngine:
             self._kv.keep_rows(order)
         if self._sampler is not None:
             self._sampler.keep_rows(order)
+
+    def _retain(self, seq: _Sequence, row: int) -> None:
+        """Copy a leaving row's keys and values into the prefix cache (not after a failure: unknown state)."""
+        assert self._prefix is not None
+        if seq.finish == "error":
+            return
+        if self._static_kv is not None:
+            count = seq.cached
+            keys = [buf[seq.slot, :, :count].clone() for buf in self._static_kv.keys]
+            values = [buf[seq.slot, :, :count].clone() for buf in self._static_kv.values]
+        else:
+            kv = self._kv
+            count = int(kv.positions[row])
+            columns = kv.mask[row, : kv.length].bool()
+            keys = [buf[row, :, : kv.length][:, columns] for buf in kv.keys]
+            values = [buf[row, :, : kv.length][:, columns] for buf in kv.values]
+        ids = [*seq.prompt_ids, *seq.output][:count]
+        if len(ids) == count:
+            self._prefix.insert(ids, keys, values, seq.session_key)
 
     def _close_all(self) -> None:
         """At shutdown: finish every running and waiting sequence with ``cancelled``."""
