@@ -12,30 +12,24 @@ the whole cache; buffers are reallocated only when a row or column capacity runs
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-__all__ = ["BatchKVCache"]
+from chatstream_asgi.engines.transformers.cache_layer import OwnedLayer
+
+__all__ = ["BatchKVCache", "log_growing_cache"]
+
+logger = logging.getLogger("chatstream_asgi.engine")
 
 _TIME_CHUNK = 128
 
 
-class _SlabLayer(CacheLayerMixin):
-    """One model layer's view of the batch cache (what the attention module talks to)."""
-
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self, owner: BatchKVCache, index: int) -> None:
-        super().__init__()
-        self.owner = owner
-        self.index = index
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Buffers are allocated by the owner; nothing to do."""
+class _SlabLayer(OwnedLayer):
+    """One model layer's view of the batch cache."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -112,6 +106,17 @@ class BatchKVCache:
         self.positions[rows] = mask.sum(dim=1)
         self.rows = old_rows + n
 
+    def row_tokens(self, row: int) -> int:
+        """How many tokens row ``row`` holds."""
+        return int(self.positions[row])
+
+    def copy_row(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Row ``row``'s keys and values without its padding, per layer ``[kv_heads, tokens, head_dim]``."""
+        columns = self.mask[row, : self.length].bool()
+        return [buf[row, :, : self.length][:, columns] for buf in self.keys], [
+            buf[row, :, : self.length][:, columns] for buf in self.values
+        ]
+
     def keep_rows(self, order: Sequence[int]) -> None:
         """Keep only the rows listed in ``order`` (indices of current rows), in that order."""
         moved = [j for j, i in enumerate(order) if i != j]
@@ -173,3 +178,14 @@ class BatchKVCache:
             positions[:rows] = self.positions[:rows]
         self.keys, self.values, self.mask, self.positions = keys, values, mask, positions
         self.length = t + shift
+
+
+def log_growing_cache(config: Any, itemsize: int, rows: int, context_len: int) -> None:
+    """One line for the eager cache, which grows with the batch: its size a token and at most."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
+    logger.info(
+        "KV cache: %.0f KiB a token; it grows with the batch, at most %.2f GB (%d rows x %d tokens)",
+        per_token / 1024, per_token * context_len * rows / 1e9, rows, context_len,
+    )  # fmt: skip

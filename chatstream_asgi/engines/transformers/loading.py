@@ -21,6 +21,7 @@ __all__ = [
     "MODEL_ALIASES",
     "SAMPLING_KEYS",
     "ModelLoadError",
+    "eos_token_ids",
     "generation_defaults",
     "load_model",
     "resolve_model",
@@ -126,3 +127,19 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dty
         display_name, device, params / 1e6, size / 1e9, dtype_name, time.perf_counter() - started,
     )  # fmt: skip
     return model, tokenizer, display_name
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every end-of-sequence id the tokenizer, the generation config or the model config names."""
+    ids: set[int] = set()
+    sources = (
+        tokenizer.eos_token_id,
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+    )
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from chatstream_asgi.engines.base import EngineError
+from chatstream_asgi.engines.transformers.cache_layer import OwnedLayer
 
 __all__ = ["KVLayout", "StaticKVCache", "UnsupportedModel", "plan_rows"]
 
@@ -121,21 +122,13 @@ def plan_rows(
     return rows
 
 
-class _SlotLayer(CacheLayerMixin):
+class _SlotLayer(OwnedLayer):
     """One model layer's view of the slots, in the mode the owner is set to."""
 
-    is_sliding = False
-    supports_early_init = False
-
     def __init__(self, owner: StaticKVCache, index: int) -> None:
-        super().__init__()
-        self.owner = owner
+        super().__init__(owner, index)
         self.keys = owner.keys[index]
         self.values = owner.values[index]
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Buffers are allocated by the owner; nothing to do."""
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -202,6 +195,12 @@ class StaticKVCache:
         if src != dst and columns:
             for buf in (*self.keys, *self.values):
                 buf[dst, :, :columns] = buf[src, :, :columns]
+
+    def copy_row(self, slot: int, columns: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of slot ``slot``'s first ``columns`` keys and values, per layer ``[kv_heads, columns, head_dim]``."""
+        return [buf[slot, :, :columns].clone() for buf in self.keys], [
+            buf[slot, :, :columns].clone() for buf in self.values
+        ]
 
     def keep_rows(self, order: Sequence[int], columns: int) -> None:
         """Move slot ``order[j]`` to slot ``j`` where they differ (first ``columns`` columns)."""

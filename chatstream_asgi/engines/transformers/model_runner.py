@@ -1,0 +1,102 @@
+"""The model's forwards on the eager path, and the attention kernels every forward runs under."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from chatstream_asgi.engines.transformers.sequence import EngineSequence
+
+__all__ = ["ModelRunner", "past_layers"]
+
+
+class ModelRunner:
+    """Calls ``model`` with a cache: :meth:`run` for variable shapes under the engine's attention
+    kernels, :meth:`call` for the captured static steps, :meth:`prefill` and :meth:`step` eagerly."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.model = model
+        self._cache_arg = "cache" if "cache" in _forward_params(model) else "past_key_values"
+        self._attention = _attention_kernels(device)
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        past: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Prefill left-padded prompts after ``past`` keys/values; return last-position logits and the layers."""
+        cache = DynamicCache(config=self.model.config)
+        for layer, (keys, values) in enumerate(past):
+            cache.update(keys, values, layer)
+        out = self.run(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
+
+    def step(self, cache: Any, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One eager decode forward over ``cache``; next-token logits ``[rows, vocab]``."""
+        out = self.run(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
+        return out.logits[:, -1, :]
+
+    def run(self, cache: Any, **inputs: Any) -> Any:
+        """The model's forward with ``cache``, under the engine's attention kernels (variable shapes)."""
+        with self._attention():
+            return self.call(cache, **inputs)
+
+    def call(self, cache: Any, **inputs: Any) -> Any:
+        """The model's forward with ``cache`` under PyTorch's own attention choice.
+
+        For the static decode step: its shapes come in a few buckets, so cuDNN attention plans
+        once per bucket (and within a CUDA graph, at capture only); it measured fastest there.
+        """
+        return self.model(use_cache=True, **inputs, **{self._cache_arg: cache})
+
+
+def past_layers(seqs: list[EngineSequence], past: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the reused prefixes of ``seqs`` right-aligned in ``[rows, kv_heads, past, head_dim]``."""
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if not past:
+        return layers
+    like = next(s.prefix for s in seqs if s.prefix is not None)
+    for layer in range(len(like.keys)):
+        pair = []
+        for held in (like.keys[layer], like.values[layer]):
+            heads, _, dim = held.shape
+            pair.append(held.new_zeros((len(seqs), heads, past, dim)))
+        for row, seq in enumerate(seqs):
+            if seq.prefix is not None and seq.reused:
+                pair[0][row, :, past - seq.reused :] = seq.prefix.keys[layer][:, : seq.reused]
+                pair[1][row, :, past - seq.reused :] = seq.prefix.values[layer][:, : seq.reused]
+        layers.append((pair[0], pair[1]))
+    for seq in seqs:
+        seq.prefix = None
+    return layers
+
+
+def _attention_kernels(device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The attention kernels to run the model's forwards under.
+
+    On CUDA, PyTorch may pick cuDNN attention, which builds an execution plan for every new key
+    length; the batch cache grows one column a step, so that cost (about 2 ms of CPU per layer on
+    an H100) would come every step. Flash and memory-efficient attention have no such cost.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no cuDNN attention either
+        return contextlib.nullcontext
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return lambda: sdpa_kernel(backends)
+
+
+def _forward_params(model: Any) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()

@@ -1,0 +1,81 @@
+"""Output processing: each step's sampled tokens become text deltas, finishes and failures.
+
+Everything a step produces is collected in an :class:`Outbox` and handed to the event loop at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from chatstream_asgi.engines.base import EngineError, FinishReason
+from chatstream_asgi.engines.transformers.detokenizer import decode_windows
+from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
+
+__all__ = ["OutputProcessor", "fail", "finish"]
+
+logger = logging.getLogger("chatstream_asgi.engine")
+
+
+class OutputProcessor:
+    """Turns sampled tokens into text for one tokenizer: end-of-sequence ids and length limits end a
+    sequence, stop strings are held back and cut."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: frozenset[int], context_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.context_len = context_len
+
+    def limit(self, seq: EngineSequence) -> int:
+        """How many tokens ``seq`` may generate."""
+        return min(seq.params.max_new_tokens, self.context_len - len(seq.prompt_ids))
+
+    def accept(self, seqs: list[EngineSequence], tokens: list[int], outbox: Outbox) -> None:
+        """Record one new token per sequence, detokenize them in one call, emit text, mark finishes."""
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.generated += 1
+            seq.last_token = token
+            seq.output.append(token)
+            seq.detokenizer.tokens.append(token)
+            if token in self.eos_token_ids and not seq.ignore_eos:
+                seq.finish = "stop"
+            elif seq.generated >= self.limit(seq):
+                seq.finish = "length"
+        windows = [w for seq in seqs for w in seq.detokenizer.windows()]
+        texts = decode_windows(self.tokenizer, windows)
+        for i, seq in enumerate(seqs):
+            try:
+                delta = seq.detokenizer.advance(texts[2 * i], texts[2 * i + 1])
+                out = seq.stop.feed(delta)
+                if seq.stop.stopped:
+                    seq.finish = "stop"
+                elif seq.finish is not None:
+                    out += seq.stop.feed(seq.detokenizer.flush()) + seq.stop.flush()
+            except Exception as exc:
+                logger.exception("detokenizing %s failed", seq.stream.request_id)
+                fail(seq, exc, outbox)
+                continue
+            outbox.add(seq.stream, seq.stream.push, out, completion_tokens=seq.generated)
+            if seq.finish is not None:
+                finish(seq, seq.finish, outbox)
+
+
+def finish(seq: EngineSequence, reason: FinishReason, outbox: Outbox) -> None:
+    """End ``seq`` with ``reason`` (delivered with its token counts)."""
+    seq.finish = reason
+    outbox.add(
+        seq.stream,
+        seq.stream.finish,
+        reason,
+        prompt_tokens=len(seq.prompt_ids),
+        completion_tokens=seq.generated,
+    )
+
+
+def fail(seq: EngineSequence, exc: BaseException, outbox: Outbox) -> None:
+    """End ``seq`` with an :class:`EngineError` caused by ``exc``."""
+    seq.finish = "error"
+    error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc!r}")
+    if error is not exc:
+        error.__cause__ = exc
+    outbox.add(seq.stream, seq.stream.fail, error)

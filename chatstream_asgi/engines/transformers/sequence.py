@@ -1,0 +1,61 @@
+"""One request's state inside the engine, and the hand-off of its output to the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatstream_asgi.engines.base import FinishReason, GenerationParams, QueueStream
+from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher
+from chatstream_asgi.engines.transformers.prefix_cache import PrefixEntry
+
+__all__ = ["EngineSequence", "Outbox"]
+
+logger = logging.getLogger("chatstream_asgi.engine")
+
+
+@dataclass(eq=False)
+class EngineSequence:
+    """One request's state inside the engine (owned by the generation thread once admitted)."""
+
+    stream: QueueStream
+    prompt_ids: list[int]
+    params: GenerationParams
+    ignore_eos: bool
+    detokenizer: IncrementalDetokenizer
+    stop: StopMatcher
+    generated: int = 0
+    last_token: int = 0
+    finish: FinishReason | None = None
+    cached: int = 0  # tokens in the static cache (static path)
+    slot: int = -1  # the static cache slot holding them (static path)
+    session_key: str | None = None
+    output: list[int] = field(default_factory=list)  # generated ids, kept for the prefix cache
+    reused: int = 0  # leading prompt tokens whose keys and values come from the prefix cache
+    prefix: PrefixEntry | None = None  # where they come from, until copied into the batch
+
+
+class Outbox:
+    """Producer calls collected during one step, delivered with one wake-up per event loop."""
+
+    def __init__(self) -> None:
+        self._calls: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., None], tuple, dict]]] = {}
+
+    def add(self, stream: QueueStream, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        self._calls.setdefault(stream.loop, []).append((fn, args, kwargs))
+
+    def flush(self) -> None:
+        calls, self._calls = self._calls, {}
+        for loop, items in calls.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                logger.debug("dropped %d deliveries for a closed event loop", len(items))
+
+
+def _deliver(items: list[tuple[Callable[..., None], tuple, dict]]) -> None:
+    for fn, args, kwargs in items:
+        fn(*args, **kwargs)

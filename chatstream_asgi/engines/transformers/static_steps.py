@@ -1,0 +1,160 @@
+"""The CUDA path's steps: chunked prefill into the static cache, and decode steps queued one ahead.
+
+:class:`StaticSteps` is a part of :class:`~chatstream_asgi.engines.transformers.engine.TransformersEngine`
+kept in its own module: its methods run on the generation thread, over the engine's static cache, graph
+runners, sampler and rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from chatstream_asgi.engines.transformers.output import fail
+from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
+
+if TYPE_CHECKING:
+    from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner
+    from chatstream_asgi.engines.transformers.output import OutputProcessor
+    from chatstream_asgi.engines.transformers.sampling import BatchSampler
+    from chatstream_asgi.engines.transformers.static_cache import StaticKVCache
+
+__all__ = ["StaticSteps"]
+
+logger = logging.getLogger("chatstream_asgi.engine")
+
+
+class StaticSteps:
+    """The static-cache steps of the engine (see the module docstring)."""
+
+    context_len: int
+    max_prefill_tokens: int | None
+    _static_kv: StaticKVCache | None
+    _runner: DecodeRunner | None
+    _prefill_runner: PrefillRunner | None
+    _sampler: BatchSampler | None
+    _output: OutputProcessor
+    _active: list[EngineSequence]
+    _prefilling: deque[EngineSequence]
+    _pending: deque[EngineSequence]
+    _pad_id: int
+    _stopping: bool
+
+    def _prefill_chunks(self, outbox: Outbox) -> None:
+        """Static path: one prefill forward between two decode steps, oldest prompts first.
+
+        Each prompt contributes at most ``max_prefill_tokens`` tokens to it. A partly prefilled
+        prompt continues alone; new prompts are batched while the padded batch still fits one
+        captured prefill graph (a replay costs about the same for any of its shapes). Sequences
+        whose prompt completes join the batch at rows ``n, n+1, ...`` (their slots); at most one,
+        the last, stays partly prefilled, in the top slot, until a later turn.
+        """
+        kv = self._static_kv
+        assert kv is not None
+        assert self._prefill_runner is not None
+        limit = self.max_prefill_tokens or self.context_len
+        chunks: list[tuple[EngineSequence, int, int]] = []
+        for seq in self._prefilling:
+            take = min(len(seq.prompt_ids) - seq.cached, limit)
+            width = max([take, *(t for _, _, t in chunks)])
+            if chunks and (seq.cached or not self._prefill_runner.batchable(len(chunks) + 1, width)):
+                break
+            chunks.append((seq, seq.cached, take))
+            if seq.cached or seq.cached + take < len(seq.prompt_ids):
+                break  # a continued chunk runs alone; at most one prompt is left partly prefilled
+        first_row = len(self._active)
+        done = [seq for seq, start, take in chunks if start + take == len(seq.prompt_ids)]
+        for i, (seq, _, _) in enumerate(chunks):
+            target = first_row + i if i < len(done) else kv.rows - 1
+            if seq.slot >= 0:
+                kv.move(seq.slot, target, seq.cached)
+            elif seq.prefix is not None:
+                for buf, held in zip((*kv.keys, *kv.values), (*seq.prefix.keys, *seq.prefix.values), strict=True):
+                    buf[target, :, : seq.reused] = held[:, : seq.reused]
+                seq.prefix = None
+            seq.slot = target
+        width = max(take for _, _, take in chunks)
+        ids = torch.full((len(chunks), width), self._pad_id, dtype=torch.long)
+        positions = torch.zeros((len(chunks), width), dtype=torch.long)
+        columns = torch.full((len(chunks), width), kv.scratch, dtype=torch.long)
+        for row, (seq, start, take) in enumerate(chunks):
+            ids[row, width - take :] = torch.tensor(seq.prompt_ids[start : start + take], dtype=torch.long)
+            positions[row, width - take :] = torch.arange(start, start + take)
+            columns[row, width - take :] = positions[row, width - take :]
+        slots = torch.tensor([seq.slot for seq, _, _ in chunks], dtype=torch.long)
+        kv_len = max(start + take for _, start, take in chunks)
+        try:
+            logits = self._forward_prefill(ids, positions, columns, slots, kv_len)
+            if done:
+                sampler = self._get_sampler(logits.shape[-1])
+                sampler.add_rows([s.params for s in done], [s.prompt_ids for s in done])
+                tokens = sampler.sample(logits[: len(done)], slice(first_row, first_row + len(done)))
+        except Exception as exc:
+            logger.exception("prefill of %d sequence(s) failed", len(chunks))
+            if self._sampler is not None:
+                self._sampler.keep_rows(range(min(first_row, len(self._sampler))))
+            for seq, _, _ in chunks:
+                fail(seq, exc, outbox)
+            self._prefilling = deque(s for s in self._prefilling if s.finish is None)
+            return
+        for seq, start, take in chunks:
+            seq.cached = start + take
+        for _ in done:
+            self._prefilling.popleft()
+        self._active.extend(done)
+        if done:
+            self._output.accept(done, tokens.tolist(), outbox)
+
+    def _decode_ahead(self, rows: list[EngineSequence], outbox: Outbox) -> None:
+        """Decode steps over ``rows``, each queued on the device before the host reads the one before.
+
+        While the host detokenizes and delivers step ``k``, the device already runs step ``k + 1``
+        on step ``k``'s sampled tokens (they never leave the device), so host work overlaps device
+        work. Step ``k + 1`` is queued only when no row can reach its length limit at step ``k`` and
+        nothing waits to change the batch; if step ``k`` finishes a row or something starts waiting,
+        the loop reads step ``k + 1`` for the rows still running and returns, so rows leave and join
+        between steps as on the eager path.
+        """
+        pending = self._launch(rows, first=True)
+        while True:
+            ahead = self._launch(rows, first=False) if self._can_run_ahead(rows) else None
+            self._output.accept(rows, pending(), outbox)
+            outbox.flush()
+            if ahead is None:
+                return
+            if any(s.finish is not None for s in rows) or not self._can_run_ahead(rows, ahead=False):
+                live = [(s, t) for s, t in zip(rows, ahead(), strict=True) if s.finish is None]
+                if live:
+                    self._output.accept([s for s, _ in live], [t for _, t in live], outbox)
+                outbox.flush()
+                return
+            pending = ahead
+
+    def _launch(self, rows: list[EngineSequence], *, first: bool) -> Callable[[], list[int]]:
+        """Queue one decode step and the sampling of its tokens; return the call that reads them.
+
+        ``first``: the input tokens come from the host (the batch changed); else from the device,
+        where the previous step's sampled tokens were fed back.
+        """
+        assert self._runner is not None and self._sampler is not None
+        positions = torch.tensor([s.cached for s in rows], dtype=torch.long)
+        input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long) if first else None
+        for seq in rows:
+            seq.cached += 1
+        tokens = self._sampler.sample(self._forward_step(positions, input_ids))
+        self._runner.feed(tokens)
+        return self._runner.fetch(tokens)
+
+    def _can_run_ahead(self, rows: list[EngineSequence], *, ahead: bool = True) -> bool:
+        """Whether the next step may be queued before this one is read (see :meth:`_decode_ahead`)."""
+        kv = self._static_kv
+        assert kv is not None
+        if self._stopping or self._prefilling or (self._pending and len(rows) < kv.rows):
+            return False
+        if any(s.stream.cancelled for s in rows):
+            return False
+        return not ahead or all(s.generated + 1 < self._output.limit(s) for s in rows)
