@@ -224,7 +224,7 @@ def _engine(args: argparse.Namespace) -> Engine:
                 kv_cache_memory=args.kv_cache_memory,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 max_prefill_tokens=args.max_prefill_tokens,
-                prefix_cache=not args.no_prefix_cache,
+                prefix_cache=False if args.no_prefix_cache else None,
                 prefix_cache_memory=args.prefix_cache_memory,
             )
             for device in devices

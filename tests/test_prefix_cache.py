@@ -28,6 +28,7 @@ QUESTIONS = ["What is the capital of France?", "Hello world", "a b c d e f g", "
 
 
 def make(tiny_engine: TransformersEngine, static: bool, **options: Any) -> TransformersEngine:
+    options = {"prefix_cache": True, **options}  # on: whatever the device's default
     options = {"static_cache": True, "cuda_graphs": False, **options} if static else options
     return TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, max_batch_size=8, **options)
 

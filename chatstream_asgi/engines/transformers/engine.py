@@ -70,7 +70,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
     caps the tokens of one prompt prefilled between two decode steps (static cache only; default: no
     cap). ``kv_cache_usage`` is the share of the slots in use.
 
-    Prefix reuse (``prefix_cache``, default on): the keys and values of finished sequences are kept,
+    Prefix reuse (``prefix_cache``; default: on on CPU, off on GPUs, where it has not yet passed its
+    correctness run on CUDA): the keys and values of finished sequences are kept,
     up to ``prefix_cache_memory`` GiB (default 1), and a prompt that begins with held token ids
     prefills only the rest (see :mod:`~chatstream_asgi.engines.transformers.prefix_cache`).
     ``prefix_hit_tokens`` and ``prefill_tokens`` count the prompt tokens reused and computed;
@@ -92,7 +93,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         kv_cache_memory: float | None = None,
         gpu_memory_utilization: float | None = None,
         max_prefill_tokens: int | None = None,
-        prefix_cache: bool = True,
+        prefix_cache: bool | None = None,
         prefix_cache_memory: float = 1.0,
     ) -> None:
         self.model = model
@@ -132,7 +133,9 @@ class TransformersEngine(EagerSteps, StaticSteps):
         self._runner: DecodeRunner | None = None
         self._prefill_runner: PrefillRunner | None = None
         self._sampler: BatchSampler | None = None
-        self._prefix = self._make_prefix_cache(prefix_cache, prefix_cache_memory)
+        # Off by default on GPUs: reuse there has not yet passed its CUDA correctness run.
+        reuse = self.device.type == "cpu" if prefix_cache is None else prefix_cache
+        self._prefix = self._make_prefix_cache(reuse, prefix_cache_memory)
         self.prefix_hit_tokens = 0
         self.prefill_tokens = 0
 
