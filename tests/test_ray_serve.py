@@ -182,10 +182,24 @@ def test_simultaneous_requests_take_both_replicas(proxy: str) -> None:
     Ray's default router probed both replicas concurrently, saw equal queues and sent both to one."""
     body = {"messages": [{"role": "user", "content": "at once"}], "format": "ndjson", "generation_params": LONG}
     for _ in range(3):
-        with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client, contextlib.ExitStack() as streams:
-            opened = open_together(client, streams, "/chat/chat_stream", body, 2)
-            assert [response.status_code for response in opened] == [200, 200]
-            assert len({response.headers["x-chatstream-replica"] for response in opened}) == 2
+        with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client:
+            wait_until_idle(client, "/chat", replicas=2)  # earlier streams' slots are free again
+            with contextlib.ExitStack() as streams:
+                opened = open_together(client, streams, "/chat/chat_stream", body, 2)
+                assert [response.status_code for response in opened] == [200, 200]
+                assert len({response.headers["x-chatstream-replica"] for response in opened}) == 2
+
+
+def wait_until_idle(client: httpx.Client, prefix: str, replicas: int) -> None:
+    """Until ``replicas`` replicas have answered ``/get_load`` with no reply in progress (the router ranks idle
+    ones first and rotates ties, so every replica answers once it is idle)."""
+    idle: set[str] = set()
+    deadline = time.monotonic() + TIMEOUT
+    while len(idle) < replicas:
+        assert time.monotonic() < deadline, f"only {len(idle)} of {replicas} replicas idle"
+        response = client.get(f"{prefix}/get_load")
+        if response.json()["processing"] == 0:
+            idle.add(response.headers["x-chatstream-replica"])
 
 
 def open_together(

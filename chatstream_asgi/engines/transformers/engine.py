@@ -259,6 +259,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
     # -- generation thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.device.type == "cuda":  # the thread's current device: graph capture and kernels run there
+            torch.cuda.set_device(self.device)
         with torch.inference_mode():
             try:
                 self._prepare()
