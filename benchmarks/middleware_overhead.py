@@ -25,10 +25,7 @@ import contextlib
 import datetime
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -42,6 +39,8 @@ from starlette.routing import Route
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from subprocess_server import serve_subprocess  # noqa: E402
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware, MockEngine, MockParams  # noqa: E402
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest  # noqa: E402
@@ -89,37 +88,16 @@ package_app = ChatStreamMiddleware(
 # -- the benchmark -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def hypercorn(app: str) -> Iterator[str]:
     """Serve ``app`` (an attribute of this module) with hypercorn; yields the base URL."""
-    port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)])}
-    command = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", f"middleware_overhead:{app}"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"hypercorn serving {app} did not start")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/plain", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.05)
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", f"middleware_overhead:{app}"]
+
+    with serve_subprocess(command, "/plain", env) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def stream_rate(client: httpx.Client, method: str, url: str, **kwargs: object) -> float:

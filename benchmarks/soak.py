@@ -27,9 +27,6 @@ import contextlib
 import gc
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +41,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]  # the package, and this folder when loaded by path
+
+from subprocess_server import serve_subprocess  # noqa: E402
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware, MockEngine, MockParams  # noqa: E402
 
@@ -104,29 +103,9 @@ def server_command(server: str, port: int) -> list[str]:
 @contextlib.contextmanager
 def serving(server: str) -> Any:
     """Serve ``app`` with ``server`` in a subprocess; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)])}
-    process = subprocess.Popen(server_command(server, port), env=env, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{server} did not start")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/get_load", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.05)
+    with serve_subprocess(lambda port: server_command(server, port), "/get_load", env) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
