@@ -42,10 +42,10 @@ from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, Pref
 from chatstream_asgi.engines.transformers.loading import DEFAULT_MODEL, eos_token_ids, generation_defaults, load_model
 from chatstream_asgi.engines.transformers.model_runner import ModelRunner
 from chatstream_asgi.engines.transformers.output import OutputProcessor, fail, finish
-from chatstream_asgi.engines.transformers.prefix_cache import PrefixCache
+from chatstream_asgi.engines.transformers.prefix_cache import prefix_cache_for
 from chatstream_asgi.engines.transformers.sampling import BatchSampler
 from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
-from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, UnsupportedModel, plan_rows
+from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, plan_rows
 from chatstream_asgi.engines.transformers.static_steps import StaticSteps
 
 __all__ = ["TransformersEngine"]
@@ -135,7 +135,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         self._sampler: BatchSampler | None = None
         # Off by default on GPUs: reuse there has not yet passed its CUDA correctness run.
         reuse = self.device.type == "cpu" if prefix_cache is None else prefix_cache
-        self._prefix = self._make_prefix_cache(reuse, prefix_cache_memory)
+        self._prefix = prefix_cache_for(config, model.dtype, prefix_cache_memory) if reuse else None
         self.prefix_hit_tokens = 0
         self.prefill_tokens = 0
 
@@ -237,16 +237,6 @@ class TransformersEngine(EagerSteps, StaticSteps):
 
     def _encode(self, messages: Sequence[ChatMessage]) -> list[int]:
         return list(self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"])
-
-    def _make_prefix_cache(self, enabled: bool, memory: float) -> PrefixCache | None:
-        if not enabled:
-            return None
-        try:
-            layout = self._layout or KVLayout.of(self.model.config, self.model.dtype)
-        except UnsupportedModel as exc:
-            logger.warning("prefix cache off: %s", exc)
-            return None
-        return PrefixCache(int(memory * 2**30) // layout.bytes_per_token)
 
     def _ensure_thread(self) -> None:
         with self._cond:

@@ -16,15 +16,21 @@ vectorised comparison (their number is small: capacity over conversation length)
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["PrefixCache", "PrefixEntry"]
+from chatstream_asgi.engines.transformers.static_cache import KVLayout, UnsupportedModel
+
+__all__ = ["PrefixCache", "PrefixEntry", "prefix_cache_for"]
+
+logger = logging.getLogger("chatstream_asgi.engine")
 
 
 @dataclass(eq=False)
@@ -121,3 +127,13 @@ class PrefixCache:
 
     def _drop(self, key: int) -> None:
         self.tokens -= len(self._entries.pop(key))
+
+
+def prefix_cache_for(config: Any, dtype: torch.dtype, memory_gib: float) -> PrefixCache | None:
+    """A prefix cache of ``memory_gib`` for a model of ``config``; None (logged) for one it cannot hold."""
+    try:
+        layout = KVLayout.of(config, dtype)
+    except UnsupportedModel as exc:
+        logger.warning("prefix cache off: %s", exc)
+        return None
+    return PrefixCache(int(memory_gib * 2**30) // layout.bytes_per_token)
