@@ -229,3 +229,13 @@ class StateLog:
             while len(self.states) < count:
                 await self._changed.wait()
         return self.states
+
+
+async def read_whole_body(receive: Callable[[], Awaitable[Message]]) -> bytes:
+    """Read ``http.request`` messages until ``more_body`` is false, as a body-reading middleware does."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)

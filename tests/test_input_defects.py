@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from asgi_harness import Receive, Send, StateLog, chat_body, http_scope, not_found
+from asgi_harness import Receive, Send, StateLog, chat_body, http_scope, not_found, read_whole_body
 from fastapi import FastAPI
 from fastapi import Request as FastAPIRequest
 from litestar import Litestar, post
@@ -77,13 +77,7 @@ class BodyReadingAuth:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            chunks = []
-            while True:
-                message = await receive()
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            self.seen.append(b"".join(chunks))
+            self.seen.append(await read_whole_body(receive))
         await self.app(scope, receive, send)
 
 

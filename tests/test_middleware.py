@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from asgi_harness import Receive, Send, StateLog, chat_body, http_scope, not_found
+from asgi_harness import Receive, Send, StateLog, chat_body, http_scope, not_found, read_whole_body
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
@@ -86,14 +86,9 @@ class RawHMACAuth:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        body = await read_whole_body(receive)
         signature = dict(scope["headers"]).get(b"x-signature", b"").decode()
-        if not hmac.compare_digest(signature, sign(b"".join(chunks))):
+        if not hmac.compare_digest(signature, sign(body)):
             response = JSONResponse({"error": "bad_signature"}, status_code=401)
             await response(scope, receive, send)
             return
