@@ -23,9 +23,9 @@ tokenizer in DIR with random weights (throughput does not depend on the weights)
 lack the model file.
 
 It then prints the time to first token of a request joining the largest batch minus one running
-sequences, next to one prefill of that prompt plus two decode steps; and, on the static cache,
-the inter-token latency of 15 running streams while a long prompt joins them
-(``--max-prefill-tokens`` chunks it).
+sequences, next to the same request alone on the idle engine (one prefill) plus two decode steps;
+and, on the static cache, the inter-token latency of 15 running streams while a long prompt joins
+them, unchunked and with each ``--long-join-chunks`` size.
 """
 
 from __future__ import annotations
@@ -310,8 +310,16 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--random-init", metavar="DIR", help="config + tokenizer in DIR, random weights")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="engine: run the static-cache step eagerly")
-    parser.add_argument("--max-prefill-tokens", type=int, default=None, help="engine: prefill chunk per step")
+    parser.add_argument(
+        "--max-prefill-tokens", type=int, default=256, help="engine: prompt tokens beside one decode step (0: no cap)"
+    )
     parser.add_argument("--long-prompt", type=int, default=2000, help="tokens of the prompt joining 15 streams")
+    parser.add_argument(
+        "--long-join-chunks",
+        default="none,64,128,256",
+        help="max_prefill_tokens values (at most --max-prefill-tokens: those have graphs) to measure the long "
+        "join with (static cache only; 'none': unchunked)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.new_tokens = 16
@@ -321,7 +329,7 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    options = {"max_batch_size": max(batch_sizes), "max_prefill_tokens": args.max_prefill_tokens}
+    options = {"max_batch_size": max(batch_sizes), "max_prefill_tokens": args.max_prefill_tokens or None}
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
     if args.random_init:
@@ -335,22 +343,26 @@ def main() -> None:
           f"{args.new_tokens} new tokens per request, greedy, EOS ignored")  # fmt: skip
     joining = max(batch_sizes) - 1
 
-    async def run_engine() -> tuple[dict[int, tuple[float, int, list[float]]], float, Any]:
+    chunks = [None if c == "none" else int(c) for c in args.long_join_chunks.split(",")]
+
+    async def run_engine() -> tuple[dict[int, tuple[float, int, list[float]]], float, float, Any]:
         started = time.perf_counter()
         await engine.start()
         print(f"engine start-up (cache, graph capture): {time.perf_counter() - started:.1f} s")
         await engine_run(engine, 2, 4)  # warm-up
         results = {b: await engine_run(engine, b, args.new_tokens) for b in batch_sizes}
         ttft = await join_ttft(engine, joining, 2 if args.quick else 5)
+        alone = await join_ttft(engine, 0, 2 if args.quick else 5)  # one prefill on an idle engine
         long_join = {}
         if engine.static:  # the same engine, unchunked and chunked (the setting is read at every step)
-            for chunk in (None, args.max_prefill_tokens or 256):
+            for chunk in chunks:
                 engine.max_prefill_tokens = chunk
                 long_join[chunk] = await long_join_itl(engine, 15, args.long_prompt)
+            engine.max_prefill_tokens = args.max_prefill_tokens or None
         await engine.shutdown()
-        return results, ttft, long_join
+        return results, ttft, alone, long_join
 
-    engine_results, ttft, long_join = asyncio.run(run_engine())
+    engine_results, ttft, alone, long_join = asyncio.run(run_engine())
     one_by_one_steps = 4 if args.quick or cuda else 16
     rows_by_batch = {b: prompts(engine, b) for b in batch_sizes}
     table = []
@@ -393,9 +405,11 @@ def main() -> None:
               "ratio floor/step by batch: " + ", ".join(
                   f"{b}: {b / eng * 1000:.2f} ms ({floor / (b / eng):.2f})" for b, _, eng, *_ in table))  # fmt: skip
     print()
-    print(f"time to first token joining {joining} running sequences: {ttft * 1000:.1f} ms "
-          f"(one prefill of {len(joiner)} tokens + one eager batch-{joining + 1} decode step: "
-          f"{reference * 1000:.1f} ms; engine decode step p50 {step_p50 * 1000:.2f} ms)")  # fmt: skip
+    print(f"time to first token joining {joining} running sequences: {ttft * 1000:.1f} ms; the same request "
+          f"alone on the idle engine (one prefill): {alone * 1000:.1f} ms; + two engine decode steps at batch "
+          f"{joining + 1} (p50 {step_p50 * 1000:.2f} ms): {(alone + 2 * step_p50) * 1000:.1f} ms "
+          f"(ratio {ttft / (alone + 2 * step_p50):.2f}, target <= 1); one model prefill of {len(joiner)} "
+          f"tokens + one eager decode step: {reference * 1000:.1f} ms")  # fmt: skip
     for chunk, (before, worst, mid) in long_join.items():
         print(f"15 streams while a {args.long_prompt}-token prompt joins (max_prefill_tokens={chunk}): "
               f"inter-token p50 {before * 1000:.2f} ms before, {mid * 1000:.2f} ms p50 and "

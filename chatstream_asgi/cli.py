@@ -88,7 +88,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     gpu.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly (debugging)")
     gpu.add_argument("--kv-cache-memory", type=float, metavar="GIB", help="KV cache budget in GiB")
     gpu.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION", help="or: share of the card")
-    gpu.add_argument("--max-prefill-tokens", type=int, metavar="N", help="prompt tokens per chunk between steps")
+    gpu.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="prompt tokens prefilled beside one decode step while streams run (0: no cap; default 256)",
+    )
     reuse = serve.add_argument_group("transformers engine: prefix reuse (KV kept between turns)")
     reuse.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
     reuse.add_argument("--prefix-cache-memory", type=float, default=1.0, metavar="GIB", help="KV kept for reuse")
@@ -223,7 +229,7 @@ def _engine(args: argparse.Namespace) -> Engine:
                 cuda_graphs=not args.no_cuda_graphs,
                 kv_cache_memory=args.kv_cache_memory,
                 gpu_memory_utilization=args.gpu_memory_utilization,
-                max_prefill_tokens=args.max_prefill_tokens,
+                max_prefill_tokens=args.max_prefill_tokens or None,
                 prefix_cache=False if args.no_prefix_cache else None,
                 prefix_cache_memory=args.prefix_cache_memory,
             )

@@ -93,6 +93,21 @@ def tiny_engine(tiny_model_dir: Path) -> Iterator[object]:
     asyncio.run(engine.shutdown())
 
 
+@pytest.fixture(scope="module")
+def f32_engine(tiny_model_dir: Path) -> object:
+    """An unstarted engine on a float32 copy of the tiny model, on ``CHATSTREAM_TEST_DEVICE``.
+
+    Tests that compare greedy outputs of two computations (graph vs eager, reuse vs none, engine vs
+    ``model.generate``) use it: in bfloat16 a different summation order flips near-tie greedy picks.
+    """
+    from chatstream_asgi.engines.transformers import TransformersEngine
+    from chatstream_asgi.engines.transformers.loading import load_model
+
+    device = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")
+    model, tokenizer, _ = load_model(str(tiny_model_dir), device=device, dtype="float32")
+    return TransformersEngine(model, tokenizer, model.device)
+
+
 @pytest.fixture(scope="session")
 def smollm2_engine() -> Iterator[object]:
     """A started :class:`TransformersEngine` on the real SmolLM2-135M-Instruct."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ from transformers import LlamaConfig
 from chatstream_asgi.engines.base import EngineError, GenerationParams, GenerationStream
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.engines.transformers.graph_runner import bucket_for, length_buckets, row_buckets
-from chatstream_asgi.engines.transformers.loading import load_model
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, UnsupportedModel, plan_rows
 
 DEVICE = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")
@@ -27,14 +25,6 @@ cuda_only = pytest.mark.skipif(
     not (DEVICE.startswith("cuda") and torch.cuda.is_available()), reason="needs CHATSTREAM_TEST_DEVICE=cuda"
 )
 LONG = "a b c d e f g h i j k l m n o p The quick brown fox jumps over the lazy dog. " * 3
-
-
-@pytest.fixture(scope="module")
-def f32_engine(tiny_model_dir: Path) -> TransformersEngine:
-    """An unstarted engine on a float32 copy of the tiny model (in bfloat16, a different summation
-    order flips near-tie greedy picks, so comparisons with ``model.generate`` alone use float32)."""
-    model, tokenizer, _ = load_model(str(tiny_model_dir), device=DEVICE, dtype="float32")
-    return TransformersEngine(model, tokenizer, model.device)
 
 
 def static_engine(tiny_engine: TransformersEngine, **options: Any) -> TransformersEngine:
@@ -103,10 +93,11 @@ def test_chunked_prefill_keeps_running_rows_decoding(f32_engine: TransformersEng
     probe = StepProbe(engine, monkeypatch)
     reached, release = probe.pause_at(2)
     params = GenerationParams(temperature=0.0, max_new_tokens=20)
+    running = GenerationParams(temperature=0.0, max_new_tokens=40)  # still running when the long row joins
     mark = []
 
     async def main() -> list[str]:
-        first = asyncio.create_task(collect(engine.generate(request("Hi", params, rid="run"))))
+        first = asyncio.create_task(collect(engine.generate(request("Hi", running, rid="run"))))
         await wait_event(reached)
         mark.append(len(prefills))
         second = asyncio.create_task(collect(engine.generate(request(LONG, params, rid="long"))))
@@ -116,13 +107,47 @@ def test_chunked_prefill_keeps_running_rows_decoding(f32_engine: TransformersEng
         return ["".join(deltas) for deltas, _ in results]
 
     texts = run(main())
-    assert texts == [reference_greedy(f32_engine, c, 20) for c in ("Hi", LONG)]
+    assert texts == [reference_greedy(f32_engine, "Hi", 40), reference_greedy(f32_engine, LONG, 20)]
     chunks = prefills[mark[0] :]  # the long prompt's
     assert max(chunks) <= 8 and len(chunks) >= long_tokens // 8
     # The long prompt arrived during decode step 2: from step 3 on, one step of the running row
-    # after every chunk, and the long row joins the step after its last chunk.
-    assert probe.sizes[3 : 3 + len(chunks) - 1] == [1] * (len(chunks) - 1)
-    assert probe.sizes[3 + len(chunks) - 1] == 2
+    # beside every chunk (queued before it), and the long row joins the step after its last chunk.
+    assert probe.sizes[3 : 3 + len(chunks)] == [1] * len(chunks)
+    assert probe.sizes[3 + len(chunks)] == 2
+
+
+def test_prefill_budget_applies_only_while_rows_run(f32_engine: TransformersEngine, monkeypatch) -> None:
+    """An idle engine prefills a long prompt in one forward; prompts joining a running row are batched
+    beside a decode step of the row, at most ``max_prefill_tokens`` of each, and come out as alone."""
+    engine = static_engine(f32_engine, max_prefill_tokens=24)
+    shapes: list[tuple[int, int]] = []
+    inner = engine._forward_prefill
+
+    def recording(ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        shapes.append(tuple(ids.shape))
+        return inner(ids, *args)
+
+    monkeypatch.setattr(engine, "_forward_prefill", recording)
+    probe = StepProbe(engine, monkeypatch)
+    reached, release = probe.pause_at(2)
+    long_tokens = engine.count_tokens([{"role": "user", "content": LONG}])
+    params = GenerationParams(temperature=0.0, max_new_tokens=12)
+    running = GenerationParams(temperature=0.0, max_new_tokens=40)
+
+    async def main() -> list[str]:
+        first = asyncio.create_task(collect(engine.generate(request(LONG, running, rid="long"))))
+        await wait_event(reached)
+        joiners = [asyncio.create_task(collect(engine.generate(request(c, params, rid=c)))) for c in PROMPTS]
+        release.set()
+        results = await asyncio.gather(first, *joiners)
+        await engine.shutdown()
+        return ["".join(deltas) for deltas, _ in results]
+
+    texts = run(main())
+    assert texts == [reference_greedy(f32_engine, LONG, 40), *(reference_greedy(f32_engine, c, 12) for c in PROMPTS)]
+    assert shapes[0] == (1, long_tokens)  # alone: whole, though longer than the budget
+    assert shapes[1][0] > 1 and all(width <= 24 for _, width in shapes[1:])  # joiners: batched, chunked
+    assert probe.sizes[3] == 1  # the running row's step beside the joiners' first prefill
 
 
 def test_budget_caps_rows_and_the_rest_wait(tiny_engine: TransformersEngine, monkeypatch) -> None:

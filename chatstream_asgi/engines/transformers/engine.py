@@ -46,7 +46,7 @@ from chatstream_asgi.engines.transformers.prefix_cache import prefix_cache_for
 from chatstream_asgi.engines.transformers.sampling import BatchSampler
 from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, plan_rows
-from chatstream_asgi.engines.transformers.static_steps import StaticSteps
+from chatstream_asgi.engines.transformers.static_steps import DEFAULT_PREFILL_CHUNK, StaticSteps
 
 __all__ = ["TransformersEngine"]
 
@@ -67,8 +67,9 @@ class TransformersEngine(EagerSteps, StaticSteps):
     preallocated cache, sized by ``kv_cache_memory`` (GiB) or ``gpu_memory_utilization`` (a
     fraction of the card, like vLLM's); fewer rows than ``max_batch_size`` when the budget holds
     fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``max_prefill_tokens``
-    caps the tokens of one prompt prefilled between two decode steps (static cache only; default: no
-    cap). ``kv_cache_usage`` is the share of the slots in use.
+    caps the prompt tokens prefilled beside one decode step while rows are running (static cache
+    only; ``None``: no cap); an idle engine prefills a prompt whole. ``kv_cache_usage`` is the
+    share of the slots in use.
 
     Prefix reuse (``prefix_cache``; default: on on CPU, off on GPUs, where it has not yet passed its
     correctness run on CUDA): the keys and values of finished sequences are kept,
@@ -92,13 +93,13 @@ class TransformersEngine(EagerSteps, StaticSteps):
         cuda_graphs: bool = True,
         kv_cache_memory: float | None = None,
         gpu_memory_utilization: float | None = None,
-        max_prefill_tokens: int | None = None,
+        max_prefill_tokens: int | None = DEFAULT_PREFILL_CHUNK,
         prefix_cache: bool | None = None,
         prefix_cache_memory: float = 1.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         config = model.config
         self.model_name: str = name or getattr(config, "name_or_path", "") or type(model).__name__
         self.context_len: int = context_len or getattr(config, "max_position_embeddings", None) or 2048
@@ -249,10 +250,10 @@ class TransformersEngine(EagerSteps, StaticSteps):
     # -- generation thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.device.type == "cuda":  # the thread's current device: graph capture and kernels run there
-            torch.cuda.set_device(self.device)
         with torch.inference_mode():
             try:
+                if self.device.type == "cuda":  # the thread's current device: graph capture and kernels run there
+                    torch.cuda.set_device(self.device)
                 self._prepare()
             except BaseException as exc:
                 logger.exception("engine %s failed to start", self.model_name)
@@ -306,7 +307,11 @@ class TransformersEngine(EagerSteps, StaticSteps):
             capture_all([self._runner, self._prefill_runner], self.device)
 
     def _iteration(self, admitted: list[EngineSequence]) -> None:
-        """One loop turn: prefill arrivals (one hand-off), then one decode step (one hand-off)."""
+        """One loop turn: prefill arrivals (one hand-off), then one decode step (one hand-off).
+
+        On the static path with rows running, a prompt chunk and one decode step share the turn
+        (:meth:`StaticSteps._prefill_turn`).
+        """
         outbox = Outbox()
         waiting = []
         for seq in admitted:
@@ -315,25 +320,20 @@ class TransformersEngine(EagerSteps, StaticSteps):
             else:
                 self._match_prefix(seq)
                 waiting.append(seq)
+        for seq in self._active:
+            if seq.stream.cancelled:
+                finish(seq, "cancelled", outbox)
+        self._retire(outbox)
         if self.static:
-            self._prefilling.extend(waiting)
-            for seq in self._prefilling:
-                if seq.stream.cancelled:
-                    finish(seq, "cancelled", outbox)
-            self._prefilling = deque(s for s in self._prefilling if s.finish is None)
-            if self._prefilling:
-                self._prefill_chunks(outbox)
-                self._retire(outbox)
-                outbox.flush()
+            decoded = self._prefill_turn(waiting, outbox)
+            self._retire(outbox)
+            outbox.flush()
+            if decoded:
+                return
         elif waiting:
             self._prefill(waiting, outbox)
             self._retire(outbox)
             outbox.flush()
-        if self._active:
-            for seq in self._active:
-                if seq.stream.cancelled:
-                    finish(seq, "cancelled", outbox)
-            self._retire(outbox)
         if self._active:
             self._decode(outbox)
             self._retire(outbox)
@@ -448,3 +448,10 @@ class TransformersEngine(EagerSteps, StaticSteps):
         if self._sampler is not None:
             self._sampler.keep_rows([])
         outbox.flush()
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current device>``: the generation thread sets its device by index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

@@ -37,6 +37,7 @@ logger = logging.getLogger("chatstream_asgi.engine")
 _MIN_LENGTH_BUCKET = 64
 _TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 _MAX_GRAPH_TOKENS = 8192
+_MIN_CONTINUED = 64  # continued chunks are captured from this many tokens up to the configured chunk
 
 Key = tuple[int, ...]
 
@@ -68,10 +69,15 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 
 
 def capture_all(runners: list[Any], device: torch.device) -> None:
-    """Capture every runner's graphs in one shared memory pool; log the time and memory it took.
+    """Capture every runner's graphs, one memory pool per runner; log the time and memory it took.
+
+    A runner's graphs share its pool (they never run at once); runners get their own, because a
+    prefill chunk runs on its own stream beside a decode step (:class:`PrefillRunner`).
 
     The garbage collector is off meanwhile: collecting another engine's graph or tensors in the
-    middle of a capture would invalidate it.
+    middle of a capture would invalidate it. The capture stream is this device's own:
+    ``torch.cuda.graph``'s default is one stream per process, created on whichever device was
+    current first, and capturing a second GPU's kernels on it fails.
     """
     gc.collect()
     gc.disable()
@@ -79,16 +85,16 @@ def capture_all(runners: list[Any], device: torch.device) -> None:
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_reserved(device)
         started = time.perf_counter()
-        pool = None
-        warm = torch.cuda.Stream(device)
+        warm, capture = torch.cuda.Stream(device), torch.cuda.Stream(device)
         for runner in runners:
+            pool = None
             for key in runner.shapes:
                 warm.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(warm):
                     runner.forward(key)
                 torch.cuda.current_stream(device).wait_stream(warm)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, pool=pool, stream=capture, capture_error_mode="thread_local"):
                     out = runner.forward(key)
                 pool = graph.pool()
                 runner.graphs[key] = (graph, out)
@@ -182,9 +188,15 @@ class DecodeRunner:
 class PrefillRunner:
     """Prompt chunks written into cache slots; returns each row's last-position logits.
 
+    On CUDA a chunk runs on the runner's own stream, so that a decode step queued after it on the
+    current stream runs beside it (both are launch-bound: neither fills the GPU alone). The current
+    stream waits for the chunk at :meth:`join`, which the engine calls before it reads the logits or
+    touches the cache slots again.
+
     Shapes it pads to (and captures): new prompts as ``(rows, tokens, tokens)`` with ``tokens`` in
     16, 32, ... 512 and ``rows * tokens <= 8192``; a continued chunk of one prompt as ``(1, chunk,
-    length)`` for ``chunk`` the bucket of ``max_prefill_tokens``. Other chunks run eagerly through
+    length)`` for ``chunk`` in 64, 128, ... up to the bucket of ``max_prefill_tokens`` (a smaller
+    chunk set later still replays a graph). Other chunks run eagerly through
     ``run_eager`` (the engine's call under its attention kernels), unpadded.
     """
 
@@ -210,8 +222,9 @@ class PrefillRunner:
         self.length_buckets = length_buckets(cache.max_len)
         self.token_buckets = [t for t in _TOKEN_BUCKETS if t <= cache.max_len] or [cache.max_len]
         fresh = [(r, t, t) for t in self.token_buckets for r in self.row_buckets if r * t <= _MAX_GRAPH_TOKENS]
-        self._continued = bucket_for(chunk, self.token_buckets) if chunk and chunk <= self.token_buckets[-1] else 0
-        continued = [(1, self._continued, n) for n in self.length_buckets if n > self._continued and self._continued]
+        top = bucket_for(chunk, self.token_buckets) if chunk and chunk <= self.token_buckets[-1] else 0
+        self._continued = [t for t in self.token_buckets if min(_MIN_CONTINUED, top) <= t <= top]
+        continued = [(1, c, n) for c in self._continued for n in self.length_buckets if n >= c]
         self._known = set(fresh + continued)
         self.shapes: list[Key] = sorted(self._known, reverse=True) if use_graphs and device.type == "cuda" else []
         self.graphs: dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -220,16 +233,25 @@ class PrefillRunner:
         self._slots = torch.zeros(cache.rows, dtype=torch.long, device=device)
         self._columns = torch.arange(cache.max_len + 1, device=device)
         self._pinned = device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if self._pinned else None
+
+    def join(self) -> None:
+        """Make the current stream wait for the last chunk (queued on the device; no host wait)."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
     def run(
         self, ids: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor, slots: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
-        """Run left-padded chunks (host tensors ``[m, c]``; ``slots`` ``[m]``) reading ``kv_len`` columns."""
+        """Run left-padded chunks (host tensors ``[m, c]``; ``slots`` ``[m]``) reading ``kv_len`` columns.
+
+        Call :meth:`join` first (the previous chunk reads the static inputs this overwrites).
+        """
         m, width = ids.shape
         key = self._key(m, width, kv_len)
         if key is None:
             ids, positions, columns, slots = (t.to(self.device) for t in (ids, positions, columns, slots))
-            return self._chunk(self._run_eager, ids, positions, columns, slots, kv_len)
+            return self._beside(lambda: self._chunk(self._run_eager, ids, positions, columns, slots, kv_len))
         rows, tokens, _ = key
         host = torch.zeros(3, rows, tokens, dtype=torch.long, pin_memory=self._pinned)
         host[0] = self.pad_id
@@ -241,7 +263,18 @@ class PrefillRunner:
         host_slots[:m] = slots
         self._inputs[:, :rows, :tokens].copy_(host, non_blocking=self._pinned)
         self._slots[:rows].copy_(host_slots, non_blocking=self._pinned)
-        return _replay_or_run(self, key)[:m]
+        return self._beside(lambda: _replay_or_run(self, key))[:m]
+
+    def _beside(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``forward()`` on the runner's stream, after everything queued so far on the current one."""
+        if self._stream is None:
+            return forward()
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            out = forward()
+        out.record_stream(current)  # eager outputs: their memory is not reused while the current stream reads them
+        return out
 
     def batchable(self, m: int, width: int) -> bool:
         """Whether ``m`` new prompts of up to ``width`` tokens fit one padded prefill shape."""
@@ -254,8 +287,8 @@ class PrefillRunner:
         tokens = bucket_for(width, self.token_buckets)
         if kv_len <= tokens and (rows, tokens, tokens) in self._known:
             return rows, tokens, tokens
-        if m == 1 and width <= self._continued:
-            key = (1, self._continued, bucket_for(kv_len, self.length_buckets))
+        if m == 1 and self._continued and width <= self._continued[-1]:
+            key = (1, bucket_for(width, self._continued), bucket_for(kv_len, self.length_buckets))
             return key if key in self._known else None
         return None
 

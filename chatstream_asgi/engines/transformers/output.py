@@ -67,6 +67,7 @@ def finish(seq: EngineSequence, reason: FinishReason, outbox: Outbox) -> None:
         seq.stream,
         seq.stream.finish,
         reason,
+        final=True,
         prompt_tokens=len(seq.prompt_ids),
         completion_tokens=seq.generated,
     )
@@ -78,4 +79,4 @@ def fail(seq: EngineSequence, exc: BaseException, outbox: Outbox) -> None:
     error = exc if isinstance(exc, EngineError) else EngineError(f"generation failed: {exc!r}")
     if error is not exc:
         error.__cause__ = exc
-    outbox.add(seq.stream, seq.stream.fail, error)
+    outbox.add(seq.stream, seq.stream.fail, error, final=True)

@@ -39,15 +39,29 @@ class EngineSequence:
 
 
 class Outbox:
-    """Producer calls collected during one step, delivered with one wake-up per event loop."""
+    """Producer calls collected during one step, delivered with one wake-up per event loop.
+
+    Ends (``final=True``: finish, fail) may be held back by ``flush(hold_ends=True)`` until the
+    next plain flush: the engine retires a finished row (keeps its keys and values for prefix
+    reuse) before its consumer learns that it ended, so a ``release_session`` that follows a
+    finished turn always finds what that turn kept.
+    """
 
     def __init__(self) -> None:
         self._calls: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., None], tuple, dict]]] = {}
+        self._ends: list[tuple[QueueStream, Callable[..., None], tuple, dict]] = []
 
-    def add(self, stream: QueueStream, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        self._calls.setdefault(stream.loop, []).append((fn, args, kwargs))
+    def add(self, stream: QueueStream, fn: Callable[..., None], *args: Any, final: bool = False, **kwargs: Any) -> None:
+        if final:
+            self._ends.append((stream, fn, args, kwargs))
+        else:
+            self._calls.setdefault(stream.loop, []).append((fn, args, kwargs))
 
-    def flush(self) -> None:
+    def flush(self, *, hold_ends: bool = False) -> None:
+        if not hold_ends:
+            for stream, fn, args, kwargs in self._ends:
+                self._calls.setdefault(stream.loop, []).append((fn, args, kwargs))
+            self._ends = []
         calls, self._calls = self._calls, {}
         for loop, items in calls.items():
             try:

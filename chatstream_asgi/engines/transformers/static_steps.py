@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from chatstream_asgi.engines.transformers.output import fail
+from chatstream_asgi.engines.transformers.output import fail, finish
 from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
 
 if TYPE_CHECKING:
@@ -23,9 +23,12 @@ if TYPE_CHECKING:
     from chatstream_asgi.engines.transformers.sampling import BatchSampler
     from chatstream_asgi.engines.transformers.static_cache import StaticKVCache
 
-__all__ = ["StaticSteps"]
+__all__ = ["DEFAULT_PREFILL_CHUNK", "StaticSteps"]
 
 logger = logging.getLogger("chatstream_asgi.engine")
+
+DEFAULT_PREFILL_CHUNK = 256
+"""Prompt tokens prefilled beside one decode step while rows run (``max_prefill_tokens``'s default)."""
 
 
 class StaticSteps:
@@ -44,19 +47,56 @@ class StaticSteps:
     _pad_id: int
     _stopping: bool
 
-    def _prefill_chunks(self, outbox: Outbox) -> None:
-        """Static path: one prefill forward between two decode steps, oldest prompts first.
+    def _prefill_turn(self, waiting: list[EngineSequence], outbox: Outbox) -> bool:
+        """Static path: queue ``waiting`` for prefill and run one prefill forward (if any waits).
 
-        Each prompt contributes at most ``max_prefill_tokens`` tokens to it. A partly prefilled
-        prompt continues alone; new prompts are batched while the padded batch still fits one
-        captured prefill graph (a replay costs about the same for any of its shapes). Sequences
+        With rows running, the prefill forward and one decode step of those rows are queued
+        together, on two streams (:class:`PrefillRunner`), so the GPU runs them side by side, and
+        the host delivers the step's tokens while the chunk may still run. Returns whether that
+        decode step ran (the turn's decode is then done).
+        """
+        self._prefilling.extend(waiting)
+        for seq in self._prefilling:
+            if seq.stream.cancelled:
+                finish(seq, "cancelled", outbox)
+        self._prefilling = deque(s for s in self._prefilling if s.finish is None)
+        rows = list(self._active)
+        if not self._prefilling:
+            return False
+        self._prefill_chunks(outbox)  # queued first: the decode step goes beside it, not behind
+        if not rows:
+            return False
+        outbox.flush(hold_ends=True)  # a completed prompt's first token goes out now, not after the step
+        try:
+            pending = self._launch(rows, first=True)
+        except Exception as exc:
+            logger.exception("decode step over %d sequence(s) failed", len(rows))
+            self._fail_all(self._active, exc, outbox)
+            return True
+        try:
+            tokens = pending()
+        except Exception as exc:  # the device failed: the joined rows' state is as unknown as the others'
+            logger.exception("decode step over %d sequence(s) failed", len(rows))
+            self._fail_all(self._active, exc, outbox)
+            return True
+        self._output.accept(rows, tokens, outbox)
+        return True
+
+    def _prefill_chunks(self, outbox: Outbox) -> None:
+        """Static path: one prefill forward, oldest prompts first.
+
+        While rows are running, each prompt contributes at most ``max_prefill_tokens`` tokens, so
+        a long one goes in chunks beside decode steps; an idle engine prefills prompts whole. A
+        partly prefilled prompt continues alone; new prompts are batched while the padded batch fits
+        one captured prefill graph (a replay costs about the same for any of its shapes). Sequences
         whose prompt completes join the batch at rows ``n, n+1, ...`` (their slots); at most one,
         the last, stays partly prefilled, in the top slot, until a later turn.
         """
         kv = self._static_kv
         assert kv is not None
         assert self._prefill_runner is not None
-        limit = self.max_prefill_tokens or self.context_len
+        self._prefill_runner.join()  # the last chunk is done with its slots and inputs (device-side wait)
+        limit = (self.max_prefill_tokens or self.context_len) if self._active else self.context_len
         chunks: list[tuple[EngineSequence, int, int]] = []
         for seq in self._prefilling:
             take = min(len(seq.prompt_ids) - seq.cached, limit)
@@ -90,6 +130,7 @@ class StaticSteps:
         try:
             logits = self._forward_prefill(ids, positions, columns, slots, kv_len)
             if done:
+                self._prefill_runner.join()
                 sampler = self._get_sampler(logits.shape[-1])
                 sampler.add_rows([s.params for s in done], [s.prompt_ids for s in done])
                 tokens = sampler.sample(logits[: len(done)], slice(first_row, first_row + len(done)))
@@ -123,14 +164,14 @@ class StaticSteps:
         while True:
             ahead = self._launch(rows, first=False) if self._can_run_ahead(rows) else None
             self._output.accept(rows, pending(), outbox)
-            outbox.flush()
+            outbox.flush(hold_ends=True)  # a finished row is retired before its end goes out
             if ahead is None:
                 return
             if any(s.finish is not None for s in rows) or not self._can_run_ahead(rows, ahead=False):
                 live = [(s, t) for s, t in zip(rows, ahead(), strict=True) if s.finish is None]
                 if live:
                     self._output.accept([s for s, _ in live], [t for _, t in live], outbox)
-                outbox.flush()
+                outbox.flush(hold_ends=True)
                 return
             pending = ahead
 
@@ -145,7 +186,7 @@ class StaticSteps:
         input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long) if first else None
         for seq in rows:
             seq.cached += 1
-        tokens = self._sampler.sample(self._forward_step(positions, input_ids))
+        tokens = self._sampler.sample(self._forward_step(positions, input_ids), slice(0, len(rows)))
         self._runner.feed(tokens)
         return self._runner.fetch(tokens)
 
