@@ -247,13 +247,13 @@ class FreeSlotRouter(FIFOMixin, RequestRouter):
     on the replica that served its last turn while that replica has a free slot.
 
     A replica's load is the larger of what this router knows (Ray's count of requests it has sent
-    there, plus picks made a moment ago whose send has not been counted yet, so that simultaneous
-    requests do not all pick the same replica) and what the replica itself reported through
-    ``record_routing_stats`` (its ChatStream's ``processing + waiting``, which includes requests
-    from other proxies; at most ``ROUTING_STATS_PERIOD_S`` old, less this router's requests that
-    were open when it was taken and have ended since). Slots are the replica's reported
-    ``max_processing``. Replicas are ranked one per rank: free slots first, then by load relative
-    to slots; ties rotate.
+    there, less GETs, which take no generation slot, plus picks made a moment ago whose send has
+    not been counted yet, so that simultaneous requests do not all pick the same replica) and what
+    the replica itself reported through ``record_routing_stats`` (its ChatStream's ``processing +
+    waiting``, which includes requests from other proxies; at most ``ROUTING_STATS_PERIOD_S`` old,
+    less this router's requests that were open when it was taken and have ended since). Slots are
+    the replica's reported ``max_processing``. Replicas are ranked one per rank: free slots first,
+    then by load relative to slots; ties rotate.
 
     Session affinity: a request's session is the token in Ray's session header (``x-session-id``
     unless ``RAY_SERVE_SESSION_ID_HEADER_KEY`` says otherwise; the app's own ``X-Session-Id``
