@@ -229,8 +229,13 @@ def test_a_conversation_stays_on_its_replica_while_that_has_a_free_slot(proxy: s
         held.close()
         saved_turns(client, "/chat", 10)
         assert turn(client, "turn 6") == away  # its last turn is there now
-        contents = saved_turns(client, "/chat", 12)
-    assert contents[0::2] == [f"turn {n}" for n in range(1, 7)]
+        saved_turns(client, "/chat", 12)
+        # An API client sends the token in X-Session-Id, which is also Ray's session header.
+        token = client.cookies["chatstream_session"]
+        with httpx.Client(base_url=proxy, timeout=TIMEOUT, headers={"x-session-id": token}) as api_client:
+            assert turn(api_client, "turn 7") == away
+        contents = saved_turns(client, "/chat", 14)
+    assert contents[0::2] == [f"turn {n}" for n in range(1, 8)]
 
 
 def test_simultaneous_requests_take_both_replicas(proxy: str) -> None:
