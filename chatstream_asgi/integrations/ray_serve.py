@@ -83,6 +83,7 @@ _CHAT_STREAM_DEFAULTS = {
 }
 _RESERVATION_TTL_S = 2.0
 _COMPLETIONS_TTL_S = 10.0
+_REPLY_HEADER = b"x-chatstream-last-generated-message-id"
 _IN_FLIGHT_LIMIT = 100_000
 
 
@@ -134,11 +135,13 @@ def chat_app(
     replica's ``request_timeout`` (a request still running then ends with a ``deadline_exceeded``
     error frame and ``unknown_error_occurred``; a smaller ``request_timeout`` may be given), and with
     ``shutdown_timeout`` (a ``ChatStream`` option) it sets Ray's graceful shutdown budget, so that no
-    reply is still open when Ray kills a stopping replica. ``session_store_url`` (``redis://host:port/db``) is required
-    with more than one replica. ``app_factory(chat_stream)`` builds the replica's ASGI app around
-    the service (default :func:`~chatstream_asgi.create_app`: chat page, chat endpoints, extra
-    APIs, ``/metrics``). ``ray_actor_options`` default to ``{"num_cpus": 0}`` (the engine's thread
-    is not a Ray task); give a GPU engine ``{"num_gpus": 1}``. Run it with
+    reply is still open when Ray kills a stopping replica.
+
+    ``session_store_url`` (``redis://host:port/db``) is required with more than one replica.
+    ``app_factory(chat_stream)`` builds the replica's ASGI app around the service (default
+    :func:`~chatstream_asgi.create_app`: chat page, chat endpoints, extra APIs, ``/metrics``).
+    ``ray_actor_options`` default to ``{"num_cpus": 0}`` (the engine's thread is not a Ray task);
+    give a GPU engine ``{"num_gpus": 1}``. Run it with
     ``serve.run(chat_app(...), route_prefix="/")``.
     """
     if not session_secret:
@@ -197,8 +200,8 @@ def chat_app(
 
 class _ReplicaApp:
     """The replica's ASGI app: names the replica in an ``X-ChatStream-Replica`` response header, and
-    remembers the sessions whose turns it answered (POSTs answered with the session's ``X-Session-Id``
-    response header; not 429s) for the router."""
+    remembers the sessions whose turns it answered (chat replies: they carry the session's
+    ``X-Session-Id`` and ``X-ChatStream-Last-Generated-Message-Id``; a 429 does not) for the router."""
 
     def __init__(self, app: Any, chat_stream: ChatStream) -> None:
         self.app = app
@@ -218,14 +221,16 @@ class _ReplicaApp:
         return recent
 
     def _served(self, headers: Any) -> None:
-        for name, value in headers:
-            if name == SESSION_HEADER:
-                session_id = session_id_of(value.decode("latin-1"))
-                self.served[session_id] = time.time()
-                self.served.move_to_end(session_id)
-                if len(self.served) > REPORTED_SESSIONS:
-                    self.served.popitem(last=False)
-                return
+        """Remember the session of a chat reply (only those carry a generated message's id)."""
+        found = dict(headers)
+        token = found.get(SESSION_HEADER)
+        if token is None or _REPLY_HEADER not in found:
+            return
+        session_id = session_id_of(token.decode("latin-1"))
+        self.served[session_id] = time.time()
+        self.served.move_to_end(session_id)
+        if len(self.served) > REPORTED_SESSIONS:
+            self.served.popitem(last=False)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -234,8 +239,7 @@ class _ReplicaApp:
 
         async def tagged_send(message: Any) -> None:
             if message["type"] == "http.response.start":
-                if scope["method"] == "POST" and message["status"] < 400:  # a turn; a rejected one left no KV
-                    self._served(message.get("headers", ()))
+                self._served(message.get("headers", ()))
                 message = {**message, "headers": [*message.get("headers", ()), (REPLICA_HEADER, self.tag)]}
             await send(message)
 
