@@ -11,8 +11,9 @@ until Ctrl-C. Environment, besides the engine choice of ``common.py`` (``CHATSTR
 
 Each replica builds its own engine (``make_engine`` runs in the replica, on its own event loop),
 ``ChatStream`` and middleware; Ray gets ``max_ongoing_requests`` above the app's own limits (the app
-queues and answers 429 itself), a graceful shutdown that covers the longest reply, and a router that
-sends each request to the replica with a free slot.
+queues and answers 429 itself), a graceful shutdown that covers the longest request (which every request
+ends within), and a router that sends each request to the replica with a free slot, a conversation's
+turns to the replica of its last turn while that one has a free slot.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ app = chat_app(
     session_secret=os.environ["CHATSTREAM_SESSION_SECRET"],
     session_store_url=os.environ.get("CHATSTREAM_REDIS"),
     num_replicas=int(os.environ.get("CHATSTREAM_REPLICAS", "2")),
-    longest_reply_s=120.0,  # 256 tokens at no less than ~2 tokens/s
+    longest_reply_s=120.0,  # 256 tokens at no less than ~2 tokens/s, queue wait included
     num_of_concurrent_executions=int(os.environ.get("CHATSTREAM_CONCURRENCY", "4")),
     max_queue_size=int(os.environ.get("CHATSTREAM_QUEUE", "16")),
     max_new_tokens=256,

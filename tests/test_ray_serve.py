@@ -125,6 +125,25 @@ def test_options_cover_the_app_limits_and_the_longest_reply() -> None:
         chat_app(dict, session_secret="s", num_replicas=2, longest_reply_s=1.0)
     with pytest.raises(ValueError, match="session_secret"):
         chat_app(dict, session_secret="", longest_reply_s=1.0)
+    with pytest.raises(ValueError, match="request_timeout"):  # Ray would kill such a reply unreported
+        chat_app(dict, session_secret="s", longest_reply_s=1.0, request_timeout=2.0)
+
+
+def admitted(
+    client: httpx.Client, body: dict[str, Any], not_on: str, streams: contextlib.ExitStack | None = None
+) -> httpx.Response:
+    """A ``/chat/chat_stream`` request (streamed when ``streams`` is given), sent again while Ray still counts
+    a just-finished request on the busy replica ``not_on`` (bounded); a 429 may only come from that replica."""
+    for _ in range(20):
+        if streams is not None:
+            response = streams.enter_context(client.stream("POST", "/chat/chat_stream", json=body))
+        else:
+            response = client.post("/chat/chat_stream", json=body)
+        if response.status_code == 200:
+            return response
+        assert response.status_code == 429, response.read()
+        assert response.headers["x-chatstream-replica"] == not_on
+    raise AssertionError("never admitted")
 
 
 def test_free_slot_routing_and_one_conversation_across_two_replicas(proxy: str) -> None:
@@ -133,21 +152,6 @@ def test_free_slot_routing_and_one_conversation_across_two_replicas(proxy: str) 
     hold = {"messages": [{"role": "user", "content": "hold the slot"}], "format": "ndjson", "generation_params": LONG}
     short = {"max_new_tokens": 3}
     with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client, contextlib.ExitStack() as streams:
-
-        def admitted(body: dict[str, Any], not_on: str, stream: bool = False, **kwargs: Any) -> httpx.Response:
-            """The request, sent again while Ray still counts a just-finished reply on the busy replica
-            (bounded); a 429 may only come from the replica that is known to be busy."""
-            for _ in range(20):
-                if stream:
-                    response = streams.enter_context(client.stream("POST", "/chat/chat_stream", json=body, **kwargs))
-                else:
-                    response = client.post("/chat/chat_stream", json=body, **kwargs)
-                if response.status_code == 200:
-                    return response
-                assert response.status_code == 429, response.read()
-                assert response.headers["x-chatstream-replica"] == not_on
-            raise AssertionError("never admitted")
-
         first = streams.enter_context(client.stream("POST", "/chat/chat_stream", json=hold))
         first_events = Lines(first)
         assert first_events.next()["type"] == "delta"
@@ -158,23 +162,80 @@ def test_free_slot_routing_and_one_conversation_across_two_replicas(proxy: str) 
         b = turn1.headers["x-chatstream-replica"]
         assert b != a
         token = turn1.headers["x-session-id"]
-        second = admitted(hold, a, stream=True)  # now hold b as well ...
+        second = admitted(client, hold, a, streams)  # now hold b as well ...
         second_events = Lines(second)
         assert second_events.next()["type"] == "delta"
         assert second.headers["x-chatstream-replica"] == b
         first.close()  # ... and free a: the conversation must continue there
         assert client.cookies["chatstream_session"] == token  # the client sends the cookie turn 1 set
-        turn2 = admitted({"user_input": "second turn", "generation_params": short}, b)
+        turn2 = admitted(client, {"user_input": "second turn", "generation_params": short}, b)
         assert turn2.headers["x-chatstream-replica"] == a
         assert turn2.headers["x-session-id"] == token
         assert "set-cookie" not in turn2.headers  # the other replica accepted the cookie: the same secret
         second.close()
-        deadline = time.monotonic() + TIMEOUT  # a turn is saved just after its last byte: bounded wait
-        while len(contents := [m["content"] for m in client.get("/chat/get_prompt").json()["messages"]]) < 4:
-            assert time.monotonic() < deadline, contents
-            time.sleep(0.02)
+        contents = saved_turns(client, "/chat", 4)
     assert contents[0::2] == ["first turn", "second turn"]
     assert contents[1] == turn1.text and contents[3] == turn2.text
+
+
+def saved_turns(client: httpx.Client, prefix: str, count: int) -> list[str]:
+    """The session's history once it holds ``count`` messages (a turn is saved just after its last byte,
+    and its request then ends in Ray's count too: bounded wait)."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(contents := [m["content"] for m in client.get(f"{prefix}/get_prompt").json()["messages"]]) < count:
+        assert time.monotonic() < deadline, contents
+        time.sleep(0.02)
+    return contents
+
+
+def test_a_conversation_stays_on_its_replica_while_that_has_a_free_slot(proxy: str) -> None:
+    """Session affinity (the replica that served the last turn holds the conversation's KV): each turn of a
+    conversation goes to the replica of its last turn while that replica has a free slot; when it is full the
+    turn goes to the other replica, continues there through Redis, and the conversation then stays there."""
+    short = {"max_new_tokens": 3}
+    hold = {"messages": [{"role": "user", "content": "hold"}], "format": "ndjson", "generation_params": LONG}
+
+    def turn(client: httpx.Client, text: str, params: dict[str, Any] = short) -> str:
+        response = client.post("/chat/chat_stream", json={"user_input": text, "generation_params": params})
+        assert response.status_code == 200, response.text
+        return response.headers["x-chatstream-replica"]
+
+    with (
+        httpx.Client(base_url=proxy, timeout=TIMEOUT) as client,
+        httpx.Client(base_url=proxy, timeout=TIMEOUT) as other,
+        contextlib.ExitStack() as streams,
+    ):
+        wait_until_idle(other, "/chat", replicas=2)
+        # A first turn has no session yet: only its replica knows it, and reports it with its load. This one
+        # streams for about three report periods, so the router has the report when the next turn comes.
+        home = turn(client, "turn 1", {"max_new_tokens": 60})
+        for number in (2, 3, 4):
+            saved_turns(client, "/chat", 2 * number - 2)
+            assert turn(client, f"turn {number}") == home
+        # Another conversation takes the home replica's only slot (its first request may land on either).
+        held = streams.enter_context(other.stream("POST", "/chat/chat_stream", json=hold))
+        assert held.status_code == 200
+        if (elsewhere := held.headers["x-chatstream-replica"]) != home:
+            held_home = admitted(other, hold, elsewhere, streams)
+            assert held_home.headers["x-chatstream-replica"] == home  # the only free slot
+            held.close()
+            held = held_home
+        held_lines = Lines(held)  # kept: the stream stays open while it is
+        assert held_lines.next()["type"] == "delta"
+        saved_turns(client, "/chat", 8)
+        moved = admitted(client, {"user_input": "turn 5", "generation_params": short}, home)
+        away = moved.headers["x-chatstream-replica"]
+        assert away != home
+        held.close()
+        saved_turns(client, "/chat", 10)
+        assert turn(client, "turn 6") == away  # its last turn is there now
+        saved_turns(client, "/chat", 12)
+        # An API client sends the token in X-Session-Id, which is also Ray's session header.
+        token = client.cookies["chatstream_session"]
+        with httpx.Client(base_url=proxy, timeout=TIMEOUT, headers={"x-session-id": token}) as api_client:
+            assert turn(api_client, "turn 7") == away
+        contents = saved_turns(client, "/chat", 14)
+    assert contents[0::2] == [f"turn {n}" for n in range(1, 8)]
 
 
 def test_simultaneous_requests_take_both_replicas(proxy: str) -> None:
@@ -314,3 +375,37 @@ def test_x_request_id_is_sent_once(proxy: str) -> None:
     assert response.headers.get_list("x-request-id") == ["abc-1"]
     plain = httpx.post(f"{proxy}/one/chat_stream", json=body, timeout=TIMEOUT)
     assert len(plain.headers.get_list("x-request-id")) == 1
+
+
+def test_a_reply_longer_than_the_shutdown_budget_ends_with_an_error_frame(proxy: str, tmp_path: Path) -> None:
+    """Ray waits for a stopping replica's open requests for ``graceful_shutdown_timeout_s``, then kills it, and
+    runs the app's lifespan shutdown only after its requests ended: a reply that would stream past that budget
+    must end by itself, with an error frame on the wire and one state, before the kill."""
+    from ray_engines import long_mock, record_state
+
+    states = tmp_path / "states"
+    app = chat_app(
+        functools.partial(long_mock, 0.05),
+        session_secret=SECRET,
+        longest_reply_s=2.0,
+        num_of_concurrent_executions=1,
+        max_queue_size=0,
+        max_new_tokens=2000,  # 100 s at 0.05 s a token: far past Ray's budget of 2 + 1 + 5 s
+        shutdown_timeout=1.0,
+        callback=functools.partial(record_state, str(states)),
+        name="short",
+    )
+    serve.run(app, name="short", route_prefix="/short")
+    body = {"messages": [{"role": "user", "content": "go on"}], "format": "ndjson"}
+    with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client:
+        with client.stream("POST", "/short/chat_stream", json=body) as response:
+            events_in = Lines(response)
+            assert events_in.next()["type"] == "delta"
+            deleting = threading.Thread(target=serve.delete, args=("short",))
+            deleting.start()  # Ray starts stopping the replica while the reply streams
+            events = events_in.rest()
+        deleting.join(TIMEOUT)
+    assert not deleting.is_alive()
+    assert events[-1]["type"] == "error" and events[-1]["error"] == "deadline_exceeded"
+    assert events[-1]["state"] == "unknown_error_occurred"
+    assert states.read_text().splitlines() == ["unknown_error_occurred"]

@@ -10,15 +10,24 @@
   completion states never see them; with room above the app's limits every request reaches the app,
   overflow gets the app's 429 with ``Retry-After``, and ``/get_load`` or ``/metrics`` never wait
   behind streams;
-- ``graceful_shutdown_timeout_s`` = ``longest_reply_s`` + ``shutdown_timeout`` + margin: a replica
-  that is stopped (scale-down, rolling redeploy) lets every open reply finish instead of being
-  killed with no state and no error frame;
+- ``graceful_shutdown_timeout_s`` = ``longest_reply_s`` + ``shutdown_timeout`` + margin, and every
+  request ends within ``longest_reply_s`` (``ChatStream``'s ``request_timeout``, queue wait
+  included): a replica that is stopped (scale-down, rolling redeploy, ``serve.delete``) lets every
+  open reply finish, and a reply that would run longer ends with a ``deadline_exceeded`` error
+  frame and ``unknown_error_occurred`` before Ray kills the replica. Ray 2.60 tells the app nothing
+  when it starts stopping a replica: it waits for the replica's open requests (up to the budget,
+  then kills the process) and only then runs the ASGI lifespan shutdown, so ChatStream's own
+  ``shutdown_timeout`` never gets to end a stream there; the per-request deadline is what ends it;
 - one ``session_secret`` and one Redis session store for all replicas (required with more than
   one replica: a per-replica secret or store would lose the conversation on the next replica);
 - :class:`FreeSlotRouter`, a Ray request router that sends each request to the replica with the
   most free generation slots, from Ray's count of requests it routed there and each replica's own
   ``get_load()`` (reported through ``record_routing_stats``). Ray's default router probes queue
   lengths concurrently, so simultaneous requests tie and land on one replica while another idles.
+  It keeps each conversation on the replica that served its last turn while that replica has a
+  free slot (session affinity: that replica's engine holds the conversation's KV and prefix cache);
+  otherwise the turn goes to the most-free replica, continues from the shared store and simply
+  prefills in full.
 
 Needs ``ray[serve]`` (the ``ray`` extra). Engine factories and ``app_factory`` are pickled by Ray:
 pass importable functions (or ``functools.partial`` of them), not lambdas from a ``__main__`` that
@@ -30,6 +39,7 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import pickle
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,6 +50,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Reque
 
 from chatstream_asgi.engines.base import Engine
 from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.sessions.manager import SESSION_HEADER, request_token, session_id_of
 
 __all__ = ["REPLICA_HEADER", "FreeSlotRouter", "chat_app", "deployment_options"]
 
@@ -55,12 +66,25 @@ SHUTDOWN_MARGIN_S = 5.0
 """Added to the graceful shutdown budget for the error frames and the lifespan shutdown."""
 
 ROUTING_STATS_PERIOD_S = 1.0
+
+AFFINITY_SESSIONS = 100_000
+"""Conversations a router remembers the last replica of (least recently routed forgotten first)."""
+
+REPORTED_SESSIONS = 1024
+REPORT_WINDOW_S = 120.0
+"""A replica reports the sessions it served in the last ``REPORT_WINDOW_S`` (at most ``REPORTED_SESSIONS``,
+newest first) with its load: a conversation's first turn carries no session, so only the replica
+knows where it went."""
+
 _CHAT_STREAM_DEFAULTS = {
     name: parameter.default
     for name, parameter in inspect.signature(ChatStream.__init__).parameters.items()
     if parameter.default is not inspect.Parameter.empty
 }
 _RESERVATION_TTL_S = 2.0
+_COMPLETIONS_TTL_S = 10.0
+_REPLY_HEADER = b"x-chatstream-last-generated-message-id"
+_IN_FLIGHT_LIMIT = 100_000
 
 
 def deployment_options(
@@ -70,8 +94,13 @@ def deployment_options(
     longest_reply_s: float,
     shutdown_timeout: float = 10.0,
     control_room: int = CONTROL_ROOM,
+    session_cookie: str = "chatstream_session",
 ) -> dict[str, Any]:
-    """The ``serve.deployment`` options a ChatStream replica needs (see the module docstring)."""
+    """The ``serve.deployment`` options a ChatStream replica needs (see the module docstring).
+
+    The graceful shutdown budget holds only if no request runs longer than ``longest_reply_s``:
+    give the replica's ``ChatStream`` ``request_timeout=longest_reply_s`` (:func:`chat_app` does).
+    """
     if longest_reply_s <= 0:
         raise ValueError("longest_reply_s must be positive: the longest a reply may stream, in seconds")
     return {
@@ -79,7 +108,9 @@ def deployment_options(
         "graceful_shutdown_timeout_s": longest_reply_s + shutdown_timeout + SHUTDOWN_MARGIN_S,
         "graceful_shutdown_wait_loop_s": 0.5,
         "request_router_config": RequestRouterConfig(
-            request_router_class=FreeSlotRouter, request_routing_stats_period_s=ROUTING_STATS_PERIOD_S
+            request_router_class=FreeSlotRouter,
+            request_router_kwargs={"session_cookie": session_cookie},
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
         ),
     }
 
@@ -99,13 +130,18 @@ def chat_app(
 ) -> serve.Application:
     """A Ray Serve application serving ``ChatStream(engine_factory(), **chat_stream_options)`` per replica.
 
-    ``longest_reply_s`` is the longest a reply may stream (``max_new_tokens`` over the slowest
-    tokens per second you accept); with ``shutdown_timeout`` (a ``ChatStream`` option) it sets
-    Ray's graceful shutdown budget. ``session_store_url`` (``redis://host:port/db``) is required
-    with more than one replica. ``app_factory(chat_stream)`` builds the replica's ASGI app around
-    the service (default :func:`~chatstream_asgi.create_app`: chat page, chat endpoints, extra
-    APIs, ``/metrics``). ``ray_actor_options`` default to ``{"num_cpus": 0}`` (the engine's thread
-    is not a Ray task); give a GPU engine ``{"num_gpus": 1}``. Run it with
+    ``longest_reply_s`` is the longest a request may take, queue wait included (``max_new_tokens``
+    over the slowest tokens per second you accept, plus the queue wait you accept): it becomes the
+    replica's ``request_timeout`` (a request still running then ends with a ``deadline_exceeded``
+    error frame and ``unknown_error_occurred``; a smaller ``request_timeout`` may be given), and with
+    ``shutdown_timeout`` (a ``ChatStream`` option) it sets Ray's graceful shutdown budget, so that no
+    reply is still open when Ray kills a stopping replica.
+
+    ``session_store_url`` (``redis://host:port/db``) is required with more than one replica.
+    ``app_factory(chat_stream)`` builds the replica's ASGI app around the service (default
+    :func:`~chatstream_asgi.create_app`: chat page, chat endpoints, extra APIs, ``/metrics``).
+    ``ray_actor_options`` default to ``{"num_cpus": 0}`` (the engine's thread is not a Ray task);
+    give a GPU engine ``{"num_gpus": 1}``. Run it with
     ``serve.run(chat_app(...), route_prefix="/")``.
     """
     if not session_secret:
@@ -113,12 +149,17 @@ def chat_app(
     if num_replicas > 1 and not session_store_url:
         raise ValueError("more than one replica needs a shared session store: pass session_store_url='redis://...'")
     limits = {**_CHAT_STREAM_DEFAULTS, **chat_stream_options}
+    request_timeout = limits["request_timeout"]
+    if request_timeout is not None and request_timeout > longest_reply_s:
+        raise ValueError("request_timeout must not exceed longest_reply_s (Ray would kill longer replies unreported)")
+    chat_stream_options["request_timeout"] = request_timeout or longest_reply_s
     options = deployment_options(
         num_of_concurrent_executions=limits["num_of_concurrent_executions"],
         max_queue_size=limits["max_queue_size"],
         longest_reply_s=longest_reply_s,
         shutdown_timeout=limits["shutdown_timeout"],
         control_room=control_room,
+        session_cookie=limits["session_cookie"],
     )
 
     def build() -> _ReplicaApp:
@@ -144,7 +185,8 @@ def chat_app(
         """One replica: the app ``build`` made, its load reported to :class:`FreeSlotRouter`."""
 
         def record_routing_stats(self) -> dict[str, Any]:
-            return self.app.chat_stream.get_load()  # type: ignore[attr-defined]
+            app: _ReplicaApp = self.app  # type: ignore[attr-defined]
+            return {**app.chat_stream.get_load(), "at": time.time(), "sessions": app.recent_sessions()}
 
     deployment = serve.deployment(
         ChatStreamReplica,
@@ -157,12 +199,38 @@ def chat_app(
 
 
 class _ReplicaApp:
-    """The replica's ASGI app: names the replica in an ``X-ChatStream-Replica`` response header."""
+    """The replica's ASGI app: names the replica in an ``X-ChatStream-Replica`` response header, and
+    remembers the sessions whose turns it answered (chat replies: they carry the session's
+    ``X-Session-Id`` and ``X-ChatStream-Last-Generated-Message-Id``; a 429 does not) for the router."""
 
     def __init__(self, app: Any, chat_stream: ChatStream) -> None:
         self.app = app
         self.chat_stream = chat_stream
         self.tag = serve.get_replica_context().replica_tag.encode()
+        self.served: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def recent_sessions(self) -> dict[str, float]:
+        """Session id -> when (``time.time()``) this replica last answered it, for the router."""
+        since = time.time() - REPORT_WINDOW_S
+        recent: dict[str, float] = {}
+        for session_id in reversed(self.served):
+            at = self.served[session_id]
+            if at < since or len(recent) >= REPORTED_SESSIONS:
+                break
+            recent[session_id] = at
+        return recent
+
+    def _served(self, headers: Any) -> None:
+        """Remember the session of a chat reply (only those carry a generated message's id)."""
+        found = dict(headers)
+        token = found.get(SESSION_HEADER)
+        if token is None or _REPLY_HEADER not in found:
+            return
+        session_id = session_id_of(token.decode("latin-1"))
+        self.served[session_id] = time.time()
+        self.served.move_to_end(session_id)
+        if len(self.served) > REPORTED_SESSIONS:
+            self.served.popitem(last=False)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -171,6 +239,7 @@ class _ReplicaApp:
 
         async def tagged_send(message: Any) -> None:
             if message["type"] == "http.response.start":
+                self._served(message.get("headers", ()))
                 message = {**message, "headers": [*message.get("headers", ()), (REPLICA_HEADER, self.tag)]}
             await send(message)
 
@@ -178,39 +247,74 @@ class _ReplicaApp:
 
 
 class FreeSlotRouter(FIFOMixin, RequestRouter):
-    """Route each request to the replica with the most free generation slots.
+    """Route each request to the replica with the most free generation slots, keeping a conversation
+    on the replica that served its last turn while that replica has a free slot.
 
     A replica's load is the larger of what this router knows (Ray's count of requests it has sent
-    there, plus picks made a moment ago whose send has not been counted yet, so that simultaneous
-    requests do not all pick the same replica) and what the replica itself reported through
-    ``record_routing_stats`` (its ChatStream's ``processing + waiting``, which includes requests
-    from other proxies; at most ``ROUTING_STATS_PERIOD_S`` old). Slots are the replica's reported
-    ``max_processing``. Replicas are ranked one per rank: free slots first, then by load relative
-    to slots; ties rotate.
+    there, less GETs, which take no generation slot, plus picks made a moment ago whose send has
+    not been counted yet, so that simultaneous requests do not all pick the same replica) and what
+    the replica itself reported through ``record_routing_stats`` (its ChatStream's ``processing +
+    waiting``, which includes requests from other proxies; at most ``ROUTING_STATS_PERIOD_S`` old,
+    less this router's requests that were open when it was taken and have ended since). Slots are
+    the replica's reported ``max_processing``. Replicas are ranked one per rank: free slots first,
+    then by load relative to slots; ties rotate.
+
+    Session affinity: a request's session is the token in Ray's session header (``x-session-id``
+    unless ``RAY_SERVE_SESSION_ID_HEADER_KEY`` says otherwise; the app's own ``X-Session-Id``
+    request header, so API clients need nothing more), else the session cookie (read from the
+    ASGI scope the proxy hands on for the replica). Its last replica is the newer of this router's
+    own last pick for a POST of it and the replicas' reports of the sessions whose turns they
+    answered (a conversation's first turn has no session yet: only the replica knows where it went,
+    and the router learns it from the next report, up to ``ROUTING_STATS_PERIOD_S`` later). That
+    replica comes first when it has a free slot; when it is full or gone, the usual ranking applies.
     """
 
-    def initialize_state(self, **kwargs: Any) -> None:
+    def initialize_state(self, session_cookie: str = "chatstream_session", **kwargs: Any) -> None:
+        self._cookie = session_cookie
         self._picked: dict[ReplicaID, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._turn = 0
+        self._last: collections.OrderedDict[str, tuple[float, ReplicaID]] = collections.OrderedDict()
+        self._ingested: dict[ReplicaID, float] = {}
+        self._in_flight: dict[str, tuple[float, ReplicaID, bool]] = {}  # request -> (routed at, replica, POST)
+        self._gets: collections.Counter[ReplicaID] = collections.Counter()  # GETs in flight: they take no slot
+        self._ended: dict[ReplicaID, collections.deque[tuple[float, float]]] = collections.defaultdict(
+            collections.deque
+        )
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         n = len(candidate_replicas)
         self._turn = (self._turn + 1) % n
+        slots = {replica.replica_id: _slots(replica) for replica in candidate_replicas}
+        loads = {replica.replica_id: self._load(replica, now) for replica in candidate_replicas}
 
         def rank(item: tuple[int, RunningReplica]) -> tuple[bool, float, int]:
             index, replica = item
-            stats = replica.routing_stats or {}
-            slots = max(1, int(stats.get("max_processing") or replica.max_ongoing_requests))
-            load = max(self._known_load(replica, now), int(stats.get("processing", 0)) + int(stats.get("waiting", 0)))
-            return (load >= slots, load / slots, (index - self._turn) % n)
+            load, free = loads[replica.replica_id], slots[replica.replica_id]
+            return (load >= free, load / free, (index - self._turn) % n)
 
         ranked = [replica for _, replica in sorted(enumerate(candidate_replicas), key=rank)]
+        self._take_in_reports(candidate_replicas)
+        session, post = self._session(pending_request)
+        if session:
+            home = self._home(session, candidate_replicas)
+            if home is not None and loads[home.replica_id] < slots[home.replica_id]:
+                ranked.remove(home)
+                ranked.insert(0, home)
+            if post:
+                self._remember(session, wall, ranked[0].replica_id)
         self._picked[ranked[0].replica_id].append(now)
+        if pending_request is not None:
+            request_id = pending_request.metadata.internal_request_id
+            self._forget(request_id)  # routed again: the earlier pick is void
+            self._in_flight[request_id] = (wall, ranked[0].replica_id, post)
+            self._gets[ranked[0].replica_id] += not post
+            if len(self._in_flight) > _IN_FLIGHT_LIMIT:  # requests routed but never sent
+                self._forget(next(iter(self._in_flight)))
         return [[replica] for replica in ranked]
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
@@ -219,8 +323,79 @@ class FreeSlotRouter(FIFOMixin, RequestRouter):
         if picked:
             picked.popleft()
 
-    def _known_load(self, replica: RunningReplica, now: float) -> int:
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        routed = self._forget(internal_request_id)
+        if routed is not None and routed[2]:
+            ended = self._ended[replica_id]
+            ended.append((routed[0], time.time()))
+            while ended and ended[-1][1] - ended[0][1] > _COMPLETIONS_TTL_S:
+                ended.popleft()
+
+    def _forget(self, request_id: str) -> tuple[float, ReplicaID, bool] | None:
+        routed = self._in_flight.pop(request_id, None)
+        if routed is not None and not routed[2]:
+            self._gets[routed[1]] -= 1
+        return routed
+
+    def _load(self, replica: RunningReplica, now: float) -> int:
+        """The larger of this router's count (Ray's, less GETs: ``/get_load``, ``/metrics`` and the like take
+        no generation slot, and Ray counts a request until a moment after its client has the whole
+        response) and the replica's report (less this router's requests that ended since)."""
         picked = self._picked.get(replica.replica_id)
         while picked and now - picked[0] > _RESERVATION_TTL_S:
             picked.popleft()
-        return (self.replica_queue_len_cache.get(replica.replica_id) or 0) + len(picked or ())
+        sent = (self.replica_queue_len_cache.get(replica.replica_id) or 0) - self._gets[replica.replica_id]
+        known = max(0, sent) + len(picked or ())
+        stats = replica.routing_stats or {}
+        reported = int(stats.get("processing", 0)) + int(stats.get("waiting", 0))
+        at = stats.get("at")
+        if reported and at is not None:
+            reported -= sum(1 for routed, ended in self._ended.get(replica.replica_id, ()) if routed < at < ended)
+        return max(known, reported)
+
+    def _session(self, pending_request: PendingRequest | None) -> tuple[str | None, bool]:
+        """The session id the request presents (Ray's session header, else the session cookie), and
+        whether it may be a turn (a POST: a GET such as ``/get_load`` follows a session, never moves it)."""
+        if pending_request is None:
+            return None, False
+        metadata = pending_request.metadata
+        token, method = metadata.session_id or None, "POST"
+        if metadata.is_http_request and pending_request.args:
+            argument = pending_request.args[0]  # the proxy's own pickled StreamingHTTPRequest
+            try:
+                scope = pickle.loads(argument).asgi_scope if isinstance(argument, bytes) else {}
+                method = scope.get("method", method)
+                token = token or request_token(scope.get("headers", ()), self._cookie)[0]
+            except Exception:  # another Ray version's request format: Ray's session header only
+                pass
+        return (session_id_of(token) if token else None), method == "POST"
+
+    def _take_in_reports(self, candidates: list[RunningReplica]) -> None:
+        """Each replica's new report of the sessions it answered, once (it is renewed every period)."""
+        for replica in candidates:
+            stats = replica.routing_stats or {}
+            if "sessions" in stats and self._ingested.get(replica.replica_id) != stats.get("at"):
+                self._ingested[replica.replica_id] = stats["at"]
+                for session, at in stats["sessions"].items():
+                    self._remember(session, at, replica.replica_id)
+
+    def _home(self, session: str, candidates: list[RunningReplica]) -> RunningReplica | None:
+        """The candidate that served the session last (this router's picks and the replicas' reports)."""
+        last = self._last.get(session)
+        if last is None:
+            return None
+        return next((replica for replica in candidates if replica.replica_id == last[1]), None)
+
+    def _remember(self, session: str, at: float, replica_id: ReplicaID) -> None:
+        known = self._last.get(session)
+        if known is not None and known[0] > at:
+            return
+        self._last[session] = (at, replica_id)
+        self._last.move_to_end(session)
+        if len(self._last) > AFFINITY_SESSIONS:
+            self._last.popitem(last=False)
+
+
+def _slots(replica: RunningReplica) -> int:
+    """The generation slots a replica reported (Ray's own limit until its first report)."""
+    return max(1, int((replica.routing_stats or {}).get("max_processing") or replica.max_ongoing_requests))

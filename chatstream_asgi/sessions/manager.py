@@ -16,18 +16,44 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import Any
 
 from chatstream_asgi.sessions.store import MemorySessionStore, Session, SessionStore
 
-__all__ = ["OpenSession", "SessionManager"]
+__all__ = ["OpenSession", "SessionManager", "request_token", "session_id_of"]
 
 logger = logging.getLogger("chatstream_asgi")
 
 SESSION_HEADER = b"x-session-id"
+
+
+def request_token(headers: Iterable[tuple[bytes, bytes]], cookie_name: str) -> tuple[str | None, bool]:
+    """The session token in ASGI request ``headers`` (``X-Session-Id`` first, then the cookie
+    ``cookie_name``) and whether it came in the cookie; ``(None, False)`` when there is none."""
+    cookie_header = None
+    for name, value in headers:
+        if name == SESSION_HEADER:
+            return value.decode("latin-1").strip(), False
+        if name == b"cookie":
+            cookie_header = value.decode("latin-1")
+    if cookie_header:
+        cookies: SimpleCookie = SimpleCookie()
+        try:
+            cookies.load(cookie_header)
+        except Exception:  # a malformed Cookie header: treat as absent
+            return None, False
+        morsel = cookies.get(cookie_name)
+        if morsel is not None:
+            return morsel.value, True
+    return None, False
+
+
+def session_id_of(token: str) -> str:
+    """The session id a token names, unverified (routing only: a forged id routes, it opens nothing)."""
+    return token.partition(".")[0]
 
 
 @dataclass
@@ -75,7 +101,7 @@ class SessionManager:
 
     def verify(self, token: str) -> str | None:
         """The session id a token names, or None when it is malformed or its signature is wrong."""
-        session_id, _, _ = token.partition(".")
+        session_id = session_id_of(token)
         if not session_id or len(token) > 128 or not token.isascii():
             return None  # our tokens are ASCII: anything else is forged (and compare_digest needs bytes)
         return session_id if hmac.compare_digest(self.sign(session_id).encode(), token.encode()) else None
@@ -83,22 +109,7 @@ class SessionManager:
     def client_token(self, scope: MutableMapping[str, Any]) -> tuple[str | None, bool]:
         """The token a request presents (``X-Session-Id`` first, then the cookie) and whether
         it came in the cookie."""
-        cookie_header = None
-        for name, value in scope.get("headers", ()):
-            if name == SESSION_HEADER:
-                return value.decode("latin-1").strip(), False
-            if name == b"cookie":
-                cookie_header = value.decode("latin-1")
-        if cookie_header:
-            cookies: SimpleCookie = SimpleCookie()
-            try:
-                cookies.load(cookie_header)
-            except Exception:  # a malformed Cookie header: treat as absent
-                return None, False
-            morsel = cookies.get(self.cookie_name)
-            if morsel is not None:
-                return morsel.value, True
-        return None, False
+        return request_token(scope.get("headers", ()), self.cookie_name)
 
     async def open(self, scope: MutableMapping[str, Any]) -> OpenSession:
         """The request's session; a fresh one when its token is missing, tampered or unknown."""

@@ -23,3 +23,9 @@ class FailOnRequest(MockEngine):
 
 def long_mock(time_per_token: float = 0.05) -> FailOnRequest:
     return FailOnRequest(MockParams(type="long", time_per_token_sec=time_per_token))
+
+
+async def record_state(path: str, request: object, state: str) -> None:
+    """A completion callback for a replica (another process): appends each state to the file ``path``."""
+    with open(path, "a", encoding="utf-8") as states:
+        states.write(f"{getattr(state, 'value', state)}\n")
