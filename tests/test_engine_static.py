@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from transformers import LlamaConfig
 from chatstream_asgi.engines.base import EngineError, GenerationParams, GenerationStream
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.engines.transformers.graph_runner import bucket_for, length_buckets, row_buckets
+from chatstream_asgi.engines.transformers.loading import load_model
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, UnsupportedModel, plan_rows
 
 DEVICE = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")
@@ -220,6 +222,35 @@ def test_graph_engine_matches_alone(f32_engine: TransformersEngine, monkeypatch)
     contents = [*PROMPTS, LONG]
     expected = [reference_greedy(f32_engine, c, 12) for c in contents]
     assert staggered(static_engine(f32_engine), monkeypatch, contents, {2: [1], 5: [2, 3], 7: [4]}) == expected
+
+
+@cuda_only
+def test_engines_on_every_gpu_in_one_process_capture_and_match(tiny_model_dir: Path) -> None:
+    """One graph-capturing engine per visible GPU (two on the same one when there is one), started
+    one after another, then streaming at once: each gives what its model gives alone. Capturing on
+    the first GPU's stream made the second GPU's capture fail."""
+    count = torch.cuda.device_count()
+    devices = [f"cuda:{i}" for i in range(count)] if count > 1 else ["cuda:0", "cuda:0"]
+    engines = []
+    for device in devices:
+        model, tokenizer, _ = load_model(str(tiny_model_dir), device=device, dtype="float32")
+        engines.append(TransformersEngine(model, tokenizer, device, max_batch_size=4))
+    params = GenerationParams(temperature=0.0, max_new_tokens=12)
+
+    async def main() -> list[list[str]]:
+        for engine in engines:
+            await engine.start()
+        try:
+            runs = [[collect(e.generate(request(c, params, rid=c))) for c in PROMPTS] for e in engines]
+            results = await asyncio.gather(*(asyncio.gather(*r) for r in runs))
+        finally:
+            for engine in engines:
+                await engine.shutdown()
+        return [["".join(deltas) for deltas, _ in r] for r in results]
+
+    outputs = run(main())
+    assert all(e._runner is not None and e._runner.graphs for e in engines)
+    assert outputs == [[reference_greedy(e, c, 12) for c in PROMPTS] for e in engines]
 
 
 def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
