@@ -8,8 +8,9 @@ and compares the texts, and checks that reuse happened where it should (``cached
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import httpx
@@ -33,22 +34,30 @@ def make(tiny_engine: TransformersEngine, static: bool, **options: Any) -> Trans
     return TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, max_batch_size=8, **options)
 
 
-async def ask(engine: TransformersEngine, messages: list[dict], key: str | None = None) -> tuple[str, int]:
+class Turn(NamedTuple):
+    text: str
+    cached: int
+    prompt: int
+
+
+async def ask(engine: TransformersEngine, messages: list[dict], key: str | None = None, **params: Any) -> Turn:
     deltas, stream = await collect(
-        engine.generate(GenerationRequest("r", messages, GREEDY, ignore_eos=True, session_key=key))
+        engine.generate(
+            GenerationRequest("r", messages, dataclasses.replace(GREEDY, **params), ignore_eos=True, session_key=key)
+        )
     )
-    return "".join(deltas), stream.cached_tokens
+    return Turn("".join(deltas), stream.cached_tokens, stream.prompt_tokens)
 
 
-async def conversation(engine: TransformersEngine, turns: list[str], key: str = "s") -> list[tuple[str, int]]:
+async def conversation(engine: TransformersEngine, turns: list[str], key: str = "s") -> list[Turn]:
     """Turn after turn, each reply appended to the history the next one sends."""
     messages: list[dict] = [{"role": "system", "content": SYSTEM}]
     out = []
     for question in turns:
         messages.append({"role": "user", "content": question})
-        text, cached = await ask(engine, messages, key)
-        messages.append({"role": "assistant", "content": text})
-        out.append((text, cached))
+        turn = await ask(engine, messages, key)
+        messages.append({"role": "assistant", "content": turn.text})
+        out.append(turn)
     return out
 
 
@@ -69,29 +78,27 @@ def both(tiny_engine: TransformersEngine, static: bool, scenario: Any) -> tuple[
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_continued_conversation_reuses_history_and_matches(tiny_engine: TransformersEngine, static: bool) -> None:
     with_reuse, without, engine = both(tiny_engine, static, lambda e: conversation(e, QUESTIONS[:3]))
-    assert [t for t, _ in with_reuse] == [t for t, _ in without]
-    assert [c for _, c in without] == [0, 0, 0]
-    first, second, third = (c for _, c in with_reuse)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    assert [t.cached for t in without] == [0, 0, 0]
+    first, second, third = (t.cached for t in with_reuse)
     assert first == 0 and 0 < second < third  # every later turn reuses at least the turn before's prompt
     assert engine.prefix_hit_tokens == second + third
-    assert engine.prefill_tokens + engine.prefix_hit_tokens == sum(
-        len(engine._encode(m)) for m in _histories(with_reuse)
-    )
+    assert engine.prefill_tokens + engine.prefix_hit_tokens == sum(t.prompt for t in with_reuse)
 
 
-def _histories(turns: list[tuple[str, int]]) -> list[list[dict]]:
+def _histories(turns: list[Turn]) -> list[list[dict]]:
     messages: list[dict] = [{"role": "system", "content": SYSTEM}]
     out = []
-    for question, (text, _) in zip(QUESTIONS, turns, strict=False):
+    for question, turn in zip(QUESTIONS, turns, strict=False):
         messages.append({"role": "user", "content": question})
         out.append(list(messages))
-        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "assistant", "content": turn.text})
     return out
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_regenerate_and_truncated_history_match(tiny_engine: TransformersEngine, static: bool) -> None:
-    async def scenario(engine: TransformersEngine) -> list[tuple[str, int]]:
+    async def scenario(engine: TransformersEngine) -> list[Turn]:
         turns = await conversation(engine, QUESTIONS[:2])
         history = _histories(turns)
         regenerated = await ask(engine, history[-1], "s")  # the last turn again
@@ -101,9 +108,9 @@ def test_regenerate_and_truncated_history_match(tiny_engine: TransformersEngine,
         return [*turns, regenerated, truncated, await ask(engine, edited, "s")]
 
     with_reuse, without, _ = both(tiny_engine, static, scenario)
-    assert [t for t, _ in with_reuse] == [t for t, _ in without]
-    regenerated, truncated, edited = (c for _, c in with_reuse[2:])
-    assert regenerated >= with_reuse[1][1]  # the whole prompt but its last token
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    regenerated, truncated, edited = (t.cached for t in with_reuse[2:])
+    assert regenerated >= with_reuse[1].cached  # the whole prompt but its last token
     system_only = len(tiny_engine.tokenizer(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")["input_ids"])
     assert system_only <= truncated < regenerated  # the shared system prompt, not the stale history
     assert edited <= 5  # a changed system prompt misses (only the template's first tokens match)
@@ -111,7 +118,7 @@ def test_regenerate_and_truncated_history_match(tiny_engine: TransformersEngine,
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_concurrent_conversations_share_a_system_prompt(tiny_engine: TransformersEngine, static: bool) -> None:
-    async def scenario(engine: TransformersEngine) -> list[tuple[str, int]]:
+    async def scenario(engine: TransformersEngine) -> list[Turn]:
         await ask(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}])
         tasks = [
             ask(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], str(i))
@@ -120,8 +127,8 @@ def test_concurrent_conversations_share_a_system_prompt(tiny_engine: Transformer
         return list(await asyncio.gather(*tasks))  # prefilled together: rows with different reused lengths
 
     with_reuse, without, _ = both(tiny_engine, static, scenario)
-    assert [t for t, _ in with_reuse] == [t for t, _ in without]
-    assert all(c > len(SYSTEM) // 10 for _, c in with_reuse)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    assert all(t.cached > len(SYSTEM) // 10 for t in with_reuse)
 
 
 def test_capacity_lru_eviction_and_release(tiny_engine: TransformersEngine) -> None:

@@ -33,6 +33,7 @@ class EngineSequence:
     cached: int = 0  # tokens in the static cache (static path)
     slot: int = -1  # the static cache slot holding them (static path)
     session_key: str | None = None
+    prompt_text: str = ""  # the rendered prompt, kept with the ids for the conversation's next turn
     output: list[int] = field(default_factory=list)  # generated ids, kept for the prefix cache
     reused: int = 0  # leading prompt tokens whose keys and values come from the prefix cache
     prefix: PrefixEntry | None = None  # where they come from, until copied into the batch
