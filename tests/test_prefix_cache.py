@@ -21,6 +21,7 @@ from chatstream_asgi import ChatStream, get_result
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.engines.transformers.prefix_cache import PrefixCache
+from chatstream_asgi.engines.transformers.session_turns import SessionTurns
 from chatstream_asgi.web.app import create_app
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=10)
@@ -31,7 +32,8 @@ QUESTIONS = ["What is the capital of France?", "Hello world", "a b c d e f g", "
 def make(tiny_engine: TransformersEngine, static: bool, **options: Any) -> TransformersEngine:
     options = {"prefix_cache": True, **options}  # on: whatever the device's default
     options = {"static_cache": True, "cuda_graphs": False, **options} if static else options
-    return TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, max_batch_size=8, **options)
+    options = {"max_batch_size": 8, **options}
+    return TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, **options)
 
 
 class Turn(NamedTuple):
@@ -63,7 +65,11 @@ async def conversation(engine: TransformersEngine, turns: list[str], key: str = 
 
 def both(tiny_engine: TransformersEngine, static: bool, scenario: Any) -> tuple[Any, Any, TransformersEngine]:
     """Run ``scenario(engine)`` with reuse on and off; return both results and the reusing engine."""
-    on, off = make(tiny_engine, static), make(tiny_engine, static, prefix_cache=False)
+    return both_engines(make(tiny_engine, static), make(tiny_engine, static, prefix_cache=False), scenario)
+
+
+def both_engines(on: TransformersEngine, off: TransformersEngine, scenario: Any) -> tuple[Any, Any, TransformersEngine]:
+    """Run ``scenario(engine)`` on ``on`` (reuse) and ``off``; return both results and ``on``."""
 
     async def main(engine: TransformersEngine) -> Any:
         await engine.start()
@@ -199,3 +205,157 @@ async def test_served_turns_report_reuse_and_clear_context_frees_it(
         caplog.text
     )
     assert engine.prefix_cache_tokens == 0  # the conversation's entries are gone
+
+
+# -- the static cache: retained prefixes live in the free slots ---------------------------------------
+
+
+def test_static_retention_uses_only_the_slots(tiny_engine: TransformersEngine) -> None:
+    engine = make(tiny_engine, True, prefix_cache_memory=0)  # no pool: the slots are all there is
+    off = make(tiny_engine, True, prefix_cache=False)
+
+    async def main() -> list[Turn]:
+        await engine.start()
+        await off.start()
+        try:
+            turns = await conversation(engine, QUESTIONS[:2])
+            assert engine._prefix is None and engine._static_kv.nbytes == off._static_kv.nbytes
+            held = engine._slot_prefix.held()
+            assert list(held.values()) == [(engine.prefix_cache_tokens, {"s"})]  # one slot, the latest turn
+            assert engine.kv_cache_usage == 0  # retained slots are free slots
+            return turns
+        finally:
+            await engine.shutdown()
+            await off.shutdown()
+
+    first, second = run(main())
+    assert first.cached == 0 and second.cached > first.prompt
+
+
+def test_static_burst_evicts_retained_slots_lru_first_and_never_waits(
+    tiny_engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on, off = (make(tiny_engine, True, max_batch_size=4, prefix_cache=reuse) for reuse in (True, False))
+    waiting_after_admission: list[int] = []
+
+    def probe(engine: TransformersEngine) -> None:
+        iteration = engine._iteration
+
+        def wrapped(admitted: list) -> None:
+            waiting_after_admission.append(len(engine._pending))
+            iteration(admitted)
+
+        monkeypatch.setattr(engine, "_iteration", wrapped)
+
+    async def burst(engine: TransformersEngine, names: list[str]) -> list[Turn]:
+        with engine._cond:  # queued together: the engine admits them in one iteration
+            streams = [
+                engine.generate(GenerationRequest(n, [{"role": "user", "content": f"{n}: {n} {n}"}], GREEDY, True, n))
+                for n in names
+            ]
+        done = await asyncio.gather(*(collect(s) for s in streams))
+        return [Turn("".join(d), s.cached_tokens, s.prompt_tokens) for d, s in done]
+
+    async def scenario(engine: TransformersEngine) -> tuple[list, list[Turn]]:
+        owners = []
+        for name in ["old0", "old1", "old2", "old3"]:  # one after the other: every slot ends up retained
+            await burst(engine, [name])
+        owners.append(engine._slot_prefix.held() if engine._slot_prefix else {})
+        two = await burst(engine, ["new0", "new1"])
+        owners.append(engine._slot_prefix.held() if engine._slot_prefix else {})
+        four = await burst(engine, ["all0", "all1", "all2", "all3"])
+        owners.append(engine._slot_prefix.held() if engine._slot_prefix else {})
+        return owners, two + four
+
+    probe(on)
+    (owners, with_reuse), (_, without), _ = both_engines(on, off, scenario)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    assert max(waiting_after_admission) == 0  # nobody ever waited for a slot that a retained prefix held
+    names = [{next(iter(o)) for _, o in held.values()} for held in owners]
+    assert names[0] == {"old0", "old1", "old2", "old3"}  # 4 rows, 4 retained slots
+    assert names[1] == {"old2", "old3", "new0", "new1"}  # the two least recently used went first
+    assert names[2] == {"all0", "all1", "all2", "all3"}
+
+
+def test_static_hit_after_compaction_moved_the_slot(tiny_engine: TransformersEngine) -> None:
+    async def scenario(engine: TransformersEngine) -> tuple[list[Turn], dict]:
+        history = {k: [{"role": "user", "content": q}] for k, q in (("a", QUESTIONS[0] * 2), ("b", QUESTIONS[1] * 2))}
+        with engine._cond:  # prefilled together: a in slot 0, b in slot 1
+            streams = {
+                k: engine.generate(
+                    GenerationRequest(k, history[k], dataclasses.replace(GREEDY, max_new_tokens=n), True, k)
+                )
+                for k, n in (("a", 2), ("b", 12))
+            }
+        for k, stream in streams.items():
+            history[k].append({"role": "assistant", "content": "".join((await collect(stream))[0])})
+            history[k].append({"role": "user", "content": QUESTIONS[2]})
+        held = engine._slot_prefix.held() if engine._slot_prefix else {}
+        return [await ask(engine, history["a"], "a"), await ask(engine, history["b"], "b")], held
+
+    (with_reuse, held), (without, _), _ = both(tiny_engine, True, scenario)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    # a left first: b moved down to slot 0, a's columns went up to slot 1 (a swap), and both still hit
+    assert {slot: owners for slot, (_, owners) in held.items()} == {1: {"a"}, 0: {"b"}}
+    assert [t.cached for t in with_reuse] == [held[1][0], held[0][0]]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_clear_context_frees_the_sessions_slots_and_ids(tiny_engine: TransformersEngine, static: bool) -> None:
+    engine = make(tiny_engine, static)
+
+    async def main() -> None:
+        await engine.start()
+        try:
+            await conversation(engine, QUESTIONS[:2], key="x")
+            await conversation(engine, QUESTIONS[2:4], key="y")
+            before = engine.prefix_cache_tokens
+            freed = engine.release_session("x")
+            assert 0 < freed < before and engine.prefix_cache_tokens == before - freed
+            assert len(engine._turns) == 1 and engine.release_session("y") > 0
+            assert engine.prefix_cache_tokens == 0 and len(engine._turns) == 0
+        finally:
+            await engine.shutdown()
+
+    run(main())
+
+
+# -- a conversation's next prompt is built from the ids its last turn generated --------------------
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_spliced_ids_hit_where_retokenizing_the_reply_would_not(tiny_engine: TransformersEngine, static: bool) -> None:
+    async def scenario(engine: TransformersEngine) -> tuple[list[Turn], list[int], list[int], list[int]]:
+        messages = [{"role": "user", "content": QUESTIONS[0]}]
+        first = await ask(engine, messages, "s", max_new_tokens=24)
+        last = engine._turns._turns["s"]
+        held = [*last.prompt_ids, *last.output_ids]
+        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": QUESTIONS[1]}]
+        spliced = engine._turns.encode(engine.render_prompt(messages), "s")
+        second = await ask(engine, messages, "s")
+        return [first, second], held, spliced, engine._encode(messages)
+
+    (with_reuse, held, spliced, plain), (without, *_), _ = both(tiny_engine, static, scenario)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    assert spliced[: len(held)] == held  # the generated ids, as generated
+    assert plain[: len(held)] != held  # re-tokenizing the reply's text would have merged differently
+    assert with_reuse[1].cached >= len(held) - 1  # everything held was reused (the last id may lack its KV)
+    assert with_reuse[1].prompt == len(spliced)
+
+
+def test_session_turns_splice_the_repeated_part_of_the_reply(tiny_engine: TransformersEngine) -> None:
+    turns = SessionTurns(tiny_engine.tokenizer)
+    prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    reply = turns.tokenize(" world, this is") + turns.tokenize("<|im_end|>")
+    turns.record("s", prompt, turns.tokenize(prompt), reply)
+    follow = "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n"
+    assert turns.encode(prompt + " world, this is" + follow, "s") == [
+        *turns.tokenize(prompt),
+        *reply,
+        *turns.tokenize(follow[len("<|im_end|>") :]),
+    ]
+    cut = turns.encode(prompt + " world" + follow, "s")  # a stop string cut the reply: its repeated ids are kept
+    assert cut[: len(turns.tokenize(prompt)) + 1] == [*turns.tokenize(prompt), reply[0]]
+    changed = "<|im_start|>user\nHi<|im_end|>\n"  # another history: tokenized as usual
+    assert turns.encode(changed, "s") == turns.tokenize(changed) and turns.encode(prompt, "t") == turns.tokenize(prompt)
+    assert turns.release("s") and len(turns) == 0

@@ -209,6 +209,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop=StopMatcher(params.stop),
             session_key=request.session_key,
+            turns=self._turns,
             prompt_text=text,
         )
         self._ensure_thread()
@@ -420,10 +421,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
         gone = [i for i, s in enumerate(rows) if s.finish is not None]
         if not gone:
             return
-        for i in gone:
-            if rows[i].finish != "error":
-                self._turns.record(rows[i].session_key, rows[i].prompt_text, rows[i].prompt_ids, rows[i].output)
-            if self._prefix is not None:
+        if self._prefix is not None:
+            for i in gone:
                 self._retain(rows[i], i)
         keep = len(rows) - len(gone)
         order = list(range(keep))

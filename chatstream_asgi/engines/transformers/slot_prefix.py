@@ -45,12 +45,14 @@ class SlotEntry:
 
 
 class SlotPrefixIndex:
-    """The retained entries of a static cache's free slots (see the module docstring).
+    """The retained entries of a static cache's free slots (see the module docstring); hits of at least
+    ``min_tokens``.
 
     Every method but :meth:`release` runs on the generation thread; a lock orders them with it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, min_tokens: int = 16) -> None:
+        self.min_tokens = min_tokens
         self._entries: OrderedDict[int, SlotEntry] = OrderedDict()  # by slot, least recently used first
         self._lock = threading.Lock()
 
@@ -70,7 +72,9 @@ class SlotPrefixIndex:
     def match(self, ids: Sequence[int]) -> tuple[SlotEntry | None, int]:
         """The entry sharing the longest beginning with ``ids`` and its length (at most ``len(ids) - 1``).
 
-        Looking up changes nothing: :meth:`claim` commits a match the engine acts on.
+        A beginning shorter than ``min_tokens`` (the chat template's first tokens) is no hit: a hit is
+        prefilled alone and its columns moved, which such a match does not pay for. Looking up changes
+        nothing: :meth:`claim` commits a match the engine acts on.
         """
         query = torch.tensor(ids, dtype=torch.long)
         best, best_len = None, 0
@@ -83,7 +87,7 @@ class SlotPrefixIndex:
                 common = int(differ[0]) if len(differ) else n
                 if common > best_len:
                     best, best_len = entry, common
-        return best, best_len
+        return (best, best_len) if best_len >= self.min_tokens else (None, 0)
 
     def claim(self, entry: SlotEntry, common: int) -> bool:
         """Commit a match: a whole entry is taken over (it ends; True), a shared beginning is copied (False).

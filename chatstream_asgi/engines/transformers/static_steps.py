@@ -159,21 +159,21 @@ class StaticSteps:
         work. Step ``k + 1`` is queued only when no row can reach its length limit at step ``k`` and
         nothing waits to change the batch; if step ``k`` finishes a row or something starts waiting,
         the loop reads step ``k + 1`` for the rows still running and returns, so rows leave and join
-        between steps as on the eager path.
+        between steps as on the eager path. A step that finishes a row is delivered by the caller, after
+        the row has left the batch (its slot retained): whoever sees a reply end sees the engine past it.
         """
         pending = self._launch(rows, first=True)
         while True:
             ahead = self._launch(rows, first=False) if self._can_run_ahead(rows) else None
             self._output.accept(rows, pending(), outbox)
-            outbox.flush()
             if ahead is None:
                 return
             if any(s.finish is not None for s in rows) or not self._can_run_ahead(rows, ahead=False):
                 live = [(s, t) for s, t in zip(rows, ahead(), strict=True) if s.finish is None]
                 if live:
                     self._output.accept([s for s, _ in live], [t for _, t in live], outbox)
-                outbox.flush()
                 return
+            outbox.flush()
             pending = ahead
 
     def _launch(self, rows: list[EngineSequence], *, first: bool) -> Callable[[], list[int]]:
