@@ -91,7 +91,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     gpu.add_argument("--max-prefill-tokens", type=int, metavar="N", help="prompt tokens per chunk between steps")
     reuse = serve.add_argument_group("transformers engine: prefix reuse (KV kept between turns)")
     reuse.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
-    reuse.add_argument("--prefix-cache-memory", type=float, default=1.0, metavar="GIB", help="KV kept for reuse")
+    reuse.add_argument(
+        "--prefix-cache-memory",
+        type=float,
+        default=1.0,
+        metavar="GIB",
+        help="KV kept for reuse on the growing (CPU) cache; the static cache keeps it in its free slots",
+    )
     serve.add_argument(
         "--remote-url",
         action="append",

@@ -1,8 +1,12 @@
 """Prefix reuse: greedy output with the prefix cache is token for token the output without it.
 
 Each scenario runs the same requests through an engine with reuse on and one with it off (both on the
-tiny model, on the eager cache and on the static cache, which runs on CPU with ``cuda_graphs=False``)
-and compares the texts, and checks that reuse happened where it should (``cached_tokens``).
+tiny model in float32, on the eager cache and on the static cache, which runs on CPU with
+``cuda_graphs=False``; ``CHATSTREAM_TEST_DEVICE=cuda`` runs the same paths on a GPU) and compares the
+texts, and checks that reuse happened where it should (``cached_tokens``). On the static cache the
+retained prefixes live in the free slots: the tests check that they cost no memory beyond them, never
+keep a request waiting, are evicted least recently used first, survive compaction and are freed by
+``clear_context``.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import anyio
@@ -24,16 +30,30 @@ from chatstream_asgi.engines.transformers.prefix_cache import PrefixCache
 from chatstream_asgi.engines.transformers.session_turns import SessionTurns
 from chatstream_asgi.web.app import create_app
 
+
+@pytest.fixture(scope="module")
+def tiny32(tiny_model_dir: Path) -> TransformersEngine:
+    """The tiny model in float32 on the test device (not started: its model and tokenizer back each test's engines).
+
+    Greedy equality is checked where both paths round alike: in bfloat16 (the CUDA default) the keys of
+    a reply computed one token at a time and the same keys recomputed in a batched prefill differ in
+    their last bits, and a random model's nearly tied logits then pick other tokens.
+    """
+    device = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")
+    return TransformersEngine.from_pretrained(str(tiny_model_dir), device=device, dtype="float32")
+
+
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=10)
 SYSTEM = "You are a helpful assistant. The quick brown fox jumps over the lazy dog. " * 3
 QUESTIONS = ["What is the capital of France?", "Hello world", "a b c d e f g", "The quick brown fox"]
 
 
-def make(tiny_engine: TransformersEngine, static: bool, **options: Any) -> TransformersEngine:
+def make(tiny32: TransformersEngine, static: bool, **options: Any) -> TransformersEngine:
     options = {"prefix_cache": True, **options}  # on: whatever the device's default
-    options = {"static_cache": True, "cuda_graphs": False, **options} if static else options
+    options = {"static_cache": static, **options}  # the same path on any device
+    options = {"cuda_graphs": False, **options} if static else options
     options = {"max_batch_size": 8, **options}
-    return TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, **options)
+    return TransformersEngine(tiny32.model, tiny32.tokenizer, tiny32.device, **options)
 
 
 class Turn(NamedTuple):
@@ -63,9 +83,9 @@ async def conversation(engine: TransformersEngine, turns: list[str], key: str = 
     return out
 
 
-def both(tiny_engine: TransformersEngine, static: bool, scenario: Any) -> tuple[Any, Any, TransformersEngine]:
+def both(tiny32: TransformersEngine, static: bool, scenario: Any) -> tuple[Any, Any, TransformersEngine]:
     """Run ``scenario(engine)`` with reuse on and off; return both results and the reusing engine."""
-    return both_engines(make(tiny_engine, static), make(tiny_engine, static, prefix_cache=False), scenario)
+    return both_engines(make(tiny32, static), make(tiny32, static, prefix_cache=False), scenario)
 
 
 def both_engines(on: TransformersEngine, off: TransformersEngine, scenario: Any) -> tuple[Any, Any, TransformersEngine]:
@@ -82,8 +102,8 @@ def both_engines(on: TransformersEngine, off: TransformersEngine, scenario: Any)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_continued_conversation_reuses_history_and_matches(tiny_engine: TransformersEngine, static: bool) -> None:
-    with_reuse, without, engine = both(tiny_engine, static, lambda e: conversation(e, QUESTIONS[:3]))
+def test_continued_conversation_reuses_history_and_matches(tiny32: TransformersEngine, static: bool) -> None:
+    with_reuse, without, engine = both(tiny32, static, lambda e: conversation(e, QUESTIONS[:3]))
     assert [t.text for t in with_reuse] == [t.text for t in without]
     assert [t.cached for t in without] == [0, 0, 0]
     first, second, third = (t.cached for t in with_reuse)
@@ -103,7 +123,7 @@ def _histories(turns: list[Turn]) -> list[list[dict]]:
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_regenerate_and_truncated_history_match(tiny_engine: TransformersEngine, static: bool) -> None:
+def test_regenerate_and_truncated_history_match(tiny32: TransformersEngine, static: bool) -> None:
     async def scenario(engine: TransformersEngine) -> list[Turn]:
         turns = await conversation(engine, QUESTIONS[:2])
         history = _histories(turns)
@@ -113,17 +133,17 @@ def test_regenerate_and_truncated_history_match(tiny_engine: TransformersEngine,
         edited = [{"role": "system", "content": "Another system prompt."}, *history[-1][1:]]
         return [*turns, regenerated, truncated, await ask(engine, edited, "s")]
 
-    with_reuse, without, _ = both(tiny_engine, static, scenario)
+    with_reuse, without, _ = both(tiny32, static, scenario)
     assert [t.text for t in with_reuse] == [t.text for t in without]
     regenerated, truncated, edited = (t.cached for t in with_reuse[2:])
     assert regenerated >= with_reuse[1].cached  # the whole prompt but its last token
-    system_only = len(tiny_engine.tokenizer(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")["input_ids"])
+    system_only = len(tiny32.tokenizer(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")["input_ids"])
     assert system_only <= truncated < regenerated  # the shared system prompt, not the stale history
     assert edited <= 5  # a changed system prompt misses (only the template's first tokens match)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_concurrent_conversations_share_a_system_prompt(tiny_engine: TransformersEngine, static: bool) -> None:
+def test_concurrent_conversations_share_a_system_prompt(tiny32: TransformersEngine, static: bool) -> None:
     async def scenario(engine: TransformersEngine) -> list[Turn]:
         await ask(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}])
         tasks = [
@@ -132,13 +152,13 @@ def test_concurrent_conversations_share_a_system_prompt(tiny_engine: Transformer
         ]
         return list(await asyncio.gather(*tasks))  # prefilled together: rows with different reused lengths
 
-    with_reuse, without, _ = both(tiny_engine, static, scenario)
+    with_reuse, without, _ = both(tiny32, static, scenario)
     assert [t.text for t in with_reuse] == [t.text for t in without]
     assert all(t.cached > len(SYSTEM) // 10 for t in with_reuse)
 
 
-def test_capacity_lru_eviction_and_release(tiny_engine: TransformersEngine) -> None:
-    engine = make(tiny_engine, False, prefix_cache_memory=0)
+def test_capacity_lru_eviction_and_release(tiny32: TransformersEngine) -> None:
+    engine = make(tiny32, False, prefix_cache_memory=0)
     engine._prefix = PrefixCache(capacity=60)
 
     async def main() -> None:
@@ -174,9 +194,9 @@ def test_prefix_cache_index() -> None:
 
 @pytest.mark.anyio
 async def test_served_turns_report_reuse_and_clear_context_frees_it(
-    tiny_engine: TransformersEngine, caplog: pytest.LogCaptureFixture
+    tiny32: TransformersEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = make(tiny_engine, False)
+    engine = make(tiny32, False)
     seen = []
     cs = ChatStream(
         engine,
@@ -210,9 +230,9 @@ async def test_served_turns_report_reuse_and_clear_context_frees_it(
 # -- the static cache: retained prefixes live in the free slots ---------------------------------------
 
 
-def test_static_retention_uses_only_the_slots(tiny_engine: TransformersEngine) -> None:
-    engine = make(tiny_engine, True, prefix_cache_memory=0)  # no pool: the slots are all there is
-    off = make(tiny_engine, True, prefix_cache=False)
+def test_static_retention_uses_only_the_slots(tiny32: TransformersEngine) -> None:
+    engine = make(tiny32, True, prefix_cache_memory=0)  # no pool: the slots are all there is
+    off = make(tiny32, True, prefix_cache=False)
 
     async def main() -> list[Turn]:
         await engine.start()
@@ -233,9 +253,9 @@ def test_static_retention_uses_only_the_slots(tiny_engine: TransformersEngine) -
 
 
 def test_static_burst_evicts_retained_slots_lru_first_and_never_waits(
-    tiny_engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+    tiny32: TransformersEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    on, off = (make(tiny_engine, True, max_batch_size=4, prefix_cache=reuse) for reuse in (True, False))
+    on, off = (make(tiny32, True, max_batch_size=4, prefix_cache=reuse) for reuse in (True, False))
     waiting_after_admission: list[int] = []
 
     def probe(engine: TransformersEngine) -> None:
@@ -277,7 +297,7 @@ def test_static_burst_evicts_retained_slots_lru_first_and_never_waits(
     assert names[2] == {"all0", "all1", "all2", "all3"}
 
 
-def test_static_hit_after_compaction_moved_the_slot(tiny_engine: TransformersEngine) -> None:
+def test_static_hit_after_compaction_moved_the_slot(tiny32: TransformersEngine) -> None:
     async def scenario(engine: TransformersEngine) -> tuple[list[Turn], dict]:
         history = {k: [{"role": "user", "content": q}] for k, q in (("a", QUESTIONS[0] * 2), ("b", QUESTIONS[1] * 2))}
         with engine._cond:  # prefilled together: a in slot 0, b in slot 1
@@ -293,7 +313,7 @@ def test_static_hit_after_compaction_moved_the_slot(tiny_engine: TransformersEng
         held = engine._slot_prefix.held() if engine._slot_prefix else {}
         return [await ask(engine, history["a"], "a"), await ask(engine, history["b"], "b")], held
 
-    (with_reuse, held), (without, _), _ = both(tiny_engine, True, scenario)
+    (with_reuse, held), (without, _), _ = both(tiny32, True, scenario)
     assert [t.text for t in with_reuse] == [t.text for t in without]
     # a left first: b moved down to slot 0, a's columns went up to slot 1 (a swap), and both still hit
     assert {slot: owners for slot, (_, owners) in held.items()} == {1: {"a"}, 0: {"b"}}
@@ -301,8 +321,8 @@ def test_static_hit_after_compaction_moved_the_slot(tiny_engine: TransformersEng
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_clear_context_frees_the_sessions_slots_and_ids(tiny_engine: TransformersEngine, static: bool) -> None:
-    engine = make(tiny_engine, static)
+def test_clear_context_frees_the_sessions_slots_and_ids(tiny32: TransformersEngine, static: bool) -> None:
+    engine = make(tiny32, static)
 
     async def main() -> None:
         await engine.start()
@@ -324,7 +344,7 @@ def test_clear_context_frees_the_sessions_slots_and_ids(tiny_engine: Transformer
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_spliced_ids_hit_where_retokenizing_the_reply_would_not(tiny_engine: TransformersEngine, static: bool) -> None:
+def test_spliced_ids_hit_where_retokenizing_the_reply_would_not(tiny32: TransformersEngine, static: bool) -> None:
     async def scenario(engine: TransformersEngine) -> tuple[list[Turn], list[int], list[int], list[int]]:
         messages = [{"role": "user", "content": QUESTIONS[0]}]
         first = await ask(engine, messages, "s", max_new_tokens=24)
@@ -335,7 +355,7 @@ def test_spliced_ids_hit_where_retokenizing_the_reply_would_not(tiny_engine: Tra
         second = await ask(engine, messages, "s")
         return [first, second], held, spliced, engine._encode(messages)
 
-    (with_reuse, held, spliced, plain), (without, *_), _ = both(tiny_engine, static, scenario)
+    (with_reuse, held, spliced, plain), (without, *_), _ = both(tiny32, static, scenario)
     assert [t.text for t in with_reuse] == [t.text for t in without]
     assert spliced[: len(held)] == held  # the generated ids, as generated
     assert plain[: len(held)] != held  # re-tokenizing the reply's text would have merged differently
@@ -343,8 +363,8 @@ def test_spliced_ids_hit_where_retokenizing_the_reply_would_not(tiny_engine: Tra
     assert with_reuse[1].prompt == len(spliced)
 
 
-def test_session_turns_splice_the_repeated_part_of_the_reply(tiny_engine: TransformersEngine) -> None:
-    turns = SessionTurns(tiny_engine.tokenizer)
+def test_session_turns_splice_the_repeated_part_of_the_reply(tiny32: TransformersEngine) -> None:
+    turns = SessionTurns(tiny32.tokenizer)
     prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
     reply = turns.tokenize(" world, this is") + turns.tokenize("<|im_end|>")
     turns.record("s", prompt, turns.tokenize(prompt), reply)

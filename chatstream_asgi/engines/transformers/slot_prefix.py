@@ -62,7 +62,8 @@ class SlotPrefixIndex:
     @property
     def tokens(self) -> int:
         """Tokens whose keys and values the retained slots hold."""
-        return sum(len(e) for e in list(self._entries.values()))
+        with self._lock:
+            return sum(len(e) for e in self._entries.values())
 
     def held(self) -> dict[int, tuple[int, set[str]]]:
         """Each retained slot's token count and owners, least recently used first."""
