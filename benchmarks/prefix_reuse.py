@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--system-tokens", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="3 turns, 1 run, 4 conversations")
     parser.add_argument("--static", action="store_true", help="the static slot cache (default on CUDA) on any device")
+    parser.add_argument("--context-len", type=int, help="default: the model's (the static cache allocates 16 of it)")
     parser.add_argument("--stop-at-eos", action="store_true", help="replies end at EOS (default: exactly --reply)")
     args = parser.parse_args()
     global IGNORE_EOS
@@ -191,10 +192,17 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     model, tokenizer, name = load_model(args.model, device=args.device, dtype=args.dtype)
     system = system_prompt(tokenizer, args.system_tokens)
-    static = {"static_cache": True} if args.static else {}
+    options = {"static_cache": True} if args.static else {}
     engines = {
         reuse: TransformersEngine(
-            model, tokenizer, model.device, name=name, max_batch_size=16, prefix_cache=reuse, **static
+            model,
+            tokenizer,
+            model.device,
+            name=name,
+            max_batch_size=16,
+            prefix_cache=reuse,
+            context_len=args.context_len,
+            **options,
         )
         for reuse in (True, False)
     }
