@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chatstream_asgi.engines.transformers.prefix_cache import longest_match
+
 __all__ = ["SlotEntry", "SlotPrefixIndex"]
 
 
@@ -78,16 +80,8 @@ class SlotPrefixIndex:
         nothing: :meth:`claim` commits a match the engine acts on.
         """
         query = torch.tensor(ids, dtype=torch.long)
-        best, best_len = None, 0
         with self._lock:
-            for entry in self._entries.values():
-                n = min(len(entry), len(query) - 1)
-                if n <= best_len:
-                    continue
-                differ = (entry.ids[:n] != query[:n]).nonzero()
-                common = int(differ[0]) if len(differ) else n
-                if common > best_len:
-                    best, best_len = entry, common
+            best, best_len = longest_match(self._entries.values(), query)
         return (best, best_len) if best_len >= self.min_tokens else (None, 0)
 
     def claim(self, entry: SlotEntry, common: int) -> bool:
