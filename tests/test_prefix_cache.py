@@ -378,4 +378,8 @@ def test_session_turns_splice_the_repeated_part_of_the_reply(tiny32: Transformer
     assert cut[: len(turns.tokenize(prompt)) + 1] == [*turns.tokenize(prompt), reply[0]]
     changed = "<|im_start|>user\nHi<|im_end|>\n"  # another history: tokenized as usual
     assert turns.encode(changed, "s") == turns.tokenize(changed) and turns.encode(prompt, "t") == turns.tokenize(prompt)
-    assert turns.release("s") and len(turns) == 0
+    assert turns.release("s") and len(turns) == 0 and turns.tokens == 0
+    small = SessionTurns(tiny32.tokenizer, max_tokens=2 * len(reply) + 2 * len(turns.tokenize(prompt)))
+    for key in "abc":  # room for two conversations: the least recently used goes
+        small.record(key, prompt, turns.tokenize(prompt), reply)
+    assert len(small) == 2 and not small.release("a") and small.release("b")

@@ -9,13 +9,15 @@ repeats verbatim, its ids are the stored ones plus the tokenization of the rest;
 history, another template rendering) it is tokenized as usual. The engine does this whether or not
 prefix reuse is on, so greedy output with reuse is the output without it.
 
-Memory: one entry per conversation, the least recently used dropped beyond ``max_sessions``;
-:meth:`SessionTurns.release` forgets one (its context was cleared).
+Memory: one entry per conversation, its ids packed 8 bytes each (plus the prompt's text); the least
+recently used conversations are dropped while more than ``max_tokens`` ids are kept in all
+(default 4M: about 32 MB of ids). :meth:`SessionTurns.release` forgets one (its context was cleared).
 """
 
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,16 +29,20 @@ __all__ = ["SessionTurns"]
 @dataclass(frozen=True)
 class _Turn:
     prompt_text: str
-    prompt_ids: list[int]
-    output_ids: list[int]
+    prompt_ids: array
+    output_ids: array
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
 
 
 class SessionTurns:
-    """The last turn's ids of up to ``max_sessions`` conversations (see the module docstring)."""
+    """The last turn's ids of conversations, up to ``max_tokens`` ids in all (see the module docstring)."""
 
-    def __init__(self, tokenizer: Any, max_sessions: int = 1024) -> None:
+    def __init__(self, tokenizer: Any, max_tokens: int = 4 << 20) -> None:
         self.tokenizer = tokenizer
-        self.max_sessions = max_sessions
+        self.max_tokens = max_tokens
+        self.tokens = 0
         self._turns: OrderedDict[str, _Turn] = OrderedDict()
         self._lock = threading.Lock()  # encode() and release() on the event loop, record() on the engine thread
 
@@ -54,7 +60,7 @@ class SessionTurns:
         if turn is None or not text.startswith(turn.prompt_text):
             return self.tokenize(text)
         rest = text[len(turn.prompt_text) :]
-        count, said = self._repeated(turn.output_ids, rest)
+        count, said = self._repeated(list(turn.output_ids), rest)
         tail = rest[len(said) :]
         tail_ids = self.tokenize(tail) if tail else []
         if tail_ids and self._decode(tail_ids) != tail:  # a tokenizer that adds a prefix space: not splittable
@@ -67,16 +73,23 @@ class SessionTurns:
         """Remember the conversation's latest sequence (its prompt text and ids, its generated ids)."""
         if not session_key:
             return
+        turn = _Turn(prompt_text, array("q", prompt_ids), array("q", output_ids))
         with self._lock:
-            self._turns[session_key] = _Turn(prompt_text, list(prompt_ids), list(output_ids))
-            self._turns.move_to_end(session_key)
-            while len(self._turns) > self.max_sessions:
-                self._turns.popitem(last=False)
+            self._forget(session_key)
+            self._turns[session_key] = turn
+            self.tokens += len(turn)
+            while self.tokens > self.max_tokens:
+                self._forget(next(iter(self._turns)))
 
     def release(self, session_key: str) -> bool:
         """Forget the conversation; True if it was held."""
         with self._lock:
-            return self._turns.pop(session_key, None) is not None
+            return self._forget(session_key)
+
+    def _forget(self, session_key: str) -> bool:
+        turn = self._turns.pop(session_key, None)
+        self.tokens -= len(turn) if turn is not None else 0
+        return turn is not None
 
     def _repeated(self, output_ids: list[int], rest: str) -> tuple[int, str]:
         """The most leading generated ids whose text ``rest`` starts with, and that text."""
