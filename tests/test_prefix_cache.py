@@ -270,7 +270,11 @@ def test_static_burst_evicts_retained_slots_lru_first_and_never_waits(
     async def burst(engine: TransformersEngine, names: list[str]) -> list[Turn]:
         with engine._cond:  # queued together: the engine admits them in one iteration
             streams = [
-                engine.generate(GenerationRequest(n, [{"role": "user", "content": f"{n}: {n} {n}"}], GREEDY, True, n))
+                engine.generate(
+                    GenerationRequest(
+                        n, [{"role": "user", "content": f"{n}: {n} {n}"}], GREEDY, ignore_eos=True, session_key=n
+                    )
+                )
                 for n in names
             ]
         done = await asyncio.gather(*(collect(s) for s in streams))
@@ -303,7 +307,9 @@ def test_static_hit_after_compaction_moved_the_slot(tiny32: TransformersEngine) 
         with engine._cond:  # prefilled together: a in slot 0, b in slot 1
             streams = {
                 k: engine.generate(
-                    GenerationRequest(k, history[k], dataclasses.replace(GREEDY, max_new_tokens=n), True, k)
+                    GenerationRequest(
+                        k, history[k], dataclasses.replace(GREEDY, max_new_tokens=n), ignore_eos=True, session_key=k
+                    )
                 )
                 for k, n in (("a", 2), ("b", 12))
             }
