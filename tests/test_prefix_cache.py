@@ -372,16 +372,15 @@ def test_spliced_ids_hit_where_retokenizing_the_reply_would_not(tiny32: Transfor
 def test_session_turns_splice_the_repeated_part_of_the_reply(tiny32: TransformersEngine) -> None:
     turns = SessionTurns(tiny32.tokenizer)
     prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
-    reply = turns.tokenize(" world, this is") + turns.tokenize("<|im_end|>")
+    reply = [i for c in " world, this is" for i in turns.tokenize(c)] + turns.tokenize("<|im_end|>")  # one per byte
     turns.record("s", prompt, turns.tokenize(prompt), reply)
     follow = "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n"
-    assert turns.encode(prompt + " world, this is" + follow, "s") == [
-        *turns.tokenize(prompt),
-        *reply,
-        *turns.tokenize(follow[len("<|im_end|>") :]),
-    ]
-    cut = turns.encode(prompt + " world" + follow, "s")  # a stop string cut the reply: its repeated ids are kept
-    assert cut[: len(turns.tokenize(prompt)) + 1] == [*turns.tokenize(prompt), reply[0]]
+    text = prompt + " world, this is" + follow
+    spliced = [*turns.tokenize(prompt), *reply, *turns.tokenize(follow[len("<|im_end|>") :])]
+    assert turns.encode(text, "s") == spliced and len(spliced) > len(turns.tokenize(text))
+    assert turns.encode(text, "s", limit=len(spliced) - 1) == turns.tokenize(text)  # too long built: tokenized
+    cut = turns.encode(prompt + " wor" + follow, "s")  # a stop string cut the reply: its repeated ids are kept
+    assert cut[: len(turns.tokenize(prompt)) + 4] == [*turns.tokenize(prompt), *reply[:4]]
     changed = "<|im_start|>user\nHi<|im_end|>\n"  # another history: tokenized as usual
     assert turns.encode(changed, "s") == turns.tokenize(changed) and turns.encode(prompt, "t") == turns.tokenize(prompt)
     assert turns.release("s") and len(turns) == 0 and turns.tokens == 0

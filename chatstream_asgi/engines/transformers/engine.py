@@ -192,8 +192,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
         """Queue ``request`` and return its stream; raises :class:`PromptTooLong` at once."""
         params = request.params
         text = self.render_prompt(request.messages)
-        prompt_ids = self._turns.encode(text, request.session_key)
         limit = self.context_len - params.max_new_tokens
+        prompt_ids = self._turns.encode(text, request.session_key, limit)
         if len(prompt_ids) > limit:
             raise PromptTooLong(
                 f"prompt has {len(prompt_ids)} tokens; at most {max(limit, 0)} fit with "

@@ -53,8 +53,11 @@ class SessionTurns:
         """Plain tokenization (no special tokens added)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode(self, text: str, session_key: str | None) -> list[int]:
-        """The ids of prompt ``text``: the session's last ids where ``text`` continues them, else tokenized."""
+    def encode(self, text: str, session_key: str | None, limit: int | None = None) -> list[int]:
+        """The ids of prompt ``text``: the session's last ids where ``text`` continues them, else tokenized.
+
+        Built ids longer than ``limit`` (where the plain tokenization may still fit) give way to it.
+        """
         with self._lock:
             turn = self._turns.get(session_key) if session_key else None
         if turn is None or not text.startswith(turn.prompt_text):
@@ -65,7 +68,8 @@ class SessionTurns:
         tail_ids = self.tokenize(tail) if tail else []
         if tail_ids and self._decode(tail_ids) != tail:  # a tokenizer that adds a prefix space: not splittable
             return self.tokenize(text)
-        return [*turn.prompt_ids, *turn.output_ids[:count], *tail_ids]
+        ids = [*turn.prompt_ids, *turn.output_ids[:count], *tail_ids]
+        return ids if limit is None or len(ids) <= limit else self.tokenize(text)
 
     def record(
         self, session_key: str | None, prompt_text: str, prompt_ids: Sequence[int], output_ids: Sequence[int]
