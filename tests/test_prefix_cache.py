@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -388,3 +389,34 @@ def test_session_turns_splice_the_repeated_part_of_the_reply(tiny32: Transformer
     for key in "abc":  # room for two conversations: the least recently used goes
         small.record(key, prompt, turns.tokenize(prompt), reply)
     assert len(small) == 2 and not small.release("a") and small.release("b")
+
+
+@pytest.mark.parametrize(("rows", "chunk"), [(2, None), (3, 16), (4, 32)])
+def test_static_random_conversations_match(tiny32: TransformersEngine, rows: int, chunk: int | None) -> None:
+    """Seven conversations of three turns at once over fewer slots, some sharing a system prompt, prompts
+    prefilled in chunks: every placement, compaction, eviction and hit the interleaving brings."""
+
+    async def chat(engine: TransformersEngine, c: int) -> list[str]:
+        rng = random.Random(rows * 100 + c)
+        messages = [{"role": "system", "content": SYSTEM}] if c % 2 else []
+        for t in range(3):
+            messages.append({"role": "user", "content": f"conv {c} turn {t} " + "word " * rng.randint(1, 30)})
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": (await ask(engine, messages, f"c{c}", max_new_tokens=rng.randint(1, 12))).text,
+                }
+            )
+            for _ in range(rng.randint(0, 3)):
+                await asyncio.sleep(0)  # vary the interleaving
+        return [m["content"] for m in messages if m["role"] == "assistant"]
+
+    async def scenario(engine: TransformersEngine) -> list[list[str]]:
+        return list(await asyncio.gather(*(chat(engine, c) for c in range(7))))
+
+    options = {"max_batch_size": rows, "max_prefill_tokens": chunk}
+    with_reuse, without, engine = both_engines(
+        make(tiny32, True, **options), make(tiny32, True, prefix_cache=False, **options), scenario
+    )
+    assert with_reuse == without
+    assert engine.prefix_hit_tokens > 0
