@@ -286,16 +286,21 @@ def prefill_plus_step_seconds(model: torch.nn.Module, prompt: list[int], rows: l
     return prefill + raw_step_seconds(model, rows, context=max(map(len, rows)) + 64, steps=3)
 
 
-def random_engine(directory: str, device: str, dtype: str | None, **options: object) -> TransformersEngine:
-    """An engine over a model with ``directory``'s config and tokenizer and random weights."""
+def random_model(directory: str, device: str, dtype: str | None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name): ``directory``'s config and tokenizer, random weights, on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     with torch.device(device):  # initialise on the device: a 1B model's random init on CPU takes minutes
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch_dtype)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    return TransformersEngine(model, tokenizer, device, name=f"{Path(directory).name} (random)", **options)
+    return model, AutoTokenizer.from_pretrained(directory), f"{Path(directory).name} (random)"
+
+
+def random_engine(directory: str, device: str, dtype: str | None, **options: object) -> TransformersEngine:
+    """An engine over a model with ``directory``'s config and tokenizer and random weights."""
+    model, tokenizer, name = random_model(directory, device, dtype)
+    return TransformersEngine(model, tokenizer, device, name=name, **options)
 
 
 def main() -> None:

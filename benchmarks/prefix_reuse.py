@@ -1,17 +1,22 @@
 """Prefix reuse on and off, side by side: time to first token over a long chat, and a shared system prompt.
 
 Run: ``python benchmarks/prefix_reuse.py`` (SmolLM2-135M-Instruct on CPU by default; ``--quick`` for a
-short smoke run, ``--device cuda`` / ``--model`` for other shapes).
+short smoke run, ``--device cuda`` / ``--model`` for other shapes, ``--random-init DIR`` for a shape
+from a config and tokenizer with random weights, as in engine_throughput.py).
 
 1. **A 10-turn conversation**: each turn adds a user message of about 100 tokens and a reply of 30
    generated tokens (greedy, EOS ignored), so the history nears 1,500 tokens by turn 10. It prints the
    time to first token of every turn with reuse on and off, the prompt tokens, the tokens reused, and
-   the tokens the previous turn left in the cache (prompt + reply): reused below that means the next
-   prompt's token ids differ from the ones generated (re-tokenizing the reply's text merged
-   differently), the hit rate as measured. Each run is repeated (``--repeat``) on fresh conversations
-   (the cache is emptied between them through ``release_session``) and the best time taken per turn
-   (the machine is shared: the least disturbed run is the closest to the engine's own cost); runs
-   with reuse on and off alternate, two engines on one model, so other load falls on both alike.
+   the hit rate: reused / (prompt tokens - the turn's new tokens), where the new tokens are those of
+   the text the turn adds after the previous prompt and its reply (the end of the reply's turn in the
+   chat template and the new user message). Below 100% means the next prompt's token ids differ from
+   the ones held (the engine builds them from the generated ids; see ``SessionTurns``) or the last
+   reply token's keys were never computed (it is the one not fed back). Each run is repeated
+   (``--repeat``) on fresh conversations (the cache is emptied between them through
+   ``release_session``) and the best time taken per turn (the machine is shared: the least disturbed
+   run is the closest to the engine's own cost); runs with reuse on and off alternate, two engines on
+   one model, so other load falls on both alike. ``--static`` runs the static slot cache (CUDA's
+   default) on any device; ``--stop-at-eos`` lets replies end at EOS, as served replies do.
 2. **16 concurrent conversations sharing one 300-token system prompt**, two turns each (a turn is sent
    when the conversation's last one ends), after one earlier conversation with that system prompt:
    prefill tokens per request (what the engine computed), tokens reused, and aggregate generated
@@ -40,6 +45,9 @@ from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.engines.transformers.loading import load_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_throughput import random_model
+
 WORDS = [
     "river", "stone", "lantern", "orchard", "signal", "harbor", "meadow", "copper", "thunder", "velvet", "canyon",
     "ember", "quartz", "willow", "saddle", "prism", "falcon", "marble", "tundra", "cipher", "beacon", "glacier",
@@ -53,10 +61,21 @@ def user_message(conversation: int, turn: int, words: int) -> str:
     return f"Conversation {conversation}, question {turn}: tell me about " + " ".join(picked) + "."
 
 
+IGNORE_EOS = True
+
+
+def new_tokens(engine: TransformersEngine, before: list[dict], reply: str, messages: list[dict]) -> int:
+    """Tokens of the text ``messages`` adds after ``before``'s prompt and ``reply`` (all, if not continuing it)."""
+    text = engine.render_prompt(messages)
+    held = engine.render_prompt(before) + reply if before else None
+    added = text[len(held) :] if held is not None and text.startswith(held) else text
+    return len(engine.tokenizer(added, add_special_tokens=False)["input_ids"])
+
+
 async def turn(engine: TransformersEngine, messages: list[dict], params: GenerationParams, key: str) -> dict[str, Any]:
     """One request: its reply, time to first token, prompt/reused/generated token counts."""
     start = time.perf_counter()
-    stream = engine.generate(GenerationRequest(key, messages, params, ignore_eos=True, session_key=key))
+    stream = engine.generate(GenerationRequest(key, messages, params, ignore_eos=IGNORE_EOS, session_key=key))
     first = None
     parts = []
     async for delta in stream:
@@ -76,9 +95,12 @@ async def long_chat(engine: TransformersEngine, turns: int, words: int, reply: i
     params = GenerationParams(temperature=0.0, max_new_tokens=reply)
     messages: list[dict] = []
     results = []
+    before: list[dict] = []
     for t in range(turns):
         messages.append({"role": "user", "content": user_message(key, t, words)})
         result = await turn(engine, messages, params, f"chat-{key}")
+        result["new"] = new_tokens(engine, before, results[-1]["text"] if results else "", messages)
+        before = list(messages)
         messages.append({"role": "assistant", "content": result["text"]})
         results.append(result)
     engine.release_session(f"chat-{key}")
@@ -129,7 +151,10 @@ async def measure(engines: dict[bool, TransformersEngine], args: argparse.Namesp
         for reuse, engine in engines.items():
             print(f"shared system prompt, reuse {'on' if reuse else 'off'}", file=sys.stderr)
             per_turn = [
-                {name: min(run[t][name] for run in runs[reuse]) for name in ("ttft", "prompt", "reused", "generated")}
+                {
+                    name: min(run[t][name] for run in runs[reuse])
+                    for name in ("ttft", "prompt", "reused", "generated", "new")
+                }
                 for t in range(args.turns)
             ]
             results[reuse] = {
@@ -160,28 +185,49 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--system-tokens", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="3 turns, 1 run, 4 conversations")
+    parser.add_argument("--static", action="store_true", help="the static slot cache (default on CUDA) on any device")
+    parser.add_argument("--context-len", type=int, help="default: the model's (the static cache allocates 16 of it)")
+    parser.add_argument("--stop-at-eos", action="store_true", help="replies end at EOS (default: exactly --reply)")
+    parser.add_argument("--random-init", metavar="DIR", help="config + tokenizer in DIR, random weights (GPU shapes)")
     args = parser.parse_args()
+    global IGNORE_EOS
+    IGNORE_EOS = not args.stop_at_eos
     if args.quick:
         args.turns, args.repeat, args.conversations = 3, 1, 4
     logging.basicConfig(level=logging.WARNING)
-    model, tokenizer, name = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.random_init:
+        model, tokenizer, name = random_model(args.random_init, args.device, args.dtype)
+    else:
+        model, tokenizer, name = load_model(args.model, device=args.device, dtype=args.dtype)
     system = system_prompt(tokenizer, args.system_tokens)
+    options = {"static_cache": True} if args.static else {}
     engines = {
-        reuse: TransformersEngine(model, tokenizer, model.device, name=name, max_batch_size=16, prefix_cache=reuse)
+        reuse: TransformersEngine(
+            model,
+            tokenizer,
+            model.device,
+            name=name,
+            max_batch_size=16,
+            prefix_cache=reuse,
+            context_len=args.context_len,
+            **options,
+        )
         for reuse in (True, False)
     }
     results = asyncio.run(measure(engines, args, system))
 
-    print(f"# {name} on {args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs,"
+    path = "static slot cache" if engines[True].static else "growing cache"
+    print(f"# {name} on {args.device}, {path} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs,"
           f" torch {torch.__version__}, {torch.get_num_threads()} threads)")  # fmt: skip
     print(f"\n## {args.turns}-turn conversation (best of {args.repeat}), time to first token")
-    print("| turn | prompt tokens | reused (on) | held from last turn | TTFT on (ms) | TTFT off (ms) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| turn | prompt tokens | new tokens | reused (on) | hit rate | TTFT on (ms) | TTFT off (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     on, off = results[True]["turns"], results[False]["turns"]
     for t in range(args.turns):
-        held = on[t - 1]["prompt"] + on[t - 1]["generated"] - 1 if t else 0
+        reusable = on[t]["prompt"] - on[t]["new"]
+        rate = f"{on[t]['reused'] / reusable:.1%}" if reusable > 0 else "-"
         print(
-            f"| {t + 1} | {on[t]['prompt']:.0f} | {on[t]['reused']:.0f} | {held:.0f} "
+            f"| {t + 1} | {on[t]['prompt']:.0f} | {on[t]['new']:.0f} | {on[t]['reused']:.0f} | {rate} "
             f"| {on[t]['ttft'] * 1000:.0f} | {off[t]['ttft'] * 1000:.0f} |"
         )
     last = args.turns - 1
@@ -189,9 +235,9 @@ def main() -> None:
         f"\nturn {args.turns} / turn 1 TTFT: reuse on {on[last]['ttft'] / on[0]['ttft']:.2f}x, "
         f"off {off[last]['ttft'] / off[0]['ttft']:.2f}x"
     )
-    held = sum(on[t - 1]["prompt"] + on[t - 1]["generated"] - 1 for t in range(1, args.turns))
-    print(f"hit rate (reused / held from the last turn, turns 2-{args.turns}): "
-          f"{sum(on[t]['reused'] for t in range(1, args.turns)) / held:.1%}")  # fmt: skip
+    reusable = sum(on[t]["prompt"] - on[t]["new"] for t in range(1, args.turns))
+    print(f"hit rate (reused / (prompt - new tokens), turns 2-{args.turns}): "
+          f"{sum(on[t]['reused'] for t in range(1, args.turns)) / max(reusable, 1):.1%}")  # fmt: skip
     n = args.conversations
     print(f"\n## {n} concurrent conversations x 2 turns, shared {args.system_tokens}-token system prompt")
     print("| reuse | prompt tokens / request | prefilled / request | reused / request | tokens/s | TTFT p50 (ms) |")

@@ -97,7 +97,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     reuse = serve.add_argument_group("transformers engine: prefix reuse (KV kept between turns)")
     reuse.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
-    reuse.add_argument("--prefix-cache-memory", type=float, default=1.0, metavar="GIB", help="KV kept for reuse")
+    reuse.add_argument(
+        "--prefix-cache-memory",
+        type=float,
+        default=1.0,
+        metavar="GIB",
+        help="KV kept for reuse on the growing (CPU) cache; the static cache keeps it in its free slots",
+    )
     serve.add_argument(
         "--remote-url",
         action="append",
@@ -230,7 +236,7 @@ def _engine(args: argparse.Namespace) -> Engine:
                 kv_cache_memory=args.kv_cache_memory,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 max_prefill_tokens=args.max_prefill_tokens or None,
-                prefix_cache=False if args.no_prefix_cache else None,
+                prefix_cache=not args.no_prefix_cache,
                 prefix_cache_memory=args.prefix_cache_memory,
             )
             for device in devices

@@ -119,4 +119,8 @@ async def test_the_prompt_comes_from_the_chat_template(tiny_engine: Any, tiny_mo
     )
     assert seen[1].prompt == expected
     assert prompt["prompt"].startswith(expected)
-    assert seen[1].prompt_tokens == tiny_engine.count_tokens(seen[1].messages)
+    assert seen[0].prompt_tokens == tiny_engine.count_tokens(seen[0].messages)
+    # the next prompt is the ids the first turn saw and generated (not its reply re-tokenized), then the new text
+    new_text = seen[1].prompt[len(seen[0].prompt) + len(reply) :]
+    new = len(tiny_engine.tokenizer(new_text, add_special_tokens=False)["input_ids"])
+    assert seen[1].prompt_tokens == seen[0].prompt_tokens + seen[0].completion_tokens + new

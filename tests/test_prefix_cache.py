@@ -1,19 +1,22 @@
 """Prefix reuse: greedy output with the prefix cache is token for token the output without it.
 
-Each scenario runs the same requests through an engine with reuse on and one with it off (both on a
-float32 copy of the tiny model, on the eager cache and on the static cache, which runs on CPU with
-``cuda_graphs=False``) and compares the texts, and checks that reuse happened where it should
-(``cached_tokens``). Float32 because in bfloat16 (CUDA's default) prefilling a prompt whole or after a
-reused prefix sums in a different order, and the last bits flip near-tie greedy picks of a random
-model: as in any engine with prefix caching, outputs then agree only up to that rounding.
+Each scenario runs the same requests through an engine with reuse on and one with it off (both on the
+tiny model in float32, on the eager cache and on the static cache, which runs on CPU with
+``cuda_graphs=False``; ``CHATSTREAM_TEST_DEVICE=cuda`` runs the same paths on a GPU) and compares the
+texts, and checks that reuse happened where it should (``cached_tokens``). On the static cache the
+retained prefixes live in the free slots: the tests check that they cost no memory beyond them, never
+keep a request waiting, are evicted least recently used first, survive compaction and are freed by
+``clear_context``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import httpx
@@ -24,6 +27,7 @@ from chatstream_asgi import ChatStream, get_result
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.engines.transformers.prefix_cache import PrefixCache
+from chatstream_asgi.engines.transformers.session_turns import SessionTurns
 from chatstream_asgi.web.app import create_app
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=10)
@@ -31,34 +35,48 @@ SYSTEM = "You are a helpful assistant. The quick brown fox jumps over the lazy d
 QUESTIONS = ["What is the capital of France?", "Hello world", "a b c d e f g", "The quick brown fox"]
 
 
-def make(base: TransformersEngine, static: bool, **options: Any) -> TransformersEngine:
+def make(f32_engine: TransformersEngine, static: bool, **options: Any) -> TransformersEngine:
     options = {"prefix_cache": True, **options}  # on: whatever the device's default
-    options = {"static_cache": True, "cuda_graphs": False, **options} if static else options
-    return TransformersEngine(base.model, base.tokenizer, base.device, max_batch_size=8, **options)
+    options = {"static_cache": static, **options}  # the same path on any device
+    options = {"cuda_graphs": False, **options} if static else options
+    options = {"max_batch_size": 8, **options}
+    return TransformersEngine(f32_engine.model, f32_engine.tokenizer, f32_engine.device, **options)
 
 
-async def ask(engine: TransformersEngine, messages: list[dict], key: str | None = None) -> tuple[str, int]:
+class Turn(NamedTuple):
+    text: str
+    cached: int
+    prompt: int
+
+
+async def ask(engine: TransformersEngine, messages: list[dict], key: str | None = None, **params: Any) -> Turn:
     deltas, stream = await collect(
-        engine.generate(GenerationRequest("r", messages, GREEDY, ignore_eos=True, session_key=key))
+        engine.generate(
+            GenerationRequest("r", messages, dataclasses.replace(GREEDY, **params), ignore_eos=True, session_key=key)
+        )
     )
-    return "".join(deltas), stream.cached_tokens
+    return Turn("".join(deltas), stream.cached_tokens, stream.prompt_tokens)
 
 
-async def conversation(engine: TransformersEngine, turns: list[str], key: str = "s") -> list[tuple[str, int]]:
+async def conversation(engine: TransformersEngine, turns: list[str], key: str = "s") -> list[Turn]:
     """Turn after turn, each reply appended to the history the next one sends."""
     messages: list[dict] = [{"role": "system", "content": SYSTEM}]
     out = []
     for question in turns:
         messages.append({"role": "user", "content": question})
-        text, cached = await ask(engine, messages, key)
-        messages.append({"role": "assistant", "content": text})
-        out.append((text, cached))
+        turn = await ask(engine, messages, key)
+        messages.append({"role": "assistant", "content": turn.text})
+        out.append(turn)
     return out
 
 
-def both(base: TransformersEngine, static: bool, scenario: Any) -> tuple[Any, Any, TransformersEngine]:
+def both(f32_engine: TransformersEngine, static: bool, scenario: Any) -> tuple[Any, Any, TransformersEngine]:
     """Run ``scenario(engine)`` with reuse on and off; return both results and the reusing engine."""
-    on, off = make(base, static), make(base, static, prefix_cache=False)
+    return both_engines(make(f32_engine, static), make(f32_engine, static, prefix_cache=False), scenario)
+
+
+def both_engines(on: TransformersEngine, off: TransformersEngine, scenario: Any) -> tuple[Any, Any, TransformersEngine]:
+    """Run ``scenario(engine)`` on ``on`` (reuse) and ``off``; return both results and ``on``."""
 
     async def main(engine: TransformersEngine) -> Any:
         await engine.start()
@@ -73,29 +91,27 @@ def both(base: TransformersEngine, static: bool, scenario: Any) -> tuple[Any, An
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_continued_conversation_reuses_history_and_matches(f32_engine: TransformersEngine, static: bool) -> None:
     with_reuse, without, engine = both(f32_engine, static, lambda e: conversation(e, QUESTIONS[:3]))
-    assert [t for t, _ in with_reuse] == [t for t, _ in without]
-    assert [c for _, c in without] == [0, 0, 0]
-    first, second, third = (c for _, c in with_reuse)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    assert [t.cached for t in without] == [0, 0, 0]
+    first, second, third = (t.cached for t in with_reuse)
     assert first == 0 and 0 < second < third  # every later turn reuses at least the turn before's prompt
     assert engine.prefix_hit_tokens == second + third
-    assert engine.prefill_tokens + engine.prefix_hit_tokens == sum(
-        len(engine._encode(m)) for m in _histories(with_reuse)
-    )
+    assert engine.prefill_tokens + engine.prefix_hit_tokens == sum(t.prompt for t in with_reuse)
 
 
-def _histories(turns: list[tuple[str, int]]) -> list[list[dict]]:
+def _histories(turns: list[Turn]) -> list[list[dict]]:
     messages: list[dict] = [{"role": "system", "content": SYSTEM}]
     out = []
-    for question, (text, _) in zip(QUESTIONS, turns, strict=False):
+    for question, turn in zip(QUESTIONS, turns, strict=False):
         messages.append({"role": "user", "content": question})
         out.append(list(messages))
-        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "assistant", "content": turn.text})
     return out
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_regenerate_and_truncated_history_match(f32_engine: TransformersEngine, static: bool) -> None:
-    async def scenario(engine: TransformersEngine) -> list[tuple[str, int]]:
+    async def scenario(engine: TransformersEngine) -> list[Turn]:
         turns = await conversation(engine, QUESTIONS[:2])
         history = _histories(turns)
         regenerated = await ask(engine, history[-1], "s")  # the last turn again
@@ -105,9 +121,9 @@ def test_regenerate_and_truncated_history_match(f32_engine: TransformersEngine, 
         return [*turns, regenerated, truncated, await ask(engine, edited, "s")]
 
     with_reuse, without, _ = both(f32_engine, static, scenario)
-    assert [t for t, _ in with_reuse] == [t for t, _ in without]
-    regenerated, truncated, edited = (c for _, c in with_reuse[2:])
-    assert regenerated >= with_reuse[1][1]  # the whole prompt but its last token
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    regenerated, truncated, edited = (t.cached for t in with_reuse[2:])
+    assert regenerated >= with_reuse[1].cached  # the whole prompt but its last token
     system_only = len(f32_engine.tokenizer(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")["input_ids"])
     assert system_only <= truncated < regenerated  # the shared system prompt, not the stale history
     assert edited <= 5  # a changed system prompt misses (only the template's first tokens match)
@@ -115,7 +131,7 @@ def test_regenerate_and_truncated_history_match(f32_engine: TransformersEngine, 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_concurrent_conversations_share_a_system_prompt(f32_engine: TransformersEngine, static: bool) -> None:
-    async def scenario(engine: TransformersEngine) -> list[tuple[str, int]]:
+    async def scenario(engine: TransformersEngine) -> list[Turn]:
         await ask(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}])
         tasks = [
             ask(engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}], str(i))
@@ -124,8 +140,8 @@ def test_concurrent_conversations_share_a_system_prompt(f32_engine: Transformers
         return list(await asyncio.gather(*tasks))  # prefilled together: rows with different reused lengths
 
     with_reuse, without, _ = both(f32_engine, static, scenario)
-    assert [t for t, _ in with_reuse] == [t for t, _ in without]
-    assert all(c > len(SYSTEM) // 10 for _, c in with_reuse)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    assert all(t.cached > len(SYSTEM) // 10 for t in with_reuse)
 
 
 def test_capacity_lru_eviction_and_release(f32_engine: TransformersEngine) -> None:
@@ -198,26 +214,219 @@ async def test_served_turns_report_reuse_and_clear_context_frees_it(
     assert engine.prefix_cache_tokens == 0  # the conversation's entries are gone
 
 
+# -- the static cache: retained prefixes live in the free slots ---------------------------------------
+
+
+def test_static_retention_uses_only_the_slots(f32_engine: TransformersEngine) -> None:
+    engine = make(f32_engine, True, prefix_cache_memory=0)  # no pool: the slots are all there is
+    off = make(f32_engine, True, prefix_cache=False)
+
+    async def main() -> list[Turn]:
+        await engine.start()
+        await off.start()
+        try:
+            turns = await conversation(engine, QUESTIONS[:2])
+            assert engine._prefix is None and engine._static_kv.nbytes == off._static_kv.nbytes
+            held = engine._slot_prefix.held()
+            assert list(held.values()) == [(engine.prefix_cache_tokens, {"s"})]  # one slot, the latest turn
+            assert engine.kv_cache_usage == 0  # retained slots are free slots
+            return turns
+        finally:
+            await engine.shutdown()
+            await off.shutdown()
+
+    first, second = run(main())
+    assert first.cached == 0 and second.cached > first.prompt
+
+
+def test_static_burst_evicts_retained_slots_lru_first_and_never_waits(
+    f32_engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on, off = (make(f32_engine, True, max_batch_size=4, prefix_cache=reuse) for reuse in (True, False))
+    waiting_after_admission: list[int] = []
+
+    def probe(engine: TransformersEngine) -> None:
+        iteration = engine._iteration
+
+        def wrapped(admitted: list) -> None:
+            waiting_after_admission.append(len(engine._pending))
+            iteration(admitted)
+
+        monkeypatch.setattr(engine, "_iteration", wrapped)
+
+    async def burst(engine: TransformersEngine, names: list[str]) -> list[Turn]:
+        with engine._cond:  # queued together: the engine admits them in one iteration
+            streams = [
+                engine.generate(
+                    GenerationRequest(
+                        n, [{"role": "user", "content": f"{n}: {n} {n}"}], GREEDY, ignore_eos=True, session_key=n
+                    )
+                )
+                for n in names
+            ]
+        done = await asyncio.gather(*(collect(s) for s in streams))
+        return [Turn("".join(d), s.cached_tokens, s.prompt_tokens) for d, s in done]
+
+    async def scenario(engine: TransformersEngine) -> tuple[list, list[Turn]]:
+        owners = []
+        for name in ["old0", "old1", "old2", "old3"]:  # one after the other: every slot ends up retained
+            await burst(engine, [name])
+        owners.append(engine._slot_prefix.held() if engine._slot_prefix else {})
+        two = await burst(engine, ["new0", "new1"])
+        owners.append(engine._slot_prefix.held() if engine._slot_prefix else {})
+        four = await burst(engine, ["all0", "all1", "all2", "all3"])
+        owners.append(engine._slot_prefix.held() if engine._slot_prefix else {})
+        return owners, two + four
+
+    probe(on)
+    (owners, with_reuse), (_, without), _ = both_engines(on, off, scenario)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    assert max(waiting_after_admission) == 0  # nobody ever waited for a slot that a retained prefix held
+    names = [{next(iter(o)) for _, o in held.values()} for held in owners]
+    assert names[0] == {"old0", "old1", "old2", "old3"}  # 4 rows, 4 retained slots
+    assert names[1] == {"old2", "old3", "new0", "new1"}  # the two least recently used went first
+    assert names[2] == {"all0", "all1", "all2", "all3"}
+
+
+def test_static_hit_after_compaction_moved_the_slot(f32_engine: TransformersEngine) -> None:
+    async def scenario(engine: TransformersEngine) -> tuple[list[Turn], dict]:
+        history = {k: [{"role": "user", "content": q}] for k, q in (("a", QUESTIONS[0] * 2), ("b", QUESTIONS[1] * 2))}
+        with engine._cond:  # prefilled together: a in slot 0, b in slot 1
+            streams = {
+                k: engine.generate(
+                    GenerationRequest(
+                        k, history[k], dataclasses.replace(GREEDY, max_new_tokens=n), ignore_eos=True, session_key=k
+                    )
+                )
+                for k, n in (("a", 2), ("b", 12))
+            }
+        for k, stream in streams.items():
+            history[k].append({"role": "assistant", "content": "".join((await collect(stream))[0])})
+            history[k].append({"role": "user", "content": QUESTIONS[2]})
+        held = engine._slot_prefix.held() if engine._slot_prefix else {}
+        return [await ask(engine, history["a"], "a"), await ask(engine, history["b"], "b")], held
+
+    (with_reuse, held), (without, _), _ = both(f32_engine, True, scenario)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    # a left first: b moved down to slot 0, a's columns went up to slot 1 (a swap), and both still hit
+    assert {slot: owners for slot, (_, owners) in held.items()} == {1: {"a"}, 0: {"b"}}
+    assert [t.cached for t in with_reuse] == [held[1][0], held[0][0]]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_clear_context_frees_the_sessions_slots_and_ids(f32_engine: TransformersEngine, static: bool) -> None:
+    engine = make(f32_engine, static)
+
+    async def main() -> None:
+        await engine.start()
+        try:
+            await conversation(engine, QUESTIONS[:2], key="x")
+            await conversation(engine, QUESTIONS[2:4], key="y")
+            before = engine.prefix_cache_tokens
+            freed = engine.release_session("x")
+            assert 0 < freed < before and engine.prefix_cache_tokens == before - freed
+            assert len(engine._turns) == 1 and engine.release_session("y") > 0
+            assert engine.prefix_cache_tokens == 0 and len(engine._turns) == 0
+        finally:
+            await engine.shutdown()
+
+    run(main())
+
+
+# -- a conversation's next prompt is built from the ids its last turn generated --------------------
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_spliced_ids_hit_where_retokenizing_the_reply_would_not(f32_engine: TransformersEngine, static: bool) -> None:
+    async def scenario(engine: TransformersEngine) -> tuple[list[Turn], list[int], list[int], list[int]]:
+        messages = [{"role": "user", "content": QUESTIONS[0]}]
+        first = await ask(engine, messages, "s", max_new_tokens=24)
+        last = engine._turns._turns["s"]
+        held = [*last.prompt_ids, *last.output_ids]
+        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": QUESTIONS[1]}]
+        spliced = engine._turns.encode(engine.render_prompt(messages), "s")
+        second = await ask(engine, messages, "s")
+        return [first, second], held, spliced, engine._encode(messages)
+
+    (with_reuse, held, spliced, plain), (without, *_), _ = both(f32_engine, static, scenario)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    assert spliced[: len(held)] == held  # the generated ids, as generated
+    assert plain[: len(held)] != held  # re-tokenizing the reply's text would have merged differently
+    assert with_reuse[1].cached >= len(held) - 1  # everything held was reused (the last id may lack its KV)
+    assert with_reuse[1].prompt == len(spliced)
+
+
+def test_session_turns_splice_the_repeated_part_of_the_reply(f32_engine: TransformersEngine) -> None:
+    turns = SessionTurns(f32_engine.tokenizer)
+    prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    reply = [i for c in " world, this is" for i in turns.tokenize(c)] + turns.tokenize("<|im_end|>")  # one per byte
+    turns.record("s", prompt, turns.tokenize(prompt), reply)
+    follow = "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n"
+    text = prompt + " world, this is" + follow
+    spliced = [*turns.tokenize(prompt), *reply, *turns.tokenize(follow[len("<|im_end|>") :])]
+    assert turns.encode(text, "s") == spliced and len(spliced) > len(turns.tokenize(text))
+    assert turns.encode(text, "s", limit=len(spliced) - 1) == turns.tokenize(text)  # too long built: tokenized
+    cut = turns.encode(prompt + " wor" + follow, "s")  # a stop string cut the reply: its repeated ids are kept
+    assert cut[: len(turns.tokenize(prompt)) + 4] == [*turns.tokenize(prompt), *reply[:4]]
+    changed = "<|im_start|>user\nHi<|im_end|>\n"  # another history: tokenized as usual
+    assert turns.encode(changed, "s") == turns.tokenize(changed) and turns.encode(prompt, "t") == turns.tokenize(prompt)
+    assert turns.release("s") and len(turns) == 0 and turns.tokens == 0
+    small = SessionTurns(f32_engine.tokenizer, max_tokens=2 * len(reply) + 2 * len(turns.tokenize(prompt)))
+    for key in "abc":  # room for two conversations: the least recently used goes
+        small.record(key, prompt, turns.tokenize(prompt), reply)
+    assert len(small) == 2 and not small.release("a") and small.release("b")
+
+
+@pytest.mark.parametrize(("rows", "chunk"), [(2, None), (3, 16), (4, 32)])
+def test_static_random_conversations_match(f32_engine: TransformersEngine, rows: int, chunk: int | None) -> None:
+    """Seven conversations of three turns at once over fewer slots, some sharing a system prompt, prompts
+    prefilled in chunks: every placement, compaction, eviction and hit the interleaving brings."""
+
+    async def chat(engine: TransformersEngine, c: int) -> list[str]:
+        rng = random.Random(rows * 100 + c)
+        messages = [{"role": "system", "content": SYSTEM}] if c % 2 else []
+        for t in range(3):
+            messages.append({"role": "user", "content": f"conv {c} turn {t} " + "word " * rng.randint(1, 30)})
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": (await ask(engine, messages, f"c{c}", max_new_tokens=rng.randint(1, 12))).text,
+                }
+            )
+            for _ in range(rng.randint(0, 3)):
+                await asyncio.sleep(0)  # vary the interleaving
+        return [m["content"] for m in messages if m["role"] == "assistant"]
+
+    async def scenario(engine: TransformersEngine) -> list[list[str]]:
+        return list(await asyncio.gather(*(chat(engine, c) for c in range(7))))
+
+    options = {"max_batch_size": rows, "max_prefill_tokens": chunk}
+    with_reuse, without, engine = both_engines(
+        make(f32_engine, True, **options), make(f32_engine, True, prefix_cache=False, **options), scenario
+    )
+    assert with_reuse == without
+    assert engine.prefix_hit_tokens > 0
+
+
 def test_a_finished_turn_is_kept_before_its_end_is_delivered(f32_engine: TransformersEngine, monkeypatch) -> None:
     """``clear_context`` right after a reply must find what that reply kept: the engine retires (keeps)
     a finished row before the consumer sees the end. Retention is slowed down to widen the race."""
-    for static in (False, True):
-        engine = make(f32_engine, static)
-        inner = engine._retain
+    engine = make(f32_engine, False)
+    inner = engine._retain
 
-        def slow_retain(*args: Any, inner: Any = inner) -> None:
-            time.sleep(0.2)
-            inner(*args)
+    def slow_retain(*args: Any) -> None:
+        time.sleep(0.2)
+        inner(*args)
 
-        monkeypatch.setattr(engine, "_retain", slow_retain)
+    monkeypatch.setattr(engine, "_retain", slow_retain)
 
-        async def main(engine: TransformersEngine = engine) -> None:
-            await engine.start()
-            try:
-                await ask(engine, [{"role": "user", "content": QUESTIONS[0]}], "s")
-                assert engine.prefix_cache_tokens > 0
-                assert engine.release_session("s") > 0 and engine.prefix_cache_tokens == 0
-            finally:
-                await engine.shutdown()
+    async def main() -> None:
+        await engine.start()
+        try:
+            await ask(engine, [{"role": "user", "content": QUESTIONS[0]}], "s")
+            assert engine.prefix_cache_tokens > 0
+            assert engine.release_session("s") > 0 and engine.prefix_cache_tokens == 0
+        finally:
+            await engine.shutdown()
 
-        run(main())
+    run(main())

@@ -19,6 +19,7 @@ from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
 if TYPE_CHECKING:
     from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache
     from chatstream_asgi.engines.transformers.output import OutputProcessor
+    from chatstream_asgi.engines.transformers.prefix_cache import PrefixCache
     from chatstream_asgi.engines.transformers.sampling import BatchSampler
 
 __all__ = ["EagerSteps"]
@@ -35,6 +36,13 @@ class EagerSteps:
     _output: OutputProcessor
     _active: list[EngineSequence]
     _pad_id: int
+    _prefix: PrefixCache | None
+
+    def _match_prefix(self, seq: EngineSequence) -> None:
+        """Look ``seq``'s prompt up in the prefix cache; count reused and prefilled tokens."""
+        if self._prefix is not None:
+            seq.prefix, seq.reused = self._prefix.match(seq.prompt_ids)
+        self._count_prompt(seq)
 
     def _prefill(self, seqs: list[EngineSequence], outbox: Outbox) -> None:
         """Run the prompts of ``seqs`` together, sample their first tokens, merge them into the batch.
@@ -87,3 +95,13 @@ class EagerSteps:
             self._fail_all(rows, exc, outbox)
             return
         self._output.accept(rows, tokens.tolist(), outbox)
+
+    def _retain(self, seq: EngineSequence, row: int) -> None:
+        """Eager path: copy a leaving row's keys and values into the prefix cache (not after a failure)."""
+        assert self._prefix is not None
+        if seq.finish == "error":
+            return
+        count, (keys, values) = self._kv.row_tokens(row), self._kv.copy_row(row)
+        ids = [*seq.prompt_ids, *seq.output][:count]
+        if len(ids) == count:
+            self._prefix.insert(ids, keys, values, seq.session_key)

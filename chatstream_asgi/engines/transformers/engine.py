@@ -39,12 +39,20 @@ from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache, log_g
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher
 from chatstream_asgi.engines.transformers.eager_steps import EagerSteps
 from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner, capture_all
-from chatstream_asgi.engines.transformers.loading import DEFAULT_MODEL, eos_token_ids, generation_defaults, load_model
+from chatstream_asgi.engines.transformers.loading import (
+    DEFAULT_MODEL,
+    eos_token_ids,
+    generation_defaults,
+    indexed_device,
+    load_model,
+)
 from chatstream_asgi.engines.transformers.model_runner import ModelRunner
 from chatstream_asgi.engines.transformers.output import OutputProcessor, fail, finish
 from chatstream_asgi.engines.transformers.prefix_cache import prefix_cache_for
 from chatstream_asgi.engines.transformers.sampling import BatchSampler
 from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
+from chatstream_asgi.engines.transformers.session_turns import SessionTurns
+from chatstream_asgi.engines.transformers.slot_prefix import SlotPrefixIndex
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, plan_rows
 from chatstream_asgi.engines.transformers.static_steps import DEFAULT_PREFILL_CHUNK, StaticSteps
 
@@ -71,10 +79,14 @@ class TransformersEngine(EagerSteps, StaticSteps):
     only; ``None``: no cap); an idle engine prefills a prompt whole. ``kv_cache_usage`` is the
     share of the slots in use.
 
-    Prefix reuse (``prefix_cache``; default: on on CPU, off on GPUs, where it has not yet passed its
-    correctness run on CUDA): the keys and values of finished sequences are kept,
-    up to ``prefix_cache_memory`` GiB (default 1), and a prompt that begins with held token ids
-    prefills only the rest (see :mod:`~chatstream_asgi.engines.transformers.prefix_cache`).
+    Prefix reuse (``prefix_cache``, default on; ``False`` turns it off): the keys and values of
+    finished sequences are kept, and a prompt that
+    begins with held token ids prefills only the rest. On the static cache they stay in the slots the
+    sequences leave, evicted whenever a running request needs the slot (see
+    :mod:`~chatstream_asgi.engines.transformers.slot_prefix`); on the growing cache they are copied
+    into a pool of ``prefix_cache_memory`` GiB (default 1; see
+    :mod:`~chatstream_asgi.engines.transformers.prefix_cache`). A conversation's next prompt is built
+    from its last turn's token ids (:mod:`~chatstream_asgi.engines.transformers.session_turns`).
     ``prefix_hit_tokens`` and ``prefill_tokens`` count the prompt tokens reused and computed;
     :meth:`release_session` frees what a conversation held.
     """
@@ -94,12 +106,12 @@ class TransformersEngine(EagerSteps, StaticSteps):
         kv_cache_memory: float | None = None,
         gpu_memory_utilization: float | None = None,
         max_prefill_tokens: int | None = DEFAULT_PREFILL_CHUNK,
-        prefix_cache: bool | None = None,
+        prefix_cache: bool = True,
         prefix_cache_memory: float = 1.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.device = _indexed(torch.device(device))
+        self.device = indexed_device(device)
         config = model.config
         self.model_name: str = name or getattr(config, "name_or_path", "") or type(model).__name__
         self.context_len: int = context_len or getattr(config, "max_position_embeddings", None) or 2048
@@ -134,9 +146,10 @@ class TransformersEngine(EagerSteps, StaticSteps):
         self._runner: DecodeRunner | None = None
         self._prefill_runner: PrefillRunner | None = None
         self._sampler: BatchSampler | None = None
-        # Off by default on GPUs: reuse there has not yet passed its CUDA correctness run.
-        reuse = self.device.type == "cpu" if prefix_cache is None else prefix_cache
-        self._prefix = prefix_cache_for(config, model.dtype, prefix_cache_memory) if reuse else None
+        reuse = prefix_cache
+        self._prefix = prefix_cache_for(config, model.dtype, prefix_cache_memory) if reuse and not self.static else None
+        self._slot_prefix = SlotPrefixIndex() if reuse and self.static else None
+        self._turns = SessionTurns(tokenizer)
         self.prefix_hit_tokens = 0
         self.prefill_tokens = 0
 
@@ -184,8 +197,9 @@ class TransformersEngine(EagerSteps, StaticSteps):
     def generate(self, request: GenerationRequest) -> GenerationStream:
         """Queue ``request`` and return its stream; raises :class:`PromptTooLong` at once."""
         params = request.params
-        prompt_ids = self._encode(request.messages)
+        text = self.render_prompt(request.messages)
         limit = self.context_len - params.max_new_tokens
+        prompt_ids = self._turns.encode(text, request.session_key, limit)
         if len(prompt_ids) > limit:
             raise PromptTooLong(
                 f"prompt has {len(prompt_ids)} tokens; at most {max(limit, 0)} fit with "
@@ -201,6 +215,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
             stop=StopMatcher(params.stop),
             session_key=request.session_key,
+            turns=self._turns,
+            prompt_text=text,
         )
         self._ensure_thread()
         with self._cond:
@@ -224,20 +240,22 @@ class TransformersEngine(EagerSteps, StaticSteps):
 
     @property
     def prefix_cache_tokens(self) -> int:
-        """Tokens whose keys and values the prefix cache holds now."""
-        return self._prefix.tokens if self._prefix is not None else 0
+        """Tokens whose keys and values the prefix cache (or the retained slots) hold now."""
+        held = self._prefix or self._slot_prefix
+        return held.tokens if held is not None else 0
 
     def release_session(self, session_key: str) -> int:
-        """Free the prefix cache entries only ``session_key``'s requests produced (its context was cleared).
-
-        Entries another conversation also produced stay. Returns the number of tokens freed.
+        """Free what ``session_key``'s requests left (its context was cleared): its last turn's ids, and the
+        prefix entries or retained slots only it produced. Returns the number of KV tokens freed.
         """
-        return self._prefix.release(session_key) if self._prefix is not None else 0
+        self._turns.release(session_key)
+        held = self._prefix or self._slot_prefix
+        return held.release(session_key) if held is not None else 0
 
     # -- internals (event loop side) ---------------------------------------------------------
 
     def _encode(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return list(self.tokenizer(self.render_prompt(messages), add_special_tokens=False)["input_ids"])
+        return self._turns.tokenize(self.render_prompt(messages))
 
     def _ensure_thread(self) -> None:
         with self._cond:
@@ -318,7 +336,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
             if seq.stream.cancelled:
                 finish(seq, "cancelled", outbox)
             else:
-                self._match_prefix(seq)
+                if not self.static:  # the static path matches when it places the prompt in a slot
+                    self._match_prefix(seq)
                 waiting.append(seq)
         for seq in self._active:
             if seq.stream.cancelled:
@@ -339,12 +358,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
             self._retire(outbox)
         outbox.flush()
 
-    def _match_prefix(self, seq: EngineSequence) -> None:
-        """Look ``seq``'s prompt up in the prefix cache; count reused and prefilled tokens."""
-        if self._prefix is not None:
-            seq.prefix, seq.reused = self._prefix.match(seq.prompt_ids)
-            if self.static:
-                seq.cached = seq.reused
+    def _count_prompt(self, seq: EngineSequence) -> None:
+        """Count ``seq``'s reused and prefilled prompt tokens, once, when its prefill starts."""
         seq.stream.cached_tokens = seq.reused
         self.prefix_hit_tokens += seq.reused
         self.prefill_tokens += len(seq.prompt_ids) - seq.reused
@@ -392,6 +407,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
                 fail(seq, exc, box)
         self._active = []
         self._kv.clear()
+        if self._slot_prefix is not None:
+            self._slot_prefix.clear()
         if self._sampler is not None:
             self._sampler.keep_rows([])
         if outbox is None:
@@ -413,26 +430,11 @@ class TransformersEngine(EagerSteps, StaticSteps):
             order[hole] = next(movers)
         self._active = [rows[i] for i in order]
         if self._static_kv is not None:
-            self._static_kv.keep_rows(order, max((rows[i].cached for i in order), default=0))
-            for row, seq in enumerate(self._active):
-                seq.slot = row
+            self._compact(rows, order)
         else:
             self._kv.keep_rows(order)
         if self._sampler is not None:
             self._sampler.keep_rows(order)
-
-    def _retain(self, seq: EngineSequence, row: int) -> None:
-        """Copy a leaving row's keys and values into the prefix cache (not after a failure: unknown state)."""
-        assert self._prefix is not None
-        if seq.finish == "error":
-            return
-        if self._static_kv is not None:
-            count, (keys, values) = seq.cached, self._static_kv.copy_row(seq.slot, seq.cached)
-        else:
-            count, (keys, values) = self._kv.row_tokens(row), self._kv.copy_row(row)
-        ids = [*seq.prompt_ids, *seq.output][:count]
-        if len(ids) == count:
-            self._prefix.insert(ids, keys, values, seq.session_key)
 
     def _close_all(self) -> None:
         """At shutdown: finish every running and waiting sequence with ``cancelled``."""
@@ -445,13 +447,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
         self._active = []
         self._prefilling = deque()
         self._kv.clear()
+        if self._slot_prefix is not None:
+            self._slot_prefix.clear()
         if self._sampler is not None:
             self._sampler.keep_rows([])
         outbox.flush()
-
-
-def _indexed(device: torch.device) -> torch.device:
-    """``cuda`` as ``cuda:<current device>``: the generation thread sets its device by index."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device

@@ -12,9 +12,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatstream_asgi.engines.base import EngineError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -23,6 +26,7 @@ __all__ = [
     "ModelLoadError",
     "eos_token_ids",
     "generation_defaults",
+    "indexed_device",
     "load_model",
     "resolve_model",
 ]
@@ -143,3 +147,13 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
     return frozenset(ids)
+
+
+def indexed_device(device: str | torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current device>`` (an engine thread sets its device by index); others as given."""
+    import torch  # here: importing this module must not import torch (the CLI resolves models first)
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

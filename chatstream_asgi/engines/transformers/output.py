@@ -61,8 +61,14 @@ class OutputProcessor:
 
 
 def finish(seq: EngineSequence, reason: FinishReason, outbox: Outbox) -> None:
-    """End ``seq`` with ``reason`` (delivered with its token counts)."""
+    """End ``seq`` with ``reason`` (delivered with its token counts).
+
+    Its ids are kept for the conversation's next turn first, so that a next request sent as soon as
+    this one ends finds them.
+    """
     seq.finish = reason
+    if seq.turns is not None:
+        seq.turns.record(seq.session_key, seq.prompt_text, seq.prompt_ids, seq.output)
     outbox.add(
         seq.stream,
         seq.stream.finish,

@@ -19,18 +19,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, UnsupportedModel
 
-__all__ = ["PrefixCache", "PrefixEntry", "prefix_cache_for"]
+__all__ = ["PrefixCache", "PrefixEntry", "longest_match", "prefix_cache_for"]
 
 logger = logging.getLogger("chatstream_asgi.engine")
+
+
+class _HasIds(Protocol):
+    ids: Tensor
+
+
+_Held = TypeVar("_Held", bound=_HasIds)
 
 
 @dataclass(eq=False)
@@ -68,15 +75,7 @@ class PrefixCache:
             return self._match(query)
 
     def _match(self, query: torch.Tensor) -> tuple[PrefixEntry | None, int]:
-        best, best_len = None, 0
-        for entry in self._entries.values():
-            n = min(len(entry), len(query) - 1)
-            if n <= best_len:
-                continue
-            differ = (entry.ids[:n] != query[:n]).nonzero()
-            common = int(differ[0]) if len(differ) else n
-            if common > best_len:
-                best, best_len = entry, common
+        best, best_len = longest_match(self._entries.values(), query)
         if best is not None:
             self._entries.move_to_end(id(best))
         return best, best_len
@@ -127,6 +126,21 @@ class PrefixCache:
 
     def _drop(self, key: int) -> None:
         self.tokens -= len(self._entries.pop(key))
+
+
+def longest_match(entries: Iterable[_Held], query: Tensor) -> tuple[_Held | None, int]:
+    """The entry whose ``ids`` share the longest beginning with ``query``, and its length (at most ``len(query) - 1``:
+    the prompt's last position gives the first token's logits, so one token is always left to prefill)."""
+    best, best_len = None, 0
+    for entry in entries:
+        n = min(len(entry.ids), len(query) - 1)
+        if n <= best_len:
+            continue
+        differ = (entry.ids[:n] != query[:n]).nonzero()
+        common = int(differ[0]) if len(differ) else n
+        if common > best_len:
+            best, best_len = entry, common
+    return best, best_len
 
 
 def prefix_cache_for(config: Any, dtype: torch.dtype, memory_gib: float) -> PrefixCache | None:

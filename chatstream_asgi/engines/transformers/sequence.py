@@ -11,6 +11,7 @@ from typing import Any
 from chatstream_asgi.engines.base import FinishReason, GenerationParams, QueueStream
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher
 from chatstream_asgi.engines.transformers.prefix_cache import PrefixEntry
+from chatstream_asgi.engines.transformers.session_turns import SessionTurns
 
 __all__ = ["EngineSequence", "Outbox"]
 
@@ -33,6 +34,8 @@ class EngineSequence:
     cached: int = 0  # tokens in the static cache (static path)
     slot: int = -1  # the static cache slot holding them (static path)
     session_key: str | None = None
+    turns: SessionTurns | None = None  # where the conversation's ids are kept for its next turn, at the finish
+    prompt_text: str = ""  # the rendered prompt, kept with them
     output: list[int] = field(default_factory=list)  # generated ids, kept for the prefix cache
     reused: int = 0  # leading prompt tokens whose keys and values come from the prefix cache
     prefix: PrefixEntry | None = None  # where they come from, until copied into the batch

@@ -4,7 +4,7 @@ Each sequence owns one slot: row ``s`` of every layer's ``[slots, kv_heads, max_
 key and value buffers, its tokens left-aligned (token ``i`` at column ``i``, which is also its
 position id). Column ``max_len`` is scratch: padding rows and padding tokens write there and no real
 query reads it. The buffers are allocated once; the hot path only writes into them, and moves a
-row's filled columns when rows leave (:meth:`StaticKVCache.keep_rows`, as the eager cache does).
+row's filled columns when rows leave or join (:meth:`StaticKVCache.move_slots`).
 
 A forward addresses the cache in one of two modes (:meth:`StaticKVCache.for_decode`,
 :meth:`StaticKVCache.for_chunk`):
@@ -190,25 +190,16 @@ class StaticKVCache:
         self.mode, self.slots, self.write_cols, self.kv_len = "chunk", slots, write_cols, kv_len
         return self._cache
 
-    def move(self, src: int, dst: int, columns: int) -> None:
-        """Copy slot ``src``'s first ``columns`` columns to slot ``dst``."""
-        if src != dst and columns:
-            for buf in (*self.keys, *self.values):
-                buf[dst, :, :columns] = buf[src, :, :columns]
+    def move_slots(self, moves: Sequence[tuple[int, int]], columns: int) -> None:
+        """Copy the first ``columns`` columns of slot ``src`` to slot ``dst`` for every ``(src, dst)``, all at once.
 
-    def copy_row(self, slot: int, columns: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Copies of slot ``slot``'s first ``columns`` keys and values, per layer ``[kv_heads, columns, head_dim]``."""
-        return [buf[slot, :, :columns].clone() for buf in self.keys], [
-            buf[slot, :, :columns].clone() for buf in self.values
-        ]
-
-    def keep_rows(self, order: Sequence[int], columns: int) -> None:
-        """Move slot ``order[j]`` to slot ``j`` where they differ (first ``columns`` columns)."""
-        moved = [j for j, i in enumerate(order) if i != j]
-        if not moved or not columns:
+        Every source is read before any destination is written, so swaps and chains are safe.
+        """
+        moves = [(src, dst) for src, dst in moves if src != dst]
+        if not moves or not columns:
             return
         device = self.keys[0].device
-        dst = torch.tensor(moved, dtype=torch.long, device=device)
-        src = torch.tensor([order[j] for j in moved], dtype=torch.long, device=device)
+        src = torch.tensor([m[0] for m in moves], dtype=torch.long, device=device)
+        dst = torch.tensor([m[1] for m in moves], dtype=torch.long, device=device)
         for buf in (*self.keys, *self.values):
             buf[dst, :, :columns] = buf[src, :, :columns]

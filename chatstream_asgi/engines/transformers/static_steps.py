@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner
     from chatstream_asgi.engines.transformers.output import OutputProcessor
     from chatstream_asgi.engines.transformers.sampling import BatchSampler
+    from chatstream_asgi.engines.transformers.slot_prefix import SlotEntry, SlotPrefixIndex
     from chatstream_asgi.engines.transformers.static_cache import StaticKVCache
 
 __all__ = ["DEFAULT_PREFILL_CHUNK", "StaticSteps"]
@@ -46,6 +47,7 @@ class StaticSteps:
     _pending: deque[EngineSequence]
     _pad_id: int
     _stopping: bool
+    _slot_prefix: SlotPrefixIndex | None
 
     def _prefill_turn(self, waiting: list[EngineSequence], outbox: Outbox) -> bool:
         """Static path: queue ``waiting`` for prefill and run one prefill forward (if any waits).
@@ -90,32 +92,49 @@ class StaticSteps:
         partly prefilled prompt continues alone; new prompts are batched while the padded batch fits
         one captured prefill graph (a replay costs about the same for any of its shapes). Sequences
         whose prompt completes join the batch at rows ``n, n+1, ...`` (their slots); at most one,
-        the last, stays partly prefilled, in the top slot, until a later turn.
+        the last, stays partly prefilled, in the top slot, until a later turn. A new prompt is looked
+        up in the retained slots when its turn comes (a hit runs alone, as a continued chunk): its
+        held beginning is used in place or moved to its slot, and retained entries on the slots these
+        prompts take move away or are evicted (:class:`SlotPrefixIndex`).
         """
         kv = self._static_kv
         assert kv is not None
         assert self._prefill_runner is not None
         self._prefill_runner.join()  # the last chunk is done with its slots and inputs (device-side wait)
+        index = self._slot_prefix
         limit = (self.max_prefill_tokens or self.context_len) if self._active else self.context_len
         chunks: list[tuple[EngineSequence, int, int]] = []
+        hit: tuple[SlotEntry, int] | None = None  # the retained slot a new prompt begins with, and the slot's old index
         for seq in self._prefilling:
+            entry = None
+            if seq.slot < 0 and index is not None:  # a new prompt: its beginning may be held in a retained slot
+                entry, seq.cached = index.match(seq.prompt_ids)
             take = min(len(seq.prompt_ids) - seq.cached, limit)
             width = max([take, *(t for _, _, t in chunks)])
             if chunks and (seq.cached or not self._prefill_runner.batchable(len(chunks) + 1, width)):
+                seq.cached = seq.cached if seq.slot >= 0 else 0  # matched again when its turn comes
                 break
             chunks.append((seq, seq.cached, take))
+            if entry is not None:
+                hit = entry, entry.slot
             if seq.cached or seq.cached + take < len(seq.prompt_ids):
                 break  # a continued chunk runs alone; at most one prompt is left partly prefilled
         first_row = len(self._active)
         done = [seq for seq, start, take in chunks if start + take == len(seq.prompt_ids)]
-        for i, (seq, _, _) in enumerate(chunks):
-            target = first_row + i if i < len(done) else kv.rows - 1
-            if seq.slot >= 0:
-                kv.move(seq.slot, target, seq.cached)
-            elif seq.prefix is not None:
-                for buf, held in zip((*kv.keys, *kv.values), (*seq.prefix.keys, *seq.prefix.values), strict=True):
-                    buf[target, :, : seq.reused] = held[:, : seq.reused]
-                seq.prefix = None
+        targets = [first_row + i if i < len(done) else kv.rows - 1 for i in range(len(chunks))]
+        moves = [(seq.slot, target, seq.cached) for (seq, _, _), target in zip(chunks, targets, strict=True)]
+        if hit is not None:
+            entry, source = hit
+            assert index is not None
+            index.claim(entry, chunks[0][1])  # a whole entry is taken over, a shared beginning copied
+            moves[0] = (source, targets[0], chunks[0][1])
+        if index is not None:
+            moves += index.make_room(kv.rows, first_row, targets)
+        kv.move_slots([(src, dst) for src, dst, _ in moves if src >= 0], max(n for _, _, n in moves))
+        for (seq, start, _), target in zip(chunks, targets, strict=True):
+            if seq.slot < 0:
+                seq.reused = start
+                self._count_prompt(seq)
             seq.slot = target
         width = max(take for _, _, take in chunks)
         ids = torch.full((len(chunks), width), self._pad_id, dtype=torch.long)
@@ -150,6 +169,29 @@ class StaticSteps:
         if done:
             self._output.accept(done, tokens.tolist(), outbox)
 
+    def _compact(self, rows: list[EngineSequence], order: list[int]) -> None:
+        """After rows left: running row ``order[j]`` moves to slot ``j``; a leaving row's slot is retained.
+
+        A leaving row below the new batch size is a hole that the row from the end fills; its own columns
+        go to that row's old slot (a swap), where they stay as a retained entry (not after a failure).
+        """
+        kv = self._static_kv
+        assert kv is not None
+        moves = [(i, j) for j, i in enumerate(order) if i != j]
+        columns = max((rows[i].cached for i in order), default=0)
+        index = self._slot_prefix
+        for i, seq in enumerate(rows):
+            if index is None or seq.finish in (None, "error") or not seq.cached:
+                continue
+            slot = order[i] if i < len(order) else i
+            ids = [*seq.prompt_ids, *seq.output][: seq.cached]
+            if len(ids) == seq.cached and index.retain(slot, ids, seq.session_key) and slot != i:
+                moves.append((i, slot))
+                columns = max(columns, seq.cached)
+        kv.move_slots(moves, columns)
+        for row, seq in enumerate(self._active):
+            seq.slot = row
+
     def _decode_ahead(self, rows: list[EngineSequence], outbox: Outbox) -> None:
         """Decode steps over ``rows``, each queued on the device before the host reads the one before.
 
@@ -158,7 +200,8 @@ class StaticSteps:
         work. Step ``k + 1`` is queued only when no row can reach its length limit at step ``k`` and
         nothing waits to change the batch; if step ``k`` finishes a row or something starts waiting,
         the loop reads step ``k + 1`` for the rows still running and returns, so rows leave and join
-        between steps as on the eager path.
+        between steps as on the eager path. A step that finishes a row is delivered by the caller, after
+        the row has left the batch (its slot retained): whoever sees a reply end sees the engine past it.
         """
         pending = self._launch(rows, first=True)
         while True:
