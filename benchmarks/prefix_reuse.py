@@ -11,10 +11,10 @@ from a config and tokenizer with random weights, as in engine_throughput.py).
    the text the turn adds after the previous prompt and its reply (the end of the reply's turn in the
    chat template and the new user message). Below 100% means the next prompt's token ids differ from
    the ones held (the engine builds them from the generated ids; see ``SessionTurns``) or the last
-   reply token's keys were never computed (it is the one not fed back). Each run is repeated
-   (``--repeat``) on fresh conversations (the cache is emptied between them through
-   ``release_session``) and the best time taken per turn (the machine is shared: the least disturbed
-   run is the closest to the engine's own cost); runs with reuse on and off alternate, two engines on
+   reply token's keys were never computed (it is the one not fed back). The conversation is run
+   ``--repeat`` times, what it left released between runs (``release_session``), and the best time
+   taken per turn (the machine is shared: the least disturbed run is the closest to the engine's own
+   cost; greedy replies make every run's tokens the same); runs with reuse on and off alternate, two engines on
    one model, so other load falls on both alike. ``--static`` runs the static slot cache (CUDA's
    default) on any device; ``--stop-at-eos`` lets replies end at EOS, as served replies do.
 2. **16 concurrent conversations sharing one 300-token system prompt**, two turns each (a turn is sent
@@ -147,14 +147,12 @@ async def measure(engines: dict[bool, TransformersEngine], args: argparse.Namesp
         for r in range(args.repeat):
             for reuse, engine in engines.items():
                 print(f"conversation {r + 1}/{args.repeat}, reuse {'on' if reuse else 'off'}", file=sys.stderr)
-                runs[reuse].append(await long_chat(engine, args.turns, args.words, args.reply, key=r))
+                runs[reuse].append(await long_chat(engine, args.turns, args.words, args.reply, key=0))
         for reuse, engine in engines.items():
             print(f"shared system prompt, reuse {'on' if reuse else 'off'}", file=sys.stderr)
             per_turn = [
-                {
-                    name: min(run[t][name] for run in runs[reuse])
-                    for name in ("ttft", "prompt", "reused", "generated", "new")
-                }
+                {"ttft": min(run[t]["ttft"] for run in runs[reuse])}
+                | {name: runs[reuse][0][t][name] for name in ("prompt", "reused", "generated", "new")}
                 for t in range(args.turns)
             ]
             results[reuse] = {
