@@ -49,8 +49,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         default = action.default
-        if default is None or default is False or default == [] or "(default" in (action.help or ""):
-            return action.help
+        if default is None or action.nargs == 0 or default == [] or "(default" in (action.help or ""):
+            return action.help  # flags (store_true/false) say what they do; their default is the opposite
         return super()._get_help_string(action)
 
 
@@ -86,14 +86,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
     gpu = serve.add_argument_group("transformers engine on CUDA (static KV cache)")
     gpu.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly (debugging)")
-    gpu.add_argument("--kv-cache-memory", type=float, metavar="GIB", help="KV cache budget in GiB")
-    gpu.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION", help="or: share of the card")
+    budget = gpu.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        metavar="GIB",
+        help="KV cache budget in GiB (default: --concurrency slots, at most 90%% of free memory)",
+    )
+    budget.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION", help="or: share of the card")
     gpu.add_argument(
         "--max-prefill-tokens",
         type=int,
         default=256,
         metavar="N",
-        help="prompt tokens prefilled beside one decode step while streams run (0: no cap; default 256)",
+        help="prompt tokens prefilled beside one decode step while streams run (0: no cap)",
     )
     reuse = serve.add_argument_group("transformers engine: prefix reuse (KV kept between turns)")
     reuse.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
@@ -313,7 +319,10 @@ def _announce_ready(app: Any, url: str, started: float) -> Any:
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """Entry point; ``prog`` is how the command was invoked (default: the script's name), for usage lines."""
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if getattr(args, "max_prefill_tokens", 0) < 0:
+        parser.error("--max-prefill-tokens must be 0 (no cap) or more")
     started = time.perf_counter()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:

@@ -154,6 +154,17 @@ def test_help_shows_defaults_in_plain_text_under_the_name_it_was_called_by() -> 
     assert _cli("--help", argv0="chatstream-asgi").stdout.startswith("usage: chatstream-asgi [-h] COMMAND")
 
 
+def test_flags_read_right_and_bad_gpu_options_are_refused_at_once() -> None:
+    help_text = _cli("serve", "--help").stdout
+    block = re.search(r"^  --no-admin-endpoints .*?(?=^  -)", help_text, re.MULTILINE | re.DOTALL)
+    assert block and "default" not in block[0]  # a flag's default is not shown as "(default: True)"
+    assert help_text.count("default: 256") == 2  # --max-new-tokens and --max-prefill-tokens, once each
+    negative = _cli("serve", "--max-prefill-tokens", "-5")
+    assert negative.returncode == 2 and "--max-prefill-tokens must be 0 (no cap) or more" in negative.stderr
+    both = _cli("serve", "--kv-cache-memory", "1", "--gpu-memory-utilization", "0.5")
+    assert both.returncode == 2 and "not allowed with argument --kv-cache-memory" in both.stderr
+
+
 def test_busy_port_is_one_line_before_the_model_loads() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -241,7 +241,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
     @property
     def prefix_cache_tokens(self) -> int:
         """Tokens whose keys and values the prefix cache (or the retained slots) hold now."""
-        held = self._prefix or self._slot_prefix
+        held = self._prefix if self._prefix is not None else self._slot_prefix
         return held.tokens if held is not None else 0
 
     def release_session(self, session_key: str) -> int:
@@ -249,7 +249,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         prefix entries or retained slots only it produced. Returns the number of KV tokens freed.
         """
         self._turns.release(session_key)
-        held = self._prefix or self._slot_prefix
+        held = self._prefix if self._prefix is not None else self._slot_prefix
         return held.release(session_key) if held is not None else 0
 
     # -- internals (event loop side) ---------------------------------------------------------
@@ -280,7 +280,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
                 self._stopping = True
             else:
                 self._ready.set()
-                logger.info("engine %s started on %s", self.model_name, self.device)
+                reuse = "off" if self._prefix is None and self._slot_prefix is None else "on"
+                logger.info("engine %s started on %s; prefix reuse %s", self.model_name, self.device, reuse)
             while True:
                 with self._cond:
                     while not (self._pending or self._active or self._prefilling or self._stopping):
