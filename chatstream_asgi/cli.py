@@ -102,7 +102,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="prompt tokens prefilled beside one decode step while streams run (0: no cap)",
     )
     reuse = serve.add_argument_group("transformers engine: prefix reuse (KV kept between turns)")
-    reuse.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
+    reuse.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep KV between turns (default: on with CPU's growing cache, off on CUDA's static cache)",
+    )
     reuse.add_argument(
         "--prefix-cache-memory",
         type=float,
@@ -242,7 +247,7 @@ def _engine(args: argparse.Namespace) -> Engine:
                 kv_cache_memory=args.kv_cache_memory,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 max_prefill_tokens=args.max_prefill_tokens or None,
-                prefix_cache=not args.no_prefix_cache,
+                prefix_cache=args.prefix_cache,
                 prefix_cache_memory=args.prefix_cache_memory,
             )
             for device in devices

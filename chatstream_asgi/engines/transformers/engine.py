@@ -79,7 +79,9 @@ class TransformersEngine(EagerSteps, StaticSteps):
     only; ``None``: no cap); an idle engine prefills a prompt whole. ``kv_cache_usage`` is the
     share of the slots in use.
 
-    Prefix reuse (``prefix_cache``, default on; ``False`` turns it off): the keys and values of
+    Prefix reuse (``prefix_cache``; default: on with the growing cache, off with the static one,
+    where a prompt that hits is prefilled alone, so a burst of new prompts sharing a system prompt
+    would be prefilled one by one): the keys and values of
     finished sequences are kept, and a prompt that
     begins with held token ids prefills only the rest. On the static cache they stay in the slots the
     sequences leave, evicted whenever a running request needs the slot (see
@@ -106,7 +108,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         kv_cache_memory: float | None = None,
         gpu_memory_utilization: float | None = None,
         max_prefill_tokens: int | None = DEFAULT_PREFILL_CHUNK,
-        prefix_cache: bool = True,
+        prefix_cache: bool | None = None,
         prefix_cache_memory: float = 1.0,
     ) -> None:
         self.model = model
@@ -146,7 +148,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         self._runner: DecodeRunner | None = None
         self._prefill_runner: PrefillRunner | None = None
         self._sampler: BatchSampler | None = None
-        reuse = prefix_cache
+        reuse = not self.static if prefix_cache is None else prefix_cache
         self._prefix = prefix_cache_for(config, model.dtype, prefix_cache_memory) if reuse and not self.static else None
         self._slot_prefix = SlotPrefixIndex() if reuse and self.static else None
         self._turns = SessionTurns(tokenizer)
