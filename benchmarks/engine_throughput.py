@@ -188,8 +188,13 @@ def weight_floor_seconds(model: torch.nn.Module) -> tuple[float, float]:
     return weights / bandwidth, bandwidth / 1e9
 
 
-async def long_join_itl(engine: TransformersEngine, running: int, prompt_tokens: int) -> tuple[float, float, float]:
-    """Inter-token gaps of ``running`` streams: (median before, max and p50 while a long prompt joins)."""
+async def long_join_itl(
+    engine: TransformersEngine, running: int, prompt_tokens: int, tag: str
+) -> tuple[float, float, float]:
+    """Inter-token gaps of ``running`` streams: (median before, max and p50 while a long prompt joins).
+
+    The prompt begins with ``tag``, so that no earlier run's kept prefix covers it.
+    """
     params = GenerationParams(temperature=0.0, max_new_tokens=100_000 // 100)
     busy = [
         engine.generate(GenerationRequest(f"busy{i}", messages(i), params, ignore_eos=True)) for i in range(running)
@@ -207,9 +212,11 @@ async def long_join_itl(engine: TransformersEngine, running: int, prompt_tokens:
     tasks = [asyncio.create_task(drain(i, s)) for i, s in enumerate(busy)]
     while min(map(len, stamps)) < 20:
         await asyncio.sleep(0.005)
-    long_prompt = [{"role": "user", "content": "word " * prompt_tokens}]
+    words = prompt_tokens
+    long_prompt = [{"role": "user", "content": f"{tag} " + "word " * words}]
     while engine.count_tokens(long_prompt) > prompt_tokens:
-        long_prompt = [{"role": "user", "content": "word " * (len(long_prompt[0]["content"]) // 5 - 50)}]
+        words -= 50
+        long_prompt = [{"role": "user", "content": f"{tag} " + "word " * words}]
     window.append(time.perf_counter())
     one_token = GenerationParams(temperature=0.0, max_new_tokens=1)
     joiner = engine.generate(GenerationRequest("long", long_prompt, one_token))
@@ -318,6 +325,12 @@ def main() -> None:
     parser.add_argument(
         "--max-prefill-tokens", type=int, default=256, help="engine: prompt tokens beside one decode step (0: no cap)"
     )
+    parser.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="engine: keep KV between requests (on by default, as in the server)",
+    )
     parser.add_argument("--long-prompt", type=int, default=2000, help="tokens of the prompt joining 15 streams")
     parser.add_argument(
         "--long-join-chunks",
@@ -334,7 +347,11 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    options = {"max_batch_size": max(batch_sizes), "max_prefill_tokens": args.max_prefill_tokens or None}
+    options = {
+        "max_batch_size": max(batch_sizes),
+        "max_prefill_tokens": args.max_prefill_tokens or None,
+        "prefix_cache": args.prefix_cache,
+    }
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
     if args.random_init:
@@ -362,7 +379,7 @@ def main() -> None:
         if engine.static:  # the same engine, unchunked and chunked (the setting is read at every step)
             for chunk in chunks:
                 engine.max_prefill_tokens = chunk
-                long_join[chunk] = await long_join_itl(engine, 15, args.long_prompt)
+                long_join[chunk] = await long_join_itl(engine, 15, args.long_prompt, f"chunk {chunk}:")
             engine.max_prefill_tokens = args.max_prefill_tokens or None
         await engine.shutdown()
         return results, ttft, alone, long_join

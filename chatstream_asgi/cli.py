@@ -105,8 +105,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     reuse.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="keep KV between turns (default: on with CPU's growing cache, off on CUDA's static cache)",
+        default=True,
+        help="keep KV between turns: a prompt that begins with held tokens prefills only the rest (default: on)",
     )
     reuse.add_argument(
         "--prefix-cache-memory",

@@ -18,9 +18,15 @@ from transformers import LlamaConfig
 
 from chatstream_asgi.engines.base import EngineError, GenerationParams, GenerationStream
 from chatstream_asgi.engines.transformers import TransformersEngine
-from chatstream_asgi.engines.transformers.graph_runner import bucket_for, length_buckets, row_buckets
+from chatstream_asgi.engines.transformers.graph_runner import (
+    PrefillRunner,
+    bucket_for,
+    continued_lengths,
+    length_buckets,
+    row_buckets,
+)
 from chatstream_asgi.engines.transformers.loading import load_model
-from chatstream_asgi.engines.transformers.static_cache import KVLayout, UnsupportedModel, plan_rows
+from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, UnsupportedModel, plan_rows
 
 DEVICE = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")
 cuda_only = pytest.mark.skipif(
@@ -70,6 +76,24 @@ def test_buckets() -> None:
     assert [bucket_for(n, [1, 2, 4, 8]) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     with pytest.raises(ValueError):
         bucket_for(9, [1, 2, 4, 8])
+
+
+def test_prefill_shapes_batch_chunks_that_read_earlier_columns() -> None:
+    """New prompts after reused beginnings of different lengths (or a continued chunk) pad to one captured
+    ``(rows, tokens, length)`` shape while the columns they gather stay bounded; beyond, they split."""
+    assert continued_lengths(8192) == [64, 256, 1024, 4096, 8192]
+    layout = KVLayout(num_layers=1, kv_heads=1, head_dim=2, dtype=torch.float32)
+    runner = PrefillRunner(
+        None, None, StaticKVCache(layout, 64, 8192, torch.device("cpu")), 0, use_graphs=False, chunk=256
+    )
+    key = runner._key
+    assert key(5, 20, 20) == (8, 32, 32)  # new prompts
+    assert key(5, 20, 300) == (8, 32, 1024)  # after reused beginnings
+    assert key(1, 256, 8000) == (1, 256, 8192)  # one long prompt's last chunk
+    assert key(64, 16, 256) == (64, 16, 256) and key(32, 100, 1000) == (32, 128, 1024)
+    assert runner.batchable(8, 100, 2000) and not runner.batchable(9, 100, 2000)  # 16 x 4096 columns: too many
+    assert key(2, 600, 600) is None and not runner.batchable(64, 256, 256)  # past 512 tokens or 8192 a forward
+    assert key(2, 300, 900) is None  # a continued chunk beyond the configured chunk's bucket
 
 
 def test_static_greedy_matches_alone_across_buckets(f32_engine: TransformersEngine, monkeypatch) -> None:

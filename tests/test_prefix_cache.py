@@ -144,6 +144,47 @@ def test_concurrent_conversations_share_a_system_prompt(f32_engine: Transformers
     assert all(t.cached > len(SYSTEM) // 10 for t in with_reuse)
 
 
+def test_static_hits_of_different_lengths_are_prefilled_together(f32_engine: TransformersEngine, monkeypatch) -> None:
+    """A burst mixing a conversation's next turn (its whole history held), new conversations sharing its
+    system prompt, and a prompt that shares nothing: one prefill forward of all four, each row from its
+    own held column, and the output of reuse off."""
+
+    async def scenario(engine: TransformersEngine) -> tuple[list[Turn], list[int]]:
+        system = {"role": "system", "content": SYSTEM}
+        first = await ask(engine, [system, {"role": "user", "content": QUESTIONS[0]}], "a")
+        history = [system, {"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": first.text}]
+        burst = {
+            "a": [*history, {"role": "user", "content": QUESTIONS[1]}],
+            "b": [system, {"role": "user", "content": QUESTIONS[2]}],
+            "c": [system, {"role": "user", "content": QUESTIONS[3] * 3}],
+            "d": [{"role": "user", "content": QUESTIONS[1]}],
+        }
+        rows: list[int] = []
+        inner = engine._forward_prefill
+
+        def counting(ids: Any, *args: Any) -> Any:
+            rows.append(ids.shape[0])
+            return inner(ids, *args)
+
+        monkeypatch.setattr(engine, "_forward_prefill", counting)
+        with engine._cond:  # queued together: the engine admits them in one iteration
+            streams = [
+                engine.generate(GenerationRequest(k, m, GREEDY, ignore_eos=True, session_key=k))
+                for k, m in burst.items()
+            ]
+        done = await asyncio.gather(*(collect(s) for s in streams))
+        monkeypatch.undo()
+        return [first, *(Turn("".join(d), s.cached_tokens, s.prompt_tokens) for d, s in done)], rows
+
+    (with_reuse, rows), (without, _), _ = both(f32_engine, True, scenario)
+    assert [t.text for t in with_reuse] == [t.text for t in without]
+    assert rows == [4]  # one forward, whatever each row reused
+    first, a, b, c, d = with_reuse
+    assert a.cached >= first.prompt  # the whole last turn
+    assert first.prompt > b.cached == c.cached > len(SYSTEM) // 10  # the system prompt
+    assert d.cached == 0
+
+
 def test_capacity_lru_eviction_and_release(f32_engine: TransformersEngine) -> None:
     engine = make(f32_engine, False, prefix_cache_memory=0)
     engine._prefix = PrefixCache(capacity=60)

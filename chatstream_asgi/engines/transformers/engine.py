@@ -79,12 +79,9 @@ class TransformersEngine(EagerSteps, StaticSteps):
     only; ``None``: no cap); an idle engine prefills a prompt whole. ``kv_cache_usage`` is the
     share of the slots in use.
 
-    Prefix reuse (``prefix_cache``; default: on with the growing cache, off with the static one,
-    where a prompt that hits is prefilled alone, so a burst of new prompts sharing a system prompt
-    would be prefilled one by one): the keys and values of
-    finished sequences are kept, and a prompt that
-    begins with held token ids prefills only the rest. On the static cache they stay in the slots the
-    sequences leave, evicted whenever a running request needs the slot (see
+    Prefix reuse (``prefix_cache``, on by default): the keys and values of finished sequences are
+    kept, and a prompt that begins with held token ids prefills only the rest. On the static cache
+    they stay in the slots the sequences leave, evicted whenever a running request needs the slot (see
     :mod:`~chatstream_asgi.engines.transformers.slot_prefix`); on the growing cache they are copied
     into a pool of ``prefix_cache_memory`` GiB (default 1; see
     :mod:`~chatstream_asgi.engines.transformers.prefix_cache`). A conversation's next prompt is built
@@ -108,7 +105,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         kv_cache_memory: float | None = None,
         gpu_memory_utilization: float | None = None,
         max_prefill_tokens: int | None = DEFAULT_PREFILL_CHUNK,
-        prefix_cache: bool | None = None,
+        prefix_cache: bool = True,
         prefix_cache_memory: float = 1.0,
     ) -> None:
         self.model = model
@@ -148,9 +145,10 @@ class TransformersEngine(EagerSteps, StaticSteps):
         self._runner: DecodeRunner | None = None
         self._prefill_runner: PrefillRunner | None = None
         self._sampler: BatchSampler | None = None
-        reuse = not self.static if prefix_cache is None else prefix_cache
-        self._prefix = prefix_cache_for(config, model.dtype, prefix_cache_memory) if reuse and not self.static else None
-        self._slot_prefix = SlotPrefixIndex() if reuse and self.static else None
+        self._prefix = (
+            prefix_cache_for(config, model.dtype, prefix_cache_memory) if prefix_cache and not self.static else None
+        )
+        self._slot_prefix = SlotPrefixIndex() if prefix_cache and self.static else None
         self._turns = SessionTurns(tokenizer)
         self.prefix_hit_tokens = 0
         self.prefill_tokens = 0

@@ -13,9 +13,10 @@ and their logits are dropped. With ``use_graphs=False`` (or off CUDA) the same p
 eagerly: the bucketing is the same on CPU, which is how the tests cover it without a GPU.
 
 :class:`PrefillRunner` does the same for prompt chunks (an eager prefill forward is as
-launch-bound as a decode step: 20-50 ms on an H100 for a few dozen tokens): new prompts padded to
-``(rows, tokens)`` buckets of up to 8,192 tokens, and a continued chunk of one prompt per length
-bucket. Larger chunks run eagerly, under the engine's attention kernels.
+launch-bound as a decode step: 20-50 ms on an H100 for a few dozen tokens): chunks padded to
+``(rows, tokens, length)`` buckets of up to 8,192 tokens, where ``length`` is the columns attention
+reads (a chunk that continues a prompt, or a new prompt after a reused beginning, reads the columns
+before it). Larger chunks run eagerly, under the engine's attention kernels.
 """
 
 from __future__ import annotations
@@ -30,14 +31,22 @@ import torch
 
 from chatstream_asgi.engines.transformers.static_cache import StaticKVCache
 
-__all__ = ["DecodeRunner", "PrefillRunner", "bucket_for", "capture_all", "length_buckets", "row_buckets"]
+__all__ = [
+    "DecodeRunner",
+    "PrefillRunner",
+    "bucket_for",
+    "capture_all",
+    "continued_lengths",
+    "length_buckets",
+    "row_buckets",
+]
 
 logger = logging.getLogger("chatstream_asgi.engine")
 
 _MIN_LENGTH_BUCKET = 64
 _TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 _MAX_GRAPH_TOKENS = 8192
-_MIN_CONTINUED = 64  # continued chunks are captured from this many tokens up to the configured chunk
+_MAX_GRAPH_COLUMNS = 32768  # rows x length of a captured chunk of several rows: the columns it gathers per layer
 
 Key = tuple[int, ...]
 
@@ -57,6 +66,19 @@ def length_buckets(max_len: int) -> list[int]:
     while n < max_len:
         sizes.append(n)
         n *= 2
+    return [*sizes, max_len]
+
+
+def continued_lengths(max_len: int) -> list[int]:
+    """Powers of four from 64 below ``max_len``, then ``max_len``: the columns a continued chunk reads.
+
+    Coarser than the decode step's buckets: a chunk's own tokens dominate its cost, and each length
+    multiplies the graphs captured for every ``(rows, tokens)``.
+    """
+    sizes, n = [], _MIN_LENGTH_BUCKET
+    while n < max_len:
+        sizes.append(n)
+        n *= 4
     return [*sizes, max_len]
 
 
@@ -193,11 +215,12 @@ class PrefillRunner:
     stream waits for the chunk at :meth:`join`, which the engine calls before it reads the logits or
     touches the cache slots again.
 
-    Shapes it pads to (and captures): new prompts as ``(rows, tokens, tokens)`` with ``tokens`` in
-    16, 32, ... 512 and ``rows * tokens <= 8192``; a continued chunk of one prompt as ``(1, chunk,
-    length)`` for ``chunk`` in 64, 128, ... up to the bucket of ``max_prefill_tokens`` (a smaller
-    chunk set later still replays a graph). Other chunks run eagerly through
-    ``run_eager`` (the engine's call under its attention kernels), unpadded.
+    Shapes it pads to (and captures), ``(rows, tokens, length)`` with ``tokens`` in 16, 32, ... 512
+    and ``rows * tokens <= 8192``: new prompts as ``(rows, tokens, tokens)``; chunks that read columns
+    written before them (a prompt continued after its first chunk, new prompts after reused beginnings
+    of different lengths, together) with ``tokens`` up to the bucket of ``max_prefill_tokens`` and
+    ``length`` in :func:`continued_lengths`, for several rows while ``rows * length <= 32768``. Other
+    chunks run eagerly through ``run_eager`` (the engine's call under its attention kernels), unpadded.
     """
 
     kind = "prefill"
@@ -219,13 +242,17 @@ class PrefillRunner:
         device = cache.keys[0].device
         self.device = device
         self.row_buckets = row_buckets(cache.rows)
-        self.length_buckets = length_buckets(cache.max_len)
+        self.length_buckets = continued_lengths(cache.max_len)
         self.token_buckets = [t for t in _TOKEN_BUCKETS if t <= cache.max_len] or [cache.max_len]
-        fresh = [(r, t, t) for t in self.token_buckets for r in self.row_buckets if r * t <= _MAX_GRAPH_TOKENS]
-        top = bucket_for(chunk, self.token_buckets) if chunk and chunk <= self.token_buckets[-1] else 0
-        self._continued = [t for t in self.token_buckets if min(_MIN_CONTINUED, top) <= t <= top]
-        continued = [(1, c, n) for c in self._continued for n in self.length_buckets if n >= c]
-        self._known = set(fresh + continued)
+        top = bucket_for(min(chunk or cache.max_len, self.token_buckets[-1]), self.token_buckets)
+        self._known = {
+            (r, t, n)
+            for t in self.token_buckets
+            for r in self.row_buckets
+            if r * t <= _MAX_GRAPH_TOKENS
+            for n in [t, *(n for n in self.length_buckets if n > t and t <= top)]
+            if n == t or r == 1 or r * n <= _MAX_GRAPH_COLUMNS
+        }
         self.shapes: list[Key] = sorted(self._known, reverse=True) if use_graphs and device.type == "cuda" else []
         self.graphs: dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         width = self.token_buckets[-1]
@@ -276,21 +303,17 @@ class PrefillRunner:
         out.record_stream(current)  # eager outputs: their memory is not reused while the current stream reads them
         return out
 
-    def batchable(self, m: int, width: int) -> bool:
-        """Whether ``m`` new prompts of up to ``width`` tokens fit one padded prefill shape."""
-        return width <= self.token_buckets[-1] and self._key(m, width, width) is not None
+    def batchable(self, m: int, width: int, kv_len: int) -> bool:
+        """Whether ``m`` chunks of up to ``width`` tokens reading ``kv_len`` columns fit one padded shape."""
+        return self._key(m, width, kv_len) is not None
 
     def _key(self, m: int, width: int, kv_len: int) -> Key | None:
         if width > self.token_buckets[-1]:
             return None
         rows = bucket_for(m, self.row_buckets)
         tokens = bucket_for(width, self.token_buckets)
-        if kv_len <= tokens and (rows, tokens, tokens) in self._known:
-            return rows, tokens, tokens
-        if m == 1 and self._continued and width <= self._continued[-1]:
-            key = (1, bucket_for(width, self._continued), bucket_for(kv_len, self.length_buckets))
-            return key if key in self._known else None
-        return None
+        key = (rows, tokens, tokens if kv_len <= tokens else bucket_for(kv_len, self.length_buckets))
+        return key if key in self._known else None
 
     def forward(self, key: Key) -> torch.Tensor:
         """The chunk over the static inputs for bucket ``(rows, tokens, length)`` (what a graph captures)."""

@@ -75,8 +75,8 @@ class SlotPrefixIndex:
     def match(self, ids: Sequence[int]) -> tuple[SlotEntry | None, int]:
         """The entry sharing the longest beginning with ``ids`` and its length (at most ``len(ids) - 1``).
 
-        A beginning shorter than ``min_tokens`` (the chat template's first tokens) is no hit: a hit is
-        prefilled alone and its columns moved, which such a match does not pay for. Looking up changes
+        A beginning shorter than ``min_tokens`` (the chat template's first tokens) is no hit: a hit's
+        columns are moved, which such a match does not pay for. Looking up changes
         nothing: :meth:`claim` commits a match the engine acts on.
         """
         query = torch.tensor(ids, dtype=torch.long)

@@ -193,13 +193,16 @@ class StaticKVCache:
     def move_slots(self, moves: Sequence[tuple[int, int]], columns: int) -> None:
         """Copy the first ``columns`` columns of slot ``src`` to slot ``dst`` for every ``(src, dst)``, all at once.
 
-        Every source is read before any destination is written, so swaps and chains are safe.
+        Every source is read before any destination is written, so swaps and chains are safe. Queued
+        without a host wait: the slot indices go up from pinned memory (a copy from pageable memory
+        can wait for the steps queued before it, which would stall the steps queued one ahead).
         """
         moves = [(src, dst) for src, dst in moves if src != dst]
         if not moves or not columns:
             return
         device = self.keys[0].device
-        src = torch.tensor([m[0] for m in moves], dtype=torch.long, device=device)
-        dst = torch.tensor([m[1] for m in moves], dtype=torch.long, device=device)
+        pinned = device.type == "cuda"
+        index = torch.tensor(moves, dtype=torch.long).T.contiguous()
+        src, dst = (index.pin_memory() if pinned else index).to(device, non_blocking=pinned)
         for buf in (*self.keys, *self.values):
             buf[dst, :, :columns] = buf[src, :, :columns]

@@ -88,46 +88,47 @@ class StaticSteps:
         """Static path: one prefill forward, oldest prompts first.
 
         While rows are running, each prompt contributes at most ``max_prefill_tokens`` tokens, so
-        a long one goes in chunks beside decode steps; an idle engine prefills prompts whole. A
-        partly prefilled prompt continues alone; new prompts are batched while the padded batch fits
-        one captured prefill graph (a replay costs about the same for any of its shapes). Sequences
-        whose prompt completes join the batch at rows ``n, n+1, ...`` (their slots); at most one,
-        the last, stays partly prefilled, in the top slot, until a later turn. A new prompt is looked
-        up in the retained slots when its turn comes (a hit runs alone, as a continued chunk): its
-        held beginning is used in place or moved to its slot, and retained entries on the slots these
-        prompts take move away or are evicted (:class:`SlotPrefixIndex`).
+        a long one goes in chunks beside decode steps; an idle engine prefills prompts whole. Prompts
+        are batched while the padded batch fits one captured prefill shape (a replay costs about the
+        same for any of its shapes), whatever columns each begins at: a partly prefilled prompt's next
+        chunk, new prompts, and new prompts whose beginning is held in a retained slot (looked up when
+        their turn comes; only the rest is prefilled). Sequences whose prompt completes join the batch
+        at rows ``n, n+1, ...`` (their slots); at most one, the last, stays partly prefilled, in the top
+        slot, until a later turn. A hit's held beginning is used in place or moved to its slot, and
+        retained entries on the slots these prompts take move away or are evicted
+        (:class:`SlotPrefixIndex`), all in one gather before the forward.
         """
         kv = self._static_kv
-        assert kv is not None
-        assert self._prefill_runner is not None
-        self._prefill_runner.join()  # the last chunk is done with its slots and inputs (device-side wait)
+        runner = self._prefill_runner
+        assert kv is not None and runner is not None
+        runner.join()  # the last chunk is done with its slots and inputs (device-side wait)
         index = self._slot_prefix
         limit = (self.max_prefill_tokens or self.context_len) if self._active else self.context_len
         chunks: list[tuple[EngineSequence, int, int]] = []
-        hit: tuple[SlotEntry, int] | None = None  # the retained slot a new prompt begins with, and the slot's old index
+        hits: dict[int, tuple[SlotEntry, int]] = {}  # chunk -> the retained slot its prompt begins with, its index
         for seq in self._prefilling:
             entry = None
             if seq.slot < 0 and index is not None:  # a new prompt: its beginning may be held in a retained slot
                 entry, seq.cached = index.match(seq.prompt_ids)
             take = min(len(seq.prompt_ids) - seq.cached, limit)
             width = max([take, *(t for _, _, t in chunks)])
-            if chunks and (seq.cached or not self._prefill_runner.batchable(len(chunks) + 1, width)):
+            kv_len = max([seq.cached + take, *(s + t for _, s, t in chunks)])
+            if chunks and not runner.batchable(len(chunks) + 1, width, kv_len):
                 seq.cached = seq.cached if seq.slot >= 0 else 0  # matched again when its turn comes
                 break
-            chunks.append((seq, seq.cached, take))
             if entry is not None:
-                hit = entry, entry.slot
-            if seq.cached or seq.cached + take < len(seq.prompt_ids):
-                break  # a continued chunk runs alone; at most one prompt is left partly prefilled
+                hits[len(chunks)] = entry, entry.slot
+            chunks.append((seq, seq.cached, take))
+            if seq.cached + take < len(seq.prompt_ids):
+                break  # at most one prompt is left partly prefilled
         first_row = len(self._active)
         done = [seq for seq, start, take in chunks if start + take == len(seq.prompt_ids)]
         targets = [first_row + i if i < len(done) else kv.rows - 1 for i in range(len(chunks))]
         moves = [(seq.slot, target, seq.cached) for (seq, _, _), target in zip(chunks, targets, strict=True)]
-        if hit is not None:
-            entry, source = hit
+        for i, (entry, source) in hits.items():
             assert index is not None
-            index.claim(entry, chunks[0][1])  # a whole entry is taken over, a shared beginning copied
-            moves[0] = (source, targets[0], chunks[0][1])
+            index.claim(entry, chunks[i][1])  # a whole entry is taken over, a shared beginning copied
+            moves[i] = (source, targets[i], chunks[i][1])
         if index is not None:
             moves += index.make_room(kv.rows, first_row, targets)
         kv.move_slots([(src, dst) for src, dst, _ in moves if src >= 0], max(n for _, _, n in moves))
@@ -149,7 +150,7 @@ class StaticSteps:
         try:
             logits = self._forward_prefill(ids, positions, columns, slots, kv_len)
             if done:
-                self._prefill_runner.join()
+                runner.join()
                 sampler = self._get_sampler(logits.shape[-1])
                 sampler.add_rows([s.params for s in done], [s.prompt_ids for s in done])
                 tokens = sampler.sample(logits[: len(done)], slice(first_row, first_row + len(done)))
