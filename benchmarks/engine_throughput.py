@@ -326,6 +326,14 @@ def main() -> None:
         "--max-prefill-tokens", type=int, default=256, help="engine: prompt tokens beside one decode step (0: no cap)"
     )
     parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="MODE",
+        help="engine: fuse the decode step with torch.compile where it replays faster (CUDA graphs only)",
+    )
+    parser.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -336,7 +344,7 @@ def main() -> None:
         "--long-join-chunks",
         default="none,64,128,256",
         help="max_prefill_tokens values (at most --max-prefill-tokens: those have graphs) to measure the long "
-        "join with (static cache only; 'none': unchunked)",
+        "join with (static cache only; 'none': unchunked; empty: skip)",
     )
     args = parser.parse_args()
     if args.quick:
@@ -351,6 +359,7 @@ def main() -> None:
         "max_batch_size": max(batch_sizes),
         "max_prefill_tokens": args.max_prefill_tokens or None,
         "prefix_cache": args.prefix_cache,
+        "compile_mode": args.compile,
     }
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
@@ -365,7 +374,7 @@ def main() -> None:
           f"{args.new_tokens} new tokens per request, greedy, EOS ignored")  # fmt: skip
     joining = max(batch_sizes) - 1
 
-    chunks = [None if c == "none" else int(c) for c in args.long_join_chunks.split(",")]
+    chunks = [None if c == "none" else int(c) for c in args.long_join_chunks.split(",") if c]
 
     async def run_engine() -> tuple[dict[int, tuple[float, int, list[float]]], float, float, Any]:
         started = time.perf_counter()

@@ -86,6 +86,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
     gpu = serve.add_argument_group("transformers engine on CUDA (static KV cache)")
     gpu.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly (debugging)")
+    gpu.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="MODE",
+        help="fuse the decode step with torch.compile where its graph replays faster (an inductor mode, "
+        "default: default); minutes at the first start, about a minute from inductor's disk cache after",
+    )
     budget = gpu.add_mutually_exclusive_group()
     budget.add_argument(
         "--kv-cache-memory",
@@ -244,6 +253,7 @@ def _engine(args: argparse.Namespace) -> Engine:
                 dtype=args.dtype,
                 max_batch_size=batch,
                 cuda_graphs=not args.no_cuda_graphs,
+                compile_mode=args.compile,
                 kv_cache_memory=args.kv_cache_memory,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 max_prefill_tokens=args.max_prefill_tokens or None,

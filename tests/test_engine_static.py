@@ -7,6 +7,8 @@ On CPU these run the same padded steps eagerly (what CI covers); with
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -242,6 +244,26 @@ def test_graph_decode_matches_eager_token_for_token(tiny_engine: TransformersEng
 
 
 @cuda_only
+def test_compiled_decode_matches_eager_token_for_token(
+    f32_engine: TransformersEngine, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The step fused by torch.compile (forced on for every rows bucket) gives the eager step's tokens."""
+    from chatstream_asgi.engines.transformers import compiled_step
+
+    contents = [*PROMPTS, LONG, "Hello world", "What is"]
+    joins = {2: [1], 4: [2, 3], 6: [4, 5, 6]}
+    eager = staggered(static_engine(f32_engine, cuda_graphs=False), monkeypatch, contents, joins)
+    timings = itertools.cycle([1.0, 0.5])  # plain, then compiled, per bucket: the compiled step "wins"
+    monkeypatch.setattr(compiled_step, "_replay_ms", lambda *args: next(timings))
+    fused = static_engine(f32_engine, compile_mode="default")
+    with caplog.at_level(logging.INFO, logger="chatstream_asgi.engine"):
+        replayed = staggered(fused, monkeypatch, contents, joins)
+    assert fused._runner is not None and fused._runner.compiled_rows == set(fused._runner.row_buckets)
+    assert "compiled the decode step (default)" in caplog.text
+    assert replayed == eager
+
+
+@cuda_only
 def test_graph_engine_matches_alone(f32_engine: TransformersEngine, monkeypatch) -> None:
     contents = [*PROMPTS, LONG]
     expected = [reference_greedy(f32_engine, c, 12) for c in contents]
@@ -289,8 +311,11 @@ def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
     monkeypatch.setattr(TransformersEngine, "from_pretrained", classmethod(fake))
     argv = ["serve", "--no-cuda-graphs", "--kv-cache-memory", "2.5", "--max-prefill-tokens", "256"]
     assert cli._engine(cli.build_parser().parse_args(argv)) == "engine"
-    assert seen["cuda_graphs"] is False
+    assert seen["cuda_graphs"] is False and seen["compile_mode"] is None
     assert (seen["kv_cache_memory"], seen["gpu_memory_utilization"], seen["max_prefill_tokens"]) == (2.5, None, 256)
+    for flag, mode in ((["--compile"], True), (["--compile", "default"], "default")):
+        assert cli._engine(cli.build_parser().parse_args(["serve", *flag])) == "engine"
+        assert seen["compile_mode"] == mode
 
 
 def test_kv_cache_usage_is_a_metric() -> None:

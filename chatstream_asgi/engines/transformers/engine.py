@@ -36,6 +36,7 @@ from chatstream_asgi.engines.base import (
     QueueStream,
 )
 from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache, log_growing_cache
+from chatstream_asgi.engines.transformers.compiled_step import DEFAULT_COMPILE_MODE, compile_decode
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher
 from chatstream_asgi.engines.transformers.eager_steps import EagerSteps
 from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner, capture_all
@@ -74,7 +75,9 @@ class TransformersEngine(EagerSteps, StaticSteps):
     GPU options (see the module docstring): ``static_cache`` (default: on CUDA) selects the
     preallocated cache, sized by ``kv_cache_memory`` (GiB) or ``gpu_memory_utilization`` (a
     fraction of the card, like vLLM's); fewer rows than ``max_batch_size`` when the budget holds
-    fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``max_prefill_tokens``
+    fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``compile_mode`` (an inductor
+    mode, or True for ``"default"``; off by default, since compiling takes minutes the first time) fuses the captured decode step where that measures faster (see
+    :mod:`~chatstream_asgi.engines.transformers.compiled_step`). ``max_prefill_tokens``
     caps the prompt tokens prefilled beside one decode step while rows are running (static cache
     only; ``None``: no cap); an idle engine prefills a prompt whole. ``kv_cache_usage`` is the
     share of the slots in use.
@@ -102,6 +105,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         system_prompt: str | None = None,
         static_cache: bool | None = None,
         cuda_graphs: bool = True,
+        compile_mode: str | bool | None = None,
         kv_cache_memory: float | None = None,
         gpu_memory_utilization: float | None = None,
         max_prefill_tokens: int | None = DEFAULT_PREFILL_CHUNK,
@@ -125,6 +129,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         self._output = OutputProcessor(tokenizer, self.eos_token_ids, self.context_len)
         self.static = self.device.type == "cuda" if static_cache is None else static_cache
         self.cuda_graphs = cuda_graphs
+        self.compile_mode = DEFAULT_COMPILE_MODE if compile_mode is True else compile_mode or None
         self.max_prefill_tokens = max_prefill_tokens
         self._budget = {"kv_cache_memory": kv_cache_memory, "gpu_memory_utilization": gpu_memory_utilization}
         self._layout = KVLayout.of(config, model.dtype) if self.static else None
@@ -323,6 +328,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
             model.call, model.run, kv, pad, use_graphs=graphs, chunk=self.max_prefill_tokens
         )
         if self._runner.shapes:
+            if self.compile_mode:
+                compile_decode(self._runner, self.device, self.compile_mode)
             capture_all([self._runner, self._prefill_runner], self.device)
 
     def _iteration(self, admitted: list[EngineSequence]) -> None:

@@ -21,10 +21,12 @@ before it). Larger chunks run eagerly, under the engine's attention kernels.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,7 +38,9 @@ __all__ = [
     "PrefillRunner",
     "bucket_for",
     "capture_all",
+    "capture_graph",
     "continued_lengths",
+    "frozen_gc",
     "length_buckets",
     "row_buckets",
 ]
@@ -90,39 +94,56 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """The garbage collector off: collecting another engine's graph or tensors in the middle of a
+    capture would invalidate it."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def capture_graph(
+    forward: Callable[[], torch.Tensor],
+    device: torch.device,
+    streams: tuple[torch.cuda.Stream, torch.cuda.Stream],
+    pool: Any = None,
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``forward()`` run once on the warm-up stream, then captured on the capture stream (both ``streams``
+    of ``device``: ``torch.cuda.graph``'s default is one stream per process, created on whichever device
+    was current first, and capturing a second GPU's kernels on it fails)."""
+    warm, capture = streams
+    warm.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(warm):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=capture, capture_error_mode="thread_local"):
+        out = forward()
+    return graph, out
+
+
 def capture_all(runners: list[Any], device: torch.device) -> None:
     """Capture every runner's graphs, one memory pool per runner; log the time and memory it took.
 
     A runner's graphs share its pool (they never run at once); runners get their own, because a
     prefill chunk runs on its own stream beside a decode step (:class:`PrefillRunner`).
-
-    The garbage collector is off meanwhile: collecting another engine's graph or tensors in the
-    middle of a capture would invalidate it. The capture stream is this device's own:
-    ``torch.cuda.graph``'s default is one stream per process, created on whichever device was
-    current first, and capturing a second GPU's kernels on it fails.
     """
-    gc.collect()
-    gc.disable()
-    try:
+    with frozen_gc():
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_reserved(device)
         started = time.perf_counter()
-        warm, capture = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        streams = torch.cuda.Stream(device), torch.cuda.Stream(device)
         for runner in runners:
             pool = None
             for key in runner.shapes:
-                warm.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(warm):
-                    runner.forward(key)
-                torch.cuda.current_stream(device).wait_stream(warm)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=capture, capture_error_mode="thread_local"):
-                    out = runner.forward(key)
+                graph, out = capture_graph(partial(runner.forward, key), device, streams, pool)
                 pool = graph.pool()
                 runner.graphs[key] = (graph, out)
         torch.cuda.synchronize(device)
-    finally:
-        gc.enable()
     logger.info(
         "captured %s graphs in %.1f s, %.0f MiB",
         " + ".join(f"{len(r.graphs)} {r.kind}" for r in runners),
@@ -156,6 +177,8 @@ class DecodeRunner:
         )
         self._columns = torch.arange(cache.max_len + 1, device=device)
         self._pinned = device.type == "cuda"  # host buffers in pinned memory: copies queue without waiting
+        self.compiled: Callable[[torch.Tensor, int], torch.Tensor] = self.plain_step
+        self.compiled_rows: set[int] = set()  # the rows buckets whose graphs capture ``compiled``
 
     def step(self, positions: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         """Logits ``[n, vocab]`` for one decode step of rows ``[0, n)``; queued, not waited for.
@@ -199,11 +222,21 @@ class DecodeRunner:
     def forward(self, key: Key) -> torch.Tensor:
         """The step over the static inputs for bucket ``(rows, length)`` (what a graph captures)."""
         rows, length = key
-        ids = self._inputs[0, :rows].unsqueeze(1)
-        positions = self._inputs[1, :rows]
-        mask = (self._columns[:length] <= positions.unsqueeze(1)).view(rows, 1, 1, length)
+        step = self.compiled if rows in self.compiled_rows else self.plain_step
+        return step(self.inputs(rows), length)
+
+    def inputs(self, rows: int) -> torch.Tensor:
+        """The static inputs of rows ``[0, rows)``: token ids and positions, ``[2, rows]``."""
+        return self._inputs[:, :rows]
+
+    def plain_step(self, inputs: torch.Tensor, length: int) -> torch.Tensor:
+        """The model's decode forward over ``inputs`` attending ``length`` columns (what ``compiled`` fuses)."""
+        ids, positions = inputs
+        mask = (self._columns[:length] <= positions.unsqueeze(1)).view(-1, 1, 1, length)
         cache = self.cache.for_decode(positions, length)
-        out = self._call_model(cache, input_ids=ids, attention_mask=mask, position_ids=positions.unsqueeze(1))
+        out = self._call_model(
+            cache, input_ids=ids.unsqueeze(1), attention_mask=mask, position_ids=positions.unsqueeze(1)
+        )
         return out.logits[:, -1, :]
 
 
