@@ -75,8 +75,9 @@ class TransformersEngine(EagerSteps, StaticSteps):
     GPU options (see the module docstring): ``static_cache`` (default: on CUDA) selects the
     preallocated cache, sized by ``kv_cache_memory`` (GiB) or ``gpu_memory_utilization`` (a
     fraction of the card, like vLLM's); fewer rows than ``max_batch_size`` when the budget holds
-    fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``compile_mode`` (an inductor
-    mode, or True for ``"default"``; off by default, since compiling takes minutes the first time) fuses the captured decode step where that measures faster (see
+    fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``compile_mode`` (an
+    inductor mode, or True for ``"default"``; off by default, since compiling takes minutes the
+    first time) fuses the captured decode step where that measures faster (see
     :mod:`~chatstream_asgi.engines.transformers.compiled_step`). ``max_prefill_tokens``
     caps the prompt tokens prefilled beside one decode step while rows are running (static cache
     only; ``None``: no cap); an idle engine prefills a prompt whole. ``kv_cache_usage`` is the
