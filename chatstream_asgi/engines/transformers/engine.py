@@ -3,16 +3,11 @@
 One generation thread per engine runs a loop of steps. Requests from :meth:`TransformersEngine.generate`
 wait in a queue; at the start of a step the waiting ones are prefilled together and merged into the
 running batch, then one decode forward produces one token for every row. Finished and cancelled rows
-leave between steps. Each step's text deltas are handed to the event loop with one
-``call_soon_threadsafe`` per loop, where they are pushed into the requests'
-:class:`~chatstream_asgi.engines.base.QueueStream`.
+leave between steps. Each step's text deltas reach the event loop with one ``call_soon_threadsafe``.
 
-Two key/value caches back the batch. On CPU (by default), :class:`BatchKVCache` grows with the
-batch and right-aligns its rows. On CUDA, :class:`StaticKVCache` holds a fixed number of slots sized
-from a memory budget, allocated once at start-up; the decode step runs as a CUDA graph replay
-(:class:`DecodeRunner`), and prompts are prefilled eagerly, in chunks of at most
-``max_prefill_tokens`` between decode steps when that is set, so running streams keep flowing while
-a long prompt joins.
+On CPU (by default) :class:`BatchKVCache` grows with the batch (:mod:`.eager_steps`). On CUDA,
+:class:`StaticKVCache` holds slots sized from a memory budget, and decode steps and prefill chunks
+are replayed CUDA graphs (:mod:`.static_steps`, :mod:`.graph_runner`).
 
 Importing this module imports torch and transformers; ``import chatstream_asgi`` does not.
 """
