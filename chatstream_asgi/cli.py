@@ -92,8 +92,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         const=True,
         default=None,
         metavar="MODE",
-        help="fuse the decode step with torch.compile where its graph replays faster (an inductor mode, "
-        "default: default); minutes at the first start, about a minute from inductor's disk cache after",
+        help="fuse the decode step with torch.compile where its graph replays faster (MODE: an inductor "
+        "mode, 'default' if omitted); minutes at the first start, about a minute from inductor's disk cache after",
     )
     budget = gpu.add_mutually_exclusive_group()
     budget.add_argument(
