@@ -78,7 +78,8 @@ class TransformersEngine(EagerSteps, StaticSteps):
     fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``compile_mode`` (an
     inductor mode, or True for ``"default"``; off by default, since compiling takes minutes the
     first time) fuses the captured decode step where that measures faster (see
-    :mod:`~chatstream_asgi.engines.transformers.compiled_step`). ``max_prefill_tokens``
+    :mod:`~chatstream_asgi.engines.transformers.compiled_step`); without CUDA graphs (on CPU) it is
+    ignored with a warning. ``max_prefill_tokens``
     caps the prompt tokens prefilled beside one decode step while rows are running (static cache
     only; ``None``: no cap); an idle engine prefills a prompt whole. ``kv_cache_usage`` is the
     share of the slots in use.
@@ -131,6 +132,15 @@ class TransformersEngine(EagerSteps, StaticSteps):
         self.static = self.device.type == "cuda" if static_cache is None else static_cache
         self.cuda_graphs = cuda_graphs
         self.compile_mode = DEFAULT_COMPILE_MODE if compile_mode is True else compile_mode or None
+        if self.compile_mode and not (self.device.type == "cuda" and self.static and cuda_graphs):
+            logger.warning(
+                "compile_mode %r ignored on %s: it fuses only the decode step captured in CUDA graphs "
+                "(static cache on CUDA, cuda_graphs on); on CPU the step is bound by its matmuls and "
+                "the compiled one measured no faster",
+                self.compile_mode,
+                self.device,
+            )
+            self.compile_mode = None
         self.max_prefill_tokens = max_prefill_tokens
         self._budget = {"kv_cache_memory": kv_cache_memory, "gpu_memory_utilization": gpu_memory_utilization}
         self._layout = KVLayout.of(config, model.dtype) if self.static else None
