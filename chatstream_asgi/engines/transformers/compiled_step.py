@@ -30,7 +30,7 @@ import torch
 
 from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, bucket_for, capture_graph, frozen_gc
 
-__all__ = ["DEFAULT_COMPILE_MODE", "compile_decode"]
+__all__ = ["DEFAULT_COMPILE_MODE", "compile_decode", "compile_mode_for"]
 
 logger = logging.getLogger("chatstream_asgi.engine")
 
@@ -41,6 +41,22 @@ SmolLM2 on an H100 with the step dynamic in rows, against about 3 without."""
 _SELECTION_LENGTH = 1024  # the columns both steps attend while they are timed
 _MAX_COMPILED_ROWS = 16  # larger batches are matmul-bound: fusing the rest gains little there and compiling costs
 _REPEATS = 20
+
+
+def compile_mode_for(mode: str | bool | None, device: torch.device, graphs: bool) -> str | None:
+    """The inductor mode the engine compiles its step with: ``mode`` (True: the default one) where the
+    step is captured in CUDA graphs (``graphs``: static cache and ``cuda_graphs``), else None, warned."""
+    mode = DEFAULT_COMPILE_MODE if mode is True else mode or None
+    if mode and not (device.type == "cuda" and graphs):
+        logger.warning(
+            "compile_mode %r ignored on %s: it fuses only the decode step captured in CUDA graphs "
+            "(static cache on CUDA, cuda_graphs on); on CPU the step is bound by its matmuls, and "
+            "compiling it measured no worthwhile gain (see compiled_step)",
+            mode,
+            device,
+        )
+        return None
+    return mode
 
 
 def compile_decode(runner: DecodeRunner, device: torch.device, mode: str = DEFAULT_COMPILE_MODE) -> None:
