@@ -16,8 +16,8 @@ On CPU (2 cores, SmolLM2 in float32 over the static cache) the step is bound by 
 to a few rows (49 of its 62 ms in ``aten::mm``), not by Python. Compiled with ``freezing`` (weights
 prepacked for oneDNN/MKL) and the cache written by index assignment (inductor copies a scattered
 slice ``[:b]`` of each layer's buffer out and back), it took 64 ms against 68 at batch 1 and lost
-from 4 rows up at 1,024 columns (467 against 158 ms at 16); served, 1.06x tokens/s at batch 1 and
-0.9x at 4 and 16, for 4 minutes of compiling at every start (prepacked weights are not cached).
+from 4 rows up at 1,024 columns (467 against 158 ms at 16); served, 1.04-1.06x tokens/s at batch 1
+and 0.9x at 4, for 3-4 minutes of compiling at every start (prepacked weights are not cached).
 """
 
 from __future__ import annotations
