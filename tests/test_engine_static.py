@@ -263,6 +263,23 @@ def test_compiled_decode_matches_eager_token_for_token(
     assert replayed == eager
 
 
+@pytest.mark.parametrize("options", [{"static_cache": False}, {"static_cache": True, "cuda_graphs": False}])
+def test_compile_without_cuda_graphs_warns_and_is_ignored(
+    tiny_engine: TransformersEngine, options: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--compile`` fuses only the captured CUDA-graph step: elsewhere (CPU) it says so instead of nothing."""
+    with caplog.at_level(logging.WARNING, logger="chatstream_asgi.engine"):
+        engine = TransformersEngine(
+            tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, compile_mode=True, **options
+        )
+    assert engine.compile_mode is None
+    assert [r.getMessage() for r in caplog.records if "compile_mode" in r.getMessage()] == [
+        f"compile_mode 'default' ignored on {engine.device}: it fuses only the decode step captured in CUDA graphs "
+        "(static cache on CUDA, cuda_graphs on); on CPU the step is bound by its matmuls, and compiling it "
+        "measured no worthwhile gain (see compiled_step)"
+    ]
+
+
 @cuda_only
 def test_graph_engine_matches_alone(f32_engine: TransformersEngine, monkeypatch) -> None:
     contents = [*PROMPTS, LONG]

@@ -31,7 +31,7 @@ from chatstream_asgi.engines.base import (
     QueueStream,
 )
 from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache, log_growing_cache
-from chatstream_asgi.engines.transformers.compiled_step import DEFAULT_COMPILE_MODE, compile_decode
+from chatstream_asgi.engines.transformers.compiled_step import compile_decode, compile_mode_for
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher
 from chatstream_asgi.engines.transformers.eager_steps import EagerSteps
 from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner, capture_all
@@ -73,7 +73,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
     fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``compile_mode`` (an
     inductor mode, or True for ``"default"``; off by default, since compiling takes minutes the
     first time) fuses the captured decode step where that measures faster (see
-    :mod:`~chatstream_asgi.engines.transformers.compiled_step`). ``max_prefill_tokens``
+    :mod:`~chatstream_asgi.engines.transformers.compiled_step`; else a warning). ``max_prefill_tokens``
     caps the prompt tokens prefilled beside one decode step while rows are running (static cache
     only; ``None``: no cap); an idle engine prefills a prompt whole. ``kv_cache_usage`` is the
     share of the slots in use.
@@ -125,7 +125,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         self._output = OutputProcessor(tokenizer, self.eos_token_ids, self.context_len)
         self.static = self.device.type == "cuda" if static_cache is None else static_cache
         self.cuda_graphs = cuda_graphs
-        self.compile_mode = DEFAULT_COMPILE_MODE if compile_mode is True else compile_mode or None
+        self.compile_mode = compile_mode_for(compile_mode, self.device, self.static and cuda_graphs)
         self.max_prefill_tokens = max_prefill_tokens
         self._budget = {"kv_cache_memory": kv_cache_memory, "gpu_memory_utilization": gpu_memory_utilization}
         self._layout = KVLayout.of(config, model.dtype) if self.static else None
