@@ -243,6 +243,34 @@ def test_graph_decode_matches_eager_token_for_token(tiny_engine: TransformersEng
     assert replayed == eager
 
 
+def test_compiled_step_writes_and_reads_the_cache_as_the_plain_step(f32_engine: TransformersEngine) -> None:
+    """Inside torch.compile the decode write is an index assignment (not the scatter the plain step
+    runs): the fused step gives the same logits and leaves every buffer as the plain step does."""
+    engine = static_engine(f32_engine, max_batch_size=4)
+
+    async def main() -> None:
+        await engine.start()
+        await engine.shutdown()
+
+    run(main())
+    runner, kv = engine._runner, engine._static_kv
+    assert runner is not None and kv is not None
+    with torch.inference_mode():
+        for buf in (*kv.keys, *kv.values):
+            buf.normal_()
+        runner.inputs(4).copy_(torch.tensor([[5, 6, 7, 8], [3, 10, 0, 63]]))
+        before = [buf.clone() for buf in (*kv.keys, *kv.values)]
+        plain = runner.plain_step(runner.inputs(3), 64).clone()
+        written = [buf.clone() for buf in (*kv.keys, *kv.values)]
+        for buf, old in zip((*kv.keys, *kv.values), before, strict=True):
+            buf.copy_(old)
+        fused = torch.compile(runner.plain_step, dynamic=True, fullgraph=True)(runner.inputs(3), 64)
+        torch.testing.assert_close(fused, plain)
+        for buf, expected, old in zip((*kv.keys, *kv.values), written, before, strict=True):
+            torch.testing.assert_close(buf, expected)  # the same values, up to the fused kernels' rounding
+            assert torch.equal(buf != old, expected != old)  # in the same places (3 rows' columns), nothing else
+
+
 @cuda_only
 def test_compiled_decode_matches_eager_token_for_token(
     f32_engine: TransformersEngine, monkeypatch, caplog: pytest.LogCaptureFixture
