@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -101,7 +102,9 @@ def compile_decode(runner: DecodeRunner, device: torch.device, mode: str = DEFAU
     )
 
 
-def _replay_ms(forward: object, device: torch.device, streams: tuple[torch.cuda.Stream, torch.cuda.Stream]) -> float:
+def _replay_ms(
+    forward: Callable[[], torch.Tensor], device: torch.device, streams: tuple[torch.cuda.Stream, torch.cuda.Stream]
+) -> float:
     """Milliseconds a replay of ``forward``'s graph takes (``_REPEATS`` back to back, on the device's clock)."""
     graph, _ = capture_graph(forward, device, streams)
     graph.replay()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, UnsupportedModel
 
-__all__ = ["PrefixCache", "PrefixEntry", "longest_match", "prefix_cache_for"]
+__all__ = ["PrefixCache", "PrefixEntry", "absorb", "longest_match", "prefix_cache_for", "release_owner"]
 
 logger = logging.getLogger("chatstream_asgi.engine")
 
@@ -88,18 +88,9 @@ class PrefixCache:
             self._insert(torch.tensor(ids, dtype=torch.long), keys, values, owner)
 
     def _insert(self, new: Tensor, keys: list[Tensor], values: list[Tensor], owner: str | None) -> None:
-        owners = {owner} if owner else set()
-        for key, entry in list(self._entries.items()):
-            n = min(len(entry), len(new))
-            if not torch.equal(entry.ids[:n], new[:n]):
-                continue
-            if len(entry) >= len(new):  # already held (a turn cancelled early, a repeated prompt)
-                if owner:
-                    entry.owners.add(owner)
-                self._entries.move_to_end(key)
-                return
-            self._drop(key)  # the new entry extends this one: it replaces it
-            owners |= entry.owners
+        owners = absorb(self._entries, new, owner, self._drop)
+        if owners is None:  # already held (a turn cancelled early, a repeated prompt)
+            return
         entry = PrefixEntry(new, keys, values, owners)
         self._entries[id(entry)] = entry
         self.tokens += len(entry)
@@ -108,15 +99,8 @@ class PrefixCache:
 
     def release(self, owner: str) -> int:
         """Forget ``owner``; drop the entries no other session produced. Returns the tokens freed."""
-        freed = 0
         with self._lock:
-            for key, entry in list(self._entries.items()):
-                if owner in entry.owners:
-                    entry.owners.discard(owner)
-                    if not entry.owners:
-                        freed += len(entry)
-                        self._drop(key)
-        return freed
+            return release_owner(self._entries, owner, self._drop)
 
     def clear(self) -> None:
         """Drop every entry."""
@@ -141,6 +125,50 @@ def longest_match(entries: Iterable[_Held], query: Tensor) -> tuple[_Held | None
         if common > best_len:
             best, best_len = entry, common
     return best, best_len
+
+
+class _Owned(_HasIds, Protocol):
+    owners: set[str]
+
+    def __len__(self) -> int: ...
+
+
+_Entry = TypeVar("_Entry", bound=_Owned)
+
+
+def absorb(
+    entries: OrderedDict[int, _Entry], new: Tensor, owner: str | None, drop: Callable[[int], object]
+) -> set[str] | None:
+    """Make room in ``entries`` for an entry of ids ``new`` produced by ``owner``.
+
+    None when an entry already holds all of ``new`` (it gains the owner and becomes the most recently
+    used); else the owners the new entry takes over from the entries it extends (a conversation's
+    earlier turns), which are dropped with ``drop(key)``.
+    """
+    owners = {owner} if owner else set()
+    for key, entry in list(entries.items()):
+        n = min(len(entry), len(new))
+        if not torch.equal(entry.ids[:n], new[:n]):
+            continue
+        if len(entry) >= len(new):
+            entry.owners |= owners
+            entries.move_to_end(key)
+            return None
+        owners |= entry.owners
+        drop(key)
+    return owners
+
+
+def release_owner(entries: OrderedDict[int, _Entry], owner: str, drop: Callable[[int], object]) -> int:
+    """Forget ``owner`` in ``entries``; drop (``drop(key)``) those no other session produced. Returns their tokens."""
+    freed = 0
+    for key, entry in list(entries.items()):
+        if owner in entry.owners:
+            entry.owners.discard(owner)
+            if not entry.owners:
+                freed += len(entry)
+                drop(key)
+    return freed
 
 
 def prefix_cache_for(config: Any, dtype: torch.dtype, memory_gib: float) -> PrefixCache | None:

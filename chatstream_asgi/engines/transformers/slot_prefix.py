@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chatstream_asgi.engines.transformers.prefix_cache import longest_match
+from chatstream_asgi.engines.transformers.prefix_cache import absorb, longest_match, release_owner
 
 __all__ = ["SlotEntry", "SlotPrefixIndex"]
 
@@ -127,32 +127,17 @@ class SlotPrefixIndex:
         if not ids:
             return False
         new = torch.tensor(ids, dtype=torch.long)
-        owners = {owner} if owner else set()
         with self._lock:
-            for entry in list(self._entries.values()):
-                n = min(len(entry), len(new))
-                if not torch.equal(entry.ids[:n], new[:n]):
-                    continue
-                if len(entry) >= len(new):
-                    entry.owners |= owners
-                    self._entries.move_to_end(entry.slot)
-                    return False
-                owners |= entry.owners
-                del self._entries[entry.slot]
+            owners = absorb(self._entries, new, owner, self._entries.pop)
+            if owners is None:
+                return False
             self._entries[slot] = SlotEntry(slot, new, owners)
             return True
 
     def release(self, owner: str) -> int:
         """Forget ``owner``; free the slots no other session produced. Returns the tokens freed."""
-        freed = 0
         with self._lock:
-            for slot, entry in list(self._entries.items()):
-                if owner in entry.owners:
-                    entry.owners.discard(owner)
-                    if not entry.owners:
-                        freed += len(entry)
-                        del self._entries[slot]
-        return freed
+            return release_owner(self._entries, owner, self._entries.pop)
 
     def clear(self) -> None:
         """Forget every entry (the cache's contents are unknown, or the engine stopped)."""
