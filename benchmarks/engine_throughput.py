@@ -325,14 +325,17 @@ def main() -> None:
     parser.add_argument(
         "--max-prefill-tokens", type=int, default=256, help="engine: prompt tokens beside one decode step (0: no cap)"
     )
-    parser.add_argument(
+    compiling = parser.add_mutually_exclusive_group()
+    compiling.add_argument(
         "--compile",
         nargs="?",
         const=True,
-        default=None,
+        default="auto",
         metavar="MODE",
-        help="engine: fuse the decode step with torch.compile where it replays faster (CUDA graphs only)",
+        help="engine: fuse the decode step's layers with torch.compile (default: where CUDA graphs run; MODE: "
+        "an inductor mode)",
     )
+    compiling.add_argument("--no-compile", dest="compile", action="store_const", const=None, default=argparse.SUPPRESS)
     parser.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,

@@ -87,7 +87,9 @@ def tiny_engine(tiny_model_dir: Path) -> Iterator[object]:
     from chatstream_asgi.engines.transformers import TransformersEngine
 
     device = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")  # e.g. "cuda" to check the GPU path
-    engine = TransformersEngine.from_pretrained(str(tiny_model_dir), device=device, max_batch_size=8)
+    # Not compiled: its tests compare bfloat16 outputs with eager ones and across batch sizes, which the
+    # fused kernels' rounding would flip at near ties; test_engine_static checks the compiled step.
+    engine = TransformersEngine.from_pretrained(str(tiny_model_dir), device=device, max_batch_size=8, compile_mode=None)
     asyncio.run(engine.start())
     yield engine
     asyncio.run(engine.shutdown())

@@ -39,6 +39,7 @@ LONG = "a b c d e f g h i j k l m n o p The quick brown fox jumps over the lazy 
 
 def static_engine(tiny_engine: TransformersEngine, **options: Any) -> TransformersEngine:
     options.setdefault("max_batch_size", 8)
+    options.setdefault("compile_mode", None)  # compiling takes seconds per engine; the compile tests ask for it
     return TransformersEngine(
         tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, static_cache=True, **options
     )
@@ -243,9 +244,15 @@ def test_graph_decode_matches_eager_token_for_token(tiny_engine: TransformersEng
     assert replayed == eager
 
 
-def test_compiled_step_writes_and_reads_the_cache_as_the_plain_step(f32_engine: TransformersEngine) -> None:
-    """Inside torch.compile the decode write is an index assignment (not the scatter the plain step
-    runs): the fused step gives the same logits and leaves every buffer as the plain step does."""
+def test_compiled_blocks_write_and_read_the_cache_as_the_plain_step(f32_engine: TransformersEngine) -> None:
+    """The model's layers compiled once (one graph for every layer, not one per layer): the fused step
+    gives the plain step's logits and leaves every buffer as it does (inside torch.compile the decode
+    write is an index assignment, not the scatter the plain step runs); outside ``active()`` the
+    model runs its own forward."""
+    from torch._dynamo.utils import counters
+
+    from chatstream_asgi.engines.transformers.compiled_step import FusedModules
+
     engine = static_engine(f32_engine, max_batch_size=4)
 
     async def main() -> None:
@@ -264,18 +271,67 @@ def test_compiled_step_writes_and_reads_the_cache_as_the_plain_step(f32_engine: 
         written = [buf.clone() for buf in (*kv.keys, *kv.values)]
         for buf, old in zip((*kv.keys, *kv.values), before, strict=True):
             buf.copy_(old)
-        fused = torch.compile(runner.plain_step, dynamic=True, fullgraph=True)(runner.inputs(3), 64)
-        torch.testing.assert_close(fused, plain)
+        fused = FusedModules(engine.model, kv.layers, "default")
+        graphs = counters["stats"]["unique_graphs"]
+        with fused.active():
+            compiled = runner.plain_step(runner.inputs(3), 64)
+        assert (
+            counters["stats"]["unique_graphs"] - graphs == 3
+        )  # the layer (both layers), the rotary embedding, the norm
+        torch.testing.assert_close(compiled, plain)
         for buf, expected, old in zip((*kv.keys, *kv.values), written, before, strict=True):
             torch.testing.assert_close(buf, expected)  # the same values, up to the fused kernels' rounding
             assert torch.equal(buf != old, expected != old)  # in the same places (3 rows' columns), nothing else
+        for buf, old in zip((*kv.keys, *kv.values), before, strict=True):
+            buf.copy_(old)
+        assert torch.equal(runner.plain_step(runner.inputs(3), 64), plain)  # inactive: the model's own forward
+    assert engine.model.config._attn_implementation == "sdpa"  # the grouped attention only while compiled
+
+
+def test_compiled_blocks_prefill_a_chunk_as_the_plain_forward(f32_engine: TransformersEngine) -> None:
+    """Prefill chunks under the compiled layers (two rows continuing at column 30, reading the columns
+    before them): the plain chunk's logits, and the same keys and values written."""
+    from torch._dynamo.utils import counters
+
+    from chatstream_asgi.engines.transformers.compiled_step import FusedModules
+
+    engine = static_engine(f32_engine, max_batch_size=4)
+
+    async def main() -> None:
+        await engine.start()
+        await engine.shutdown()
+
+    run(main())
+    prefill, kv = engine._prefill_runner, engine._static_kv
+    assert prefill is not None and kv is not None
+    ids = torch.randint(3, 60, (2, 20))
+    columns = torch.arange(30, 50).expand(2, 20)
+    slots = torch.tensor([1, 3])
+    with torch.inference_mode():
+        for buf in (*kv.keys, *kv.values):
+            buf.normal_()
+        plain = prefill.run(ids, columns, columns, slots, 50)
+        prefill.join()  # on CUDA the chunk runs on the runner's stream
+        written = [buf[:, :, : kv.scratch].clone() for buf in (*kv.keys, *kv.values)]
+        plain = plain.clone()
+        prefill.fused = FusedModules(engine.model, kv.layers, "default").active
+        graphs = counters["stats"]["unique_graphs"]
+        compiled = prefill.run(ids, columns, columns, slots, 50)
+        prefill.join()
+    assert counters["stats"]["unique_graphs"] - graphs == 3  # really compiled: the layer, rotary embedding, norm
+    torch.testing.assert_close(compiled, plain)
+    for buf, expected in zip((*kv.keys, *kv.values), written, strict=True):
+        torch.testing.assert_close(buf[:, :, : kv.scratch], expected)  # (padding tokens all write the scratch column)
 
 
 @cuda_only
 def test_compiled_decode_matches_eager_token_for_token(
     f32_engine: TransformersEngine, monkeypatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The step fused by torch.compile (forced on for every rows bucket) gives the eager step's tokens."""
+    """The step and the prefill chunks fused by torch.compile (forced on for every rows bucket and chunk)
+    give the eager step's tokens (float32: in bfloat16 the fused kernels' rounding flips near-tie picks)."""
+    import test_engine_batching
+
     from chatstream_asgi.engines.transformers import compiled_step
 
     contents = [*PROMPTS, LONG, "Hello world", "What is"]
@@ -283,11 +339,13 @@ def test_compiled_decode_matches_eager_token_for_token(
     eager = staggered(static_engine(f32_engine, cuda_graphs=False), monkeypatch, contents, joins)
     timings = itertools.cycle([1.0, 0.5])  # plain, then compiled, per bucket: the compiled step "wins"
     monkeypatch.setattr(compiled_step, "_replay_ms", lambda *args: next(timings))
-    fused = static_engine(f32_engine, compile_mode="default")
+    monkeypatch.setattr(test_engine_batching, "WATCHDOG", 600)  # autotuning the matmuls takes minutes here
+    fused = static_engine(f32_engine, compile_mode="auto")  # the engine's default mode
     with caplog.at_level(logging.INFO, logger="chatstream_asgi.engine"):
         replayed = staggered(fused, monkeypatch, contents, joins)
     assert fused._runner is not None and fused._runner.compiled_rows == set(fused._runner.row_buckets)
-    assert "compiled the decode step (default)" in caplog.text
+    assert f"compiled the decode step's blocks ({compiled_step.DEFAULT_COMPILE_MODE})" in caplog.text
+    assert "compiled chunks used" in caplog.text
     assert replayed == eager
 
 
@@ -295,16 +353,20 @@ def test_compiled_decode_matches_eager_token_for_token(
 def test_compile_without_cuda_graphs_warns_and_is_ignored(
     tiny_engine: TransformersEngine, options: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``--compile`` fuses only the captured CUDA-graph step: elsewhere (CPU) it says so instead of nothing."""
+    """``--compile`` fuses only the captured CUDA-graph step: elsewhere (CPU) it says so instead of nothing;
+    the default (``"auto"``) is off there without a word."""
+    from chatstream_asgi.engines.transformers.compiled_step import DEFAULT_COMPILE_MODE
+
     with caplog.at_level(logging.WARNING, logger="chatstream_asgi.engine"):
+        quiet = TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, **options)
         engine = TransformersEngine(
             tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, compile_mode=True, **options
         )
-    assert engine.compile_mode is None
+    assert quiet.compile_mode is None and engine.compile_mode is None
     assert [r.getMessage() for r in caplog.records if "compile_mode" in r.getMessage()] == [
-        f"compile_mode 'default' ignored on {engine.device}: it fuses only the decode step captured in CUDA graphs "
-        "(static cache on CUDA, cuda_graphs on); on CPU the step is bound by its matmuls, and compiling it "
-        "measured no worthwhile gain (see compiled_step)"
+        f"compile_mode {DEFAULT_COMPILE_MODE!r} ignored on {engine.device}: it fuses only the decode step captured "
+        "in CUDA graphs (static cache on CUDA, cuda_graphs on); on CPU the step is bound by its matmuls, and "
+        "compiling it measured no worthwhile gain (see compiled_step)"
     ]
 
 
@@ -356,9 +418,9 @@ def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
     monkeypatch.setattr(TransformersEngine, "from_pretrained", classmethod(fake))
     argv = ["serve", "--no-cuda-graphs", "--kv-cache-memory", "2.5", "--max-prefill-tokens", "256"]
     assert cli._engine(cli.build_parser().parse_args(argv)) == "engine"
-    assert seen["cuda_graphs"] is False and seen["compile_mode"] is None
+    assert seen["cuda_graphs"] is False and seen["compile_mode"] == "auto"
     assert (seen["kv_cache_memory"], seen["gpu_memory_utilization"], seen["max_prefill_tokens"]) == (2.5, None, 256)
-    for flag, mode in ((["--compile"], True), (["--compile", "default"], "default")):
+    for flag, mode in ((["--compile"], True), (["--compile", "default"], "default"), (["--no-compile"], None)):
         assert cli._engine(cli.build_parser().parse_args(["serve", *flag])) == "engine"
         assert seen["compile_mode"] == mode
 

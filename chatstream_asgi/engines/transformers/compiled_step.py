@@ -1,4 +1,4 @@
-"""The decode step fused by ``torch.compile``, kept for the rows buckets where its graph replays faster.
+"""The decode step with the model's blocks fused by ``torch.compile``, where its replay measures faster.
 
 A replayed decode step of a small model is still a few hundred small kernels (norms, rotary
 embeddings, activations, residual adds around each matmul): SmolLM2-135M's step takes 3 ms on an
@@ -6,12 +6,22 @@ H100 where its weights take 0.09 ms to read. Inductor fuses them, and the fused 
 the same CUDA graphs. It pays at small batches and can lose at large ones, where the matmuls
 dominate, so :func:`compile_decode` measures both replays per rows bucket and keeps the faster.
 
-The step is compiled for rows buckets up to 16, dynamic in rows and length (one graph for a single
-row, one for the rest), so those buckets share it. Inductor keeps what it compiled on disk
-(``TORCHINDUCTOR_CACHE_DIR``, by default under the system's temporary directory), so a restart
-compiles from its cache: 66 s instead of 195 s for SmolLM2 on an H100.
+What is compiled is the model's repeated block (its decoder layer, one class run once per layer)
+and the modules beside the stack (rotary embedding, final norm), not the whole forward: dynamo
+traces one layer instead of thirty and inductor compiles it once (SmolLM2 whole took 195 s; by
+blocks, 13 s in inductor's ``"default"`` mode, 38 s in :data:`DEFAULT_COMPILE_MODE`, 10 s from
+inductor's disk cache, ``TORCHINDUCTOR_CACHE_DIR``, by default under the system's temporary
+directory). Each block is handed its own layer of the cache (:class:`_BlockCache`), so the compiled
+code does not depend on the layer index and one graph serves every layer (one for a single row, one
+for any other number of rows, any length).
 
-Only the CUDA-graph step is compiled; the engine ignores ``compile_mode`` elsewhere, with a warning.
+While compiled, a layer attends through :func:`_grouped_sdpa`: transformers' SDPA attention, with a
+query token's heads grouped onto their key/value head under ``torch.compile`` too. transformers
+groups them only eagerly; compiled, it copies every key/value head once per query head first, which
+made SmolLM2's compiled step at 64 rows 8.8 ms against the plain step's 4.4 (2.3 ms grouped).
+
+Only the CUDA-graph step is compiled; elsewhere the engine's default compiles nothing, and an explicit
+``compile_mode`` is ignored with a warning.
 On CPU (2 cores, SmolLM2 in float32 over the static cache) the step is bound by its matmuls of one
 to a few rows (49 of its 62 ms in ``aten::mm``), not by Python. Compiled with ``freezing`` (weights
 prepacked for oneDNN/MKL) and the cache written by index assignment (inductor copies a scattered
@@ -22,31 +32,59 @@ and 0.9x at 4, for 3-4 minutes of compiling at every start (prepacked weights ar
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from functools import partial
+from typing import Any
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, bucket_for, capture_graph, frozen_gc
+from chatstream_asgi.engines.transformers.graph_runner import (
+    DecodeRunner,
+    PrefillRunner,
+    bucket_for,
+    capture_graph,
+    frozen_gc,
+)
 
-__all__ = ["DEFAULT_COMPILE_MODE", "compile_decode", "compile_mode_for"]
+__all__ = ["AUTO", "DEFAULT_COMPILE_MODE", "FusedModules", "compile_mode_for", "compile_steps", "repeated_blocks"]
 
 logger = logging.getLogger("chatstream_asgi.engine")
 
-DEFAULT_COMPILE_MODE = "default"
-"""Inductor's mode. ``"max-autotune-no-cudagraphs"`` also autotunes the matmuls: over 5 minutes for
-SmolLM2 on an H100 with the step dynamic in rows, against about 3 without."""
+AUTO = "auto"
+"""The engine's default: compile with :data:`DEFAULT_COMPILE_MODE` where the step is captured, else nothing."""
+
+DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
+"""Inductor's mode: the matmuls autotuned too. On an H100 it compiled in 36-38 s (10 s from the disk
+cache) and replayed the 1.1B shape's one-row step in 1.70 ms, against 2.06 ms and 12-13 s for
+``"default"``."""
 
 _SELECTION_LENGTH = 1024  # the columns both steps attend while they are timed
-_MAX_COMPILED_ROWS = 16  # larger batches are matmul-bound: fusing the rest gains little there and compiling costs
 _REPEATS = 20
+_CACHE_ARGS = ("cache", "past_key_values")  # what transformers calls a layer's cache argument (new, old)
+
+_ATTENTION = "chatstream_grouped_sdpa"
+_copies = itertools.count()
+_FUSING: ContextVar[FusedModules | None] = ContextVar("chatstream_fusing", default=None)
 
 
 def compile_mode_for(mode: str | bool | None, device: torch.device, graphs: bool) -> str | None:
-    """The inductor mode the engine compiles its step with: ``mode`` (True: the default one) where the
-    step is captured in CUDA graphs (``graphs``: static cache and ``cuda_graphs``), else None, warned."""
+    """The inductor mode the engine compiles its step with, where the step is captured in CUDA graphs
+    (``graphs``: static cache and ``cuda_graphs``); else None.
+
+    ``mode``: :data:`AUTO` (the default one where captured, silently nothing elsewhere), True (the
+    default one) or an inductor mode (both warned where not captured), None or False (off).
+    """
+    if mode == AUTO:
+        return DEFAULT_COMPILE_MODE if device.type == "cuda" and graphs else None
     mode = DEFAULT_COMPILE_MODE if mode is True else mode or None
     if mode and not (device.type == "cuda" and graphs):
         logger.warning(
@@ -60,46 +98,208 @@ def compile_mode_for(mode: str | bool | None, device: torch.device, graphs: bool
     return mode
 
 
-def compile_decode(runner: DecodeRunner, device: torch.device, mode: str = DEFAULT_COMPILE_MODE) -> None:
-    """Compile ``runner``'s step and use it for the rows buckets whose replay measures faster.
+def repeated_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's longest list of modules of one class (its decoder layers), if any."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len({type(b) for b in m}) == 1]
+    return max(lists, key=len, default=None)
 
-    A failure to compile (an unsupported model or platform) is logged, and the plain step stays.
+
+class _BlockCache:
+    """What a compiled block sees as its cache: its own layer, whatever layer index it passes.
+
+    The index is a module attribute; were it read, dynamo would compile the block once per layer.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        self._layer = layer
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._layer.update(key_states, value_states)
+
+
+def _grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention; one query token's heads attend as a group per key/value head when compiled.
+
+    Eagerly (any thread that runs the model while a compiled block is being traced) it is exactly
+    transformers' function, which groups the heads itself there.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, q_len, dim = query.shape
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not kwargs.get("dropout")
+    if groups == 1 or q_len != 1 or not plain or not torch.compiler.is_compiling():
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    grouped = query.reshape(b, heads // groups, groups, dim)  # [b, kv_heads, groups, dim]: each head a query row
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, heads, 1, dim).transpose(1, 2), None
+
+
+def _module_forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return type(module).forward(module, *args, **kwargs)
+
+
+def _own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own: dynamo keeps what it compiled, and counts recompiles
+    against ``recompile_limit`` (8), per code object, so each compiled set of modules gets its own."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_copies)}")
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class FusedModules:
+    """``model``'s blocks and the modules beside them, compiled; used while :meth:`active`.
+
+    Each module's ``forward`` is routed once: outside :meth:`active` (prefill, the plain step, other
+    engines over the same model, other threads) it runs the model's own forward, unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[Any], mode: str) -> None:
+        blocks = repeated_blocks(model)
+        if blocks is None or len(blocks) != len(layers):
+            raise ValueError(f"no list of {len(layers)} blocks of one class (one per cache layer) in the model")
+        parent = next(m for m in model.modules() if any(child is blocks for child in m.children()))
+        beside = [c for c in parent.children() if c is not blocks and not isinstance(c, torch.nn.Embedding)]
+        self._caches = {id(block): _BlockCache(layer) for block, layer in zip(blocks, layers, strict=True)}
+        self._configs = {
+            id(c): c
+            for m in blocks[0].modules()
+            if getattr(c := getattr(m, "config", None), "_attn_implementation", None) == "sdpa"
+        }
+        AttentionInterface.register(_ATTENTION, _grouped_sdpa)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        self._compiled = {  # per class: each its own compiled variants (rows, and for chunks, reused columns)
+            cls: torch.compile(_own_copy(_module_forward), mode=mode, dynamic=True, fullgraph=True)
+            for cls in {type(m) for m in (*blocks, *beside)}
+        }
+        for module in (*blocks, *beside):
+            _route(module)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Route the model's blocks to their compiled forward (in this thread, for the block's duration)."""
+        token = _FUSING.set(self)
+        try:
+            yield
+        finally:
+            _FUSING.reset(token)
+
+    def forward(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``module``'s compiled forward; a block gets its own cache layer."""
+        cache = self._caches.get(id(module))
+        if cache is not None:
+            name = next((n for n in _CACHE_ARGS if n in kwargs), None)
+            if name is None:
+                raise TypeError(
+                    f"{type(module).__name__} is not given its cache by keyword ({' or '.join(_CACHE_ARGS)})"
+                )
+            kwargs = {**kwargs, name: cache}
+            with _attending(self._configs.values()):
+                return self._compiled[type(module)](module, *args, **kwargs)
+        return self._compiled[type(module)](module, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _attending(configs: Iterable[Any]) -> Iterator[None]:
+    """The blocks' attention through :func:`_grouped_sdpa` (configs that attend with SDPA), then as before."""
+    configs = list(configs)
+    for config in configs:
+        config._attn_implementation = _ATTENTION
+    try:
+        yield
+    finally:
+        for config in configs:
+            config._attn_implementation = "sdpa"
+
+
+def _route(module: torch.nn.Module) -> None:
+    """Make ``module``'s forward the compiled one while a :class:`FusedModules` is active (once per module)."""
+    if getattr(module.forward, "routed", False):
+        return
+    eager = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        fused = _FUSING.get()
+        return eager(*args, **kwargs) if fused is None else fused.forward(module, args, kwargs)
+
+    forward.routed = True  # type: ignore[attr-defined]
+    module.forward = forward
+
+
+def compile_steps(
+    decode: DecodeRunner,
+    prefill: PrefillRunner,
+    model: torch.nn.Module,
+    device: torch.device,
+    mode: str = DEFAULT_COMPILE_MODE,
+) -> None:
+    """Compile ``model``'s blocks for the decode step (in ``mode``) and the prefill chunks (inductor's
+    ``"default"``: chunks come in many shapes, which matmuls autotuned for one would not suit), and
+    use each where its replay measures faster: per rows bucket for the decode step, at the chunk a
+    long prompt joins running rows with for the prefill chunks.
+
+    A failure to compile (an unsupported model or platform) is logged, and the plain steps stay.
     """
     started = time.perf_counter()
-    length = bucket_for(min(_SELECTION_LENGTH, runner.cache.max_len), runner.length_buckets)
-    buckets = [rows for rows in runner.row_buckets if rows <= _MAX_COMPILED_ROWS]
+    length = bucket_for(min(_SELECTION_LENGTH, decode.cache.max_len), decode.length_buckets)
+    chunk = prefill.joining_key(min(2 * _SELECTION_LENGTH, prefill.cache.max_len))
     try:
-        compiled = torch.compile(runner.plain_step, mode=mode, dynamic=True, fullgraph=True)
+        fused = FusedModules(model, decode.cache.layers, mode)
+        chunks = FusedModules(model, decode.cache.layers, "default")
+        compiled = partial(_fused_call, fused, decode.plain_step)
         warm = torch.cuda.Stream(device)
         warm.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(warm):
-            for rows in buckets:
-                compiled(runner.inputs(rows), length)
+            for rows in decode.row_buckets:
+                compiled(decode.inputs(rows), length)
+            if chunk is not None:
+                with chunks.active():
+                    prefill.forward(chunk)
         torch.cuda.synchronize(device)
     except Exception as exc:  # inductor's errors have no common base
-        logger.warning("torch.compile failed, the decode step stays unfused: %s", exc)
+        logger.warning("torch.compile failed, the decode step and prefill chunks stay unfused: %s", exc)
         return
     compile_s = time.perf_counter() - started
-    timings = []
+    timings, chunks_used = [], "not used"
     with frozen_gc():
         streams = torch.cuda.Stream(device), torch.cuda.Stream(device)
-        for rows in buckets:
-            inputs = runner.inputs(rows)
-            plain = _replay_ms(partial(runner.plain_step, inputs, length), device, streams)
-            fused = _replay_ms(partial(compiled, inputs, length), device, streams)
-            timings.append(f"{rows}: {plain:.2f}/{fused:.2f}")
-            if fused < plain:
-                runner.compiled_rows.add(rows)
-    runner.compiled = compiled
+        for rows in decode.row_buckets:
+            inputs = decode.inputs(rows)
+            plain_ms = _replay_ms(partial(decode.plain_step, inputs, length), device, streams)
+            fused_ms = _replay_ms(partial(compiled, inputs, length), device, streams)
+            timings.append(f"{rows}: {plain_ms:.2f}/{fused_ms:.2f}")
+            if fused_ms < plain_ms:
+                decode.compiled_rows.add(rows)
+        if chunk is not None:
+            plain_ms = _replay_ms(partial(prefill.forward, chunk), device, streams)
+            fused_ms = _replay_ms(partial(_fused_call, chunks, prefill.forward, chunk), device, streams)
+            timings.append(f"prefill chunk {chunk}: {plain_ms:.2f}/{fused_ms:.2f}")
+            if fused_ms < plain_ms:
+                prefill.fused = chunks.active
+                chunks_used = "used (the other shapes compiled as they are captured)"
+    decode.compiled = compiled
     logger.info(
-        "compiled the decode step (%s) in %.1f s; replay ms plain/compiled by rows at %d columns: %s; "
-        "compiled step used for rows %s",
+        "compiled the decode step's blocks (%s) and the prefill chunks' in %.1f s; replay ms plain/compiled "
+        "by rows at %d columns: %s; compiled step used for rows %s, compiled chunks %s",
         mode,
         compile_s,
         length,
         ", ".join(timings),
-        sorted(runner.compiled_rows) or "none",
+        sorted(decode.compiled_rows) or "none",
+        chunks_used,
     )
+
+
+def _fused_call(fused: FusedModules, forward: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    with fused.active():
+        return forward(*args)
 
 
 def _replay_ms(

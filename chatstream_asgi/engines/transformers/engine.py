@@ -31,7 +31,7 @@ from chatstream_asgi.engines.base import (
     QueueStream,
 )
 from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache, log_growing_cache
-from chatstream_asgi.engines.transformers.compiled_step import compile_decode, compile_mode_for
+from chatstream_asgi.engines.transformers.compiled_step import AUTO, compile_mode_for, compile_steps
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher
 from chatstream_asgi.engines.transformers.eager_steps import EagerSteps
 from chatstream_asgi.engines.transformers.graph_runner import DecodeRunner, PrefillRunner, capture_all
@@ -70,10 +70,11 @@ class TransformersEngine(EagerSteps, StaticSteps):
     GPU options (see the module docstring): ``static_cache`` (default: on CUDA) selects the
     preallocated cache, sized by ``kv_cache_memory`` (GiB) or ``gpu_memory_utilization`` (a
     fraction of the card, like vLLM's); fewer rows than ``max_batch_size`` when the budget holds
-    fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``compile_mode`` (an
-    inductor mode, or True for ``"default"``; off by default, since compiling takes minutes the
-    first time) fuses the captured decode step where that measures faster (see
-    :mod:`~chatstream_asgi.engines.transformers.compiled_step`; else a warning). ``max_prefill_tokens``
+    fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``compile_mode`` fuses the
+    captured decode step's layers with ``torch.compile`` where that measures faster (``"auto"``, the
+    default: wherever steps are captured, about 40 s at the first start and 10 s after; an inductor
+    mode, or True for the default one; None: off; see
+    :mod:`~chatstream_asgi.engines.transformers.compiled_step`). ``max_prefill_tokens``
     caps the prompt tokens prefilled beside one decode step while rows are running (static cache
     only; ``None``: no cap); an idle engine prefills a prompt whole. ``kv_cache_usage`` is the
     share of the slots in use.
@@ -101,7 +102,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         system_prompt: str | None = None,
         static_cache: bool | None = None,
         cuda_graphs: bool = True,
-        compile_mode: str | bool | None = None,
+        compile_mode: str | bool | None = AUTO,
         kv_cache_memory: float | None = None,
         gpu_memory_utilization: float | None = None,
         max_prefill_tokens: int | None = DEFAULT_PREFILL_CHUNK,
@@ -325,7 +326,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
         )
         if self._runner.shapes:
             if self.compile_mode:
-                compile_decode(self._runner, self.device, self.compile_mode)
+                compile_steps(self._runner, self._prefill_runner, self.model, self.device, self.compile_mode)
             capture_all([self._runner, self._prefill_runner], self.device)
 
     def _iteration(self, admitted: list[EngineSequence]) -> None:

@@ -277,7 +277,7 @@ class PrefillRunner:
         self.row_buckets = row_buckets(cache.rows)
         self.length_buckets = continued_lengths(cache.max_len)
         self.token_buckets = [t for t in _TOKEN_BUCKETS if t <= cache.max_len] or [cache.max_len]
-        top = bucket_for(min(chunk or cache.max_len, self.token_buckets[-1]), self.token_buckets)
+        top = self._joining_tokens = bucket_for(min(chunk or cache.max_len, self.token_buckets[-1]), self.token_buckets)
         self._known = {
             (r, t, n)
             for t in self.token_buckets
@@ -294,6 +294,8 @@ class PrefillRunner:
         self._columns = torch.arange(cache.max_len + 1, device=device)
         self._pinned = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self._pinned else None
+        self.fused: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        """What the captured chunks run under: the model's compiled layers, where they measured faster."""
 
     def join(self) -> None:
         """Make the current stream wait for the last chunk (queued on the device; no host wait)."""
@@ -348,11 +350,16 @@ class PrefillRunner:
         key = (rows, tokens, tokens if kv_len <= tokens else bucket_for(kv_len, self.length_buckets))
         return key if key in self._known else None
 
+    def joining_key(self, kv_len: int) -> Key | None:
+        """The shape of a long prompt's chunk (``max_prefill_tokens``), ``kv_len`` columns in, beside running rows."""
+        return self._key(1, self._joining_tokens, kv_len)
+
     def forward(self, key: Key) -> torch.Tensor:
         """The chunk over the static inputs for bucket ``(rows, tokens, length)`` (what a graph captures)."""
         rows, tokens, length = key
         ids, positions, columns = self._inputs[:, :rows, :tokens]
-        return self._chunk(self._call_model, ids, positions, columns, self._slots[:rows], length)
+        with self.fused():
+            return self._chunk(self._call_model, ids, positions, columns, self._slots[:rows], length)
 
     def _chunk(
         self,

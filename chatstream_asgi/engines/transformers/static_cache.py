@@ -186,6 +186,11 @@ class StaticKVCache:
         self.row_ids = torch.arange(rows, device=device)
 
     @property
+    def layers(self) -> list[Any]:
+        """The per-layer views the model's attention writes through (index ``i``: layer ``i``)."""
+        return self._cache.layers
+
+    @property
     def scratch(self) -> int:
         """The column that padding writes to."""
         return self.max_len
