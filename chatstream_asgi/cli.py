@@ -95,7 +95,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="MODE",
         help="fuse the decode step's layers with torch.compile where the graph replays faster (the default "
         "wherever steps are captured; MODE: an inductor mode, 'max-autotune-no-cudagraphs' if omitted); about "
-        "40 s at the first start, 10 s from inductor's disk cache after",
+        "50 s at the first start, 15 s from inductor's disk cache after",
     )
     compiling.add_argument(
         "--no-compile",
