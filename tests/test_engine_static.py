@@ -324,6 +324,68 @@ def test_compiled_blocks_prefill_a_chunk_as_the_plain_forward(f32_engine: Transf
         torch.testing.assert_close(buf[:, :, : kv.scratch], expected)  # (padding tokens all write the scratch column)
 
 
+def tiny_llama() -> torch.nn.Module:
+    """A fresh tiny Llama (grouped query heads), of its own: routing its blocks leaves the shared fixtures alone."""
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_routed_model_still_traces_whole_copies_and_pickles() -> None:
+    """Compiling the blocks routes their forward for good: outside the engine's compiled steps the
+    model still traces whole with ``fullgraph`` (a user's ``torch.compile``, transformers' ``generate``
+    with a static cache), a deep copy of it computes with its own weights, and it pickles."""
+    import copy
+    import io
+
+    from chatstream_asgi.engines.transformers.compiled_step import FusedModules
+
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        expected = model(ids).logits
+        reference = copy.deepcopy(model)  # not routed
+        kv = StaticKVCache(KVLayout.of(model.config, torch.float32), 1, 16, model.device)
+        FusedModules(model, kv.layers, "default")  # routes; compiles nothing until active
+        traced = torch.compile(lambda ids: model(ids).logits, backend="eager", fullgraph=True)(ids)  # run eagerly
+        torch.testing.assert_close(traced, expected)
+        twin = copy.deepcopy(model)
+        for module in (twin, reference):
+            for p in module.model.layers.parameters():
+                p.zero_()
+        assert torch.equal(twin(ids).logits, reference(ids).logits)
+        assert not torch.equal(twin(ids).logits, expected)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer, weights_only=False)(ids).logits, expected)
+
+
+def test_grouped_attention_is_transformers_sdpa_when_compiled() -> None:
+    """The compiled blocks' attention (one query token's heads grouped per key/value head) gives
+    transformers' SDPA attention's output, called as transformers' function is (``dropout`` and
+    ``scaling`` may come positionally), with the engine's mask or none."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from chatstream_asgi.engines.transformers.compiled_step import _grouped_sdpa
+
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    query, key, value = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    mask = (torch.arange(16) <= torch.tensor([[9], [15]])).view(2, 1, 1, 16)
+    attend = torch.compile(lambda *args: _grouped_sdpa(*args), backend="eager", fullgraph=True)  # the grouped path
+    for args in ((mask, 0.0, 0.3), (None,)):
+        out, _ = attend(module, query, key, value, *args)
+        expected, _ = sdpa_attention_forward(module, query, key, value, *args)
+        torch.testing.assert_close(out, expected)
+        assert out.shape == (2, 1, 6, 8) and out.is_contiguous()
+
+
 @cuda_only
 def test_compiled_decode_matches_eager_token_for_token(
     f32_engine: TransformersEngine, monkeypatch, caplog: pytest.LogCaptureFixture

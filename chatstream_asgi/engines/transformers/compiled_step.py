@@ -4,7 +4,7 @@ A replayed decode step of a small model is still a few hundred small kernels (no
 embeddings, activations, residual adds around each matmul): SmolLM2-135M's step takes 3 ms on an
 H100 where its weights take 0.09 ms to read. Inductor fuses them, and the fused step is captured in
 the same CUDA graphs. It pays at small batches and can lose at large ones, where the matmuls
-dominate, so :func:`compile_decode` measures both replays per rows bucket and keeps the faster.
+dominate, so :func:`compile_steps` measures both replays per rows bucket and keeps the faster.
 
 What is compiled is the model's repeated block (its decoder layer, one class run once per layer)
 and the modules beside the stack (rotary embedding, final norm), not the whole forward: dynamo
@@ -125,25 +125,34 @@ def _grouped_sdpa(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
     scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention; one query token's heads attend as a group per key/value head when compiled.
+    """transformers' SDPA attention (its signature too); one query token's heads attend as a group per
+    key/value head when compiled.
 
     Eagerly (any thread that runs the model while a compiled block is being traced) it is exactly
-    transformers' function, which groups the heads itself there.
+    transformers' function, which groups the heads itself there; so is it where transformers would
+    do more than grouping (dropout, a position bias, soft-capping, a mask per head).
     """
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, dim = query.shape
-    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not kwargs.get("dropout")
+    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
+    plain = not dropout and position_bias is None and kwargs.get("softcap") is None and shared_mask
     if groups == 1 or q_len != 1 or not plain or not torch.compiler.is_compiling():
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, **kwargs
+        )
     grouped = query.reshape(b, heads // groups, groups, dim)  # [b, kv_heads, groups, dim]: each head a query row
     out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(b, heads, 1, dim).transpose(1, 2), None
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _module_forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """What is compiled: the class's forward, not the instance's (routed to this one: it would recurse)."""
     return type(module).forward(module, *args, **kwargs)
 
 
@@ -168,10 +177,10 @@ class FusedModules:
         parent = next(m for m in model.modules() if any(child is blocks for child in m.children()))
         beside = [c for c in parent.children() if c is not blocks and not isinstance(c, torch.nn.Embedding)]
         self._caches = {id(block): _BlockCache(layer) for block, layer in zip(blocks, layers, strict=True)}
-        self._configs = {
+        self._configs = {  # SDPA's; ours too: another engine over this model may be in a compiled block now
             id(c): c
             for m in blocks[0].modules()
-            if getattr(c := getattr(m, "config", None), "_attn_implementation", None) == "sdpa"
+            if getattr(c := getattr(m, "config", None), "_attn_implementation", None) in ("sdpa", _ATTENTION)
         }
         AttentionInterface.register(_ATTENTION, _grouped_sdpa)
         ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
@@ -208,7 +217,11 @@ class FusedModules:
 
 @contextlib.contextmanager
 def _attending(configs: Iterable[Any]) -> Iterator[None]:
-    """The blocks' attention through :func:`_grouped_sdpa` (configs that attend with SDPA), then as before."""
+    """The blocks' attention through :func:`_grouped_sdpa` (configs that attend with SDPA), then SDPA again.
+
+    SDPA, not the value found on entry: blocks of two engines over one model interleaving would
+    otherwise leave :func:`_grouped_sdpa` set for good.
+    """
     configs = list(configs)
     for config in configs:
         config._attn_implementation = _ATTENTION
@@ -220,17 +233,23 @@ def _attending(configs: Iterable[Any]) -> Iterator[None]:
 
 
 def _route(module: torch.nn.Module) -> None:
-    """Make ``module``'s forward the compiled one while a :class:`FusedModules` is active (once per module)."""
-    if getattr(module.forward, "routed", False):
+    """Make ``module``'s forward the compiled one while a :class:`FusedModules` is active (once per module).
+
+    A partial of a module-level function, not a closure: a deep copy of the model then gets a forward
+    bound to the copy (a closure would run the original's weights), and the model still pickles.
+    """
+    forward = module.forward
+    if isinstance(forward, partial) and forward.func is _routed_forward:
         return
-    eager = module.forward
+    module.forward = partial(_routed_forward, module, forward)
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        fused = _FUSING.get()
-        return eager(*args, **kwargs) if fused is None else fused.forward(module, args, kwargs)
 
-    forward.routed = True  # type: ignore[attr-defined]
-    module.forward = forward
+def _routed_forward(module: torch.nn.Module, eager: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``module``'s compiled forward while a :class:`FusedModules` is active in this thread, else ``eager``
+    (its forward as it was), also while dynamo traces the whole model (a user's ``torch.compile``,
+    transformers' ``generate`` with a static cache): dynamo cannot trace ``ContextVar.get``."""
+    fused = None if torch.compiler.is_compiling() else _FUSING.get()
+    return eager(*args, **kwargs) if fused is None else fused.forward(module, args, kwargs)
 
 
 def compile_steps(
