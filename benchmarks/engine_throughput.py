@@ -335,7 +335,14 @@ def main() -> None:
         help="engine: fuse the decode step's layers with torch.compile (default: where CUDA graphs run; MODE: "
         "an inductor mode)",
     )
-    compiling.add_argument("--no-compile", dest="compile", action="store_const", const=None, default=argparse.SUPPRESS)
+    compiling.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_const",
+        const=None,
+        default=argparse.SUPPRESS,
+        help="engine: the plain replayed graphs",
+    )
     parser.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,

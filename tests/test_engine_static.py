@@ -386,6 +386,21 @@ def test_grouped_attention_is_transformers_sdpa_when_compiled() -> None:
         assert out.shape == (2, 1, 6, 8) and out.is_contiguous()
 
 
+def test_blocks_paired_with_other_cache_layers_are_not_compiled(f32_engine: TransformersEngine) -> None:
+    """Each compiled block writes the cache layer at its position: a model whose blocks attend with
+    other layers (here two swapped) is refused, which leaves the plain step (the caller warns)."""
+    import copy
+
+    from chatstream_asgi.engines.transformers.compiled_step import FusedModules, repeated_blocks
+
+    model = copy.deepcopy(f32_engine.model)
+    blocks = repeated_blocks(model)
+    assert blocks is not None and len(blocks) == 2
+    blocks[0], blocks[1] = blocks[1], blocks[0]
+    with pytest.raises(ValueError, match="block 0 of the model attends with cache layer 1"):
+        FusedModules(model, [object(), object()], "default")
+
+
 @cuda_only
 def test_compiled_decode_matches_eager_token_for_token(
     f32_engine: TransformersEngine, monkeypatch, caplog: pytest.LogCaptureFixture

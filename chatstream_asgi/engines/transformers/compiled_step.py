@@ -176,6 +176,10 @@ class FusedModules:
             raise ValueError(f"no list of {len(layers)} blocks of one class (one per cache layer) in the model")
         parent = next(m for m in model.modules() if any(child is blocks for child in m.children()))
         beside = [c for c in parent.children() if c is not blocks and not isinstance(c, torch.nn.Embedding)]
+        for i, block in enumerate(blocks):  # cache layers are paired with blocks by position
+            index = next((m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)), i)
+            if index != i:
+                raise ValueError(f"block {i} of the model attends with cache layer {index}")
         self._caches = {id(block): _BlockCache(layer) for block, layer in zip(blocks, layers, strict=True)}
         self._configs = {  # SDPA's; ours too: another engine over this model may be in a compiled block now
             id(c): c
@@ -264,31 +268,32 @@ def compile_steps(
     use each where its replay measures faster: per rows bucket for the decode step, at the chunk a
     long prompt joins running rows with for the prefill chunks.
 
-    A failure to compile (an unsupported model or platform) is logged, and the plain steps stay.
+    Everything the capture will run is compiled here, so a failure to compile (an unsupported
+    model or platform) leaves that part plain, logged, and never fails the start.
     """
+    streams = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    _compile_decode(decode, model, device, mode, streams)
+    _compile_chunks(prefill, model, device, streams)
+
+
+def _compile_decode(
+    decode: DecodeRunner,
+    model: torch.nn.Module,
+    device: torch.device,
+    mode: str,
+    streams: tuple[torch.cuda.Stream, torch.cuda.Stream],
+) -> None:
     started = time.perf_counter()
     length = bucket_for(min(_SELECTION_LENGTH, decode.cache.max_len), decode.length_buckets)
-    chunk = prefill.joining_key(min(2 * _SELECTION_LENGTH, prefill.cache.max_len))
     try:
-        fused = FusedModules(model, decode.cache.layers, mode)
-        chunks = FusedModules(model, decode.cache.layers, "default")
-        compiled = partial(_fused_call, fused, decode.plain_step)
-        warm = torch.cuda.Stream(device)
-        warm.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(warm):
-            for rows in decode.row_buckets:
-                compiled(decode.inputs(rows), length)
-            if chunk is not None:
-                with chunks.active():
-                    prefill.forward(chunk)
-        torch.cuda.synchronize(device)
+        compiled = partial(_fused_call, FusedModules(model, decode.cache.layers, mode), decode.plain_step)
+        _on_side_stream(device, [partial(compiled, decode.inputs(rows), length) for rows in decode.row_buckets])
     except Exception as exc:  # inductor's errors have no common base
-        logger.warning("torch.compile failed, the decode step and prefill chunks stay unfused: %s", exc)
+        logger.warning("torch.compile failed, the decode step stays unfused: %s", exc)
         return
     compile_s = time.perf_counter() - started
-    timings, chunks_used = [], "not used"
+    timings = []
     with frozen_gc():
-        streams = torch.cuda.Stream(device), torch.cuda.Stream(device)
         for rows in decode.row_buckets:
             inputs = decode.inputs(rows)
             plain_ms = _replay_ms(partial(decode.plain_step, inputs, length), device, streams)
@@ -296,24 +301,59 @@ def compile_steps(
             timings.append(f"{rows}: {plain_ms:.2f}/{fused_ms:.2f}")
             if fused_ms < plain_ms:
                 decode.compiled_rows.add(rows)
-        if chunk is not None:
-            plain_ms = _replay_ms(partial(prefill.forward, chunk), device, streams)
-            fused_ms = _replay_ms(partial(_fused_call, chunks, prefill.forward, chunk), device, streams)
-            timings.append(f"prefill chunk {chunk}: {plain_ms:.2f}/{fused_ms:.2f}")
-            if fused_ms < plain_ms:
-                prefill.fused = chunks.active
-                chunks_used = "used (the other shapes compiled as they are captured)"
     decode.compiled = compiled
     logger.info(
-        "compiled the decode step's blocks (%s) and the prefill chunks' in %.1f s; replay ms plain/compiled "
-        "by rows at %d columns: %s; compiled step used for rows %s, compiled chunks %s",
+        "compiled the decode step's blocks (%s) in %.1f s; replay ms plain/compiled by rows at %d columns: %s; "
+        "compiled step used for rows %s",
         mode,
         compile_s,
         length,
         ", ".join(timings),
         sorted(decode.compiled_rows) or "none",
-        chunks_used,
     )
+
+
+def _compile_chunks(
+    prefill: PrefillRunner,
+    model: torch.nn.Module,
+    device: torch.device,
+    streams: tuple[torch.cuda.Stream, torch.cuda.Stream],
+) -> None:
+    chunk = prefill.joining_key(min(2 * _SELECTION_LENGTH, prefill.cache.max_len))
+    if chunk is None:
+        return
+    started = time.perf_counter()
+    try:
+        chunks = FusedModules(model, prefill.cache.layers, "default")
+        _on_side_stream(device, [partial(_fused_call, chunks, prefill.forward, chunk)])
+        with frozen_gc():
+            plain_ms = _replay_ms(partial(prefill.forward, chunk), device, streams)
+            fused_ms = _replay_ms(partial(_fused_call, chunks, prefill.forward, chunk), device, streams)
+        if fused_ms < plain_ms:  # then every shape the capture will run, compiled now
+            _on_side_stream(device, [partial(_fused_call, chunks, prefill.forward, key) for key in prefill.shapes])
+            prefill.fused = chunks.active
+    except Exception as exc:
+        logger.warning("torch.compile failed, the prefill chunks stay unfused: %s", exc)
+        return
+    logger.info(
+        "compiled the prefill chunks' blocks (default) in %.1f s; replay ms plain/compiled of chunk %s: "
+        "%.2f/%.2f; compiled chunks %s",
+        time.perf_counter() - started,
+        chunk,
+        plain_ms,
+        fused_ms,
+        "used" if fused_ms < plain_ms else "not used",
+    )
+
+
+def _on_side_stream(device: torch.device, forwards: list[Callable[[], torch.Tensor]]) -> None:
+    """Run ``forwards`` on a side stream (as the capture's warm-up does) and wait for them."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for forward in forwards:
+            forward()
+    torch.cuda.synchronize(device)
 
 
 def _fused_call(fused: FusedModules, forward: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
