@@ -92,10 +92,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         default="auto",
+        choices=["auto", "default", "max-autotune-no-cudagraphs"],
         metavar="MODE",
-        help="fuse the decode step's layers with torch.compile where the graph replays faster (the default "
-        "wherever steps are captured; MODE: an inductor mode, 'max-autotune-no-cudagraphs' if omitted); about "
-        "50 s at the first start, 15 s from inductor's disk cache after",
+        help="fuse the decode step's layers with torch.compile where the graph replays faster. Default 'auto': "
+        "wherever steps are captured in CUDA graphs, nothing on CPU. MODE: an inductor mode, "
+        "'max-autotune-no-cudagraphs' if omitted (on CPU: ignored, with a warning); about 50 s at the first "
+        "start, 10-15 s from inductor's disk cache after",
     )
     compiling.add_argument(
         "--no-compile",

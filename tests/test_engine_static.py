@@ -440,11 +440,17 @@ def test_compile_without_cuda_graphs_warns_and_is_ignored(
             tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, compile_mode=True, **options
         )
     assert quiet.compile_mode is None and engine.compile_mode is None
-    assert [r.getMessage() for r in caplog.records if "compile_mode" in r.getMessage()] == [
-        f"compile_mode {DEFAULT_COMPILE_MODE!r} ignored on {engine.device}: it fuses only the decode step captured "
-        "in CUDA graphs (static cache on CUDA, cuda_graphs on); on CPU the step is bound by its matmuls, and "
-        "compiling it measured no worthwhile gain (see compiled_step)"
+    reason = (
+        "the decode step is compiled only where it is captured in CUDA graphs (static cache, cuda_graphs on)"
+        if engine.device.type == "cuda"
+        else "only the CUDA-graph decode step is compiled; on CPU the step is bound by its matmuls and compiling "
+        'measured no worthwhile gain (README: "Fusing the step")'
+    )
+    assert [r.getMessage() for r in caplog.records if "compile mode" in r.getMessage()] == [
+        f"compile mode {DEFAULT_COMPILE_MODE!r} ignored on {engine.device}: {reason}"
     ]
+    with pytest.raises(ValueError, match="compile mode 'reduce-overhead': expected one of 'auto', 'default'"):
+        TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, compile_mode="reduce-overhead")
 
 
 @cuda_only

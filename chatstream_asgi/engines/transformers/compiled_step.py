@@ -55,7 +55,15 @@ from chatstream_asgi.engines.transformers.graph_runner import (
     frozen_gc,
 )
 
-__all__ = ["AUTO", "DEFAULT_COMPILE_MODE", "FusedModules", "compile_mode_for", "compile_steps", "repeated_blocks"]
+__all__ = [
+    "AUTO",
+    "COMPILE_MODES",
+    "DEFAULT_COMPILE_MODE",
+    "FusedModules",
+    "compile_mode_for",
+    "compile_steps",
+    "repeated_blocks",
+]
 
 logger = logging.getLogger("chatstream_asgi.engine")
 
@@ -66,6 +74,9 @@ DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
 """Inductor's mode: the matmuls autotuned too. On an H100 it compiled in 36-38 s (10 s from the disk
 cache) and replayed the 1.1B shape's one-row step in 1.70 ms, against 2.06 ms and 12-13 s for
 ``"default"``."""
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+"""The inductor modes the engine accepts (the others capture CUDA graphs of their own)."""
 
 _SELECTION_LENGTH = 1024  # the columns both steps attend while they are timed
 _REPEATS = 20
@@ -81,19 +92,23 @@ def compile_mode_for(mode: str | bool | None, device: torch.device, graphs: bool
     (``graphs``: static cache and ``cuda_graphs``); else None.
 
     ``mode``: :data:`AUTO` (the default one where captured, silently nothing elsewhere), True (the
-    default one) or an inductor mode (both warned where not captured), None or False (off).
+    default one) or one of :data:`COMPILE_MODES` (both warned where not captured), None or False
+    (off). Raises ValueError for another mode: the others capture CUDA graphs of their own, inside
+    the engine's.
     """
     if mode == AUTO:
         return DEFAULT_COMPILE_MODE if device.type == "cuda" and graphs else None
     mode = DEFAULT_COMPILE_MODE if mode is True else mode or None
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: expected one of {', '.join(map(repr, (AUTO, *COMPILE_MODES)))}")
     if mode and not (device.type == "cuda" and graphs):
-        logger.warning(
-            "compile_mode %r ignored on %s: it fuses only the decode step captured in CUDA graphs "
-            "(static cache on CUDA, cuda_graphs on); on CPU the step is bound by its matmuls, and "
-            "compiling it measured no worthwhile gain (see compiled_step)",
-            mode,
-            device,
+        reason = (
+            "the decode step is compiled only where it is captured in CUDA graphs (static cache, cuda_graphs on)"
+            if device.type == "cuda"
+            else "only the CUDA-graph decode step is compiled; on CPU the step is bound by its matmuls and "
+            'compiling measured no worthwhile gain (README: "Fusing the step")'
         )
+        logger.warning("compile mode %r ignored on %s: %s", mode, device, reason)
         return None
     return mode
 
