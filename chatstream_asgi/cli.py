@@ -96,8 +96,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         metavar="MODE",
         help="fuse the decode step's layers with torch.compile where the graph replays faster. Default 'auto': "
         "wherever steps are captured in CUDA graphs, nothing on CPU. MODE: an inductor mode, "
-        "'max-autotune-no-cudagraphs' if omitted (on CPU: ignored, with a warning); about 50 s at the first "
-        "start, 10-15 s from inductor's disk cache after",
+        "'max-autotune-no-cudagraphs' if omitted (on CPU: ignored, with a warning); about 90 s at the first "
+        "start, 30 s from inductor's disk cache after",
     )
     compiling.add_argument(
         "--no-compile",

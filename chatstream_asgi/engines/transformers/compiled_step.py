@@ -8,12 +8,13 @@ dominate, so :func:`compile_steps` measures both replays per rows bucket and kee
 
 What is compiled is the model's repeated block (its decoder layer, one class run once per layer)
 and the modules beside the stack (rotary embedding, final norm), not the whole forward: dynamo
-traces one layer instead of thirty and inductor compiles it once (SmolLM2 whole took 195 s; by
-blocks, 13 s in inductor's ``"default"`` mode, 38 s in :data:`DEFAULT_COMPILE_MODE`, 10 s from
-inductor's disk cache, ``TORCHINDUCTOR_CACHE_DIR``, by default under the system's temporary
-directory). Each block is handed its own layer of the cache (:class:`_BlockCache`), so the compiled
-code does not depend on the layer index and one graph serves every layer (one for a single row, one
-for any other number of rows, any length).
+traces one layer instead of thirty and inductor compiles it once. SmolLM2's decode step whole took
+195 s; by blocks, 13 s in inductor's ``"default"`` mode, 38-53 s in :data:`DEFAULT_COMPILE_MODE`,
+and 13 s from inductor's disk cache (``TORCHINDUCTOR_CACHE_DIR``, by default under the system's
+temporary directory); the prefill chunks' every shape, 30-35 s (14 s from the cache), on an H100.
+Each block is handed its own layer of the cache (:class:`_BlockCache`), so the compiled code does
+not depend on the layer index and one graph serves every layer (one for a single row, one for any
+other number of rows, any length).
 
 While compiled, a layer attends through :func:`_grouped_sdpa`: transformers' SDPA attention, with a
 query token's heads grouped onto their key/value head under ``torch.compile`` too. transformers
@@ -71,9 +72,8 @@ AUTO = "auto"
 """The engine's default: compile with :data:`DEFAULT_COMPILE_MODE` where the step is captured, else nothing."""
 
 DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
-"""Inductor's mode: the matmuls autotuned too. On an H100 it compiled in 36-38 s (10 s from the disk
-cache) and replayed the 1.1B shape's one-row step in 1.70 ms, against 2.06 ms and 12-13 s for
-``"default"``."""
+"""Inductor's mode: the matmuls autotuned too. On an H100 the 1.1B shape's one-row step replayed in
+1.70 ms, against 2.06 ms in ``"default"``, for 38-53 s of compiling against 12-13 s."""
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 """The inductor modes the engine accepts (the others capture CUDA graphs of their own)."""

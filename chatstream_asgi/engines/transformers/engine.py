@@ -72,7 +72,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
     fraction of the card, like vLLM's); fewer rows than ``max_batch_size`` when the budget holds
     fewer. ``cuda_graphs=False`` runs its steps eagerly (for debugging). ``compile_mode`` fuses the
     captured decode step's layers with ``torch.compile`` where that measures faster (``"auto"``, the
-    default: wherever steps are captured, about 50 s at the first start and 15 s after; an inductor
+    default: wherever steps are captured, about 90 s at the first start and 30 s after; an inductor
     mode, or True for the default one; None: off; see
     :mod:`~chatstream_asgi.engines.transformers.compiled_step`). ``max_prefill_tokens``
     caps the prompt tokens prefilled beside one decode step while rows are running (static cache
