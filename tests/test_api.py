@@ -98,6 +98,13 @@ async def test_invalid_json_is_400() -> None:
     assert response.json()["error"] == "invalid_request" and "not valid JSON" in response.json()["detail"]
 
 
+async def test_empty_body_is_400_that_says_so() -> None:
+    async with make_client(ChatStream(use_mock_response=True, session_secret="s")) as c:
+        response = await c.post("/chat_stream", content=b" \n")
+    assert response.status_code == 400
+    assert response.json() == {"error": "invalid_request", "detail": "body is empty: expected a JSON object"}
+
+
 async def test_set_feedback_calls_the_feedback_callback() -> None:
     calls: list[tuple[str, str | None, dict[str, Any]]] = []
 

@@ -94,7 +94,7 @@ def test_shutdown_refuses_new_requests_and_drains_open_replies(
             refused = client.post("/chat_stream", json={"user_input": "too late"})
             events = [json.loads(line) for line in lines]
         assert refused.status_code == 503
-        assert refused.json() == {"error": "server_shutting_down"}
+        assert refused.json() == {"error": "server_shutting_down", "detail": "the server is shutting down"}
         assert events[-1].items() >= last_event.items()
         assert all(event["type"] == "delta" for event in events[:-1])
         assert server.wait_exit(15) == 0

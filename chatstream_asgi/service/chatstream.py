@@ -228,7 +228,9 @@ class ChatStream:
         """
         headers = self.id_headers()
         if self._closing:
-            await send_json(send, 503, {"error": "server_shutting_down"}, headers)
+            await send_json(
+                send, 503, {"error": "server_shutting_down", "detail": "the server is shutting down"}, headers
+            )
             return None
         try:
             async with self.outcomes.reports_cancellation(request, callback):  # the session may be loading
