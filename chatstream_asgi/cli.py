@@ -423,12 +423,23 @@ async def _serve(serve: Any, app: Any, config: Any, chat_stream: ChatStream) -> 
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    log = logging.getLogger("chatstream_asgi")
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+        else:  # a second signal while draining: stop now
+            log.info("stopping now: open replies end with an error frame")
+            chat_stream.stop_now()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
 
     async def shutdown_trigger() -> None:
         await stop.wait()
-        logging.getLogger("chatstream_asgi").info("shutting down: draining open replies")
+        log.info(
+            "shutting down: draining open replies (up to %g s; Ctrl+C again to stop now)", chat_stream.shutdown_timeout
+        )
         await chat_stream.shutdown()
 
     await serve(app, config, shutdown_trigger=shutdown_trigger)

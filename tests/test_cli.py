@@ -103,6 +103,31 @@ def test_shutdown_refuses_new_requests_and_drains_open_replies(
         server.stop()
 
 
+def test_a_second_signal_stops_the_drain_now() -> None:
+    """Ctrl+C twice: the first starts the drain (up to --shutdown-timeout, here 600 s, longer than the
+    reply's 20 s), the second ends the open reply at once with the error frame, and the server exits."""
+    server = _serve_mock("--concurrency", "1", "--max-new-tokens", "400", "--mock-type", "long",
+                         "--mock-time-per-token", "0.05", "--shutdown-timeout", "600")  # fmt: skip
+    try:
+        server.wait_ready()
+        with (
+            httpx.Client(base_url=server.url, timeout=10.0) as client,
+            client.stream("POST", "/chat_stream", json={"user_input": "go", "format": "ndjson"}) as response,
+        ):
+            lines = response.iter_lines()
+            assert json.loads(next(lines))["type"] == "delta"
+            server.signal(signal.SIGINT)
+            _wait_for_log(server, "Ctrl+C again to stop now")
+            server.signal(signal.SIGINT)
+            events = [json.loads(line) for line in lines]
+        assert events[-1].items() >= {"type": "error", "error": "server_shutting_down"}.items()
+        assert server.wait_exit(15) == 0
+        assert "stopping now: open replies end with an error frame" in server.output()
+        assert "completed: unknown_error_occurred" in server.output()
+    finally:
+        server.stop()
+
+
 def test_serve_openai_engine_streams_from_a_remote_server() -> None:
     """``--engine openai --remote-url`` fronts another OpenAI-compatible server (here a mock one)."""
     remote = _serve_mock("--mock-type", "echo", "--mock-time-per-token", "0")

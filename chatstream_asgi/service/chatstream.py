@@ -190,10 +190,15 @@ class ChatStream:
         self._closing = True
         with anyio.move_on_after(self.shutdown_timeout if timeout is None else timeout):
             await self.admission.wait_idle()
-        self.replies.abort_all("the server is shutting down")
+        self.stop_now()
         with anyio.move_on_after(self.send_timeout):
             await self.admission.wait_idle()
         await self.engine.shutdown()
+
+    def stop_now(self) -> None:
+        """End every open reply now with a ``server_shutting_down`` error frame (the drain cut short:
+        a second Ctrl+C); :meth:`shutdown` does the same when its timeout runs out."""
+        self.replies.abort_all("the server is shutting down")
 
     # -- serving ------------------------------------------------------------------------
 
