@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from transformers import DynamicCache, GenerationConfig
 
+from chatstream_asgi.cli import add_compile_options
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
 from chatstream_asgi.engines.transformers import TransformersEngine
 
@@ -325,24 +326,7 @@ def main() -> None:
     parser.add_argument(
         "--max-prefill-tokens", type=int, default=256, help="engine: prompt tokens beside one decode step (0: no cap)"
     )
-    compiling = parser.add_mutually_exclusive_group()
-    compiling.add_argument(
-        "--compile",
-        nargs="?",
-        const=True,
-        default="auto",
-        metavar="MODE",
-        help="engine: fuse the decode step's layers with torch.compile (default: where CUDA graphs run; MODE: "
-        "an inductor mode)",
-    )
-    compiling.add_argument(
-        "--no-compile",
-        dest="compile",
-        action="store_const",
-        const=None,
-        default=argparse.SUPPRESS,
-        help="engine: the plain replayed graphs",
-    )
+    add_compile_options(parser)  # the server's --compile [MODE] | --no-compile
     parser.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,

@@ -54,6 +54,36 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return super()._get_help_string(action)
 
 
+COMPILE_CHOICES = ("auto", "default", "max-autotune-no-cudagraphs")
+"""``--compile`` values: the engine's ``compile_mode`` values (``compiled_step``, which imports torch)."""
+
+
+def add_compile_options(parser: argparse._ActionsContainer) -> None:
+    """``--compile [MODE] | --no-compile`` into ``args.compile`` (the engine's ``compile_mode``), here and in
+    the benchmarks."""
+    compiling = parser.add_mutually_exclusive_group()
+    compiling.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default="auto",
+        choices=COMPILE_CHOICES,
+        metavar="MODE",
+        help="fuse the decode step's layers with torch.compile where the graph replays faster. Default 'auto': "
+        "wherever steps are captured in CUDA graphs, nothing on CPU. MODE: an inductor mode, "
+        "'max-autotune-no-cudagraphs' if omitted (on CPU: ignored, with a warning); about 90 s at the first "
+        "start, 30 s from inductor's disk cache after",
+    )
+    compiling.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_const",
+        const=None,
+        default=argparse.SUPPRESS,
+        help="the plain replayed CUDA graphs",
+    )
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command-line parser; ``prog`` names the command in usage lines (default: the script's name)."""
     parser = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, formatter_class=_HelpFormatter)
@@ -86,27 +116,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
     gpu = serve.add_argument_group("transformers engine on CUDA (static KV cache)")
     gpu.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly (debugging)")
-    compiling = gpu.add_mutually_exclusive_group()
-    compiling.add_argument(
-        "--compile",
-        nargs="?",
-        const=True,
-        default="auto",
-        choices=["auto", "default", "max-autotune-no-cudagraphs"],
-        metavar="MODE",
-        help="fuse the decode step's layers with torch.compile where the graph replays faster. Default 'auto': "
-        "wherever steps are captured in CUDA graphs, nothing on CPU. MODE: an inductor mode, "
-        "'max-autotune-no-cudagraphs' if omitted (on CPU: ignored, with a warning); about 90 s at the first "
-        "start, 30 s from inductor's disk cache after",
-    )
-    compiling.add_argument(
-        "--no-compile",
-        dest="compile",
-        action="store_const",
-        const=None,
-        default=argparse.SUPPRESS,
-        help="do not compile",
-    )
+    add_compile_options(gpu)
     budget = gpu.add_mutually_exclusive_group()
     budget.add_argument(
         "--kv-cache-memory",

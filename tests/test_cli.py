@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,19 @@ def _serve_mock(*options: str) -> Server:
     command = [sys.executable, "-m", "chatstream_asgi", "serve", "--engine", "mock", "--host", "127.0.0.1",
                "--port", str(port), *options]  # fmt: skip
     return Server(command, port, {})
+
+
+@contextlib.contextmanager
+def _mid_reply(server: Server) -> Iterator[tuple[httpx.Client, Iterator[str]]]:
+    """A streamed ndjson reply from ``server`` (once ready), its first delta read: the client, the rest of its lines."""
+    server.wait_ready()
+    with (
+        httpx.Client(base_url=server.url, timeout=10.0) as client,
+        client.stream("POST", "/chat_stream", json={"user_input": "go", "format": "ndjson"}) as response,
+    ):
+        lines = response.iter_lines()
+        assert json.loads(next(lines))["type"] == "delta"
+        yield client, lines
 
 
 def _wait_for_log(server: Server, line: str, timeout: float = 10.0) -> None:
@@ -82,13 +97,7 @@ def test_shutdown_refuses_new_requests_and_drains_open_replies(
                          "--mock-type", "long", "--mock-time-per-token", "0.02",
                          "--shutdown-timeout", shutdown_timeout)  # fmt: skip
     try:
-        server.wait_ready()
-        with (
-            httpx.Client(base_url=server.url, timeout=10.0) as client,
-            client.stream("POST", "/chat_stream", json={"user_input": "go", "format": "ndjson"}) as response,
-        ):
-            lines = response.iter_lines()
-            assert json.loads(next(lines))["type"] == "delta"
+        with _mid_reply(server) as (client, lines):
             server.signal(sig)
             _wait_for_log(server, "shutting down: draining open replies")
             refused = client.post("/chat_stream", json={"user_input": "too late"})
@@ -109,13 +118,7 @@ def test_a_second_signal_stops_the_drain_now() -> None:
     server = _serve_mock("--concurrency", "1", "--max-new-tokens", "400", "--mock-type", "long",
                          "--mock-time-per-token", "0.05", "--shutdown-timeout", "600")  # fmt: skip
     try:
-        server.wait_ready()
-        with (
-            httpx.Client(base_url=server.url, timeout=10.0) as client,
-            client.stream("POST", "/chat_stream", json={"user_input": "go", "format": "ndjson"}) as response,
-        ):
-            lines = response.iter_lines()
-            assert json.loads(next(lines))["type"] == "delta"
+        with _mid_reply(server) as (_, lines):
             server.signal(signal.SIGINT)
             _wait_for_log(server, "Ctrl+C again to stop now")
             server.signal(signal.SIGINT)

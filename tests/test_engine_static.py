@@ -45,6 +45,17 @@ def static_engine(tiny_engine: TransformersEngine, **options: Any) -> Transforme
     )
 
 
+def prepared(engine: TransformersEngine) -> TransformersEngine:
+    """``engine`` started and stopped: its static cache and runners built (and kept), nothing running."""
+
+    async def cycle() -> None:
+        await engine.start()
+        await engine.shutdown()
+
+    run(cycle())
+    return engine
+
+
 def staggered(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch, contents: list[str], joins: dict) -> list:
     """Start ``contents[0]``; before decode step ``s`` start the prompts ``joins[s]``; return all texts."""
     probe = StepProbe(engine, monkeypatch)
@@ -253,13 +264,7 @@ def test_compiled_blocks_write_and_read_the_cache_as_the_plain_step(f32_engine: 
 
     from chatstream_asgi.engines.transformers.compiled_step import FusedModules
 
-    engine = static_engine(f32_engine, max_batch_size=4)
-
-    async def main() -> None:
-        await engine.start()
-        await engine.shutdown()
-
-    run(main())
+    engine = prepared(static_engine(f32_engine, max_batch_size=4))
     runner, kv = engine._runner, engine._static_kv
     assert runner is not None and kv is not None
     with torch.inference_mode():
@@ -295,13 +300,7 @@ def test_compiled_blocks_prefill_a_chunk_as_the_plain_forward(f32_engine: Transf
 
     from chatstream_asgi.engines.transformers.compiled_step import FusedModules
 
-    engine = static_engine(f32_engine, max_batch_size=4, cuda_graphs=False)  # chunks run, not replayed
-
-    async def main() -> None:
-        await engine.start()
-        await engine.shutdown()
-
-    run(main())
+    engine = prepared(static_engine(f32_engine, max_batch_size=4, cuda_graphs=False))  # chunks run, not replayed
     prefill, kv = engine._prefill_runner, engine._static_kv
     assert prefill is not None and kv is not None
     ids = torch.randint(3, 60, (2, 20))
@@ -503,6 +502,9 @@ def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
     assert cli._engine(cli.build_parser().parse_args(argv)) == "engine"
     assert seen["cuda_graphs"] is False and seen["compile_mode"] == "auto"
     assert (seen["kv_cache_memory"], seen["gpu_memory_utilization"], seen["max_prefill_tokens"]) == (2.5, None, 256)
+    from chatstream_asgi.engines.transformers.compiled_step import AUTO, COMPILE_MODES
+
+    assert (AUTO, *COMPILE_MODES) == cli.COMPILE_CHOICES  # the CLI's choices are the engine's modes
     for flag, mode in ((["--compile"], True), (["--compile", "default"], "default"), (["--no-compile"], None)):
         assert cli._engine(cli.build_parser().parse_args(["serve", *flag])) == "engine"
         assert seen["compile_mode"] == mode

@@ -203,12 +203,12 @@ def load_json_object(body: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]
     if isinstance(body, (bytes, str)):
         try:
             text = body.decode("utf-8") if isinstance(body, bytes) else body
-            if not text.strip():
-                raise InvalidRequest("body is empty: expected a JSON object")
             data = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_reject_constant)
         except UnicodeDecodeError:
             raise InvalidRequest("body is not valid UTF-8") from None
         except json.JSONDecodeError as exc:
+            if text.isspace() or not text:
+                raise InvalidRequest("body is empty: expected a JSON object") from None
             raise InvalidRequest(f"body is not valid JSON: {exc}") from None
         except RecursionError:
             raise InvalidRequest(f"body is nested more than {MAX_JSON_DEPTH} levels deep") from None
