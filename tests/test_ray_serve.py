@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ LONG = {"max_new_tokens": 2000}
 
 
 def one_replica_app(max_new_tokens: int = 2000) -> Any:
-    from ray_engines import long_mock
+    from ray_engines import announcing_app, long_mock
 
     return chat_app(
         functools.partial(long_mock, 0.05),
@@ -51,6 +51,7 @@ def one_replica_app(max_new_tokens: int = 2000) -> Any:
         max_queue_size=1,
         max_new_tokens=max_new_tokens,
         shutdown_timeout=2.0,
+        app_factory=announcing_app,
         name="one",
     )
 
@@ -343,29 +344,33 @@ def test_four_states_and_429_through_the_proxy_then_a_rolling_redeploy(proxy: st
         assert after.headers["x-chatstream-replica"] != old
 
 
-def test_a_client_that_leaves_while_sending_its_body_is_before_streaming(proxy: str) -> None:
+def test_a_client_that_leaves_while_sending_its_body_is_before_streaming(proxy: str, tmp_path: Path) -> None:
     """Ray's proxy both sends ``http.disconnect`` and cancels the replica's task when the client leaves;
     whichever lands first, the request ends in ``client_disconnected_before_streaming``, counted once.
-    (Which one lands first is a race here; tests/test_cancellation.py cancels deterministically.) A
-    client that leaves before the proxy handed its request on never reaches the app at all, which
-    nothing outside can await: such a try is made again, up to three times."""
+    (Which one lands first is a race here; tests/test_cancellation.py cancels deterministically.) The
+    client leaves once the replica has its request (``announcing_app`` creates the file it names)."""
+    arrived = tmp_path / "arrived"
     with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client:
         host, port = proxy.removeprefix("http://").split(":")
-        for _ in range(3):
-            before = metrics(client, "/one").get("client_disconnected_before_streaming", 0)
-            with socket.create_connection((host, int(port)), timeout=TIMEOUT) as conn:
-                head = "POST /one/chat_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                conn.sendall(f"{head}Content-Length: 1000\r\n\r\n".encode() + b'{"messages": [')
-                time.sleep(1.0)  # let the proxy hand the request to the replica
-            deadline = time.monotonic() + 10.0
-            while (after := metrics(client, "/one").get("client_disconnected_before_streaming", 0)) == before:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            if after != before:
-                assert after == before + 1
-                return
-        pytest.fail("no state reported in three tries")
+        before = metrics(client, "/one").get("client_disconnected_before_streaming", 0)
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as conn:
+            head = f"POST /one/chat_stream HTTP/1.1\r\nHost: x\r\nx-test-arrived: {arrived}\r\n"
+            conn.sendall(f"{head}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode())
+            conn.sendall(b'{"messages": [')
+            wait_for(arrived.exists, "the request to reach the replica")
+
+        def count() -> float:
+            return metrics(client, "/one").get("client_disconnected_before_streaming", 0)
+
+        wait_for(lambda: count() != before, "the state to be reported")
+        assert count() == before + 1
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {TIMEOUT} s for {what}"
+        time.sleep(0.05)
 
 
 def test_x_request_id_is_sent_once(proxy: str) -> None:

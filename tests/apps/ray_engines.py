@@ -29,3 +29,22 @@ async def record_state(path: str, request: object, state: str) -> None:
     """A completion callback for a replica (another process): appends each state to the file ``path``."""
     with open(path, "a", encoding="utf-8") as states:
         states.write(f"{getattr(state, 'value', state)}\n")
+
+
+def announcing_app(chat_stream: object) -> object:
+    """The default app, which first creates the file that a request's ``x-test-arrived`` header names: a
+    test awaits that file to know its request reached the replica (Ray's proxy hands it on when it will)."""
+    from pathlib import Path
+
+    from chatstream_asgi.web.app import create_app
+
+    app = create_app(chat_stream)
+
+    async def announcing(scope: dict, receive: object, send: object) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"x-test-arrived":
+                    Path(value.decode()).touch()
+        await app(scope, receive, send)
+
+    return announcing
