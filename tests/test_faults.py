@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -159,17 +160,23 @@ def tiny(tiny_engine: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return tiny_engine
 
 
-def pause_step_until(engine: Any, monkeypatch: pytest.MonkeyPatch, step: int, go: threading.Event) -> None:
-    """Decode step ``step`` (0-based) waits until ``go`` is set."""
-    inner, steps = engine._forward_step, []
+def pause_step_until(engine: Any, monkeypatch: pytest.MonkeyPatch, step: int, go: threading.Event) -> threading.Event:
+    """Decode step ``step`` (0-based) waits until ``go`` is set; returns the event set when it starts waiting."""
+    inner, steps, reached = engine._forward_step, [], threading.Event()
 
     def forward_step(*args: Any) -> torch.Tensor:
         if len(steps) == step:
+            reached.set()
             assert go.wait(WATCHDOG)
         steps.append(1)
         return inner(*args)
 
     monkeypatch.setattr(engine, "_forward_step", forward_step)
+    return reached
+
+
+async def reached(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, WATCHDOG)
 
 
 class Generated:
@@ -190,12 +197,13 @@ class Generated:
         return self.events.setdefault(rid, threading.Event())
 
     async def wait(self, rid: str) -> None:
-        assert await asyncio.to_thread(self.event(rid).wait, WATCHDOG)
+        await reached(self.event(rid))
 
 
 async def test_prefill_fault_fails_only_the_joining_request(tiny, served, client, records, monkeypatch) -> None:
     generated = Generated(tiny, monkeypatch)
-    pause_step_until(tiny, monkeypatch, 2, generated.event("B"))  # A is mid-reply until B reaches the engine
+    # A is prefilled alone and mid-reply until B reaches the engine (not joined with A in one prefill)
+    mid_reply = pause_step_until(tiny, monkeypatch, 2, generated.event("B"))
     inner, prefills = tiny._forward_prefill, []
 
     def forward_prefill(*args: Any) -> Any:
@@ -207,7 +215,7 @@ async def test_prefill_fault_fails_only_the_joining_request(tiny, served, client
     monkeypatch.setattr(tiny, "_forward_prefill", forward_prefill)
     url = served(service(Shared(tiny), records))
     a = asyncio.ensure_future(chat(client, url, "A", tokens=24))
-    await generated.wait("A")
+    await reached(mid_reply)
     b = await chat(client, url, "B")
     assert b.status == 500 and b.error()["error"] == ERROR
     a = await a
@@ -231,11 +239,12 @@ async def test_decode_fault_fails_the_batch_and_the_queued_request_goes_on(
     monkeypatch.setattr(tiny, "_forward_step", forward_step)
     generated = Generated(tiny, monkeypatch)
     queued = threading.Event()
-    pause_step_until(tiny, monkeypatch, 1, queued)  # A runs on once B has joined and C waits in the queue
+    # A decodes alone (not prefilled with B), and runs on once B has joined and C waits in the queue
+    mid_reply = pause_step_until(tiny, monkeypatch, 1, queued)
     cs = service(Shared(tiny), records, num_of_concurrent_executions=2, max_queue_size=1)
     url = served(cs)
     a = asyncio.ensure_future(chat(client, url, "A", tokens=24))
-    await generated.wait("A")
+    await reached(mid_reply)
     b = asyncio.ensure_future(chat(client, url, "B", tokens=24))
     await generated.wait("B")
     c = asyncio.ensure_future(chat(client, url, "C", tokens=5))
@@ -335,8 +344,37 @@ async def test_a_stalled_request_in_the_queue_is_ended_too(served, client, recor
     assert await records.states("A", "B", "C") == {"A": ERROR, "B": ERROR, "C": SUCCESS}
 
 
+class Logged(logging.Handler):
+    """Counts the package's log records containing ``text`` (logged on any thread); :meth:`wait` awaits a count."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.count, self._cond = text, 0, threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            with self._cond:
+                self.count += 1
+                self._cond.notify_all()
+
+    async def wait(self, count: int) -> None:
+        def wait() -> bool:
+            with self._cond:
+                return self._cond.wait_for(lambda: self.count >= count, WATCHDOG)
+
+        assert await asyncio.to_thread(wait), self.count
+
+
+@pytest.fixture
+def callback_failures() -> Iterator[Logged]:
+    logged, logger = Logged("completion callback failed"), logging.getLogger("chatstream_asgi")
+    logger.addHandler(logged)
+    yield logged
+    logger.removeHandler(logged)
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
-async def test_callback_fault_never_reaches_the_client(served, client, records, kind, caplog) -> None:
+async def test_callback_fault_never_reaches_the_client(served, client, records, kind, callback_failures) -> None:
     def sync_callback(request: Any, state: Any) -> None:
         records(request, state)
         raise RuntimeError("injected callback fault")
@@ -350,4 +388,5 @@ async def test_callback_fault_never_reaches_the_client(served, client, records, 
         assert_served(reply, 8)
     assert_served(await chat(client, url, "C", tokens=3), 3)
     assert await records.states("A", "B", "C") == {"A": SUCCESS, "B": SUCCESS, "C": SUCCESS}
-    assert sum("completion callback failed" in r.getMessage() for r in caplog.records) == 3
+    await callback_failures.wait(3)  # logged after the callback raised, and after the client had the reply
+    assert callback_failures.count == 3
