@@ -37,6 +37,8 @@ TESTS = Path(__file__).parent
 TIMEOUT = 30.0
 SECRET = "ray-test-secret"
 LONG = {"max_new_tokens": 2000}
+# Ray's controller kills a proxy not ready within 5 s; a loaded 2-core machine can take longer to start one.
+RAY_ENV = {"PYTHONPATH": "", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 
 def one_replica_app(max_new_tokens: int = 2000) -> Any:
@@ -59,18 +61,14 @@ def one_replica_app(max_new_tokens: int = 2000) -> Any:
 @pytest.fixture(scope="module")
 def proxy(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture
     """Ray (bounded to this module) with both apps deployed; yields the proxy's URL."""
-    old_path = os.environ.get("PYTHONPATH")
-    sys_path = os.pathsep.join([str(TESTS / "apps"), str(TESTS.parent), old_path or ""])
-    os.environ["PYTHONPATH"] = sys_path  # Ray's processes (started now) import ray_engines and the package
+    old_env = {name: os.environ.get(name) for name in RAY_ENV}
+    sys_path = os.pathsep.join([str(TESTS / "apps"), str(TESTS.parent), old_env["PYTHONPATH"] or ""])
+    env = {**RAY_ENV, "PYTHONPATH": sys_path}  # Ray's processes (started now) import ray_engines and the package
+    os.environ.update(env)
     sys.path.insert(0, str(TESTS / "apps"))
     from ray_engines import long_mock
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": sys_path}},
-    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -92,10 +90,11 @@ def proxy(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture
         serve.shutdown()
         ray.shutdown()
         sys.path.remove(str(TESTS / "apps"))
-        if old_path is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old_path
+        for name, value in old_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class Lines:
