@@ -15,7 +15,9 @@ __all__ = ["serve_subprocess"]
 
 
 @contextlib.contextmanager
-def serve_subprocess(command: Callable[[int], list[str]], ready_path: str, env: Mapping[str, str]) -> Iterator[str]:
+def serve_subprocess(
+    command: Callable[[int], list[str]], ready_path: str, env: Mapping[str, str], start_timeout: float = 30.0
+) -> Iterator[str]:
     """Run ``command(port)`` until the block ends; yields the base URL once ``ready_path`` answers 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -23,7 +25,7 @@ def serve_subprocess(command: Callable[[int], list[str]], ready_path: str, env: 
     process = subprocess.Popen(command(port), env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{' '.join(command(port))} did not start")

@@ -21,6 +21,7 @@ from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, current_request_id
 from chatstream_asgi.protocols.framing import FORMATS
 from chatstream_asgi.protocols.openai import error_body
+from chatstream_asgi.service import heap
 from chatstream_asgi.service.admission import Admission
 from chatstream_asgi.service.metrics import Metrics
 from chatstream_asgi.service.outcomes import Outcomes, Rejection
@@ -155,6 +156,7 @@ class ChatStream:
             queue_full_status=429 if too_many_request_as_http_error else 200,
         )
         self._started = False
+        self._frozen = False
         self._closing = False
 
     @property
@@ -174,10 +176,16 @@ class ChatStream:
         return self._closing
 
     async def start(self) -> None:
-        """Start the engine (idempotent). Called on lifespan startup or on first request."""
+        """Start the engine (idempotent). Called on lifespan startup or on first request.
+
+        The heap it leaves is then frozen out of the garbage collector's full passes (:mod:`.heap`),
+        which would otherwise stall every stream for a walk over the model's objects.
+        """
         if not self._started:
             self._started = True
             await self.engine.start()
+            heap.freeze()
+            self._frozen = True
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop admitting, let open replies finish for ``timeout`` seconds, abort the rest.
@@ -194,6 +202,9 @@ class ChatStream:
         with anyio.move_on_after(self.send_timeout):
             await self.admission.wait_idle()
         await self.engine.shutdown()
+        if self._frozen:
+            self._frozen = False
+            heap.thaw()
 
     def stop_now(self) -> None:
         """End every open reply now with a ``server_shutting_down`` error frame (the drain cut short:
