@@ -196,6 +196,11 @@ async def long_join_itl(
 
     The prompt begins with ``tag``, so that no earlier run's kept prefix covers it.
     """
+    words = prompt_tokens  # sized before the streams start: tokenizing it blocks the loop that stamps them
+    long_prompt = [{"role": "user", "content": f"{tag} " + "word " * words}]
+    while engine.count_tokens(long_prompt) > prompt_tokens:
+        words -= 50
+        long_prompt = [{"role": "user", "content": f"{tag} " + "word " * words}]
     params = GenerationParams(temperature=0.0, max_new_tokens=100_000 // 100)
     busy = [
         engine.generate(GenerationRequest(f"busy{i}", messages(i), params, ignore_eos=True)) for i in range(running)
@@ -213,11 +218,6 @@ async def long_join_itl(
     tasks = [asyncio.create_task(drain(i, s)) for i, s in enumerate(busy)]
     while min(map(len, stamps)) < 20:
         await asyncio.sleep(0.005)
-    words = prompt_tokens
-    long_prompt = [{"role": "user", "content": f"{tag} " + "word " * words}]
-    while engine.count_tokens(long_prompt) > prompt_tokens:
-        words -= 50
-        long_prompt = [{"role": "user", "content": f"{tag} " + "word " * words}]
     window.append(time.perf_counter())
     one_token = GenerationParams(temperature=0.0, max_new_tokens=1)
     joiner = engine.generate(GenerationRequest("long", long_prompt, one_token))
