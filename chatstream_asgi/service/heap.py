@@ -1,10 +1,11 @@
 """The start-up heap, kept out of the garbage collector's full passes while a service runs.
 
-A loaded model and its frameworks leave hundreds of thousands of long-lived objects, and a full
-collection walks every one of them holding the GIL: with SmolLM2 loaded, about 190 ms on a 2-core
-machine, once every ~2,000 requests, while no stream moves. Frozen (:func:`gc.freeze`) once the
-engine has started, they are skipped, and full passes take under a millisecond. The last running
-service unfreezes them when it stops, so that a model dropped afterwards is still collected.
+A process that has loaded a model holds hundreds of thousands of long-lived objects, mostly its
+frameworks' (SmolLM2 on CPU: about 388,000, of which the imports make 359,000), and a full collection
+walks every one of them holding the GIL, so no stream moves: up to 288 ms on a 2-core machine (README,
+"Garbage-collector pauses"). Frozen (:func:`gc.freeze`) once the engine has started, they are skipped:
+full passes walk only what came later. The last running service unfreezes the heap when it stops
+(all of it, whoever froze it), so that a model dropped afterwards is still collected.
 """
 
 from __future__ import annotations
