@@ -168,7 +168,8 @@ def test_the_remote_killed_mid_stream_ends_in_an_error_frame() -> None:
 
 def test_a_pool_fails_over_to_the_llama_server_before_the_first_token(llama: Server) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    pool = EnginePool([OpenAIEngine(dead, "m"), OpenAIEngine(llama.url + "/v1", timeout=TIMEOUT)], load_interval=0.1)
+    engines = [OpenAIEngine(dead, "m"), OpenAIEngine(llama.url + "/v1", timeout=TIMEOUT)]
+    pool = EnginePool(engines, load_interval=0.1, cooldown=600.0)  # still down when a slow reply ends
     recorder = Recorder()
     with serve_in_thread(create_app(chat_stream(recorder, pool))) as url:
         response = httpx.post(url + "/chat_stream", json=ask(4, format="ndjson"), timeout=TIMEOUT)
