@@ -117,6 +117,14 @@ def metrics(client: httpx.Client, prefix: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r'chatstream_completions_total\{state="(\w+)"\} (\S+)', text)}
 
 
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` (bounded): what Ray's processes do has no event to await from here."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {TIMEOUT} s for {what}"
+        time.sleep(0.02)
+
+
 def test_options_cover_the_app_limits_and_the_longest_reply() -> None:
     options = deployment_options(num_of_concurrent_executions=4, max_queue_size=16, longest_reply_s=60.0)
     assert options["max_ongoing_requests"] == 4 + 16 + 8
@@ -181,10 +189,13 @@ def test_free_slot_routing_and_one_conversation_across_two_replicas(proxy: str) 
 def saved_turns(client: httpx.Client, prefix: str, count: int) -> list[str]:
     """The session's history once it holds ``count`` messages (a turn is saved just after its last byte,
     and its request then ends in Ray's count too: bounded wait)."""
-    deadline = time.monotonic() + TIMEOUT
-    while len(contents := [m["content"] for m in client.get(f"{prefix}/get_prompt").json()["messages"]]) < count:
-        assert time.monotonic() < deadline, contents
-        time.sleep(0.02)
+    contents: list[str] = []
+
+    def saved() -> bool:
+        contents[:] = [m["content"] for m in client.get(f"{prefix}/get_prompt").json()["messages"]]
+        return len(contents) >= count
+
+    wait_for(saved, f"{count} saved messages")
     return contents
 
 
@@ -255,12 +266,14 @@ def wait_until_idle(client: httpx.Client, prefix: str, replicas: int) -> None:
     """Until ``replicas`` replicas have answered ``/get_load`` with no reply in progress (the router ranks idle
     ones first and rotates ties, so every replica answers once it is idle)."""
     idle: set[str] = set()
-    deadline = time.monotonic() + TIMEOUT
-    while len(idle) < replicas:
-        assert time.monotonic() < deadline, f"only {len(idle)} of {replicas} replicas idle"
+
+    def all_idle() -> bool:
         response = client.get(f"{prefix}/get_load")
         if response.json()["processing"] == 0:
             idle.add(response.headers["x-chatstream-replica"])
+        return len(idle) >= replicas
+
+    wait_for(all_idle, f"{replicas} idle replicas")
 
 
 def open_together(
@@ -341,6 +354,14 @@ def test_four_states_and_429_through_the_proxy_then_a_rolling_redeploy(proxy: st
         after = client.post("/one/chat_stream", json={**stream, "generation_params": {"max_new_tokens": 2}})
         assert after.status_code == 200
         assert after.headers["x-chatstream-replica"] != old
+        # The old replica stops (its ChatStream, closing, would answer a request routed to it 503, uncounted).
+        wait_for(lambda: replica_states("one") == {"RUNNING": 1}, "the old replica of /one to stop")
+
+
+def replica_states(app: str) -> dict[str, int]:
+    """How many replicas of ``app``'s deployments are in each state (Ray's ``serve.status()``)."""
+    deployments = serve.status().applications[app].deployments.values()
+    return {getattr(state, "value", state): n for d in deployments for state, n in d.replica_states.items() if n}
 
 
 def test_a_client_that_leaves_while_sending_its_body_is_before_streaming(proxy: str, tmp_path: Path) -> None:
@@ -363,13 +384,6 @@ def test_a_client_that_leaves_while_sending_its_body_is_before_streaming(proxy: 
 
         wait_for(lambda: count() != before, "the state to be reported")
         assert count() == before + 1
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {TIMEOUT} s for {what}"
-        time.sleep(0.05)
 
 
 def test_x_request_id_is_sent_once(proxy: str) -> None:
