@@ -1,6 +1,7 @@
 """A server that *cancels* the request task when its client leaves (as Ray Serve's proxy does, often before
 ``http.disconnect`` arrives): every wait before admission must still end the request in
-``client_disconnected_before_streaming``, reported once, and the cancellation must go on (re-raised)."""
+``client_disconnected_before_streaming``, reported once, and the cancellation must go on (re-raised). Ray's
+proxy may instead make ``receive`` raise while the body arrives: that is a client that left too."""
 
 from __future__ import annotations
 
@@ -38,6 +39,19 @@ class StalledReceive:
         self.stalled.set()
         await anyio.sleep_forever()
         raise AssertionError("unreachable")
+
+
+class FailingReceive:
+    """Delivers the first body chunk (``more_body``), then raises: Ray Serve's proxy raises
+    ``TaskCancelledError`` from ``receive`` when the client leaves mid-body, often before it cancels the task."""
+
+    def __init__(self, first_chunk: bytes) -> None:
+        self._messages = [{"type": "http.request", "body": first_chunk, "more_body": True}]
+
+    async def __call__(self) -> dict[str, Any]:
+        if self._messages:
+            return self._messages.pop(0)
+        raise RuntimeError("the proxy's receive task was cancelled")
 
 
 class FullReceive:
@@ -102,6 +116,19 @@ async def test_cancelled_while_the_body_is_read_reports_before_streaming_once(pa
     assert cs.admission.active == cs.admission.waiting == 0
 
 
+@pytest.mark.parametrize("path", ["/chat_stream", "/v1/chat/completions"])
+async def test_a_receive_that_raises_mid_body_reports_before_streaming_once(path: str) -> None:
+    cs, log = service()
+    app = ChatStreamMiddleware(Response("not found", 404), cs)
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    send = Send()
+    with anyio.fail_after(WATCHDOG):
+        await app(http_scope(path, body=body), FailingReceive(body[:10]), send)
+    assert log.states == [BEFORE]
+    assert completions(cs, BEFORE) == 1
+    assert send.messages == []
+
+
 async def test_cancelled_while_the_session_loads_reports_before_streaming_once() -> None:
     store = StalledStore()
     cs, log = service(session_store=store)
@@ -152,3 +179,19 @@ async def test_endpoint_mode_cancelled_while_the_body_is_read_reports_once() -> 
     await cancel_while(app, http_scope(body=body), receive, receive.stalled)
     assert log.states == [BEFORE]
     assert completions(cs, BEFORE) == 1
+
+
+async def test_endpoint_mode_a_receive_that_raises_mid_body_reports_once() -> None:
+    cs, log = service()
+
+    async def chat(request: Request) -> Response:
+        return await cs.handle_chat_stream_request(request)
+
+    app = Starlette(routes=[Route("/chat_stream", chat, methods=["POST"])])
+    body = chat_body("hello")
+    send = Send()
+    with anyio.fail_after(WATCHDOG):
+        await app(http_scope(body=body), FailingReceive(body[:5]), send)
+    assert log.states == [BEFORE]
+    assert completions(cs, BEFORE) == 1
+    assert send.messages == []

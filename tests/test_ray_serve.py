@@ -365,8 +365,8 @@ def replica_states(app: str) -> dict[str, int]:
 
 
 def test_a_client_that_leaves_while_sending_its_body_is_before_streaming(proxy: str, tmp_path: Path) -> None:
-    """Ray's proxy both sends ``http.disconnect`` and cancels the replica's task when the client leaves;
-    whichever lands first, the request ends in ``client_disconnected_before_streaming``, counted once.
+    """Ray's proxy sends ``http.disconnect``, makes ``receive`` raise and cancels the replica's task when the
+    client leaves; whichever lands first, the request ends in ``client_disconnected_before_streaming``, counted once.
     (Which one lands first is a race here; tests/test_cancellation.py cancels deterministically.) The
     client leaves once the replica has its request (``announcing_app`` creates the file it names)."""
     arrived = tmp_path / "arrived"

@@ -55,6 +55,23 @@ async def test_disconnect_mid_body_keeps_what_arrived() -> None:
     assert info.value.body == b"par"
 
 
+async def test_a_receive_that_raises_mid_body_is_a_disconnect() -> None:
+    """Ray Serve's proxy raises ``TaskCancelledError`` from ``receive`` when the client leaves mid-body."""
+    first = {"type": "http.request", "body": b"par", "more_body": True}
+
+    async def receive() -> dict[str, object]:
+        nonlocal first
+        if first:
+            message, first = first, {}
+            return message
+        raise RuntimeError("the proxy's receive task was cancelled")
+
+    with pytest.raises(ClientDisconnected) as info:
+        await read_body(http_scope(), receive, 10)
+    assert info.value.body == b"par"
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
 async def test_shared_receive_makes_a_one_shot_disconnect_sticky() -> None:
     upstream = Receive(messages=[], sticky=False)
     upstream.disconnect()

@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from chatstream_asgi.asgi.replay import BodyTooLarge, content_length
-from chatstream_asgi.logs import bind_request_id
+from chatstream_asgi.logs import bind_request_id, logger
 from chatstream_asgi.protocols.framing import FORMATS
 from chatstream_asgi.types import Callback, ChatService, Receive, Scope, Send
 
@@ -24,17 +24,24 @@ __all__ = ["ChatStreamResponse"]
 
 async def read_request_body(request: Request, max_size: int) -> bytes:
     """The request's body, at most ``max_size`` bytes (:class:`BodyTooLarge` otherwise): refused on
-    its Content-Length when that says too much, else counted as it arrives (chunked or lying)."""
+    its Content-Length when that says too much, else counted as it arrives (chunked or lying). A
+    ``receive`` that raises is a client that left (:class:`ClientDisconnect`), as in the middleware."""
     declared = content_length(request.scope)
     if declared is not None and declared > max_size:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():  # a body the endpoint already read comes back from its cache
-        size += len(chunk)
-        if size > max_size:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # a body the endpoint already read comes back from its cache
+            size += len(chunk)
+            if size > max_size:
+                raise BodyTooLarge
+            chunks.append(chunk)
+    except (BodyTooLarge, ClientDisconnect):
+        raise
+    except Exception as exc:
+        logger.info("receive failed while the body was read (%r): treated as a disconnect", exc)
+        raise ClientDisconnect from exc
     return b"".join(chunks)
 
 

@@ -15,6 +15,7 @@ from types import FrameType
 
 from starlette.requests import Request
 
+from chatstream_asgi.logs import logger
 from chatstream_asgi.types import ASGIMessage, Receive, Scope
 
 __all__ = ["BodyTooLarge", "ClientDisconnected", "ReplayReceive", "SharedReceive", "read_body", "replay_request"]
@@ -47,14 +48,22 @@ def content_length(scope: ASGIMessage) -> int | None:
 
 
 async def read_body(scope: ASGIMessage, receive: Receive, max_size: int) -> bytes:
-    """Read the whole body. Raises :class:`BodyTooLarge` or :class:`ClientDisconnected`."""
+    """Read the whole body. Raises :class:`BodyTooLarge` or :class:`ClientDisconnected`.
+
+    A ``receive`` that raises is a client that left too: Ray Serve's proxy raises ``TaskCancelledError``
+    from it when the client goes mid-body, often before it cancels the request's task.
+    """
     declared = content_length(scope)
     if declared is not None and declared > max_size:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        try:
+            message = await receive()
+        except Exception as exc:
+            logger.info("receive failed while the body was read (%r): treated as a disconnect", exc)
+            raise ClientDisconnected(b"".join(chunks)) from exc
         if message["type"] == "http.disconnect":
             raise ClientDisconnected(b"".join(chunks))
         chunk = message.get("body", b"")
