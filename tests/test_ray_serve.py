@@ -140,8 +140,9 @@ def test_options_cover_the_app_limits_and_the_longest_reply() -> None:
 def admitted(
     client: httpx.Client, body: dict[str, Any], not_on: str, streams: contextlib.ExitStack | None = None
 ) -> httpx.Response:
-    """A ``/chat/chat_stream`` request (streamed when ``streams`` is given), sent again while Ray still counts
-    a just-finished request on the busy replica ``not_on`` (bounded); a 429 may only come from that replica."""
+    """A ``/chat/chat_stream`` request (streamed when ``streams`` is given), sent again while the router still
+    counts a just-finished request (Ray reports it completed a moment after its client closed it) on the busy
+    replica ``not_on`` (bounded); a 429 may only come from that replica."""
     for _ in range(20):
         if streams is not None:
             response = streams.enter_context(client.stream("POST", "/chat/chat_stream", json=body))
@@ -187,8 +188,8 @@ def test_free_slot_routing_and_one_conversation_across_two_replicas(proxy: str) 
 
 
 def saved_turns(client: httpx.Client, prefix: str, count: int) -> list[str]:
-    """The session's history once it holds ``count`` messages (a turn is saved just after its last byte,
-    and its request then ends in Ray's count too: bounded wait)."""
+    """The session's history once it holds ``count`` messages (a turn is saved just after its last byte:
+    bounded wait)."""
     contents: list[str] = []
 
     def saved() -> bool:

@@ -21,9 +21,10 @@
 - one ``session_secret`` and one Redis session store for all replicas (required with more than
   one replica: a per-replica secret or store would lose the conversation on the next replica);
 - :class:`FreeSlotRouter`, a Ray request router that sends each request to the replica with the
-  most free generation slots, from Ray's count of requests it routed there and each replica's own
-  ``get_load()`` (reported through ``record_routing_stats``). Ray's default router probes queue
-  lengths concurrently, so simultaneous requests tie and land on one replica while another idles.
+  most free generation slots, from the chat requests it routed there that have not ended and each
+  replica's own ``get_load()`` (reported through ``record_routing_stats``). Ray's default router
+  probes queue lengths concurrently, so simultaneous requests tie and land on one replica while
+  another idles.
   It keeps each conversation on the replica that served its last turn while that replica has a
   free slot (session affinity: that replica's engine holds the conversation's KV and prefix cache);
   otherwise the turn goes to the most-free replica, continues from the shared store and simply
@@ -42,11 +43,11 @@ import logging
 import pickle
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from chatstream_asgi.engines.base import Engine
 from chatstream_asgi.service.chatstream import ChatStream
@@ -81,10 +82,18 @@ _CHAT_STREAM_DEFAULTS = {
     for name, parameter in inspect.signature(ChatStream.__init__).parameters.items()
     if parameter.default is not inspect.Parameter.empty
 }
-_RESERVATION_TTL_S = 2.0
 _COMPLETIONS_TTL_S = 10.0
 _REPLY_HEADER = b"x-chatstream-last-generated-message-id"
 _IN_FLIGHT_LIMIT = 100_000
+
+
+class _Routed(NamedTuple):
+    """A request this router picked a replica for, until Ray reports it completed."""
+
+    at: float  # time.time() of the pick
+    replica: ReplicaID
+    post: bool  # a POST takes a generation slot; a GET (/get_load, /metrics ...) does not
+    session: str | None
 
 
 def deployment_options(
@@ -103,13 +112,14 @@ def deployment_options(
     """
     if longest_reply_s <= 0:
         raise ValueError("longest_reply_s must be positive: the longest a reply may stream, in seconds")
+    budget = longest_reply_s + shutdown_timeout + SHUTDOWN_MARGIN_S
     return {
         "max_ongoing_requests": num_of_concurrent_executions + max_queue_size + control_room,
-        "graceful_shutdown_timeout_s": longest_reply_s + shutdown_timeout + SHUTDOWN_MARGIN_S,
+        "graceful_shutdown_timeout_s": budget,
         "graceful_shutdown_wait_loop_s": 0.5,
         "request_router_config": RequestRouterConfig(
             request_router_class=FreeSlotRouter,
-            request_router_kwargs={"session_cookie": session_cookie},
+            request_router_kwargs={"session_cookie": session_cookie, "longest_request_s": budget},
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
         ),
     }
@@ -246,18 +256,20 @@ class _ReplicaApp:
         await self.app(scope, receive, tagged_send)
 
 
-class FreeSlotRouter(FIFOMixin, RequestRouter):
+class FreeSlotRouter(RequestRouter):
     """Route each request to the replica with the most free generation slots, keeping a conversation
     on the replica that served its last turn while that replica has a free slot.
 
-    A replica's load is the larger of what this router knows (Ray's count of requests it has sent
-    there, less GETs, which take no generation slot, plus picks made a moment ago whose send has
-    not been counted yet, so that simultaneous requests do not all pick the same replica) and what
-    the replica itself reported through ``record_routing_stats`` (its ChatStream's ``processing +
-    waiting``, which includes requests from other proxies; at most ``ROUTING_STATS_PERIOD_S`` old,
-    less this router's requests that were open when it was taken and have ended since). Slots are
-    the replica's reported ``max_processing``. Replicas are ranked one per rank: free slots first,
-    then by load relative to slots; ties rotate.
+    A replica's load is the larger of what this router knows (the POSTs it routed there that Ray has
+    not reported completed; counted from the pick, so that simultaneous requests do not all pick the
+    same replica) and what the replica itself reported through ``record_routing_stats`` (its
+    ChatStream's ``processing + waiting``, which includes requests from other proxies; at most
+    ``ROUTING_STATS_PERIOD_S`` old, less this router's requests that were open when it was taken
+    and have ended since). Ray's own queue-length cache is not used: it takes the count a replica
+    reports when it accepts a request, which may still include a request whose completion Ray has
+    already subtracted, and then counts that request for up to 10 s. Slots are the replica's
+    reported ``max_processing``. Replicas are ranked one per rank: free slots first, then by load
+    relative to slots; ties rotate.
 
     Session affinity: a request's session is the token in Ray's session header (``x-session-id``
     unless ``RAY_SERVE_SESSION_ID_HEADER_KEY`` says otherwise; the app's own ``X-Session-Id``
@@ -266,17 +278,27 @@ class FreeSlotRouter(FIFOMixin, RequestRouter):
     own last pick for a POST of it and the replicas' reports of the sessions whose turns they
     answered (a conversation's first turn has no session yet: only the replica knows where it went,
     and the router learns it from the next report, up to ``ROUTING_STATS_PERIOD_S`` later). That
-    replica comes first when it has a free slot; when it is full or gone, the usual ranking applies.
+    replica comes first when it has a free slot, not counting the conversation's own earlier turns
+    (a client sends its next turn once the last reply ended, which Ray may report a moment later);
+    when it is full or gone, the usual ranking applies.
+
+    Each pick goes to the request it was made for (Ray's exact matching: its ``FIFOMixin`` would hand
+    it to whichever request waits longest, another conversation's). A pick that Ray never sends and
+    never completes (the client left while it was being routed) is forgotten after
+    ``longest_request_s``, the longest a request may run.
     """
 
-    def initialize_state(self, session_cookie: str = "chatstream_session", **kwargs: Any) -> None:
+    def initialize_state(
+        self, session_cookie: str = "chatstream_session", longest_request_s: float = 3600.0, **kwargs: Any
+    ) -> None:
         self._cookie = session_cookie
-        self._picked: dict[ReplicaID, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._longest_request_s = longest_request_s
         self._turn = 0
         self._last: collections.OrderedDict[str, tuple[float, ReplicaID]] = collections.OrderedDict()
         self._ingested: dict[ReplicaID, float] = {}
-        self._in_flight: dict[str, tuple[float, ReplicaID, bool]] = {}  # request -> (routed at, replica, POST)
-        self._gets: collections.Counter[ReplicaID] = collections.Counter()  # GETs in flight: they take no slot
+        self._in_flight: dict[str, _Routed] = {}  # request id -> its pick, oldest first
+        self._posts: collections.Counter[ReplicaID] = collections.Counter()  # POSTs in flight per replica
+        self._by_session: dict[str, set[str]] = {}  # session -> its POSTs in flight
         self._ended: dict[ReplicaID, collections.deque[tuple[float, float]]] = collections.defaultdict(
             collections.deque
         )
@@ -286,11 +308,18 @@ class FreeSlotRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        now, wall = time.monotonic(), time.time()
+        wall = time.time()
+        self._expire(wall)
         n = len(candidate_replicas)
         self._turn = (self._turn + 1) % n
+        self._take_in_reports(candidate_replicas)
+        session, post = self._session(pending_request)
+        home = self._home(session, candidate_replicas) if session else None
         slots = {replica.replica_id: _slots(replica) for replica in candidate_replicas}
-        loads = {replica.replica_id: self._load(replica, now) for replica in candidate_replicas}
+        loads = {
+            replica.replica_id: self._load(replica, session if replica is home else None)
+            for replica in candidate_replicas
+        }
 
         def rank(item: tuple[int, RunningReplica]) -> tuple[bool, float, int]:
             index, replica = item
@@ -298,59 +327,66 @@ class FreeSlotRouter(FIFOMixin, RequestRouter):
             return (load >= free, load / free, (index - self._turn) % n)
 
         ranked = [replica for _, replica in sorted(enumerate(candidate_replicas), key=rank)]
-        self._take_in_reports(candidate_replicas)
-        session, post = self._session(pending_request)
-        if session:
-            home = self._home(session, candidate_replicas)
-            if home is not None and loads[home.replica_id] < slots[home.replica_id]:
-                ranked.remove(home)
-                ranked.insert(0, home)
-            if post:
-                self._remember(session, wall, ranked[0].replica_id)
-        self._picked[ranked[0].replica_id].append(now)
+        if home is not None and loads[home.replica_id] < slots[home.replica_id]:
+            ranked.remove(home)
+            ranked.insert(0, home)
+        if session and post:
+            self._remember(session, wall, ranked[0].replica_id)
         if pending_request is not None:
             request_id = pending_request.metadata.internal_request_id
             self._forget(request_id)  # routed again: the earlier pick is void
-            self._in_flight[request_id] = (wall, ranked[0].replica_id, post)
-            self._gets[ranked[0].replica_id] += not post
-            if len(self._in_flight) > _IN_FLIGHT_LIMIT:  # requests routed but never sent
+            self._in_flight[request_id] = _Routed(wall, ranked[0].replica_id, post, session)
+            if post:
+                self._posts[ranked[0].replica_id] += 1
+                if session:
+                    self._by_session.setdefault(session, set()).add(request_id)
+            if len(self._in_flight) > _IN_FLIGHT_LIMIT:
                 self._forget(next(iter(self._in_flight)))
         return [[replica] for replica in ranked]
 
-    def on_send_request(self, replica_id: ReplicaID) -> None:
-        super().on_send_request(replica_id)  # Ray's count now includes it: drop our pick
-        picked = self._picked.get(replica_id)
-        if picked:
-            picked.popleft()
-
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        routed = self._forget(internal_request_id)
-        if routed is not None and routed[2]:
+        routed = self._in_flight.get(internal_request_id)
+        self._forget(internal_request_id)
+        if routed is not None and routed.post:
             ended = self._ended[replica_id]
-            ended.append((routed[0], time.time()))
+            ended.append((routed.at, time.time()))
             while ended and ended[-1][1] - ended[0][1] > _COMPLETIONS_TTL_S:
                 ended.popleft()
 
-    def _forget(self, request_id: str) -> tuple[float, ReplicaID, bool] | None:
+    def _forget(self, request_id: str) -> None:
         routed = self._in_flight.pop(request_id, None)
-        if routed is not None and not routed[2]:
-            self._gets[routed[1]] -= 1
-        return routed
+        if routed is None or not routed.post:
+            return
+        self._posts[routed.replica] -= 1
+        if not self._posts[routed.replica]:
+            del self._posts[routed.replica]
+        if routed.session:
+            requests = self._by_session[routed.session]
+            requests.discard(request_id)
+            if not requests:
+                del self._by_session[routed.session]
 
-    def _load(self, replica: RunningReplica, now: float) -> int:
-        """The larger of this router's count (Ray's, less GETs: ``/get_load``, ``/metrics`` and the like take
-        no generation slot, and Ray counts a request until a moment after its client has the whole
-        response) and the replica's report (less this router's requests that ended since)."""
-        picked = self._picked.get(replica.replica_id)
-        while picked and now - picked[0] > _RESERVATION_TTL_S:
-            picked.popleft()
-        sent = (self.replica_queue_len_cache.get(replica.replica_id) or 0) - self._gets[replica.replica_id]
-        known = max(0, sent) + len(picked or ())
+    def _expire(self, wall: float) -> None:
+        """Forget picks older than the longest request (never sent, so never completed)."""
+        while self._in_flight:
+            request_id, routed = next(iter(self._in_flight.items()))
+            if wall - routed.at <= self._longest_request_s:
+                return
+            self._forget(request_id)
+
+    def _load(self, replica: RunningReplica, session: str | None) -> int:
+        """The larger of this router's POSTs in flight there and the replica's report (less this router's
+        requests that ended since it was taken); ``session``'s own requests are left out of both."""
+        replica_id = replica.replica_id
+        own = [self._in_flight[request] for request in self._by_session.get(session, ())] if session else []
+        own = [routed for routed in own if routed.replica == replica_id]
+        known = self._posts[replica_id] - len(own)
         stats = replica.routing_stats or {}
         reported = int(stats.get("processing", 0)) + int(stats.get("waiting", 0))
         at = stats.get("at")
         if reported and at is not None:
-            reported -= sum(1 for routed, ended in self._ended.get(replica.replica_id, ()) if routed < at < ended)
+            reported -= sum(1 for routed, ended in self._ended.get(replica_id, ()) if routed < at < ended)
+            reported -= sum(1 for routed in own if routed.at < at)
         return max(known, reported)
 
     def _session(self, pending_request: PendingRequest | None) -> tuple[str | None, bool]:

@@ -1,0 +1,170 @@
+"""``FreeSlotRouter`` on its own, driven the way Ray's proxy drives it (choose, then completed), with no Ray
+processes: the orderings that a loaded machine produces only now and then in ``test_ray_serve.py``."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
+
+from chatstream_asgi.integrations.ray_serve import FreeSlotRouter
+
+pytestmark = [pytest.mark.anyio, pytest.mark.ray]
+
+DEPLOYMENT = DeploymentID(name="two", app_name="chat")
+
+
+class Replica:
+    """What the router reads of a Ray ``RunningReplica``: its id, its last report and Ray's own limit."""
+
+    def __init__(self, name: str) -> None:
+        self.replica_id = ReplicaID(unique_id=name, deployment_id=DEPLOYMENT)
+        self.routing_stats: dict[str, Any] = {}
+        self.max_ongoing_requests = 9
+
+    def report(self, processing: int, sessions: dict[str, float] | None = None) -> None:
+        """``record_routing_stats`` as the replica returns it (one slot, no queue)."""
+        at = time.time()
+        self.routing_stats = {"processing": processing, "waiting": 0, "max_processing": 1, "at": at}
+        self.routing_stats["sessions"] = sessions or {}
+
+
+class Proxy:
+    """Ray's proxy around the router: numbers its requests, and tells the router when each completed."""
+
+    def __init__(self, *replicas: Replica) -> None:
+        self.router = FreeSlotRouter(DEPLOYMENT, DeploymentHandleSource.PROXY, use_replica_queue_len_cache=True)
+        self.router.initialize_state(longest_request_s=60.0)
+        self.replicas = list(replicas)
+        self.count = 0
+
+    async def route(self, method: str = "POST", session: str | None = None) -> tuple[str, Replica]:
+        """Route one request (``session`` sent in the ``X-Session-Id`` header); its id and replica."""
+        self.count += 1
+        request_id = f"request-{self.count}"
+        headers = [(b"x-session-id", session.encode())] if session else []
+        scope = {"type": "http", "method": method, "headers": headers}
+        metadata = SimpleNamespace(internal_request_id=request_id, session_id=None, is_http_request=True)
+        pending = SimpleNamespace(metadata=metadata, args=[pickle.dumps(SimpleNamespace(asgi_scope=scope))])
+        ranked = await self.router.choose_replicas(self.replicas, pending)
+        return request_id, ranked[0][0]
+
+    def completed(self, request_id: str, replica: Replica) -> None:
+        self.router.on_request_completed(replica.replica_id, request_id)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_simultaneous_requests_take_both_replicas_and_a_full_replica_frees_on_completion() -> None:
+    a, b = Replica("a"), Replica("b")
+    proxy = Proxy(a, b)
+    first, on = await proxy.route()
+    _, other = await proxy.route()  # before Ray has sent the first: the pick counts at once
+    assert {on, other} == {a, b}
+    proxy.completed(first, on)
+    _, third = await proxy.route()
+    assert third is on  # the only free slot
+    _, get = await proxy.route("GET")
+    _, fourth = await proxy.route()  # a GET takes no slot: both full, so the ranking goes on
+    assert get in (a, b) and fourth in (a, b)
+
+
+async def test_a_stale_report_is_corrected_by_the_completions_since() -> None:
+    """A report taken while a request ran still counts it; the router's completion since then does not."""
+    a, b = Replica("a"), Replica("b")
+    proxy = Proxy(a, b)
+    request, on = await proxy.route()
+    on.report(processing=1)
+    off = b if on is a else a
+    off.report(processing=0)
+    proxy.completed(request, on)
+    _, first = await proxy.route()
+    _, second = await proxy.route()
+    assert {first, second} == {a, b}
+
+
+async def test_the_next_turn_goes_home_even_before_ray_reports_the_last_one_completed() -> None:
+    """A client sends its next turn once the last reply ended; Ray may report that request completed a
+    moment later, and the replica's last report may still show it. Neither makes the home look full."""
+    a, b = Replica("a"), Replica("b")
+    proxy = Proxy(a, b)
+    _, home = await proxy.route(session="s1")
+    home.report(processing=1, sessions={})
+    _, other = await proxy.route(session="s2")  # another conversation: the home is full
+    assert other is not home
+    _, replica = await proxy.route(session="s1")  # the first turn not yet completed in the router
+    assert replica is home
+
+
+async def test_rays_stale_queue_length_does_not_send_a_turn_away_from_a_free_home() -> None:
+    """Ray sets its cached queue length from the count a replica reports when it accepts a request. A
+    ``/get_prompt`` accepted while the last turn still ran reports 2; if Ray had already subtracted that
+    turn, the cache then says 1 for a replica with nothing in flight, for up to 10 s (the CI failure)."""
+    a, b = Replica("a"), Replica("b")
+    proxy = Proxy(a, b)
+    turn, home = await proxy.route(session="s1")
+    proxy.completed(turn, home)
+    a.report(processing=0)
+    b.report(processing=0)
+    proxy.router.replica_queue_len_cache.update(home.replica_id, 1)
+    for _ in range(3):
+        request, replica = await proxy.route(session="s1")
+        assert replica is home
+        proxy.completed(request, replica)
+
+
+async def test_a_turn_moves_when_its_home_is_full_then_stays() -> None:
+    a, b = Replica("a"), Replica("b")
+    proxy = Proxy(a, b)
+    turn, home = await proxy.route(session="s1")
+    proxy.completed(turn, home)
+    away = b if home is a else a
+    home.report(processing=1)  # another proxy's request holds the home's only slot
+    away.report(processing=0)
+    moved, replica = await proxy.route(session="s1")
+    assert replica is away
+    proxy.completed(moved, away)
+    home.report(processing=0)  # free again, but the conversation's last turn is elsewhere now
+    _, again = await proxy.route(session="s1")
+    assert again is away
+
+
+async def test_a_first_turn_is_learned_from_the_replicas_report() -> None:
+    a, b = Replica("a"), Replica("b")
+    proxy = Proxy(a, b)
+    turn, home = await proxy.route()  # no session yet: the replica sets one
+    proxy.completed(turn, home)
+    home.report(processing=0, sessions={"s1": time.time()})
+    (b if home is a else a).report(processing=0)
+    for _ in range(3):  # ties rotate: only affinity keeps it there every time
+        request, replica = await proxy.route(session="s1")
+        assert replica is home
+        proxy.completed(request, replica)
+
+
+@pytest.mark.parametrize(("longest_request_s", "expected"), [(60.0, "b"), (0.0, "a")])
+async def test_a_pick_never_sent_is_forgotten_after_the_longest_request(
+    longest_request_s: float, expected: str
+) -> None:
+    """Ray never completes a request whose client left while it was being routed: its pick holds the
+    replica's slot only as long as a request may run."""
+    a, b = Replica("a"), Replica("b")
+    a.report(processing=0, sessions={"s1": time.time()})
+    b.report(processing=0)
+    proxy = Proxy(a, b)
+    proxy.router.initialize_state(longest_request_s=longest_request_s)
+    _, replica = await proxy.route(session="s1")  # never completed
+    assert replica is a
+    time.sleep(0.01)  # the pick ages past a zero longest_request_s
+    _, replica = await proxy.route(session="s2")
+    assert replica.replica_id.unique_id == expected
