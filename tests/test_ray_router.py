@@ -6,7 +6,6 @@ from __future__ import annotations
 import pickle
 import time
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -26,8 +25,8 @@ class Replica:
 
     def __init__(self, name: str) -> None:
         self.replica_id = ReplicaID(unique_id=name, deployment_id=DEPLOYMENT)
-        self.routing_stats: dict[str, Any] = {}
-        self.max_ongoing_requests = 9
+        self.max_ongoing_requests = 9  # Ray's own limit: slots + queue + room for GETs
+        self.report(processing=0)
 
     def report(self, processing: int, sessions: dict[str, float] | None = None) -> None:
         """``record_routing_stats`` as the replica returns it (one slot, no queue)."""
@@ -37,7 +36,8 @@ class Replica:
 
 
 class Proxy:
-    """Ray's proxy around the router: numbers its requests, and tells the router when each completed."""
+    """Ray's proxy around the router: numbers its requests, sends each to the first replica the router ranks,
+    and tells the router when each completed."""
 
     def __init__(self, *replicas: Replica) -> None:
         self.router = FreeSlotRouter(DEPLOYMENT, DeploymentHandleSource.PROXY, use_replica_queue_len_cache=True)
@@ -45,7 +45,7 @@ class Proxy:
         self.replicas = list(replicas)
         self.count = 0
 
-    async def route(self, method: str = "POST", session: str | None = None) -> tuple[str, Replica]:
+    async def route(self, method: str = "POST", session: str | None = None, send: bool = True) -> tuple[str, Replica]:
         """Route one request (``session`` sent in the ``X-Session-Id`` header); its id and replica."""
         self.count += 1
         request_id = f"request-{self.count}"
@@ -53,10 +53,13 @@ class Proxy:
         scope = {"type": "http", "method": method, "headers": headers}
         metadata = SimpleNamespace(internal_request_id=request_id, session_id=None, is_http_request=True)
         pending = SimpleNamespace(metadata=metadata, args=[pickle.dumps(SimpleNamespace(asgi_scope=scope))])
-        ranked = await self.router.choose_replicas(self.replicas, pending)
-        return request_id, ranked[0][0]
+        replica = (await self.router.choose_replicas(self.replicas, pending))[0][0]
+        if send:
+            self.router.on_send_request(replica.replica_id)  # as Ray does once it sent the request
+        return request_id, replica
 
     def completed(self, request_id: str, replica: Replica) -> None:
+        self.router.decrement_queue_len_cache(replica.replica_id)  # Ray's two callbacks on a completion
         self.router.on_request_completed(replica.replica_id, request_id)
 
 
@@ -93,17 +96,23 @@ async def test_a_stale_report_is_corrected_by_the_completions_since() -> None:
     assert {first, second} == {a, b}
 
 
-async def test_the_next_turn_goes_home_even_before_ray_reports_the_last_one_completed() -> None:
-    """A client sends its next turn once the last reply ended; Ray may report that request completed a
-    moment later, and the replica's last report may still show it. Neither makes the home look full."""
+async def test_another_conversation_on_the_home_sends_the_turn_away_until_it_ends() -> None:
     a, b = Replica("a"), Replica("b")
     proxy = Proxy(a, b)
-    _, home = await proxy.route(session="s1")
-    home.report(processing=1, sessions={})
-    _, other = await proxy.route(session="s2")  # another conversation: the home is full
-    assert other is not home
-    _, replica = await proxy.route(session="s1")  # the first turn not yet completed in the router
-    assert replica is home
+    turn, home = await proxy.route(session="s1")
+    proxy.completed(turn, home)
+    for _ in range(2):  # another client's first request: both replicas are free, and ties rotate
+        other, held = await proxy.route()
+        if held is home:
+            break
+        proxy.completed(other, held)
+    assert held is home
+    moved, away = await proxy.route(session="s1")
+    assert away is not home
+    proxy.completed(moved, away)
+    proxy.completed(other, held)
+    _, again = await proxy.route(session="s1")
+    assert again is away  # its last turn is there now
 
 
 async def test_rays_stale_queue_length_does_not_send_a_turn_away_from_a_free_home() -> None:
@@ -114,8 +123,6 @@ async def test_rays_stale_queue_length_does_not_send_a_turn_away_from_a_free_hom
     proxy = Proxy(a, b)
     turn, home = await proxy.route(session="s1")
     proxy.completed(turn, home)
-    a.report(processing=0)
-    b.report(processing=0)
     proxy.router.replica_queue_len_cache.update(home.replica_id, 1)
     for _ in range(3):
         request, replica = await proxy.route(session="s1")
@@ -160,10 +167,9 @@ async def test_a_pick_never_sent_is_forgotten_after_the_longest_request(
     replica's slot only as long as a request may run."""
     a, b = Replica("a"), Replica("b")
     a.report(processing=0, sessions={"s1": time.time()})
-    b.report(processing=0)
     proxy = Proxy(a, b)
     proxy.router.initialize_state(longest_request_s=longest_request_s)
-    _, replica = await proxy.route(session="s1")  # never completed
+    _, replica = await proxy.route(session="s1", send=False)  # never sent, so never completed
     assert replica is a
     time.sleep(0.01)  # the pick ages past a zero longest_request_s
     _, replica = await proxy.route(session="s2")

@@ -93,7 +93,6 @@ class _Routed(NamedTuple):
     at: float  # time.time() of the pick
     replica: ReplicaID
     post: bool  # a POST takes a generation slot; a GET (/get_load, /metrics ...) does not
-    session: str | None
 
 
 def deployment_options(
@@ -278,9 +277,7 @@ class FreeSlotRouter(RequestRouter):
     own last pick for a POST of it and the replicas' reports of the sessions whose turns they
     answered (a conversation's first turn has no session yet: only the replica knows where it went,
     and the router learns it from the next report, up to ``ROUTING_STATS_PERIOD_S`` later). That
-    replica comes first when it has a free slot, not counting the conversation's own earlier turns
-    (a client sends its next turn once the last reply ended, which Ray may report a moment later);
-    when it is full or gone, the usual ranking applies.
+    replica comes first when it has a free slot; when it is full or gone, the usual ranking applies.
 
     Each pick goes to the request it was made for (Ray's exact matching: its ``FIFOMixin`` would hand
     it to whichever request waits longest, another conversation's). A pick that Ray never sends and
@@ -298,7 +295,6 @@ class FreeSlotRouter(RequestRouter):
         self._ingested: dict[ReplicaID, float] = {}
         self._in_flight: dict[str, _Routed] = {}  # request id -> its pick, oldest first
         self._posts: collections.Counter[ReplicaID] = collections.Counter()  # POSTs in flight per replica
-        self._by_session: dict[str, set[str]] = {}  # session -> its POSTs in flight
         self._ended: dict[ReplicaID, collections.deque[tuple[float, float]]] = collections.defaultdict(
             collections.deque
         )
@@ -316,10 +312,7 @@ class FreeSlotRouter(RequestRouter):
         session, post = self._session(pending_request)
         home = self._home(session, candidate_replicas) if session else None
         slots = {replica.replica_id: _slots(replica) for replica in candidate_replicas}
-        loads = {
-            replica.replica_id: self._load(replica, session if replica is home else None)
-            for replica in candidate_replicas
-        }
+        loads = {replica.replica_id: self._load(replica) for replica in candidate_replicas}
 
         def rank(item: tuple[int, RunningReplica]) -> tuple[bool, float, int]:
             index, replica = item
@@ -335,11 +328,8 @@ class FreeSlotRouter(RequestRouter):
         if pending_request is not None:
             request_id = pending_request.metadata.internal_request_id
             self._forget(request_id)  # routed again: the earlier pick is void
-            self._in_flight[request_id] = _Routed(wall, ranked[0].replica_id, post, session)
-            if post:
-                self._posts[ranked[0].replica_id] += 1
-                if session:
-                    self._by_session.setdefault(session, set()).add(request_id)
+            self._in_flight[request_id] = _Routed(wall, ranked[0].replica_id, post)
+            self._posts[ranked[0].replica_id] += post
             if len(self._in_flight) > _IN_FLIGHT_LIMIT:
                 self._forget(next(iter(self._in_flight)))
         return [[replica] for replica in ranked]
@@ -355,16 +345,10 @@ class FreeSlotRouter(RequestRouter):
 
     def _forget(self, request_id: str) -> None:
         routed = self._in_flight.pop(request_id, None)
-        if routed is None or not routed.post:
-            return
-        self._posts[routed.replica] -= 1
-        if not self._posts[routed.replica]:
-            del self._posts[routed.replica]
-        if routed.session:
-            requests = self._by_session[routed.session]
-            requests.discard(request_id)
-            if not requests:
-                del self._by_session[routed.session]
+        if routed is not None and routed.post:
+            self._posts[routed.replica] -= 1
+            if not self._posts[routed.replica]:
+                del self._posts[routed.replica]
 
     def _expire(self, wall: float) -> None:
         """Forget picks older than the longest request (never sent, so never completed)."""
@@ -374,19 +358,16 @@ class FreeSlotRouter(RequestRouter):
                 return
             self._forget(request_id)
 
-    def _load(self, replica: RunningReplica, session: str | None) -> int:
+    def _load(self, replica: RunningReplica) -> int:
         """The larger of this router's POSTs in flight there and the replica's report (less this router's
-        requests that ended since it was taken); ``session``'s own requests are left out of both."""
+        requests that ended since it was taken)."""
         replica_id = replica.replica_id
-        own = [self._in_flight[request] for request in self._by_session.get(session, ())] if session else []
-        own = [routed for routed in own if routed.replica == replica_id]
-        known = self._posts[replica_id] - len(own)
+        known = self._posts[replica_id]
         stats = replica.routing_stats or {}
         reported = int(stats.get("processing", 0)) + int(stats.get("waiting", 0))
         at = stats.get("at")
         if reported and at is not None:
             reported -= sum(1 for routed, ended in self._ended.get(replica_id, ()) if routed < at < ended)
-            reported -= sum(1 for routed in own if routed.at < at)
         return max(known, reported)
 
     def _session(self, pending_request: PendingRequest | None) -> tuple[str | None, bool]:
