@@ -195,3 +195,37 @@ async def test_endpoint_mode_a_receive_that_raises_mid_body_reports_once() -> No
     assert log.states == [BEFORE]
     assert completions(cs, BEFORE) == 1
     assert send.messages == []
+
+
+async def test_cancelled_while_the_engine_starts_reports_once_and_the_start_goes_on() -> None:
+    """The first request (no lifespan) starts the engine; its client leaving must not leave it half started."""
+
+    class SlowStart(MockEngine):
+        def __init__(self) -> None:
+            super().__init__(MockParams(type="echo", time_per_token_sec=0.0))
+            self.loading, self.loaded, self.starts, self.started = anyio.Event(), anyio.Event(), 0, False
+
+        async def start(self) -> None:
+            self.starts += 1
+            self.loading.set()
+            await self.loaded.wait()
+            self.started = True
+
+        def generate(self, request: Any) -> Any:
+            assert self.started, "generate on an engine whose start never finished"
+            return super().generate(request)
+
+    engine = SlowStart()
+    log = StateLog()
+    cs = ChatStream(engine, callback=log, session_secret="s")
+    app = ChatStreamMiddleware(Response("not found", 404), cs)
+    body = chat_body("hello")
+    await cancel_while(app, http_scope(body=body), FullReceive(body), engine.loading)
+    assert log.states == [BEFORE]
+    engine.loaded.set()
+    send = Send()
+    with anyio.fail_after(WATCHDOG):
+        await app(http_scope(body=body), FullReceive(body), send)
+    assert send.status == 200 and send.body == b"hello"
+    assert engine.starts == 1
+    assert log.states == [BEFORE, "success"]

@@ -329,6 +329,74 @@ async def test_lifespan_starts_and_stops_the_chat_stream() -> None:
     assert [m["type"] for m in send.messages] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
+class GatedStart(MockEngine):
+    """An echo engine whose ``start`` waits for ``gate`` (a model loading) and fails while ``failures`` last;
+    ``generate`` on an engine that has not started is an error the test sees."""
+
+    def __init__(self, failures: int = 0) -> None:
+        super().__init__(MockParams(type="echo", time_per_token_sec=0.0))
+        self.gate = anyio.Event()
+        self.starts = 0
+        self.started = False
+        self.failures = failures
+        self.unstarted_generates = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        await self.gate.wait()
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("the model did not load")
+        self.started = True
+
+    def generate(self, request: Any) -> Any:
+        self.unstarted_generates += not self.started
+        return super().generate(request)
+
+
+async def test_first_requests_without_a_lifespan_wait_for_one_engine_start() -> None:
+    engine = GatedStart()
+    cs = ChatStream(engine)
+    starting = cs.start
+    callers = 0
+
+    async def start() -> None:
+        nonlocal callers
+        callers += 1
+        await starting()
+
+    cs.start = start  # type: ignore[method-assign]
+    app = ChatStreamMiddleware(not_found, cs)
+    sends = [Send(), Send()]
+    with anyio.fail_after(WATCHDOG):
+        async with anyio.create_task_group() as tg:
+            for index, send in enumerate(sends):
+                body = chat_body(f"hello {index}")
+                tg.start_soon(app, http_scope(body=body), Receive(body), send)
+            while callers < 2:  # both requests reached the start while the engine loads
+                await anyio.sleep(0)
+            engine.gate.set()
+    assert [send.status for send in sends] == [200, 200]
+    assert [send.body for send in sends] == [b"hello 0", b"hello 1"]
+    assert engine.starts == 1
+    assert engine.unstarted_generates == 0
+
+
+async def test_a_failed_start_fails_its_requests_and_the_next_request_starts_again() -> None:
+    engine = GatedStart(failures=1)
+    engine.gate.set()
+    log = StateLog()
+    app = ChatStreamMiddleware(not_found, ChatStream(engine, callback=log))
+    first, second = Send(), Send()
+    with anyio.fail_after(WATCHDOG):
+        await app(http_scope(body=chat_body("one")), Receive(chat_body("one")), first)
+        await app(http_scope(body=chat_body("two")), Receive(chat_body("two")), second)
+    assert first.status == 500
+    assert second.status == 200 and second.body == b"two"
+    assert engine.starts == 2
+    assert log.states == ["unknown_error_occurred", "success"]
+
+
 async def test_wrong_method_is_405() -> None:
     send = Send()
     await ChatStreamMiddleware(not_found, echo_stream())(http_scope(method="GET"), Receive(), send)

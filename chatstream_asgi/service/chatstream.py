@@ -7,6 +7,8 @@ end) and :class:`PromptBuilder` (fitting conversations into the context).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
@@ -18,7 +20,7 @@ from chatstream_asgi.asgi.endpoint import ChatStreamResponse
 from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.engines.base import Engine, GenerationParams
 from chatstream_asgi.engines.mock import MockEngine, MockParams
-from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, current_request_id
+from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, current_request_id, logger
 from chatstream_asgi.protocols.framing import FORMATS
 from chatstream_asgi.protocols.openai import error_body
 from chatstream_asgi.service import heap
@@ -156,6 +158,7 @@ class ChatStream:
             queue_full_status=429 if too_many_request_as_http_error else 200,
         )
         self._started = False
+        self._starting: asyncio.Future[None] | None = None
         self._frozen = False
         self._closing = False
 
@@ -178,17 +181,34 @@ class ChatStream:
     async def start(self) -> None:
         """Start the engine (idempotent). Called on lifespan startup or on first request.
 
+        Concurrent callers (the first requests, when the server runs no lifespan) all wait for the
+        one start, and a caller cancelled meanwhile (its client left) does not cancel it. If the
+        start fails, its callers get the error and the next call tries again.
+
         The heap it leaves is then frozen out of the garbage collector's full passes (:mod:`.heap`),
         which would otherwise stall every stream for a walk over the start-up objects. Freezing first
         collects once, on the event loop (about 0.1-0.3 s with a model loaded): on the first request
         when the server runs no lifespan.
         """
-        if not self._started:
-            self._started = True
-            await self.engine.start()
-            if not self._closing:  # a shutdown that ran meanwhile would owe a thaw it never gives
-                heap.freeze()
-                self._frozen = True
+        if self._started:
+            return
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start_engine())
+            self._starting.add_done_callback(self._start_ended)
+        await asyncio.shield(self._starting)
+
+    async def _start_engine(self) -> None:
+        await self.engine.start()
+        self._started = True
+        if not self._closing:  # a shutdown that ran meanwhile would owe a thaw it never gives
+            heap.freeze()
+            self._frozen = True
+
+    def _start_ended(self, starting: asyncio.Future[None]) -> None:
+        """After a failed start, the next call starts again (the error is its callers' to report)."""
+        self._starting = None
+        if not starting.cancelled() and starting.exception() is not None:
+            logger.error("starting the engine failed", exc_info=starting.exception())
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop admitting, let open replies finish for ``timeout`` seconds, abort the rest.
@@ -263,8 +283,16 @@ class ChatStream:
 
     async def stream(self, scope: Scope, receive: Receive, send: Send, chat: PreparedChat) -> CompletionState | None:
         """Admit a prepared chat (from any protocol) and stream its reply; None when the queue was full."""
-        async with self.outcomes.reports_cancellation(chat.request, chat.callback):
-            await self.start()
+        try:
+            async with self.outcomes.reports_cancellation(chat.request, chat.callback):
+                await self.start()
+        except Exception:  # logged by the start; the next request starts again
+            await self.outcomes.failed_to_start(chat.result, chat.request, chat.callback)
+            error = CompletionState.UNKNOWN_ERROR_OCCURRED.value
+            body = chat.framer.error_json(error, "the engine failed to start")
+            with contextlib.suppress(OSError):  # the client may have left meanwhile
+                await send_json(send, 500, body, [(k, v) for k, v in chat.headers if k.startswith(b"x-")])
+            return CompletionState.UNKNOWN_ERROR_OCCURRED
         return await self.replies.stream(scope, receive, send, chat)
 
     async def reject_body_too_large(self, send: Send, limit: int, *, openai: bool = False) -> None:

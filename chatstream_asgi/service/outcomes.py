@@ -146,6 +146,14 @@ class Outcomes:
         await self._call_callback(request, callback, state)
         return state
 
+    async def failed_to_start(self, result: ChatResult, request: Request, callback: Callback | None) -> None:
+        """Record a request whose engine failed to start (before admission): ``unknown_error_occurred``."""
+        state = result.state = CompletionState.UNKNOWN_ERROR_OCCURRED
+        request.scope.setdefault("state", {})[RESULT_KEY] = result
+        logger.info("completed: %s (0 tokens): the engine did not start", state.value)
+        self.metrics.completions.labels(state=state.value).inc()
+        await self._call_callback(request, callback, state)
+
     @contextlib.asynccontextmanager
     async def reports_cancellation(self, request: Request, callback: Callback | None) -> AsyncIterator[None]:
         """Around every wait before admission: a cancellation there (a server that cancels the request
