@@ -2,20 +2,29 @@
 
 ``tiny_model_dir`` builds a tiny randomly initialised Llama-style model and a byte-level BPE
 tokenizer with a ChatML chat template, saves both to a temporary directory, and every engine
-fixture loads them back through the real loading code (:func:`chatstream_asgi.models.load_model`).
+fixture loads them back through the real loading code (:func:`chatstream_asgi.engines.transformers.loading.load_model`).
 ``smollm2_engine`` loads the real SmolLM2-135M-Instruct (tests marked ``smollm2``).
+:func:`engine_reached` awaits an event that the engine's own thread sets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+async def engine_reached(event: threading.Event, timeout: float = 60.0) -> None:
+    """Await ``event``, which the engine's thread sets (a step it is about to run, a request it was
+    handed), without blocking the event loop; fail after ``timeout`` seconds."""
+    assert await asyncio.to_thread(event.wait, timeout), f"the engine did not get there in {timeout} s"
+
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_fixtures import engine_reached
 from transformers import LlamaForCausalLM
 
 from chatstream_asgi.engines.base import (
@@ -70,10 +71,6 @@ class StepProbe:
         return self._inner(first, *args)
 
 
-async def wait_event(event: threading.Event) -> None:
-    assert await asyncio.to_thread(event.wait, WATCHDOG)
-
-
 def reference_greedy(engine: TransformersEngine, content: str, new_tokens: int) -> str:
     """What ``model.generate`` produces for one prompt alone (greedy, EOS ignored)."""
     ids = torch.tensor([engine._encode([{"role": "user", "content": content}])], device=engine.device)
@@ -114,7 +111,7 @@ def test_batched_greedy_matches_one_at_a_time(tiny_engine: TransformersEngine, m
 
         tasks = [start(0)]
         for (reached, release), joiners in ((second, [1]), (third, [2, 3])):
-            await wait_event(reached)  # the engine is about to run that decode step
+            await engine_reached(reached)  # the engine is about to run that decode step
             tasks += [start(i) for i in joiners]
             release.set()
         results = await asyncio.gather(*tasks)
@@ -141,7 +138,7 @@ def test_cancelled_row_leaves_within_one_step(tiny_engine: TransformersEngine, m
         keep = tiny_engine.generate(request("Hi", long, rid="keep"))
         gone = tiny_engine.generate(request("The quick brown fox", long, rid="gone"))
         tasks = [asyncio.create_task(collect(s)) for s in (keep, gone)]
-        await wait_event(reached)
+        await engine_reached(reached)
         gone.cancel()
         release.set()
         await asyncio.gather(*tasks)
@@ -287,7 +284,7 @@ def test_failing_prefill_fails_only_the_new_sequences(tiny_engine: TransformersE
     async def main() -> tuple[GenerationStream, BaseException]:
         running = tiny_engine.generate(request("Hi", rid="running"))
         task = asyncio.create_task(collect(running))
-        await wait_event(reached)
+        await engine_reached(reached)
         joiner = tiny_engine.generate(request("The quick brown fox", rid="joiner"))
         release.set()
         with pytest.raises(EngineError) as info:

@@ -22,6 +22,7 @@ import pytest
 import torch
 from faulty_engine import FaultyEngine, fault
 from live_server import serve_in_thread
+from model_fixtures import engine_reached
 from starlette.applications import Starlette
 
 import chatstream_asgi.engines.transformers.engine as engine_module
@@ -175,10 +176,6 @@ def pause_step_until(engine: Any, monkeypatch: pytest.MonkeyPatch, step: int, go
     return reached
 
 
-async def reached(event: threading.Event) -> None:
-    assert await asyncio.to_thread(event.wait, WATCHDOG)
-
-
 class Generated:
     """Events set when a request (by id) has been handed to the engine."""
 
@@ -197,7 +194,7 @@ class Generated:
         return self.events.setdefault(rid, threading.Event())
 
     async def wait(self, rid: str) -> None:
-        await reached(self.event(rid))
+        await engine_reached(self.event(rid))
 
 
 async def test_prefill_fault_fails_only_the_joining_request(tiny, served, client, records, monkeypatch) -> None:
@@ -215,7 +212,7 @@ async def test_prefill_fault_fails_only_the_joining_request(tiny, served, client
     monkeypatch.setattr(tiny, "_forward_prefill", forward_prefill)
     url = served(service(Shared(tiny), records))
     a = asyncio.ensure_future(chat(client, url, "A", tokens=24))
-    await reached(mid_reply)
+    await engine_reached(mid_reply)
     b = await chat(client, url, "B")
     assert b.status == 500 and b.error()["error"] == ERROR
     a = await a
@@ -244,7 +241,7 @@ async def test_decode_fault_fails_the_batch_and_the_queued_request_goes_on(
     cs = service(Shared(tiny), records, num_of_concurrent_executions=2, max_queue_size=1)
     url = served(cs)
     a = asyncio.ensure_future(chat(client, url, "A", tokens=24))
-    await reached(mid_reply)
+    await engine_reached(mid_reply)
     b = asyncio.ensure_future(chat(client, url, "B", tokens=24))
     await generated.wait("B")
     c = asyncio.ensure_future(chat(client, url, "C", tokens=5))
