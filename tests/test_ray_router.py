@@ -45,17 +45,21 @@ class Proxy:
         self.replicas = list(replicas)
         self.count = 0
 
-    async def route(self, method: str = "POST", session: str | None = None, send: bool = True) -> tuple[str, Replica]:
-        """Route one request (``session`` sent in the ``X-Session-Id`` header); its id and replica."""
+    async def route(
+        self, method: str = "POST", session: str | None = None, send: bool = True, rank: int = 0
+    ) -> tuple[str, Replica]:
+        """Route one request (``session`` sent in the ``X-Session-Id`` header); its id and replica. ``rank``
+        1: Ray skips the first rank (its queue length probe timed out) and sends to the second."""
         self.count += 1
         request_id = f"request-{self.count}"
         headers = [(b"x-session-id", session.encode())] if session else []
         scope = {"type": "http", "method": method, "headers": headers}
         metadata = SimpleNamespace(internal_request_id=request_id, session_id=None, is_http_request=True)
         pending = SimpleNamespace(metadata=metadata, args=[pickle.dumps(SimpleNamespace(asgi_scope=scope))])
-        replica = (await self.router.choose_replicas(self.replicas, pending))[0][0]
-        if send:
-            self.router.on_send_request(replica.replica_id)  # as Ray does once it sent the request
+        replica = (await self.router.choose_replicas(self.replicas, pending))[rank][0]
+        if send:  # as Ray does once it sent the request, and once the replica accepted it
+            self.router.on_send_request(replica.replica_id)
+            self.router.on_request_routed(pending, replica.replica_id, None)
         return request_id, replica
 
     def completed(self, request_id: str, replica: Replica) -> None:
@@ -174,3 +178,17 @@ async def test_a_pick_never_sent_is_forgotten_after_the_longest_request(
     time.sleep(0.01)  # the pick ages past a zero longest_request_s
     _, replica = await proxy.route(session="s2")
     assert replica.replica_id.unique_id == expected
+
+
+async def test_a_request_ray_sends_to_a_lower_rank_counts_there() -> None:
+    """Ray sends to the next rank when the first one's queue length probe times out (a loaded machine): the
+    request holds that replica's slot, not the pick's."""
+    a, b = Replica("a"), Replica("b")
+    proxy = Proxy(a, b)
+    request, held = await proxy.route(rank=1)
+    free = a if held is b else b
+    for _ in range(2):  # ties would rotate: only the count keeps the next requests off the held replica
+        other, replica = await proxy.route()
+        assert replica is free
+        proxy.completed(other, replica)
+    proxy.completed(request, held)

@@ -334,6 +334,19 @@ class FreeSlotRouter(RequestRouter):
                 self._forget(next(iter(self._in_flight)))
         return [[replica] for replica in ranked]
 
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        """Ray sent the request to ``replica_id`` and the replica accepted it. That may be a lower rank than
+        the pick: Ray skips a rank whose queue length probe timed out or says full. Count it there."""
+        request_id = pending_request.metadata.internal_request_id
+        routed = self._in_flight.get(request_id)
+        if routed is not None and routed.replica != replica_id:
+            self._in_flight[request_id] = routed._replace(replica=replica_id)  # keeps its place: oldest first
+            if routed.post:
+                self._posts[replica_id] += 1
+                self._posts[routed.replica] -= 1
+                if not self._posts[routed.replica]:
+                    del self._posts[routed.replica]
+
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         routed = self._in_flight.get(internal_request_id)
         self._forget(internal_request_id)
