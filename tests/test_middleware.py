@@ -397,6 +397,36 @@ async def test_a_failed_start_fails_its_requests_and_the_next_request_starts_aga
     assert log.states == ["unknown_error_occurred", "success"]
 
 
+async def test_a_shutdown_while_the_first_request_starts_the_engine_stops_it_after_the_start() -> None:
+    """The shared start goes on when a shutdown comes (no lifespan: a signal handler calls it): the engine
+    must be shut down after its start ended, not under it (a start that ends then leaves it running)."""
+    order: list[str] = []
+
+    class Recording(GatedStart):
+        async def start(self) -> None:
+            await super().start()
+            order.append("started")
+
+        async def shutdown(self) -> None:
+            order.append("shutdown")
+
+    engine = Recording()
+    cs = ChatStream(engine)
+    app = ChatStreamMiddleware(not_found, cs)
+    body = chat_body("hello")
+    send = Send()
+    with anyio.fail_after(WATCHDOG):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app, http_scope(body=body), Receive(body), send)
+            while not engine.starts:
+                await anyio.sleep(0)
+            tg.start_soon(cs.shutdown)
+            for _ in range(20):  # the shutdown's drain and engine stop get every chance to run first
+                await anyio.sleep(0)
+            engine.gate.set()
+    assert order == ["started", "shutdown"]
+
+
 async def test_wrong_method_is_405() -> None:
     send = Send()
     await ChatStreamMiddleware(not_found, echo_stream())(http_scope(method="GET"), Receive(), send)
