@@ -427,6 +427,23 @@ async def test_a_shutdown_while_the_first_request_starts_the_engine_stops_it_aft
     assert order == ["started", "shutdown"]
 
 
+async def test_a_start_that_never_ends_does_not_hold_the_shutdown() -> None:
+    engine = GatedStart()  # its gate is never opened: a model load that hangs
+    cs = ChatStream(engine)
+    app = ChatStreamMiddleware(not_found, cs)
+    body = chat_body("hello")
+    with anyio.fail_after(WATCHDOG):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app, http_scope(body=body), Receive(body), Send())
+            while not engine.starts:
+                await anyio.sleep(0)
+            await cs.shutdown(timeout=0.05)
+            tg.cancel_scope.cancel()  # the request still waits for the start; its client gives up
+        assert cs.closing and not engine.started
+        engine.gate.set()  # let the start end, so that no task outlives the test
+        await cs.start()
+
+
 async def test_wrong_method_is_405() -> None:
     send = Send()
     await ChatStreamMiddleware(not_found, echo_stream())(http_scope(method="GET"), Receive(), send)

@@ -213,8 +213,9 @@ class ChatStream:
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop admitting, let open replies finish for ``timeout`` seconds, abort the rest.
 
-        An engine start under way (a first request's, with no lifespan) ends first: the engine is never
-        stopped under it.
+        An engine start under way (a first request's, with no lifespan) is let end first, within the same
+        ``timeout``: an engine stopped under its start could run on once the start ends, but a start that
+        never ends must not hold the shutdown.
 
         Aborted replies end with a ``server_shutting_down`` error frame (``unknown_error_occurred``).
         Idempotent: a second call (the lifespan shutdown after a signal handler's) returns at once.
@@ -223,10 +224,10 @@ class ChatStream:
             return
         self._closing = True
         try:
-            if self._starting is not None:  # stopped under its start, the engine would run on once it ends
-                with contextlib.suppress(Exception):  # a failed start is its callers' to report
-                    await asyncio.shield(self._starting)
             with anyio.move_on_after(self.shutdown_timeout if timeout is None else timeout):
+                if self._starting is not None:
+                    with contextlib.suppress(Exception):  # a failed start is its callers' to report
+                        await asyncio.shield(self._starting)
                 await self.admission.wait_idle()
             self.stop_now()
             with anyio.move_on_after(self.send_timeout):
