@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine_batching import PROMPTS, StepProbe, collect, reference_greedy, request, run, wait_event
+from model_fixtures import engine_reached
+from test_engine_batching import PROMPTS, StepProbe, collect, reference_greedy, request, run
 from transformers import LlamaConfig
 
 from chatstream_asgi.engines.base import EngineError, GenerationParams, GenerationStream
@@ -69,7 +70,7 @@ def staggered(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch, conte
         tasks = [start(0)]
         for step, joiners in joins.items():
             reached, release = pauses[step]
-            await wait_event(reached)
+            await engine_reached(reached)
             tasks += [start(i) for i in joiners]
             release.set()
         results = await asyncio.gather(*tasks)
@@ -138,7 +139,7 @@ def test_chunked_prefill_keeps_running_rows_decoding(f32_engine: TransformersEng
 
     async def main() -> list[str]:
         first = asyncio.create_task(collect(engine.generate(request("Hi", running, rid="run"))))
-        await wait_event(reached)
+        await engine_reached(reached)
         mark.append(len(prefills))
         second = asyncio.create_task(collect(engine.generate(request(LONG, params, rid="long"))))
         release.set()
@@ -176,7 +177,7 @@ def test_prefill_budget_applies_only_while_rows_run(f32_engine: TransformersEngi
 
     async def main() -> list[str]:
         first = asyncio.create_task(collect(engine.generate(request(LONG, running, rid="long"))))
-        await wait_event(reached)
+        await engine_reached(reached)
         joiners = [asyncio.create_task(collect(engine.generate(request(c, params, rid=c)))) for c in PROMPTS]
         release.set()
         results = await asyncio.gather(first, *joiners)
@@ -207,7 +208,7 @@ def test_budget_caps_rows_and_the_rest_wait(tiny_engine: TransformersEngine, mon
     async def main() -> list[GenerationStream]:
         streams = [engine.generate(request(p, rid=str(i))) for i, p in enumerate(PROMPTS)]
         tasks = asyncio.gather(*(collect(s) for s in streams))
-        await wait_event(reached)
+        await engine_reached(reached)
         usage.append(engine.kv_cache_usage)
         release.set()
         await tasks
