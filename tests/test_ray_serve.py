@@ -35,6 +35,7 @@ pytestmark = pytest.mark.ray
 
 TESTS = Path(__file__).parent
 TIMEOUT = 30.0
+DEPLOY_TIMEOUT = 120.0  # serve.run, serve.delete: a replica start imports torch, over 30 s on 2 busy cores
 SECRET = "ray-test-secret"
 LONG = {"max_new_tokens": 2000}
 # Ray's controller kills a proxy not ready within 5 s; a loaded 2-core machine can take longer to start one.
@@ -117,11 +118,11 @@ def metrics(client: httpx.Client, prefix: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r'chatstream_completions_total\{state="(\w+)"\} (\S+)', text)}
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
     """Poll ``condition`` (bounded): what Ray's processes do has no event to await from here."""
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"waited {TIMEOUT} s for {what}"
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
         time.sleep(0.02)
 
 
@@ -348,7 +349,7 @@ def test_four_states_and_429_through_the_proxy_then_a_rolling_redeploy(proxy: st
             )
             redeploy.start()
             events = events_in.rest()
-        redeploy.join(TIMEOUT)
+        redeploy.join(DEPLOY_TIMEOUT)
         assert not redeploy.is_alive()
         assert events[-1]["type"] == "done" and events[-1]["state"] == "success"
         assert sum(1 for e in events if e["type"] == "delta") == 59
@@ -356,7 +357,7 @@ def test_four_states_and_429_through_the_proxy_then_a_rolling_redeploy(proxy: st
         assert after.status_code == 200
         assert after.headers["x-chatstream-replica"] != old
         # The old replica stops (its ChatStream, closing, would answer a request routed to it 503, uncounted).
-        wait_for(lambda: replica_states("one") == {"RUNNING": 1}, "the old replica of /one to stop")
+        wait_for(lambda: replica_states("one") == {"RUNNING": 1}, "the old replica of /one to stop", DEPLOY_TIMEOUT)
 
 
 def replica_states(app: str) -> dict[str, int]:
@@ -423,7 +424,7 @@ def test_a_reply_longer_than_the_shutdown_budget_ends_with_an_error_frame(proxy:
             deleting = threading.Thread(target=serve.delete, args=("short",))
             deleting.start()  # Ray starts stopping the replica while the reply streams
             events = events_in.rest()
-        deleting.join(TIMEOUT)
+        deleting.join(DEPLOY_TIMEOUT)
     assert not deleting.is_alive()
     assert events[-1]["type"] == "error" and events[-1]["error"] == "deadline_exceeded"
     assert events[-1]["state"] == "unknown_error_occurred"
