@@ -1,5 +1,6 @@
 """Garbage-collector pauses with a model loaded: the start-up heap frozen (the default) against not frozen.
 
+Set up once: ``.venv/bin/pip install -e ".[bench]"`` (its load clients and servers).
 Run: ``.venv/bin/python benchmarks/gc_pauses.py`` (``--requests N``, ``--model``; ``--quick`` for a
 short smoke run without a model).
 

@@ -1,5 +1,6 @@
 """Overhead of chatstream-asgi's middleware and send loop over bare Starlette, through hypercorn.
 
+Set up once: ``.venv/bin/pip install -e ".[bench]"`` (its load clients and servers).
 Run: ``.venv/bin/python benchmarks/middleware_overhead.py`` (``--quick`` for a short smoke run).
 
 Two hypercorn servers run as subprocesses at the same time, each serving this module:

@@ -1,5 +1,6 @@
 """This project's CPU engine against the llama.cpp server, on the same SmolLM2 GGUF, through HTTP.
 
+Set up once: ``.venv/bin/pip install -e ".[bench]"`` (its load clients and servers).
 Run: ``.venv/bin/python benchmarks/remote_llamacpp.py`` (needs the ``llamacpp`` extra; about 8 minutes
 on 2 cores; ``--quick`` for a smoke run).
 

@@ -1,5 +1,6 @@
 """Soak: a long mixed load on a real server; memory, asyncio tasks and sessions must stay flat.
 
+Set up once: ``.venv/bin/pip install -e ".[bench]"`` (its load clients and servers).
 Run: ``.venv/bin/python benchmarks/soak.py`` (10 minutes; ``--duration SEC``, ``--server
 hypercorn|uvicorn|granian``, ``--clients N``). The suite runs a 25-second variant
 (``tests/test_soak.py``).
