@@ -97,6 +97,15 @@ async def cancel_while(app: Callable[..., Awaitable[None]], scope: Any, receive:
     return send
 
 
+def endpoint_app(cs: ChatStream) -> Starlette:
+    """Endpoint mode: a Starlette route that returns ``cs.handle_chat_stream_request(request)``."""
+
+    async def chat(request: Request) -> Response:
+        return await cs.handle_chat_stream_request(request)
+
+    return Starlette(routes=[Route("/chat_stream", chat, methods=["POST"])])
+
+
 def service(**options: Any) -> tuple[ChatStream, StateLog]:
     log = StateLog()
     engine = MockEngine(MockParams(type="echo", time_per_token_sec=0.0))
@@ -169,11 +178,7 @@ async def test_cancelled_while_queued_reports_before_streaming_once() -> None:
 
 async def test_endpoint_mode_cancelled_while_the_body_is_read_reports_once() -> None:
     cs, log = service()
-
-    async def chat(request: Request) -> Response:
-        return await cs.handle_chat_stream_request(request)
-
-    app = Starlette(routes=[Route("/chat_stream", chat, methods=["POST"])])
+    app = endpoint_app(cs)
     body = chat_body("hello")
     receive = StalledReceive(body[:5])
     await cancel_while(app, http_scope(body=body), receive, receive.stalled)
@@ -183,11 +188,7 @@ async def test_endpoint_mode_cancelled_while_the_body_is_read_reports_once() -> 
 
 async def test_endpoint_mode_a_receive_that_raises_mid_body_reports_once() -> None:
     cs, log = service()
-
-    async def chat(request: Request) -> Response:
-        return await cs.handle_chat_stream_request(request)
-
-    app = Starlette(routes=[Route("/chat_stream", chat, methods=["POST"])])
+    app = endpoint_app(cs)
     body = chat_body("hello")
     send = Send()
     with anyio.fail_after(WATCHDOG):

@@ -341,27 +341,22 @@ class FreeSlotRouter(RequestRouter):
         routed = self._in_flight.get(request_id)
         if routed is not None and routed.replica != replica_id:
             self._in_flight[request_id] = routed._replace(replica=replica_id)  # keeps its place: oldest first
-            if routed.post:
-                self._posts[replica_id] += 1
-                self._posts[routed.replica] -= 1
-                if not self._posts[routed.replica]:
-                    del self._posts[routed.replica]
+            self._posts[replica_id] += routed.post
+            self._posts[routed.replica] -= routed.post
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        routed = self._in_flight.get(internal_request_id)
-        self._forget(internal_request_id)
+        routed = self._forget(internal_request_id)
         if routed is not None and routed.post:
             ended = self._ended[replica_id]
             ended.append((routed.at, time.time()))
             while ended and ended[-1][1] - ended[0][1] > _COMPLETIONS_TTL_S:
                 ended.popleft()
 
-    def _forget(self, request_id: str) -> None:
+    def _forget(self, request_id: str) -> _Routed | None:
         routed = self._in_flight.pop(request_id, None)
-        if routed is not None and routed.post:
-            self._posts[routed.replica] -= 1
-            if not self._posts[routed.replica]:
-                del self._posts[routed.replica]
+        if routed is not None:
+            self._posts[routed.replica] -= routed.post
+        return routed
 
     def _expire(self, wall: float) -> None:
         """Forget picks older than the longest request (never sent, so never completed)."""
