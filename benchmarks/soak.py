@@ -3,7 +3,7 @@
 Set up once: ``.venv/bin/pip install -e ".[bench]"`` (its load clients and servers).
 Run: ``.venv/bin/python benchmarks/soak.py`` (10 minutes; ``--duration SEC``, ``--server
 hypercorn|uvicorn|granian``, ``--clients N``). The suite runs a 25-second variant
-(``tests/test_soak.py``).
+(``tests/e2e/test_soak.py``).
 
 The server (a subprocess) serves this module's ``app``: a ``ChatStream`` over a mock engine
 (8 slots, 16 queue places, 5 ms to the first token, 1 ms a token) with ``/_soak/stats`` (RSS,

@@ -53,7 +53,7 @@ asyncio.run(main())
 
 
 def test_the_start_up_heap_is_frozen_while_a_service_runs() -> None:
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])

@@ -33,7 +33,8 @@ from chatstream_asgi.integrations.ray_serve import chat_app, deployment_options 
 
 pytestmark = pytest.mark.ray
 
-TESTS = Path(__file__).parent
+APPS = Path(__file__).parents[1] / "support" / "apps"
+REPO = Path(__file__).parents[2]
 TIMEOUT = 30.0
 DEPLOY_TIMEOUT = 120.0  # serve.run, serve.delete: a replica start imports torch, over 30 s on 2 busy cores
 SECRET = "ray-test-secret"
@@ -63,10 +64,10 @@ def one_replica_app(max_new_tokens: int = 2000) -> Any:
 def proxy(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture
     """Ray (bounded to this module) with both apps deployed; yields the proxy's URL."""
     old_env = {name: os.environ.get(name) for name in RAY_ENV}
-    sys_path = os.pathsep.join([str(TESTS / "apps"), str(TESTS.parent), old_env["PYTHONPATH"] or ""])
+    sys_path = os.pathsep.join([str(APPS), str(REPO), old_env["PYTHONPATH"] or ""])
     env = {**RAY_ENV, "PYTHONPATH": sys_path}  # Ray's processes (started now) import ray_engines and the package
     os.environ.update(env)
-    sys.path.insert(0, str(TESTS / "apps"))
+    sys.path.insert(0, str(APPS))
     from ray_engines import long_mock
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
@@ -90,7 +91,7 @@ def proxy(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture
     finally:
         serve.shutdown()
         ray.shutdown()
-        sys.path.remove(str(TESTS / "apps"))
+        sys.path.remove(str(APPS))
         for name, value in old_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -369,7 +370,7 @@ def replica_states(app: str) -> dict[str, int]:
 def test_a_client_that_leaves_while_sending_its_body_is_before_streaming(proxy: str, tmp_path: Path) -> None:
     """Ray's proxy sends ``http.disconnect``, makes ``receive`` raise and cancels the replica's task when the
     client leaves; whichever lands first, the request ends in ``client_disconnected_before_streaming``, counted once.
-    (Which one lands first is a race here; tests/test_cancellation.py cancels deterministically.) The
+    (Which one lands first is a race here; tests/server/test_cancellation.py cancels deterministically.) The
     client leaves once the replica has its request (``announcing_app`` creates the file it names)."""
     arrived = tmp_path / "arrived"
     with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client:

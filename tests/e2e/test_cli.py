@@ -152,7 +152,7 @@ def test_serve_openai_engine_streams_from_a_remote_server() -> None:
         remote.stop()
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, argv0: str | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

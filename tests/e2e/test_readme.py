@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 from chatstream_asgi.web.app import PAGE_CSP
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 CONTINUES = "# (continues the snippet above)"
 BODY = json.dumps({"user_input": "Hi", "generation_params": {"max_new_tokens": 8}}).encode()
 
@@ -68,7 +68,7 @@ def test_snippet_runs_and_its_apps_answer(code: str, monkeypatch: pytest.MonkeyP
         with TestClient(apps["app"]) as client:
             assert client.get("/get_load").status_code == 200
         return
-    if "chat_app" in namespace:  # a Ray Serve application: it builds here; tests/test_ray_serve.py runs one
+    if "chat_app" in namespace:  # a Ray Serve application: it builds here; tests/e2e/test_ray_serve.py runs one
         assert type(apps["app"]).__name__ == "Application"
         return
     if "TokenBackend" in namespace:  # the auth section: refused without credentials, served with them

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).parents[1] / "chatstream_asgi"
+PACKAGE = Path(__file__).parents[2] / "chatstream_asgi"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("types", "states", "logs")),

@@ -1,6 +1,6 @@
 """Real servers for tests: hypercorn, uvicorn or granian serving an app in a subprocess.
 
-``running(server, "chat_app:app")`` starts the server on a free 127.0.0.1 port with ``tests/apps``
+``running(server, "chat_app:app")`` starts the server on a free 127.0.0.1 port with ``tests/support/apps``
 on the import path, waits (bounded) until it answers, and stops it on exit. Environment variables
 configure the app.
 """
@@ -22,7 +22,7 @@ import httpx
 
 SERVERS = ("hypercorn", "uvicorn", "granian")
 APPS_DIR = Path(__file__).parent / "apps"
-REPO_ROOT = Path(__file__).parent.parent
+REPO_ROOT = Path(__file__).parents[2]
 GRACEFUL_TIMEOUT = 1
 
 

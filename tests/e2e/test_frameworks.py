@@ -19,7 +19,7 @@ import httpx
 import pytest
 from servers import Server, free_port, server_command
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 WATCHDOG = 15.0
 
 

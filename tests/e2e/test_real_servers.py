@@ -1,6 +1,6 @@
 """The four completion states through real servers (hypercorn, uvicorn, granian) and real clients.
 
-The app (tests/apps/chat_app.py) records every completion state; tests wait for them through a
+The app (tests/support/apps/chat_app.py) records every completion state; tests wait for them through a
 long-poll endpoint instead of sleeping, and check that every slot is free again via /get_load.
 """
 

@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "soak.py"
+BENCHMARK = Path(__file__).parents[2] / "benchmarks" / "soak.py"
 RSS_GROWTH = 32 << 20
 TASK_GROWTH = 25
 OBJECT_GROWTH = 5000

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from servers import Server, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _copy_checkout(target: Path) -> None:

@@ -362,7 +362,7 @@ def test_importing_the_package_does_not_import_torch() -> None:
     import sys
 
     code = "import sys, chatstream_asgi, chatstream_asgi.engines.base; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 def test_token_count_is_current_while_streaming(tiny_engine: TransformersEngine) -> None:
@@ -388,7 +388,7 @@ def test_importing_without_torch_names_the_extra() -> None:
     import sys
 
     code = "import sys; sys.modules['torch'] = None; import chatstream_asgi.engines.transformers"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
         "ImportError: the transformers engine needs torch, which is not installed: install the 'transformers' extra "

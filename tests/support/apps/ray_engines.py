@@ -1,4 +1,4 @@
-"""Engines for the Ray Serve tests, importable by Ray's worker processes (tests/apps is on their path)."""
+"""Engines for the Ray Serve tests, importable by Ray's worker processes (tests/support/apps is on their path)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The app of the disconnect fuzz and the overload test (``fuzz_app:app``, ``tests/apps`` on the path).
+"""The app of the disconnect fuzz and the overload test (``fuzz_app:app``, ``tests/support/apps`` on the path).
 
 One ChatStream over a fast mock engine (``CS_CONCURRENCY`` slots, ``CS_QUEUE`` queue places,
 ``CS_FIRST_TOKEN`` and ``CS_PER_TOKEN`` seconds). A request whose user input is ``fault:gate@0``
-waits for ``POST /_fuzz/gate`` before its first token (see ``tests/faulty_engine.py``).
+waits for ``POST /_fuzz/gate`` before its first token (see ``tests/support/faulty_engine.py``).
 
 What the server saw, per request id (the client's ``X-Request-Id``), comes from two sides: every
 callback call (state and reply text) and the package's own log lines (``accepted``,

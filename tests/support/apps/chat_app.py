@@ -1,4 +1,4 @@
-"""The app that real-server tests start as a subprocess (``chat_app:app`` with ``tests/apps`` on the path).
+"""The app that real-server tests start as a subprocess (``chat_app:app`` with ``tests/support/apps`` on the path).
 
 Several ChatStreams sit behind stacked middlewares, each with its own admission, so one server
 process covers every scenario (paths by prefix):
