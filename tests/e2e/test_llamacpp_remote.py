@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 from live_server import serve_in_thread
+from remote_support import Recorder, chat_stream
 from servers import Server, free_port
-from test_remote_engine import Recorder, chat_stream
 
 from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import OpenAIEngine, RemoteLoad

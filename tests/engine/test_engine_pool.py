@@ -8,8 +8,8 @@ from typing import Any
 import anyio
 import pytest
 from live_server import serve_in_thread
+from remote_support import MESSAGES, WATCHDOG, WHILE_STREAMING, front, processing, remote, request
 from servers import free_port
-from test_remote_engine import MESSAGES, WATCHDOG, WHILE_STREAMING, front, processing, remote, request
 
 from chatstream_asgi import Engine, MockEngine
 from chatstream_asgi.engines.base import GenerationStream
