@@ -53,9 +53,28 @@ from chatstream_asgi.engines.transformers.sequence import EngineSequence
 from chatstream_asgi.engines.transformers.session_turns import SessionTurns
 from chatstream_asgi.engines.transformers.static_path import DEFAULT_PREFILL_CHUNK, StaticPath
 
-__all__ = ["TransformersEngine", "UnsupportedModel"]
+__all__ = ["TransformersEngine", "UnsupportedModel", "slotted_layout"]
 
 logger = logging.getLogger("chatstream_asgi.engine")
+
+
+def slotted_layout(
+    config: Any, dtype: torch.dtype, device: torch.device, static_cache: bool | None, name: str
+) -> KVLayout | None:
+    """The slotted cache's layout where that path is taken (``static_cache``; by default on CUDA), else None.
+
+    A model whose layers the slotted cache cannot hold runs on the growing cache instead, with one warning
+    that says why; unless ``static_cache=True`` asked for the slotted one: then :class:`UnsupportedModel`.
+    """
+    if static_cache is False or (static_cache is None and device.type != "cuda"):
+        return None
+    try:
+        return KVLayout.of(config, dtype)
+    except UnsupportedModel as exc:
+        if static_cache:
+            raise
+        logger.warning("engine %s runs on the growing cache (no CUDA graphs): %s", name, exc)
+        return None
 
 
 class TransformersEngine:
@@ -124,7 +143,7 @@ class TransformersEngine:
         pad = tokenizer.pad_token_id
         self._pad_id: int = pad if pad is not None else min(self.eos_token_ids, default=0)
         self._output = OutputProcessor(tokenizer, self.eos_token_ids, self.context_len)
-        layout = self._static_layout(config, model.dtype, static_cache)
+        layout = slotted_layout(config, model.dtype, self.device, static_cache, self.model_name)
         self.static = layout is not None
         self.cuda_graphs = cuda_graphs
         self.compile_mode = compile_mode_for(compile_mode, self.device, self.static and cuda_graphs)
@@ -165,20 +184,6 @@ class TransformersEngine:
         self._cond = self._core.cond  # queue several requests at once: hold it while calling generate()
         self._thread: threading.Thread | None = None
         self._turns = SessionTurns(tokenizer)
-
-    def _static_layout(self, config: Any, dtype: torch.dtype, static_cache: bool | None) -> KVLayout | None:
-        """The slotted cache's layout, where that path is taken: ``static_cache``, else on CUDA; a model
-        whose layers it cannot hold falls back to the growing cache with one log line (``static_cache=True``:
-        :class:`UnsupportedModel`)."""
-        if static_cache is False or (static_cache is None and self.device.type != "cuda"):
-            return None
-        try:
-            return KVLayout.of(config, dtype)
-        except UnsupportedModel as exc:
-            if static_cache:
-                raise
-            logger.warning("engine %s: the growing cache instead of the slotted one: %s", self.model_name, exc)
-            return None
 
     @property
     def max_prefill_tokens(self) -> int | None:

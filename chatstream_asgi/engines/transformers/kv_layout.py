@@ -8,10 +8,10 @@ layer from ``config.layer_types`` (``"full_attention"`` / ``"sliding_attention"`
 ``use_sliding_window``). :func:`layer_windows` reads both, the same way.
 
 On the slotted cache a sliding layer whose window is shorter than the context keeps a ring of
-``window + RING_CHUNK - 1`` columns per slot instead of the whole context (:meth:`KVLayout.columns`):
-position ``p`` lives in column ``p % ring``. A forward writes at most ``RING_CHUNK`` tokens of one sequence,
-so no token it writes overwrites a key that one of its queries still reads. What that does to prefix reuse
-is in :mod:`~chatstream_asgi.engines.transformers.slot_prefix`.
+``window + ring_chunk - 1`` columns per slot instead of the whole context (:meth:`KVLayout.columns`):
+position ``p`` lives in column ``p % ring``. A forward writes at most ``ring_chunk`` tokens of one
+sequence (:data:`RING_CHUNK`, 512), so no token it writes overwrites a key one of its queries still
+reads. What that does to prefix reuse is in :mod:`~chatstream_asgi.engines.transformers.slot_prefix`.
 
 This module imports no torch: the budget arithmetic and the layer kinds are tested without it.
 """
@@ -66,6 +66,7 @@ class KVLayout:
     head_dim: int
     dtype: Any  # a torch dtype (only its ``itemsize`` is read here)
     windows: tuple[int | None, ...] = ()
+    ring_chunk: int = RING_CHUNK  # the most tokens of one sequence a forward writes where rings exist
 
     def __post_init__(self) -> None:
         if not self.windows:
@@ -84,9 +85,9 @@ class KVLayout:
     def ring(self, window: int | None, context_len: int) -> int | None:
         """The columns of a ring for a layer of ``window`` in a context of ``context_len``; None where the
         layer keeps every position (full attention, or a window as long as the context)."""
-        if window is None or window + RING_CHUNK - 1 >= context_len:
+        if window is None or window + self.ring_chunk - 1 >= context_len:
             return None
-        return window + RING_CHUNK - 1
+        return window + self.ring_chunk - 1
 
     def columns(self, context_len: int) -> list[int]:
         """Per layer, the columns one slot holds (a scratch column included) for ``context_len`` tokens."""
@@ -97,7 +98,7 @@ class KVLayout:
         return sum(self.columns(context_len)) * self.bytes_per_column
 
     def has_rings(self, context_len: int) -> bool:
-        """Whether some layer keeps a ring (then a forward writes at most :data:`RING_CHUNK` tokens a sequence)."""
+        """Whether some layer keeps a ring (then a forward writes at most ``ring_chunk`` tokens a sequence)."""
         return any(self.ring(w, context_len) is not None for w in set(self.windows))
 
     @classmethod
@@ -118,4 +119,4 @@ class KVLayout:
                 f"{name}: value head size {v_head_dim} differs from key head size {head_dim}; not supported"
             )
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        return cls(text.num_hidden_layers, kv_heads, head_dim, dtype, windows)
+        return cls(text.num_hidden_layers, kv_heads, head_dim, dtype, windows, RING_CHUNK)

@@ -23,7 +23,7 @@ import torch
 
 from chatstream_asgi.engines.transformers.compiled_step import compile_steps
 from chatstream_asgi.engines.transformers.graphs import capture_all
-from chatstream_asgi.engines.transformers.kv_layout import RING_CHUNK, KVLayout
+from chatstream_asgi.engines.transformers.kv_layout import KVLayout
 from chatstream_asgi.engines.transformers.model_runner import ModelRunner
 from chatstream_asgi.engines.transformers.planning import StepPlan, pack_chunk, slot_targets
 from chatstream_asgi.engines.transformers.sampling import BatchSampler
@@ -85,7 +85,7 @@ class StaticPath:
         rings = layout.has_rings(context_len)
         self.index = SlotPrefixIndex(whole_entries=rings) if prefix_cache else None
         self.reuses_prefixes = prefix_cache
-        self._per_sequence = RING_CHUNK if rings else context_len
+        self._per_sequence = layout.ring_chunk if rings else context_len
         self.kv: StaticKVCache | None = None
         self.runner: StepRunner | None = None
         self._hits: dict[int, SlotEntry] = {}  # id(seq) -> the retained entry its planned chunk reuses
