@@ -126,7 +126,7 @@ def traced_step(model: Any, tokenizer: Any) -> None:
     run(cycle())
     runner = engine._path.runner
     with torch.inference_mode():
-        eager = runner.launch([5, 9], [3, 4], [(3, 0, list(range(10, 30)), True)]).clone()
+        eager = runner.launch(torch.tensor([5, 9]), [3, 4], [(3, 0, list(range(10, 30)), True)]).clone()
         key = runner.key(2, 10, 20, 20)
         torch._dynamo.reset()
         traced = torch.compile(runner.forward, fullgraph=True, backend="eager")(key)

@@ -284,7 +284,7 @@ def _launch_twice(engine: TransformersEngine, chunks: list, fused: Any) -> None:
 
     runner, kv = engine._path.runner, engine._path.kv
     assert runner is not None and kv is not None
-    positions = [5, 6, 7] if not chunks else []
+    positions = torch.tensor([5, 6, 7] if not chunks else [], dtype=torch.long)
     inputs = [3, 10, 0] if not chunks else None
     with torch.inference_mode():
         for buf in (*kv.keys, *kv.values):

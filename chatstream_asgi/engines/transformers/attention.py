@@ -22,8 +22,9 @@ Two step objects, one per cache design:
   there a column's position is derived from the query's, and the window hides whatever a ring column held
   before.
 
-The kernel (:func:`attend`): PyTorch's SDPA, with a query token's heads grouped onto their key/value head
-(one matrix product per key/value head instead of copying each key/value head once per query head); a
+The kernel (:func:`attend`): PyTorch's SDPA, with the query heads of each key/value head stacked into one
+run of query rows (one product per key/value head instead of copying each key/value head once per query
+head, which is what transformers does under ``torch.compile`` and with a mask); a
 plain matrix-product attention where the layer asks for logit soft-capping or attention sinks (Gemma 2,
 gpt-oss), which SDPA has no slot for. A FlexAttention or FlashInfer kernel would be another ``attend``.
 Everything a step needs is computed from small index tensors on the device, so a step replays as a
@@ -122,20 +123,17 @@ def attend(
     b, heads, t, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    grouped = t == 1 and groups > 1
-    if grouped:  # one query token: its heads as a group of query rows per key/value head
-        query = query.reshape(b, kv_heads, groups, dim)
-    elif groups > 1:
-        key = key[:, :, None].expand(b, kv_heads, groups, *key.shape[2:]).reshape(b, heads, *key.shape[2:])
-        value = value[:, :, None].expand(b, kv_heads, groups, *value.shape[2:]).reshape(b, heads, *value.shape[2:])
+    if groups > 1:  # the query heads of a key/value head as one run of query rows: no copy of keys per head
+        query = query.reshape(b, kv_heads, groups * t, dim)
+        if t > 1:
+            mask = mask.expand(b, 1, t, mask.shape[-1]).repeat(1, 1, groups, 1)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     if softcap is None and sinks is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     else:
+        sinks = None if sinks is None else sinks.reshape(kv_heads, groups, 1).expand(kv_heads, groups, t).reshape(-1)
         out = _matmul_attention(query, key, value, mask, scaling, softcap, sinks)
-    if grouped:
-        return out.reshape(b, 1, heads, dim)
-    return out.transpose(1, 2).contiguous()
+    return out.reshape(b, heads, t, dim).transpose(1, 2).contiguous()
 
 
 def _matmul_attention(
@@ -156,7 +154,7 @@ def _matmul_attention(
         probs = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     else:
         b, x, y, _ = weights.shape
-        logits = torch.cat([weights, sinks.to(weights.dtype).reshape(1, x, -1, 1).expand(b, x, y, 1)], dim=-1)
+        logits = torch.cat([weights, sinks.to(weights.dtype).reshape(1, x, y, 1).expand(b, x, y, 1)], dim=-1)
         logits = logits - logits.max(dim=-1, keepdim=True).values
         probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
     return torch.matmul(probs.to(value.dtype), value)

@@ -184,7 +184,7 @@ class StaticPath:
     def run_step(self, positions: torch.Tensor, inputs: list[int] | None, chunks: list[Any]) -> torch.Tensor:
         """The step's forward (:meth:`StepRunner.launch`), queued."""
         assert self.runner is not None
-        return self.runner.launch(positions.tolist(), inputs, chunks)
+        return self.runner.launch(positions, inputs, chunks)
 
     run_prefill = run_step  # one forward either way: a step without decode rows is a chunk alone
 

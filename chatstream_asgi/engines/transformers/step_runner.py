@@ -80,6 +80,7 @@ class StepRunner:
         self._tokens = torch.zeros(5, cache.rows + most_tokens, dtype=torch.long, device=device)
         self._gather = torch.zeros(3, cache.max_len, dtype=torch.long, device=device)
         self._keep = torch.zeros(cache.rows + self.kept(most_tokens), dtype=torch.long, device=device)
+        self._rows = torch.arange(cache.rows, device=device)
         self._out: torch.Tensor | None = None
         self._pinned = device.type == "cuda"  # host buffers in pinned memory: copies queue without waiting
         self.fused: Callable[[Key], contextlib.AbstractContextManager[Any]] = lambda key: contextlib.nullcontext()
@@ -129,24 +130,24 @@ class StepRunner:
         return not self.use_graphs or key in self._captured
 
     def launch(
-        self, positions: Sequence[int], inputs: Sequence[int] | None, chunks: Sequence[ChunkInput]
+        self, positions: torch.Tensor, inputs: Sequence[int] | None, chunks: Sequence[ChunkInput]
     ) -> torch.Tensor:
         """Queue one step; return its logits ``[len(positions) + kept chunks, vocab]`` (not waited for).
 
-        ``positions`` and ``inputs``: the decode rows' (row ``i`` in slot ``i``); ``inputs=None`` takes the
-        tokens :meth:`feed` left on the device. ``chunks``: see :data:`ChunkInput`.
+        ``positions`` (host, ``[n]``) and ``inputs``: the decode rows' (row ``i`` in slot ``i``); ``inputs=None``
+        takes the tokens :meth:`feed` left on the device. ``chunks``: see :data:`ChunkInput`.
         """
-        n = len(positions)
+        n = positions.shape[0]
         tokens = sum(len(ids) for _, _, ids, _ in chunks)
         columns = sum(start + len(ids) for _, start, ids, _ in chunks)
-        key = self.key(n, max(positions, default=0) + 1, tokens, columns)
+        key = self.key(n, int(positions.max()) + 1 if n else 1, tokens, columns)
         if key is None:
             raise ValueError(f"a step of {tokens} chunk tokens reading {columns} columns exceeds the runner's buffers")
         rows, _, width, gathered = key
         host = torch.zeros(5, rows + width, dtype=torch.long, pin_memory=self._pinned)
         host[0], host[4] = self.pad_id, -1  # ids, positions, slots, valid, sequence tags
         host[2, :rows] = torch.arange(rows)
-        host[1, :n] = torch.tensor(positions, dtype=torch.long)
+        host[1, :n] = positions
         host[3, :n] = 1
         if inputs is not None:
             host[0, :n] = torch.tensor(inputs, dtype=torch.long)
@@ -163,16 +164,16 @@ class StepRunner:
             if last:
                 keep.append(t + m - 1)
             t, g = t + m, g + start + m
-        live = len(keep)
-        keep += [keep[-1] if keep else 0] * (rows + self.kept(width) - live)
-        host_keep = torch.tensor(keep, dtype=torch.long)
         first = 0 if inputs is not None else 1  # fed: the decode rows' ids are already on the device
         self._tokens[first:, : rows + width].copy_(host[first:], non_blocking=self._pinned)
         if inputs is None and width:
             self._tokens[0, rows : rows + width].copy_(host[0, rows:], non_blocking=self._pinned)
-        if gathered:
+        live = len(keep)
+        if width:  # a decode step keeps every row's logits (its keep indices never change)
+            keep += [keep[-1] if keep else 0] * (rows + self.kept(width) - live)
+            host_keep = torch.tensor(keep, dtype=torch.long, pin_memory=self._pinned)
             self._gather[:, :gathered].copy_(gather, non_blocking=self._pinned)
-        self._keep[: len(keep)].copy_(host_keep.pin_memory() if self._pinned else host_keep, non_blocking=self._pinned)
+            self._keep[: len(keep)].copy_(host_keep, non_blocking=self._pinned)
         return self._replay_or_run(key)[:live]
 
     def feed(self, tokens: torch.Tensor) -> None:
@@ -201,7 +202,7 @@ class StepRunner:
         step = SlotStep.build(
             self._tokens[1:, :t], self._gather[:, :columns], rows, length, self.cache.rings, self.cache.scratch
         )
-        keep = self._keep[: rows + self.kept(width)]
+        keep = self._keep[: rows + self.kept(width)] if width else self._rows[:rows]
         with self.fused(key):
             out = self._call_model(
                 self.cache.for_step(step),
