@@ -503,7 +503,7 @@ def test_cancellations_mid_chunk_leave_a_greedy_reply_unchanged(f32_engine: Tran
     leaving.calls = []
 
     async def scenario(engine: TransformersEngine) -> list[str]:
-        before = await ask(engine, fixed)
+        before = await ask(engine, fixed, "fixed-before")
         engine._forward_step = leaving
         rng = random.Random(3)
         streams = []
@@ -514,7 +514,7 @@ def test_cancellations_mid_chunk_leave_a_greedy_reply_unchanged(f32_engine: Tran
             streams.append(engine.generate(GenerationRequest(f"storm{i}", messages, params, session_key=f"s{i}")))
         await asyncio.gather(*(collect(s) for s in streams))
         engine._forward_step = inner
-        return [before.text, (await ask(engine, fixed)).text, (await ask(engine, fixed)).text]
+        return [before.text, (await ask(engine, fixed, "fixed-after")).text, (await ask(engine, fixed)).text]
 
     async def main() -> list[str]:
         await engine.start()
@@ -525,4 +525,24 @@ def test_cancellations_mid_chunk_leave_a_greedy_reply_unchanged(f32_engine: Tran
 
     before, after, again = run(main())
     assert len(cancelled) >= 4  # prompts left mid-chunk and rows mid-reply
-    assert after == before and again == before
+    assert after == before and again == before, _divergence(engine, fixed)
+
+
+def _divergence(engine: TransformersEngine, messages: list[dict]) -> str:
+    """Where the replies kept as "fixed-before" and "fixed-after" part, and how close the model's own logits
+    (float32, eagerly) are there: a near tie (a difference in the last bits) or a corrupted cache."""
+    import torch
+
+    turns = engine._turns._turns
+    before, after = list(turns["fixed-before"].output_ids), list(turns["fixed-after"].output_ids)
+    at = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), None)
+    if at is None:
+        return f"same token ids; texts differ: {before} {after}"
+    ids = torch.tensor([[*engine._encode(messages), *before[:at]]], device=engine.device)
+    with torch.inference_mode():
+        logits = engine.model(ids).logits[0, -1].float()
+    top = torch.topk(logits, 2)
+    return (
+        f"replies part at token {at}: {before[at]} before, {after[at]} after; the model's logits there: "
+        f"{logits[before[at]].item():.6f} and {logits[after[at]].item():.6f} (top two {top.values.tolist()})"
+    )

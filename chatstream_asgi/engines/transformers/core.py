@@ -109,21 +109,23 @@ class EngineCore:
         past it (its keys and values kept for reuse).
         """
         outbox = Outbox()
-        for seq in [*admitted, *self.prefilling, *self.active]:
-            if seq.stream.cancelled and seq.finish is None:
-                finish(seq, "cancelled", outbox)
-        self.prefilling.extend(s for s in admitted if s.finish is None)
-        self.prefilling = deque(s for s in self.prefilling if s.finish is None)
-        self._retire()
-        plan = self.path.plan(self.active, self.prefilling)
-        if plan.decode or plan.chunks:
-            try:
-                self._steps(plan, outbox)
-            except Exception as exc:  # the device failed: the rows' cache state is unknown
-                logger.exception("step over %d sequence(s) failed", len(plan.decode) + len(plan.chunks))
-                self._fail_all([*self.active, *self.prefilling], exc, outbox)
-        self._retire()
-        outbox.flush()
+        try:
+            for seq in [*admitted, *self.prefilling, *self.active]:
+                if seq.stream.cancelled and seq.finish is None:
+                    finish(seq, "cancelled", outbox)
+            self.prefilling.extend(s for s in admitted if s.finish is None)
+            self.prefilling = deque(s for s in self.prefilling if s.finish is None)
+            self._retire()
+            plan = self.path.plan(self.active, self.prefilling)
+            if plan.decode or plan.chunks:
+                try:
+                    self._steps(plan, outbox)
+                except Exception as exc:  # the device failed: the rows' cache state is unknown
+                    logger.exception("step over %d sequence(s) failed", len(plan.decode) + len(plan.chunks))
+                    self._fail_all([*self.active, *self.prefilling], exc, outbox)
+            self._retire()
+        finally:  # what this turn produced is delivered even when it fails past the steps (the caller fails the rest)
+            outbox.flush()
 
     def _steps(self, plan: StepPlan, outbox: Outbox) -> None:
         """Run ``plan``, and while the batch stays as it is, the steps after it, each queued on the device
