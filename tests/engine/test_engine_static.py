@@ -7,6 +7,7 @@ On CPU these run the same padded steps eagerly (what CI covers); with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -21,15 +22,10 @@ from transformers import LlamaConfig
 
 from chatstream_asgi.engines.base import EngineError, GenerationParams, GenerationStream
 from chatstream_asgi.engines.transformers import TransformersEngine
-from chatstream_asgi.engines.transformers.graph_runner import (
-    PrefillRunner,
-    bucket_for,
-    continued_lengths,
-    length_buckets,
-    row_buckets,
-)
+from chatstream_asgi.engines.transformers.graphs import bucket_for, continued_lengths, length_buckets, row_buckets
 from chatstream_asgi.engines.transformers.loading import load_model
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, UnsupportedModel, plan_rows
+from chatstream_asgi.engines.transformers.step_runner import StepRunner
 
 DEVICE = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")
 cuda_only = pytest.mark.skipif(
@@ -93,22 +89,26 @@ def test_buckets() -> None:
         bucket_for(9, [1, 2, 4, 8])
 
 
-def test_prefill_shapes_batch_chunks_that_read_earlier_columns() -> None:
-    """New prompts after reused beginnings of different lengths (or a continued chunk) pad to one captured
-    ``(rows, tokens, length)`` shape while the columns they gather stay bounded; beyond, they split."""
+def test_step_shapes_pad_decode_rows_and_packed_chunks() -> None:
+    """A step's shape: decode rows and the columns they read in buckets; a packed chunk's tokens and the keys
+    it gathers in buckets; beside running rows, with graphs, the chunk pads to the captured joining chunk."""
     assert continued_lengths(8192) == [64, 256, 1024, 4096, 8192]
     layout = KVLayout(num_layers=1, kv_heads=1, head_dim=2, dtype=torch.float32)
-    runner = PrefillRunner(
-        None, None, StaticKVCache(layout, 64, 8192, torch.device("cpu")), 0, use_graphs=False, chunk=256
-    )
-    key = runner._key
-    assert key(5, 20, 20) == (8, 32, 32)  # new prompts
-    assert key(5, 20, 300) == (8, 32, 1024)  # after reused beginnings
-    assert key(1, 256, 8000) == (1, 256, 8192)  # one long prompt's last chunk
-    assert key(64, 16, 256) == (64, 16, 256) and key(32, 100, 1000) == (32, 128, 1024)
-    assert runner.batchable(8, 100, 2000) and not runner.batchable(9, 100, 2000)  # 16 x 4096 columns: too many
-    assert key(2, 600, 600) is None and not runner.batchable(64, 256, 256)  # past 512 tokens or 8192 a forward
-    assert key(2, 300, 900) is None  # a continued chunk beyond the configured chunk's bucket
+    cache = StaticKVCache(layout, 64, 8192, torch.device("cpu"))
+    runner = StepRunner(None, cache, 0, None, use_graphs=False, chunk=256)
+    assert runner.token_buckets[-1] == 8192 and runner.joining == 256
+    assert runner.key(5, 100, 0, 0) == (8, 128, 0, 0)  # decode alone
+    assert runner.key(0, 1, 20, 20) == (0, 0, 32, 32)  # new prompts alone
+    assert runner.key(0, 1, 20, 300) == (0, 0, 32, 1024)  # after reused beginnings
+    assert runner.key(3, 100, 200, 2000) == (4, 256, 256, 4096)  # beside decode rows: a coarser length
+    assert runner.key(1, 1, 9000, 9000) is None  # past the buffers: the planner never packs that
+    assert runner.fits(0, 100, 100, 25) and not runner.fits(0, 100, 100, 33)  # a 128-token chunk returns 32 logits
+    shapes = runner._shapes()
+    assert (64, 8192, 0, 0) in shapes and (1, 64, 256, 256) in shapes and (16, 4096, 256, 8192) in shapes
+    assert (1, 64, 64, 64) not in shapes  # beside rows only the joining chunk is captured: smaller ones pad to it
+    assert (0, 0, 8192, 8192) in shapes and (0, 0, 8192, 16384) not in shapes  # a chunk's mask is bounded
+    runner.use_graphs, runner._captured = True, shapes
+    assert runner.key(3, 100, 20, 300) == (4, 256, 256, 1024)
 
 
 def test_static_greedy_matches_alone_across_buckets(f32_engine: TransformersEngine, monkeypatch) -> None:
@@ -119,19 +119,30 @@ def test_static_greedy_matches_alone_across_buckets(f32_engine: TransformersEngi
     assert staggered(engine, monkeypatch, contents, {2: [1], 5: [2, 3], 7: [4]}) == expected
 
 
+class Forwards:
+    """Every forward of a static engine, in order: (decode rows, the token counts of its chunk's prompts)."""
+
+    def __init__(self, engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.steps: list[tuple[int, list[int]]] = []
+        for name in ("_forward_step", "_forward_prefill"):
+            monkeypatch.setattr(engine, name, self._recording(getattr(engine, name)))
+
+    def _recording(self, inner: Any) -> Any:
+        def forward(positions: torch.Tensor, inputs: Any, chunks: list) -> torch.Tensor:
+            self.steps.append((len(positions), [len(ids) for _, _, ids, _ in chunks]))
+            return inner(positions, inputs, chunks)
+
+        return forward
+
+
 def test_chunked_prefill_keeps_running_rows_decoding(f32_engine: TransformersEngine, monkeypatch) -> None:
+    """A long prompt joins a running row in chunks of ``max_prefill_tokens``, each in the same forward as a
+    decode step of the row (one forward a step), and joins the row's steps after its last chunk."""
     engine = static_engine(f32_engine, max_prefill_tokens=8)
     long_tokens = engine.count_tokens([{"role": "user", "content": LONG}])
     assert long_tokens > 40
-    prefills: list[int] = []
-    inner = engine._forward_prefill
-
-    def counting(ids: torch.Tensor, *args: Any) -> torch.Tensor:
-        prefills.append(ids.shape[1])
-        return inner(ids, *args)
-
-    monkeypatch.setattr(engine, "_forward_prefill", counting)
     probe = StepProbe(engine, monkeypatch)
+    forwards = Forwards(engine, monkeypatch)
     reached, release = probe.pause_at(2)
     params = GenerationParams(temperature=0.0, max_new_tokens=20)
     running = GenerationParams(temperature=0.0, max_new_tokens=40)  # still running when the long row joins
@@ -140,7 +151,7 @@ def test_chunked_prefill_keeps_running_rows_decoding(f32_engine: TransformersEng
     async def main() -> list[str]:
         first = asyncio.create_task(collect(engine.generate(request("Hi", running, rid="run"))))
         await engine_reached(reached)
-        mark.append(len(prefills))
+        mark.append(len(forwards.steps))
         second = asyncio.create_task(collect(engine.generate(request(LONG, params, rid="long"))))
         release.set()
         results = await asyncio.gather(first, second)
@@ -149,26 +160,19 @@ def test_chunked_prefill_keeps_running_rows_decoding(f32_engine: TransformersEng
 
     texts = run(main())
     assert texts == [reference_greedy(f32_engine, "Hi", 40), reference_greedy(f32_engine, LONG, 20)]
-    chunks = prefills[mark[0] :]  # the long prompt's
-    assert max(chunks) <= 8 and len(chunks) >= long_tokens // 8
-    # The long prompt arrived during decode step 2: from step 3 on, one step of the running row
-    # beside every chunk (queued before it), and the long row joins the step after its last chunk.
-    assert probe.sizes[3 : 3 + len(chunks)] == [1] * len(chunks)
-    assert probe.sizes[3 + len(chunks)] == 2
+    joining = [(rows, takes) for rows, takes in forwards.steps[mark[0] :] if takes]  # the long prompt's
+    assert sum(t for _, takes in joining for t in takes) == long_tokens
+    assert all(rows == 1 and takes[0] <= 8 for rows, takes in joining)  # every chunk beside a decode step
+    assert all(rows for rows, _ in forwards.steps[1:])  # after "Hi"'s prefill, no forward without a decode row
+    after = forwards.steps.index(joining[-1]) + 1
+    assert forwards.steps[after] == (2, [])  # the long row decodes from the step after its last chunk
 
 
 def test_prefill_budget_applies_only_while_rows_run(f32_engine: TransformersEngine, monkeypatch) -> None:
-    """An idle engine prefills a long prompt in one forward; prompts joining a running row are batched
-    beside a decode step of the row, at most ``max_prefill_tokens`` of each, and come out as alone."""
+    """An idle engine prefills a long prompt in one forward; prompts joining a running row are packed beside
+    a decode step of the row, at most ``max_prefill_tokens`` a step, and come out as alone."""
     engine = static_engine(f32_engine, max_prefill_tokens=24)
-    shapes: list[tuple[int, int]] = []
-    inner = engine._forward_prefill
-
-    def recording(ids: torch.Tensor, *args: Any) -> torch.Tensor:
-        shapes.append(tuple(ids.shape))
-        return inner(ids, *args)
-
-    monkeypatch.setattr(engine, "_forward_prefill", recording)
+    forwards = Forwards(engine, monkeypatch)
     probe = StepProbe(engine, monkeypatch)
     reached, release = probe.pause_at(2)
     long_tokens = engine.count_tokens([{"role": "user", "content": LONG}])
@@ -186,9 +190,11 @@ def test_prefill_budget_applies_only_while_rows_run(f32_engine: TransformersEngi
 
     texts = run(main())
     assert texts == [reference_greedy(f32_engine, LONG, 40), *(reference_greedy(f32_engine, c, 12) for c in PROMPTS)]
-    assert shapes[0] == (1, long_tokens)  # alone: whole, though longer than the budget
-    assert shapes[1][0] > 1 and all(width <= 24 for _, width in shapes[1:])  # joiners: batched, chunked
-    assert probe.sizes[3] == 1  # the running row's step beside the joiners' first prefill
+    assert forwards.steps[0] == (0, [long_tokens])  # alone: whole, though longer than the budget
+    joined = [takes for rows, takes in forwards.steps[1:] if takes]
+    assert all(sum(takes) <= 24 for takes in joined)  # the budget, shared by the packed prompts
+    assert len(joined[0]) > 1  # several prompts in one forward
+    assert all(rows >= 1 for rows, takes in forwards.steps[1:] if takes)  # always beside the running row
 
 
 def test_budget_caps_rows_and_the_rest_wait(tiny_engine: TransformersEngine, monkeypatch) -> None:
@@ -231,18 +237,33 @@ def test_budget_too_small_fails_start(tiny_engine: TransformersEngine) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"sliding_window": 64}, "sliding-window"),
-        ({"layer_types": ["full_attention", "sliding_attention"]}, "layer types"),
+        ({"layer_types": ["full_attention", "chunked_attention"]}, "layer types \\['chunked_attention'\\]"),
         ({"v_head_dim": 32}, "value head size 32 differs from key head size 16"),
     ],
 )
-def test_unsupported_models_are_refused_at_load(tiny_engine: TransformersEngine, changes: dict, message: str) -> None:
+def test_unsupported_models_are_refused_at_load(changes: dict, message: str) -> None:
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
     for key, value in changes.items():
         setattr(config, key, value)
     with pytest.raises(UnsupportedModel, match=message):
         KVLayout.of(config, torch.float32)
-    assert KVLayout.of(LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2), torch.float32)
+
+
+def test_sliding_layers_keep_a_ring_and_the_budget_counts_it() -> None:
+    """A window shorter than the context: a ring of ``window + RING_CHUNK - 1`` columns (and scratch) a slot;
+    the slot's bytes count what each layer holds; a window as long as the context keeps every column."""
+    from chatstream_asgi.engines.transformers.kv_layout import RING_CHUNK
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    config.layer_types, config.sliding_window = ["sliding_attention", "full_attention"], 100
+    layout = KVLayout.of(config, torch.float32)
+    assert layout.windows == (100, None)
+    ring = 100 + RING_CHUNK - 1
+    assert layout.columns(8192) == [ring + 1, 8193]
+    assert layout.slot_bytes(8192) == (ring + 1 + 8193) * layout.bytes_per_column < 2 * 8193 * layout.bytes_per_column
+    assert layout.columns(512) == [513, 513] and not layout.has_rings(512)
+    two = 2.5 * layout.slot_bytes(8192) / 2**30
+    assert plan_rows(layout, 8192, 8, torch.device("cpu"), kv_cache_memory=two) == 2
 
 
 @cuda_only
@@ -252,76 +273,57 @@ def test_graph_decode_matches_eager_token_for_token(tiny_engine: TransformersEng
     eager = staggered(static_engine(tiny_engine, cuda_graphs=False), monkeypatch, contents, joins)
     graphs = static_engine(tiny_engine)
     replayed = staggered(graphs, monkeypatch, contents, joins)
-    assert graphs._runner is not None and graphs._runner.graphs  # really replayed graphs
+    assert graphs._path.runner is not None and graphs._path.runner.graphs  # really replayed graphs
     assert replayed == eager
 
 
-def test_compiled_blocks_write_and_read_the_cache_as_the_plain_step(f32_engine: TransformersEngine) -> None:
-    """The model's layers compiled once (one graph for every layer, not one per layer): the fused step
-    gives the plain step's logits and leaves every buffer as it does (inside torch.compile the decode
-    write is an index assignment, not the scatter the plain step runs); outside ``active()`` the
-    model runs its own forward."""
+def _launch_twice(engine: TransformersEngine, chunks: list, fused: Any) -> None:
+    """Launch the same step over random buffers plainly, then under ``fused``'s compiled blocks: the same
+    logits, the same keys and values written in the same places; outside ``active()`` the model's own forward."""
     from torch._dynamo.utils import counters
 
-    from chatstream_asgi.engines.transformers.compiled_step import FusedModules
-
-    engine = prepared(static_engine(f32_engine, max_batch_size=4))
-    runner, kv = engine._runner, engine._static_kv
+    runner, kv = engine._path.runner, engine._path.kv
     assert runner is not None and kv is not None
+    positions = torch.tensor([5, 6, 7] if not chunks else [], dtype=torch.long)
+    inputs = [3, 10, 0] if not chunks else None
     with torch.inference_mode():
         for buf in (*kv.keys, *kv.values):
             buf.normal_()
-        runner.inputs(4).copy_(torch.tensor([[5, 6, 7, 8], [3, 10, 0, 63]]))
         before = [buf.clone() for buf in (*kv.keys, *kv.values)]
-        plain = runner.plain_step(runner.inputs(3), 64).clone()
+        plain = runner.launch(positions, inputs, chunks).clone()
         written = [buf.clone() for buf in (*kv.keys, *kv.values)]
         for buf, old in zip((*kv.keys, *kv.values), before, strict=True):
             buf.copy_(old)
-        fused = FusedModules(engine.model, kv.layers, "default")
         graphs = counters["stats"]["unique_graphs"]
-        with fused.active():
-            compiled = runner.plain_step(runner.inputs(3), 64)
-        assert (
-            counters["stats"]["unique_graphs"] - graphs == 3
-        )  # the layer (both layers), the rotary embedding, the norm
+        runner.fused = lambda key: fused.active()
+        compiled = runner.launch(positions, inputs, chunks).clone()
+        assert counters["stats"]["unique_graphs"] - graphs == 3  # the layer (both layers), rotary embedding, norm
         torch.testing.assert_close(compiled, plain)
         for buf, expected, old in zip((*kv.keys, *kv.values), written, before, strict=True):
             torch.testing.assert_close(buf, expected)  # the same values, up to the fused kernels' rounding
-            assert torch.equal(buf != old, expected != old)  # in the same places (3 rows' columns), nothing else
-        for buf, old in zip((*kv.keys, *kv.values), before, strict=True):
+            assert torch.equal(buf != old, expected != old)  # in the same places, nothing else
             buf.copy_(old)
-        assert torch.equal(runner.plain_step(runner.inputs(3), 64), plain)  # inactive: the model's own forward
-    assert engine.model.config._attn_implementation == "sdpa"  # the grouped attention only while compiled
+        runner.fused = lambda key: contextlib.nullcontext()
+        assert torch.equal(runner.launch(positions, inputs, chunks), plain)  # inactive: the model's own forward
+
+
+def test_compiled_blocks_write_and_read_the_cache_as_the_plain_step(f32_engine: TransformersEngine) -> None:
+    """The model's layers compiled once (one graph for every layer, not one per layer): a decode step of
+    three rows under them gives the plain step's logits and leaves every buffer as it does."""
+    from chatstream_asgi.engines.transformers.compiled_step import FusedModules
+
+    engine = prepared(static_engine(f32_engine, max_batch_size=4))
+    _launch_twice(engine, [], FusedModules(engine.model, engine._path.kv.layers, "default"))
 
 
 def test_compiled_blocks_prefill_a_chunk_as_the_plain_forward(f32_engine: TransformersEngine) -> None:
-    """Prefill chunks under the compiled layers (two rows continuing at column 30, reading the columns
-    before them): the plain chunk's logits, and the same keys and values written."""
-    from torch._dynamo.utils import counters
-
+    """A chunk of two prompts packed together (one continuing at column 30, reading the columns before it;
+    one new) under the compiled layers: the plain chunk's logits, and the same keys and values written."""
     from chatstream_asgi.engines.transformers.compiled_step import FusedModules
 
-    engine = prepared(static_engine(f32_engine, max_batch_size=4, cuda_graphs=False))  # chunks run, not replayed
-    prefill, kv = engine._prefill_runner, engine._static_kv
-    assert prefill is not None and kv is not None
-    ids = torch.randint(3, 60, (2, 20))
-    columns = torch.arange(30, 50).expand(2, 20)
-    slots = torch.tensor([1, 3])
-    with torch.inference_mode():
-        for buf in (*kv.keys, *kv.values):
-            buf.normal_()
-        plain = prefill.run(ids, columns, columns, slots, 50)
-        prefill.join()  # on CUDA the chunk runs on the runner's stream
-        written = [buf[:, :, : kv.scratch].clone() for buf in (*kv.keys, *kv.values)]
-        plain = plain.clone()
-        prefill.fused = FusedModules(engine.model, kv.layers, "default").active
-        graphs = counters["stats"]["unique_graphs"]
-        compiled = prefill.run(ids, columns, columns, slots, 50)
-        prefill.join()
-    assert counters["stats"]["unique_graphs"] - graphs == 3  # really compiled: the layer, rotary embedding, norm
-    torch.testing.assert_close(compiled, plain)
-    for buf, expected in zip((*kv.keys, *kv.values), written, strict=True):
-        torch.testing.assert_close(buf[:, :, : kv.scratch], expected)  # (padding tokens all write the scratch column)
+    engine = prepared(static_engine(f32_engine, max_batch_size=4, cuda_graphs=False))
+    chunks = [(1, 30, torch.randint(3, 60, (20,)).tolist(), True), (3, 0, torch.randint(3, 60, (9,)).tolist(), True)]
+    _launch_twice(engine, chunks, FusedModules(engine.model, engine._path.kv.layers, "default"))
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -366,24 +368,33 @@ def test_routed_model_still_traces_whole_copies_and_pickles() -> None:
         assert torch.equal(torch.load(buffer, weights_only=False)(ids).logits, expected)
 
 
-def test_grouped_attention_is_transformers_sdpa_when_compiled() -> None:
-    """The compiled blocks' attention (one query token's heads grouped per key/value head) gives
-    transformers' SDPA attention's output, called as transformers' function is (``dropout`` and
-    ``scaling`` may come positionally), with the engine's mask or none."""
+def test_attention_kernel_is_transformers_attention() -> None:
+    """The engine's kernel gives transformers' attention: SDPA's for plain layers (one query token's heads
+    grouped per key/value head, traced whole by torch.compile too), and the eager functions' logit
+    soft-capping (Gemma 2) and attention sinks (gpt-oss), with one query token or several."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_attention
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_attention
 
-    from chatstream_asgi.engines.transformers.compiled_step import _grouped_sdpa
+    from chatstream_asgi.engines.transformers.attention import attend
 
-    module = torch.nn.Module()
+    module = torch.nn.Module().eval()
     module.num_key_value_groups = 3
-    query, key, value = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
-    mask = (torch.arange(16) <= torch.tensor([[9], [15]])).view(2, 1, 1, 16)
-    attend = torch.compile(lambda *args: _grouped_sdpa(*args), backend="eager", fullgraph=True)  # the grouped path
-    for args in ((mask, 0.0, 0.3), (None,)):
-        out, _ = attend(module, query, key, value, *args)
-        expected, _ = sdpa_attention_forward(module, query, key, value, *args)
+    module.sinks = torch.randn(6)
+    compiled = torch.compile(attend, backend="eager", fullgraph=True)
+    for tokens in (1, 5):
+        query, key, value = torch.randn(2, 6, tokens, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+        last = torch.tensor([9, 15]).view(2, 1, 1, 1) - tokens + 1 + torch.arange(tokens).view(1, 1, tokens, 1)
+        mask = torch.arange(16).view(1, 1, 1, 16) <= last
+        additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        out = compiled(query, key, value, mask, 0.3, {})
+        expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
         torch.testing.assert_close(out, expected)
-        assert out.shape == (2, 1, 6, 8) and out.is_contiguous()
+        assert out.shape == (2, tokens, 6, 8) and out.is_contiguous()
+        expected, _ = gemma2_attention(module, query, key, value, additive, scaling=0.3, softcap=2.0)
+        torch.testing.assert_close(attend(query, key, value, mask, 0.3, {"softcap": 2.0}), expected)
+        expected, _ = gpt_oss_attention(module, query, key, value, additive, scaling=0.3)
+        torch.testing.assert_close(attend(query, key, value, mask, 0.3, {"s_aux": module.sinks}), expected)
 
 
 def test_blocks_paired_with_other_cache_layers_are_not_compiled(f32_engine: TransformersEngine) -> None:
@@ -420,7 +431,7 @@ def test_compiled_decode_matches_eager_token_for_token(
     fused = static_engine(f32_engine, compile_mode="auto")  # the engine's default mode
     with caplog.at_level(logging.INFO, logger="chatstream_asgi.engine"):
         replayed = staggered(fused, monkeypatch, contents, joins)
-    assert fused._runner is not None and fused._runner.compiled_rows == set(fused._runner.row_buckets)
+    assert fused._path.runner is not None and fused._path.runner.graphs
     assert f"compiled the decode step's blocks ({compiled_step.DEFAULT_COMPILE_MODE})" in caplog.text
     assert "compiled chunks used" in caplog.text
     assert replayed == eager
@@ -485,7 +496,7 @@ def test_engines_on_every_gpu_in_one_process_capture_and_match(tiny_model_dir: P
         return [["".join(deltas) for deltas, _ in r] for r in results]
 
     outputs = run(main())
-    assert all(e._runner is not None and e._runner.graphs for e in engines)
+    assert all(e._path.runner is not None and e._path.runner.graphs for e in engines)
     assert outputs == [[reference_greedy(e, c, 12) for c in PROMPTS] for e in engines]
 
 

@@ -162,9 +162,9 @@ def test_static_hits_of_different_lengths_are_prefilled_together(f32_engine: Tra
         rows: list[int] = []
         inner = engine._forward_prefill
 
-        def counting(ids: Any, *args: Any) -> Any:
-            rows.append(ids.shape[0])
-            return inner(ids, *args)
+        def counting(positions: Any, inputs: Any, chunks: list) -> Any:
+            rows.append(len(chunks))  # the prompts packed into the forward
+            return inner(positions, inputs, chunks)
 
         monkeypatch.setattr(engine, "_forward_prefill", counting)
         with engine._cond:  # queued together: the engine admits them in one iteration
@@ -178,7 +178,7 @@ def test_static_hits_of_different_lengths_are_prefilled_together(f32_engine: Tra
 
     (with_reuse, rows), (without, _), _ = both(f32_engine, True, scenario)
     assert [t.text for t in with_reuse] == [t.text for t in without]
-    assert rows == [4]  # one forward, whatever each row reused
+    assert rows == [4]  # one forward, whatever each prompt reused
     first, a, b, c, d = with_reuse
     assert a.cached >= first.prompt  # the whole last turn
     assert first.prompt > b.cached == c.cached > len(SYSTEM) // 10  # the system prompt
@@ -187,7 +187,7 @@ def test_static_hits_of_different_lengths_are_prefilled_together(f32_engine: Tra
 
 def test_capacity_lru_eviction_and_release(f32_engine: TransformersEngine) -> None:
     engine = make(f32_engine, False, prefix_cache_memory=0)
-    engine._prefix = PrefixCache(capacity=60)
+    engine._path.prefix = PrefixCache(capacity=60)
 
     async def main() -> None:
         await engine.start()
@@ -195,7 +195,7 @@ def test_capacity_lru_eviction_and_release(f32_engine: TransformersEngine) -> No
             for i, question in enumerate(QUESTIONS):
                 await ask(engine, [{"role": "user", "content": question * 3}], f"s{i}")
                 assert 0 < engine.prefix_cache_tokens <= 60
-            assert len(engine._prefix) < len(QUESTIONS)  # the oldest were evicted
+            assert len(engine._path.prefix) < len(QUESTIONS)  # the oldest were evicted
             newest = engine.prefix_cache_tokens
             assert engine.release_session("s0") == 0  # evicted already
             assert engine.release_session(f"s{len(QUESTIONS) - 1}") > 0
@@ -267,8 +267,8 @@ def test_static_retention_uses_only_the_slots(f32_engine: TransformersEngine) ->
         await off.start()
         try:
             turns = await conversation(engine, QUESTIONS[:2])
-            assert engine._prefix is None and engine._static_kv.nbytes == off._static_kv.nbytes
-            held = engine._slot_prefix.held()
+            assert engine._path.kv.nbytes == off._path.kv.nbytes  # no pool: nothing beyond the slots
+            held = engine._path.index.held()
             assert list(held.values()) == [(engine.prefix_cache_tokens, {"s"})]  # one slot, the latest turn
             assert engine.kv_cache_usage == 0  # retained slots are free slots
             return turns
@@ -287,13 +287,14 @@ def test_static_burst_evicts_retained_slots_lru_first_and_never_waits(
     waiting_after_admission: list[int] = []
 
     def probe(engine: TransformersEngine) -> None:
-        iteration = engine._iteration
+        core = engine._core
+        iteration = core._iteration
 
         def wrapped(admitted: list) -> None:
-            waiting_after_admission.append(len(engine._pending))
+            waiting_after_admission.append(len(core.pending))
             iteration(admitted)
 
-        monkeypatch.setattr(engine, "_iteration", wrapped)
+        monkeypatch.setattr(core, "_iteration", wrapped)
 
     async def burst(engine: TransformersEngine, names: list[str]) -> list[Turn]:
         with engine._cond:  # queued together: the engine admits them in one iteration
@@ -312,11 +313,11 @@ def test_static_burst_evicts_retained_slots_lru_first_and_never_waits(
         owners = []
         for name in ["old0", "old1", "old2", "old3"]:  # one after the other: every slot ends up retained
             await burst(engine, [name])
-        owners.append(engine._slot_prefix.held() if engine._slot_prefix else {})
+        owners.append(engine._path.index.held() if engine._path.index else {})
         two = await burst(engine, ["new0", "new1"])
-        owners.append(engine._slot_prefix.held() if engine._slot_prefix else {})
+        owners.append(engine._path.index.held() if engine._path.index else {})
         four = await burst(engine, ["all0", "all1", "all2", "all3"])
-        owners.append(engine._slot_prefix.held() if engine._slot_prefix else {})
+        owners.append(engine._path.index.held() if engine._path.index else {})
         return owners, two + four
 
     probe(on)
@@ -344,7 +345,7 @@ def test_static_hit_after_compaction_moved_the_slot(f32_engine: TransformersEngi
         for k, stream in streams.items():
             history[k].append({"role": "assistant", "content": "".join((await collect(stream))[0])})
             history[k].append({"role": "user", "content": QUESTIONS[2]})
-        held = engine._slot_prefix.held() if engine._slot_prefix else {}
+        held = engine._path.index.held() if engine._path.index else {}
         return [await ask(engine, history["a"], "a"), await ask(engine, history["b"], "b")], held
 
     (with_reuse, held), (without, _), _ = both(f32_engine, True, scenario)
@@ -453,13 +454,13 @@ def test_a_finished_turn_is_kept_before_its_end_is_delivered(f32_engine: Transfo
     """``clear_context`` right after a reply must find what that reply kept: the engine retires (keeps)
     a finished row before the consumer sees the end. Retention is slowed down to widen the race."""
     engine = make(f32_engine, False)
-    inner = engine._retain
+    inner = engine._path._retain
 
     def slow_retain(*args: Any) -> None:
         time.sleep(0.2)
         inner(*args)
 
-    monkeypatch.setattr(engine, "_retain", slow_retain)
+    monkeypatch.setattr(engine._path, "_retain", slow_retain)
 
     async def main() -> None:
         await engine.start()
@@ -471,3 +472,77 @@ def test_a_finished_turn_is_kept_before_its_end_is_delivered(f32_engine: Transfo
             await engine.shutdown()
 
     run(main())
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
+def test_cancellations_mid_chunk_leave_a_greedy_reply_unchanged(f32_engine: TransformersEngine, reuse: bool) -> None:
+    """A fixed greedy prompt gets the same reply on the idle engine, after a storm of requests that leave
+    mid-chunk and mid-reply (sharing its system prompt: their slots are retained, hit, moved and evicted),
+    and once more; with reuse on and off (float32, where the comparison is exact; CUDA graphs on a GPU).
+
+    On an H100 in bfloat16 the reply once changed after such a storm: this separates a corrupted cache (which
+    would fail here) from a near tie computed in another shape (which float32 does not flip)."""
+    engine = make(f32_engine, True, prefix_cache=reuse, cuda_graphs=True, max_batch_size=4, max_prefill_tokens=16)
+    fixed = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+    cancelled: list[str] = []
+    inner = engine._forward_step
+
+    def leaving(positions: Any, inputs: Any, chunks: list) -> Any:
+        """Before every third forward, the prompt being prefilled leaves (mid-chunk); before every fifth, the
+        oldest running row (mid-reply)."""
+        core, count = engine._core, len(cancelled) + 1
+        started = [s for s in core.prefilling if s.started and s.stream.request_id.startswith("storm")]
+        running = [s for s in core.active if s.stream.request_id.startswith("storm")]
+        for seqs, every in ((started, 3), (running, 5)):
+            if seqs and len(leaving.calls) % every == 0:
+                seqs[0].stream.cancel()
+                cancelled.append(seqs[0].stream.request_id)
+        leaving.calls.append(count)
+        return inner(positions, inputs, chunks)
+
+    leaving.calls = []
+
+    async def scenario(engine: TransformersEngine) -> list[str]:
+        before = await ask(engine, fixed, "fixed-before")
+        engine._forward_step = leaving
+        rng = random.Random(3)
+        streams = []
+        for i in range(16):
+            content = f"storm {i} " + "word " * rng.randint(5, 40)
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
+            params = dataclasses.replace(GREEDY, max_new_tokens=rng.randint(2, 20))
+            streams.append(engine.generate(GenerationRequest(f"storm{i}", messages, params, session_key=f"s{i}")))
+        await asyncio.gather(*(collect(s) for s in streams))
+        engine._forward_step = inner
+        return [before.text, (await ask(engine, fixed, "fixed-after")).text, (await ask(engine, fixed)).text]
+
+    async def main() -> list[str]:
+        await engine.start()
+        try:
+            return await scenario(engine)
+        finally:
+            await engine.shutdown()
+
+    before, after, again = run(main())
+    assert len(cancelled) >= 4  # prompts left mid-chunk and rows mid-reply
+    assert after == before and again == before, _divergence(engine, fixed)
+
+
+def _divergence(engine: TransformersEngine, messages: list[dict]) -> str:
+    """Where the replies kept as "fixed-before" and "fixed-after" part, and how close the model's own logits
+    (float32, eagerly) are there: a near tie (a difference in the last bits) or a corrupted cache."""
+    import torch
+
+    turns = engine._turns._turns
+    before, after = list(turns["fixed-before"].output_ids), list(turns["fixed-after"].output_ids)
+    at = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), None)
+    if at is None:
+        return f"same token ids; texts differ: {before} {after}"
+    ids = torch.tensor([[*engine._encode(messages), *before[:at]]], device=engine.device)
+    with torch.inference_mode():
+        logits = engine.model(ids).logits[0, -1].float()
+    top = torch.topk(logits, 2)
+    return (
+        f"replies part at token {at}: {before[at]} before, {after[at]} after; the model's logits there: "
+        f"{logits[before[at]].item():.6f} and {logits[after[at]].item():.6f} (top two {top.values.tolist()})"
+    )

@@ -3,6 +3,7 @@
 ``tiny_model_dir`` builds a tiny randomly initialised Llama-style model and a byte-level BPE
 tokenizer with a ChatML chat template, saves both to a temporary directory, and every engine
 fixture loads them back through the real loading code (:func:`chatstream_asgi.engines.transformers.loading.load_model`).
+:data:`ARCHITECTURES` and :func:`build_architecture` do the same for every architecture of the coverage matrix.
 ``smollm2_engine`` loads the real SmolLM2-135M-Instruct (tests marked ``smollm2``).
 :func:`engine_reached` awaits an event that the engine's own thread sets.
 """
@@ -14,6 +15,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,11 +43,10 @@ _CORPUS = [
 ] * 20
 
 
-def build_tiny_model(directory: Path) -> Path:
-    """Write a tiny random Llama model and tokenizer to ``directory`` and return it."""
-    import torch
+def build_tiny_tokenizer(directory: Path) -> Any:
+    """Write a byte-level BPE tokenizer (ChatML chat template) to ``directory`` and return it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
@@ -64,23 +65,65 @@ def build_tiny_model(directory: Path) -> Path:
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(directory)
+    return tokenizer
 
-    config = LlamaConfig(
+
+def build_tiny_model(directory: Path) -> Path:
+    """Write a tiny random Llama model and tokenizer to ``directory`` and return it."""
+    return build_architecture(directory, "llama", max_position_embeddings=512)
+
+
+WINDOW = 8
+"""The sliding window of the coverage matrix's windowed models: shorter than its prompts and replies."""
+
+_SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+_ALTERNATING = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": WINDOW}
+_EXPERTS = {"num_experts_per_tok": 2}
+ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    # matrix id: (transformers config class, its settings beyond the shared ones)
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen2-window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16, **_EXPERTS}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "sliding_window": None, **_EXPERTS}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "mistral-window": ("MistralConfig", {"sliding_window": WINDOW}),
+    "phi3": ("Phi3Config", {"sliding_window": None}),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, **_ALTERNATING}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, **_ALTERNATING}),
+    "granite": ("GraniteConfig", {"attention_multiplier": 0.25, "embedding_multiplier": 2.0, "logits_scaling": 2.0}),
+    "olmo2": ("Olmo2Config", {}),
+    "gpt_oss": (
+        "GptOssConfig",
+        {"num_local_experts": 4, "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
+        | _EXPERTS
+        | _ALTERNATING,
+    ),
+}
+"""The coverage matrix: a tiny random model per architecture (2 layers, float32 weights)."""
+
+
+def build_architecture(directory: Path, name: str, **overrides: Any) -> Path:
+    """Write a tiny random model of matrix architecture ``name`` and the tokenizer to ``directory``."""
+    import torch
+    import transformers
+
+    tokenizer = build_tiny_tokenizer(directory)
+    class_name, settings = ARCHITECTURES[name]
+    config = getattr(transformers, class_name)(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
         initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **{**_SMALL, "max_position_embeddings": 1024, **settings, **overrides},
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
 
 

@@ -1,7 +1,9 @@
 """A batch key/value cache whose rows join and leave between decode steps.
 
 All rows share one time axis and are right-aligned: row ``i`` holds its tokens in the last
-columns of ``[0, length)`` and is left-padded before them (masked out by :attr:`BatchKVCache.mask`).
+columns of ``[0, length)`` and is left-padded before them. :attr:`BatchKVCache.key_positions` holds
+each column's position id (-1: padding, or the gap between a reused prefix and the tokens prefilled
+after it), from which the attention's masks are built, so a sliding window counts positions, not columns.
 Each layer's keys and values live in one preallocated ``[rows, kv_heads, time, head_dim]`` buffer
 with headroom on both axes, so a decode step writes one column in place instead of concatenating
 the whole cache; buffers are reallocated only when a row or column capacity runs out.
@@ -52,7 +54,7 @@ class _SlabLayer(OwnedLayer):
 
 
 class BatchKVCache:
-    """Key/value buffers, attention mask and next position ids for a running batch."""
+    """Key/value buffers, each column's position and next position ids for a running batch."""
 
     def __init__(self, num_layers: int, *, row_capacity: int = 16) -> None:
         self.num_layers = num_layers
@@ -61,14 +63,14 @@ class BatchKVCache:
         self.length = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.key_positions = torch.zeros(0, 0, dtype=torch.long)
         self.positions = torch.zeros(0, dtype=torch.long)
         self._cache = Cache(layers=[_SlabLayer(self, i) for i in range(num_layers)])
 
     @property
     def capacity(self) -> int:
         """Columns available before the buffers must grow."""
-        return self.mask.shape[1]
+        return self.key_positions.shape[1]
 
     def as_transformers_cache(self) -> Cache:
         """The cache object to pass to the model's forward for a step over all rows."""
@@ -79,13 +81,14 @@ class BatchKVCache:
         self.rows = 0
         self.length = 0
 
-    def add_rows(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
-        """Append rows from a prefill: per-layer ``(keys, values)`` of ``[n, H, L, D]``, ``mask`` ``[n, L]``.
+    def add_rows(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], key_positions: torch.Tensor) -> None:
+        """Append rows from a prefill: per-layer ``(keys, values)`` of ``[n, H, L, D]``, each column's position
+        ``[n, L]`` (-1: empty).
 
         The new rows are right-aligned with the existing ones; if they are longer than the
         current length, the existing rows are shifted right.
         """
-        n, new_len = mask.shape
+        n, new_len = key_positions.shape
         old_rows, old_len = self.rows, self.length
         length = max(old_len, new_len)
         shift = length - old_len
@@ -101,9 +104,9 @@ class BatchKVCache:
         for i, (k, v) in enumerate(layers):
             self.keys[i][rows, :, col:length] = k
             self.values[i][rows, :, col:length] = v
-        self.mask[rows] = 0
-        self.mask[rows, col:length] = mask
-        self.positions[rows] = mask.sum(dim=1)
+        self.key_positions[rows] = -1
+        self.key_positions[rows, col:length] = key_positions
+        self.positions[rows] = key_positions.max(dim=1).values + 1
         self.rows = old_rows + n
 
     def row_tokens(self, row: int) -> int:
@@ -112,7 +115,7 @@ class BatchKVCache:
 
     def copy_row(self, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Row ``row``'s keys and values without its padding, per layer ``[kv_heads, tokens, head_dim]``."""
-        columns = self.mask[row, : self.length].bool()
+        columns = self.key_positions[row, : self.length] >= 0
         return [buf[row, :, : self.length][:, columns] for buf in self.keys], [
             buf[row, :, : self.length][:, columns] for buf in self.values
         ]
@@ -121,25 +124,26 @@ class BatchKVCache:
         """Keep only the rows listed in ``order`` (indices of current rows), in that order."""
         moved = [j for j, i in enumerate(order) if i != j]
         if moved:
-            device = self.mask.device
+            device = self.key_positions.device
             dst = torch.tensor(moved, dtype=torch.long, device=device)
             src = torch.tensor([order[j] for j in moved], dtype=torch.long, device=device)
             t = self.length
             for buf in (*self.keys, *self.values):
                 buf[dst, :, :t] = buf[src, :, :t]
-            self.mask[dst] = self.mask[src]
+            self.key_positions[dst] = self.key_positions[src]
             self.positions[dst] = self.positions[src]
         self.rows = len(order)
         if self.rows == 0:
             self.length = 0
 
     def prepare_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make room for one more column; return ``(attention_mask, position_ids)`` for the step."""
+        """Make room for one more column; return ``(key_positions, position_ids)`` for the step: every
+        column's position ``[rows, length + 1]`` and the new token's ``[rows, 1]``."""
         if self.length + 1 > self.capacity:
             self._compact_or_grow()
         rows, t = self.rows, self.length
-        self.mask[:rows, t] = 1
-        return self.mask[:rows, : t + 1], self.positions[:rows].unsqueeze(1)
+        self.key_positions[:rows, t] = self.positions[:rows]
+        return self.key_positions[:rows, : t + 1], self.positions[:rows].unsqueeze(1)
 
     def finish_step(self) -> None:
         """Account for the column written by the step's forward."""
@@ -149,14 +153,14 @@ class BatchKVCache:
     def _compact_or_grow(self) -> None:
         """Drop leading columns that are padding in every row, or allocate more columns."""
         rows, t = self.rows, self.length
-        real = self.mask[:rows, :t].any(dim=0).nonzero()
+        real = (self.key_positions[:rows, :t] >= 0).any(dim=0).nonzero()
         first = int(real[0]) if len(real) else t
         if first >= _TIME_CHUNK // 4 and self.keys:
             kept = t - first
             for buf in (*self.keys, *self.values):
                 buf[:rows, :, :kept] = buf[:rows, :, first:t].clone()
-            self.mask[:rows, :kept] = self.mask[:rows, first:t].clone()
-            self.mask[:rows, kept:] = 0
+            self.key_positions[:rows, :kept] = self.key_positions[:rows, first:t].clone()
+            self.key_positions[:rows, kept:] = -1
             self.length = kept
         else:
             self._reallocate(self.keys[0], self.keys[0].shape[0], t + 1, 0)
@@ -169,14 +173,14 @@ class BatchKVCache:
         shape = (row_capacity, heads, columns, head_dim)
         keys = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(self.num_layers)]
         values = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(self.num_layers)]
-        mask = torch.zeros(row_capacity, columns, dtype=torch.long, device=like.device)
+        key_positions = torch.full((row_capacity, columns), -1, dtype=torch.long, device=like.device)
         positions = torch.zeros(row_capacity, dtype=torch.long, device=like.device)
         if rows:
             for new, old in zip((*keys, *values), (*self.keys, *self.values), strict=True):
                 new[:rows, :, shift : shift + t] = old[:rows, :, :t]
-            mask[:rows, shift : shift + t] = self.mask[:rows, :t]
+            key_positions[:rows, shift : shift + t] = self.key_positions[:rows, :t]
             positions[:rows] = self.positions[:rows]
-        self.keys, self.values, self.mask, self.positions = keys, values, mask, positions
+        self.keys, self.values, self.key_positions, self.positions = keys, values, key_positions, positions
         self.length = t + shift
 
 

@@ -16,10 +16,11 @@ Each block is handed its own layer of the cache (:class:`_BlockCache`), so the c
 not depend on the layer index and one graph serves every layer (one for a single row, one for any
 other number of rows, any length).
 
-While compiled, a layer attends through :func:`_grouped_sdpa`: transformers' SDPA attention, with a
-query token's heads grouped onto their key/value head under ``torch.compile`` too. transformers
-groups them only eagerly; compiled, it copies every key/value head once per query head first, which
-made SmolLM2's compiled step at 64 rows 8.8 ms against the plain step's 4.4 (2.3 ms grouped).
+A compiled layer attends through the engine's own attention function
+(:mod:`~chatstream_asgi.engines.transformers.attention`), traced with it: one query token's heads grouped
+onto their key/value head, as eagerly (transformers groups them only eagerly; compiled, it copied every
+key/value head once per query head first, which made SmolLM2's compiled step at 64 rows 8.8 ms against
+the plain step's 4.4, and 2.3 grouped).
 
 Only the CUDA-graph step is compiled; elsewhere the engine's default compiles nothing, and an explicit
 ``compile_mode`` is ignored with a warning.
@@ -38,23 +39,17 @@ import itertools
 import logging
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from chatstream_asgi.engines.transformers.graph_runner import (
-    DecodeRunner,
-    PrefillRunner,
-    bucket_for,
-    capture_graph,
-    frozen_gc,
-)
+from chatstream_asgi.engines.transformers.graphs import bucket_for, capture_graph, frozen_gc
+
+if TYPE_CHECKING:
+    from chatstream_asgi.engines.transformers.step_runner import Key, StepRunner
 
 __all__ = [
     "AUTO",
@@ -82,7 +77,6 @@ _SELECTION_LENGTH = 1024  # the columns both steps attend while they are timed
 _REPEATS = 20
 _CACHE_ARGS = ("cache", "past_key_values")  # what transformers calls a layer's cache argument (new, old)
 
-_ATTENTION = "chatstream_grouped_sdpa"
 _copies = itertools.count()
 _FUSING: ContextVar[FusedModules | None] = ContextVar("chatstream_fusing", default=None)
 
@@ -134,38 +128,6 @@ class _BlockCache:
         return self._layer.update(key_states, value_states)
 
 
-def _grouped_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    position_bias: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention (its signature too); one query token's heads attend as a group per
-    key/value head when compiled.
-
-    Eagerly (any thread that runs the model while a compiled block is being traced) it is exactly
-    transformers' function, which groups the heads itself there; so is it where transformers would
-    do more than grouping (dropout, a position bias, soft-capping, a mask per head).
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    b, heads, q_len, dim = query.shape
-    shared_mask = attention_mask is None or attention_mask.shape[1] == 1
-    plain = not dropout and position_bias is None and kwargs.get("softcap") is None and shared_mask
-    if groups == 1 or q_len != 1 or not plain or not torch.compiler.is_compiling():
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, **kwargs
-        )
-    grouped = query.reshape(b, heads // groups, groups, dim)  # [b, kv_heads, groups, dim]: each head a query row
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
-
-
 def _module_forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """What is compiled: the class's forward, not the instance's (routed to this one: it would recurse)."""
     return type(module).forward(module, *args, **kwargs)
@@ -196,13 +158,6 @@ class FusedModules:
             if index != i:
                 raise ValueError(f"block {i} of the model attends with cache layer {index}")
         self._caches = {id(block): _BlockCache(layer) for block, layer in zip(blocks, layers, strict=True)}
-        self._configs = {  # SDPA's; ours too: another engine over this model may be in a compiled block now
-            id(c): c
-            for m in blocks[0].modules()
-            if getattr(c := getattr(m, "config", None), "_attn_implementation", None) in ("sdpa", _ATTENTION)
-        }
-        AttentionInterface.register(_ATTENTION, _grouped_sdpa)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
         self._compiled = {  # per class: each its own compiled variants (rows, and for chunks, reused columns)
             cls: torch.compile(_own_copy(_module_forward), mode=mode, dynamic=True, fullgraph=True)
             for cls in {type(m) for m in (*blocks, *beside)}
@@ -229,26 +184,7 @@ class FusedModules:
                     f"{type(module).__name__} is not given its cache by keyword ({' or '.join(_CACHE_ARGS)})"
                 )
             kwargs = {**kwargs, name: cache}
-            with _attending(self._configs.values()):
-                return self._compiled[type(module)](module, *args, **kwargs)
         return self._compiled[type(module)](module, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def _attending(configs: Iterable[Any]) -> Iterator[None]:
-    """The blocks' attention through :func:`_grouped_sdpa` (configs that attend with SDPA), then SDPA again.
-
-    SDPA, not the value found on entry: blocks of two engines over one model interleaving would
-    otherwise leave :func:`_grouped_sdpa` set for good.
-    """
-    configs = list(configs)
-    for config in configs:
-        config._attn_implementation = _ATTENTION
-    try:
-        yield
-    finally:
-        for config in configs:
-            config._attn_implementation = "sdpa"
 
 
 def _route(module: torch.nn.Module) -> None:
@@ -272,51 +208,54 @@ def _routed_forward(module: torch.nn.Module, eager: Callable[..., Any], *args: A
 
 
 def compile_steps(
-    decode: DecodeRunner,
-    prefill: PrefillRunner,
-    model: torch.nn.Module,
-    device: torch.device,
-    mode: str = DEFAULT_COMPILE_MODE,
+    runner: StepRunner, model: torch.nn.Module, device: torch.device, mode: str = DEFAULT_COMPILE_MODE
 ) -> None:
-    """Compile ``model``'s blocks for the decode step (in ``mode``) and the prefill chunks (inductor's
-    ``"default"``: chunks come in many shapes, which matmuls autotuned for one would not suit), and
-    use each where its replay measures faster: per rows bucket for the decode step, at the chunk a
-    long prompt joins running rows with for the prefill chunks.
+    """Compile ``model``'s blocks for the decode steps (in ``mode``) and for the steps with a prompt chunk
+    (inductor's ``"default"``: chunks come in many shapes, which matmuls autotuned for one would not suit),
+    and use each where its replay measures faster: per rows bucket for the decode steps, at the chunk a
+    long prompt joins running rows with for the others.
 
     Everything the capture will run is compiled here, so a failure to compile (an unsupported
     model or platform) leaves that part plain, logged, and never fails the start.
     """
     streams = torch.cuda.Stream(device), torch.cuda.Stream(device)
-    _compile_decode(decode, model, device, mode, streams)
-    _compile_chunks(prefill, model, device, streams)
+    decode = _compile_decode(runner, model, device, mode, streams)
+    chunks = _compile_chunks(runner, model, device, streams)
+
+    def fused(key: Key) -> contextlib.AbstractContextManager[Any]:
+        rows, _, tokens, _ = key
+        if tokens:
+            return chunks() if chunks is not None else contextlib.nullcontext()
+        return decode[0]() if decode is not None and rows in decode[1] else contextlib.nullcontext()
+
+    runner.fused = fused
 
 
 def _compile_decode(
-    decode: DecodeRunner,
+    runner: StepRunner,
     model: torch.nn.Module,
     device: torch.device,
     mode: str,
     streams: tuple[torch.cuda.Stream, torch.cuda.Stream],
-) -> None:
+) -> tuple[Callable[[], contextlib.AbstractContextManager[Any]], set[int]] | None:
     started = time.perf_counter()
-    length = bucket_for(min(_SELECTION_LENGTH, decode.cache.max_len), decode.length_buckets)
+    length = bucket_for(min(_SELECTION_LENGTH, runner.cache.max_len), runner.length_buckets)
+    keys = [(rows, length, 0, 0) for rows in runner.row_buckets]
     try:
-        compiled = partial(_fused_call, FusedModules(model, decode.cache.layers, mode), decode.plain_step)
-        _on_side_stream(device, [partial(compiled, decode.inputs(rows), length) for rows in decode.row_buckets])
+        fused = FusedModules(model, runner.cache.layers, mode)
+        _on_side_stream(device, [partial(_fused_call, fused, runner.forward, key) for key in keys])
     except Exception as exc:  # inductor's errors have no common base
         logger.warning("torch.compile failed, the decode step stays unfused: %s", exc)
-        return
+        return None
     compile_s = time.perf_counter() - started
-    timings = []
+    timings, rows_used = [], set()
     with frozen_gc():
-        for rows in decode.row_buckets:
-            inputs = decode.inputs(rows)
-            plain_ms = _replay_ms(partial(decode.plain_step, inputs, length), device, streams)
-            fused_ms = _replay_ms(partial(compiled, inputs, length), device, streams)
-            timings.append(f"{rows}: {plain_ms:.2f}/{fused_ms:.2f}")
+        for key in keys:
+            plain_ms = _replay_ms(partial(runner.forward, key), device, streams)
+            fused_ms = _replay_ms(partial(_fused_call, fused, runner.forward, key), device, streams)
+            timings.append(f"{key[0]}: {plain_ms:.2f}/{fused_ms:.2f}")
             if fused_ms < plain_ms:
-                decode.compiled_rows.add(rows)
-    decode.compiled = compiled
+                rows_used.add(key[0])
     logger.info(
         "compiled the decode step's blocks (%s) in %.1f s; replay ms plain/compiled by rows at %d columns: %s; "
         "compiled step used for rows %s",
@@ -324,41 +263,44 @@ def _compile_decode(
         compile_s,
         length,
         ", ".join(timings),
-        sorted(decode.compiled_rows) or "none",
+        sorted(rows_used) or "none",
     )
+    return fused.active, rows_used
 
 
 def _compile_chunks(
-    prefill: PrefillRunner,
+    runner: StepRunner,
     model: torch.nn.Module,
     device: torch.device,
     streams: tuple[torch.cuda.Stream, torch.cuda.Stream],
-) -> None:
-    chunk = prefill.joining_key(min(2 * _SELECTION_LENGTH, prefill.cache.max_len))
-    if chunk is None:
-        return
+) -> Callable[[], contextlib.AbstractContextManager[Any]] | None:
+    rows = bucket_for(min(16, runner.cache.rows), runner.row_buckets)
+    key = runner.key(rows, 64, runner.joining, min(2 * _SELECTION_LENGTH, runner.cache.max_len))
+    if key is None or key not in runner.shapes:
+        return None
     started = time.perf_counter()
     try:
-        chunks = FusedModules(model, prefill.cache.layers, "default")
-        _on_side_stream(device, [partial(_fused_call, chunks, prefill.forward, chunk)])
+        chunks = FusedModules(model, runner.cache.layers, "default")
+        _on_side_stream(device, [partial(_fused_call, chunks, runner.forward, key)])
         with frozen_gc():
-            plain_ms = _replay_ms(partial(prefill.forward, chunk), device, streams)
-            fused_ms = _replay_ms(partial(_fused_call, chunks, prefill.forward, chunk), device, streams)
-        if fused_ms < plain_ms:  # then every shape the capture will run, compiled now
-            _on_side_stream(device, [partial(_fused_call, chunks, prefill.forward, key) for key in prefill.shapes])
-            prefill.fused = chunks.active
+            plain_ms = _replay_ms(partial(runner.forward, key), device, streams)
+            fused_ms = _replay_ms(partial(_fused_call, chunks, runner.forward, key), device, streams)
+        if fused_ms < plain_ms:  # then every shape with a chunk the capture will run, compiled now
+            shapes = [k for k in runner.shapes if k[2]]
+            _on_side_stream(device, [partial(_fused_call, chunks, runner.forward, k) for k in shapes])
     except Exception as exc:
-        logger.warning("torch.compile failed, the prefill chunks stay unfused: %s", exc)
-        return
+        logger.warning("torch.compile failed, the steps with a prompt chunk stay unfused: %s", exc)
+        return None
     logger.info(
-        "compiled the prefill chunks' blocks (default) in %.1f s; replay ms plain/compiled of chunk %s: "
+        "compiled the chunk steps' blocks (default) in %.1f s; replay ms plain/compiled of step %s: "
         "%.2f/%.2f; compiled chunks %s",
         time.perf_counter() - started,
-        chunk,
+        key,
         plain_ms,
         fused_ms,
         "used" if fused_ms < plain_ms else "not used",
     )
+    return chunks.active if fused_ms < plain_ms else None
 
 
 def _on_side_stream(device: torch.device, forwards: list[Callable[[], torch.Tensor]]) -> None:

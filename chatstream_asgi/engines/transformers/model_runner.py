@@ -10,6 +10,14 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from chatstream_asgi.engines.transformers.attention import (
+    STEP_KEYWORD,
+    DenseStep,
+    dense_masks,
+    install,
+    mask_placeholder,
+)
+from chatstream_asgi.engines.transformers.kv_layout import layer_windows
 from chatstream_asgi.engines.transformers.sequence import EngineSequence
 
 __all__ = ["ModelRunner", "past_layers"]
@@ -17,31 +25,47 @@ __all__ = ["ModelRunner", "past_layers"]
 
 class ModelRunner:
     """Calls ``model`` with a cache: :meth:`run` for variable shapes under the engine's attention
-    kernels, :meth:`call` for the captured static steps, :meth:`prefill` and :meth:`step` eagerly."""
+    kernels, :meth:`call` for the captured static steps, :meth:`prefill` and :meth:`step` eagerly.
+
+    Installs the engine's attention function on the model (:func:`.attention.install`); the eager
+    forwards hand it a :class:`.attention.DenseStep` built from each column's position.
+    """
 
     def __init__(self, model: Any, device: torch.device) -> None:
         self.model = model
+        install(model)
         self._cache_arg = "cache" if "cache" in _forward_params(model) else "past_key_values"
         self._attention = _attention_kernels(device)
+        self.placeholder = mask_placeholder(model.config, device)
+        self.windows = set(layer_windows(model.config))
 
     def prefill(
         self,
         input_ids: torch.Tensor,
-        mask: torch.Tensor,
+        key_positions: torch.Tensor,
         positions: torch.Tensor,
         past: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Prefill left-padded prompts after ``past`` keys/values; return last-position logits and the layers."""
-        cache = DynamicCache(config=self.model.config)
+        """Prefill left-padded prompts after ``past`` keys/values (``key_positions``: every column's position,
+        -1 where empty; ``positions``: the new tokens'); return last-position logits and the layers."""
+        cache = DynamicCache()  # no sliding layers: every column is kept, the masks apply the windows
         for layer, (keys, values) in enumerate(past):
             cache.update(keys, values, layer)
-        out = self.run(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        out = self._forward(cache, input_ids, key_positions, positions, logits_to_keep=1)
         return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
 
-    def step(self, cache: Any, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, cache: Any, input_ids: torch.Tensor, key_positions: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """One eager decode forward over ``cache``; next-token logits ``[rows, vocab]``."""
-        out = self.run(cache, input_ids=input_ids, attention_mask=mask, position_ids=positions)
-        return out.logits[:, -1, :]
+        return self._forward(cache, input_ids, key_positions, positions).logits[:, -1, :]
+
+    def _forward(
+        self, cache: Any, input_ids: torch.Tensor, key_positions: torch.Tensor, positions: torch.Tensor, **extra: Any
+    ) -> Any:
+        step = DenseStep(dense_masks(positions, key_positions, self.windows))
+        inputs = {"input_ids": input_ids, "attention_mask": self.placeholder, "position_ids": positions}
+        return self.run(cache, **inputs, **extra, **{STEP_KEYWORD: step})
 
     def run(self, cache: Any, **inputs: Any) -> Any:
         """The model's forward with ``cache``, under the engine's attention kernels (variable shapes)."""
@@ -51,7 +75,7 @@ class ModelRunner:
     def call(self, cache: Any, **inputs: Any) -> Any:
         """The model's forward with ``cache`` under PyTorch's own attention choice.
 
-        For the static decode step: its shapes come in a few buckets, so cuDNN attention plans
+        For the static steps: their shapes come in a few buckets, so cuDNN attention plans
         once per bucket (and within a CUDA graph, at capture only); it measured fastest there.
         """
         return self.model(use_cache=True, **inputs, **{self._cache_arg: cache})

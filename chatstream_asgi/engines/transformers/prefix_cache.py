@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from chatstream_asgi.engines.transformers.static_cache import KVLayout, UnsupportedModel
+from chatstream_asgi.engines.transformers.kv_layout import KVLayout, UnsupportedModel
 
 __all__ = ["PrefixCache", "PrefixEntry", "absorb", "longest_match", "prefix_cache_for", "release_owner"]
 

@@ -31,8 +31,9 @@ class EngineSequence:
     generated: int = 0
     last_token: int = 0
     finish: FinishReason | None = None
-    cached: int = 0  # tokens in the static cache (static path)
-    slot: int = -1  # the static cache slot holding them (static path)
+    cached: int = 0  # tokens in the slotted cache (static path)
+    slot: int = -1  # the slot holding them (static path)
+    started: bool = False  # its first prompt chunk has been run (its reused and prefilled tokens counted)
     session_key: str | None = None
     turns: SessionTurns | None = None  # where the conversation's ids are kept for its next turn, at the finish
     prompt_text: str = ""  # the rendered prompt, kept with them

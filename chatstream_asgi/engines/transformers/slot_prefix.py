@@ -16,6 +16,11 @@ the entry ends, and the slot is used in place when it is the sequence's target, 
 moved there. A prompt that shares only a beginning (a system prompt) gets a copy of those columns and
 the entry stays.
 
+On a model whose sliding layers keep rings (a window shorter than the context), a slot holds only the last
+ring's worth of those layers' keys, and writing a new turn after a shared beginning would leave the ring's
+later columns behind it: there an entry is reused only whole (``whole_entries``), which is the case that
+pays most, a conversation's next turn. A shared system prompt, a regenerated last turn, misses.
+
 Every move is planned here and returned as ``(src, dst, tokens)`` that the caller applies in one
 gather/scatter (:meth:`StaticKVCache.move_slots`), so chains and swaps of slots are safe.
 """
@@ -48,13 +53,14 @@ class SlotEntry:
 
 class SlotPrefixIndex:
     """The retained entries of a static cache's free slots (see the module docstring); hits of at least
-    ``min_tokens``.
+    ``min_tokens``, and only of a whole entry with ``whole_entries``.
 
     Every method but :meth:`release` runs on the generation thread; a lock orders them with it.
     """
 
-    def __init__(self, min_tokens: int = 16) -> None:
+    def __init__(self, min_tokens: int = 16, *, whole_entries: bool = False) -> None:
         self.min_tokens = min_tokens
+        self.whole_entries = whole_entries
         self._entries: OrderedDict[int, SlotEntry] = OrderedDict()  # by slot, least recently used first
         self._lock = threading.Lock()
 
@@ -81,7 +87,10 @@ class SlotPrefixIndex:
         """
         query = torch.tensor(ids, dtype=torch.long)
         with self._lock:
-            best, best_len = longest_match(self._entries.values(), query)
+            entries = self._entries.values()
+            if self.whole_entries:
+                entries = [e for e in entries if len(e) < len(ids) and torch.equal(e.ids, query[: len(e)])]
+            best, best_len = longest_match(entries, query)
         return (best, best_len) if best_len >= self.min_tokens else (None, 0)
 
     def claim(self, entry: SlotEntry, common: int) -> bool:

@@ -1,93 +1,37 @@
 """A preallocated key/value cache of fixed slots, sized from a memory budget.
 
-Each sequence owns one slot: row ``s`` of every layer's ``[slots, kv_heads, max_len + 1, head_dim]``
-key and value buffers, its tokens left-aligned (token ``i`` at column ``i``, which is also its
-position id). Column ``max_len`` is scratch: padding rows and padding tokens write there and no real
-query reads it. The buffers are allocated once; the hot path only writes into them, and moves a
-row's filled columns when rows leave or join (:meth:`StaticKVCache.move_slots`).
+Each sequence owns one slot: row ``s`` of every layer's ``[slots, kv_heads, columns, head_dim]`` key and
+value buffers. In a full-attention layer token ``i`` sits at column ``i`` (its position id); a sliding
+layer whose window is shorter than the context keeps a ring instead, position ``i`` at column
+``i % ring`` (:class:`~chatstream_asgi.engines.transformers.kv_layout.KVLayout`). Each layer's last column
+is scratch: padding tokens write there and no real query reads it. The buffers are allocated once; the
+hot path only writes into them, and moves a slot's filled columns when rows leave or join
+(:meth:`StaticKVCache.move_slots`).
 
-A forward addresses the cache in one of two modes (:meth:`StaticKVCache.for_decode`,
-:meth:`StaticKVCache.for_chunk`):
-
-- decode: rows ``[0, b)`` write their one new key at ``positions[:b]`` (a scatter, no host sync)
-  and attend over views of the first ``L`` columns. Addresses and shapes are fixed per ``(b, L)``,
-  so that step can be captured in a CUDA graph. Inside ``torch.compile`` the write is an index
-  assignment into the whole buffer instead: inductor turns the scatter into the slice ``[:b]`` of
-  each layer's buffer copied out and back (``b * max_len`` columns), which it does not for the
-  assignment (found on CPU: SmolLM2's compiled step took 62 ms at batch 1 with the scatter, 51 ms
-  with the assignment, both with inductor's weight freezing).
-- chunk (prefill): any slots, several tokens each, written by index and gathered for attention.
-
-The model sees a :class:`transformers.cache_utils.Cache` and an explicit 4D boolean mask, so
-transformers builds no mask of its own.
+A forward addresses the cache through the :class:`~chatstream_asgi.engines.transformers.attention.SlotStep`
+set with :meth:`StaticKVCache.for_step`: each layer writes its tokens' keys where the step says and hands
+its whole buffers to the attention function, which reads what the step's parts need.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 
 from chatstream_asgi.engines.base import EngineError
+from chatstream_asgi.engines.transformers.attention import SlotStep, write_tokens
 from chatstream_asgi.engines.transformers.cache_layer import OwnedLayer
+from chatstream_asgi.engines.transformers.kv_layout import KVLayout, UnsupportedModel
 
 __all__ = ["KVLayout", "StaticKVCache", "UnsupportedModel", "plan_rows"]
 
 logger = logging.getLogger("chatstream_asgi.engine")
 
 _GIB = 1024**3
-
-
-class UnsupportedModel(EngineError):
-    """The static cache would serve this model wrongly (raised at load, never mid-request)."""
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """Shape of one token's keys and values across the model's layers."""
-
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @property
-    def bytes_per_token(self) -> int:
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * itemsize
-
-    @classmethod
-    def of(cls, config: Any, dtype: torch.dtype) -> KVLayout:
-        """The layout of ``config``'s text model; raises :class:`UnsupportedModel` for layouts it cannot hold.
-
-        Every layer must be plain full attention (no sliding window, chunked or linear attention
-        layers: those need a cache that drops or summarises old tokens) with one key/value head
-        size (``v_head_dim`` equal to the key head size, unlike MLA models).
-        """
-        text = config.get_text_config()
-        name = getattr(text, "model_type", type(text).__name__)
-        layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
-        if layer_types != {"full_attention"}:
-            raise UnsupportedModel(
-                f"{name}: layer types {sorted(layer_types)} need a cache this engine's static path does not have; "
-                "only full-attention layers are supported (TransformersEngine(static_cache=False) uses the eager cache)"
-            )
-        window = getattr(text, "sliding_window", None)
-        if window and getattr(text, "use_sliding_window", True):
-            raise UnsupportedModel(f"{name}: sliding-window attention ({window} tokens) is not supported")
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        v_head_dim = getattr(text, "v_head_dim", None) or head_dim
-        if v_head_dim != head_dim:
-            raise UnsupportedModel(
-                f"{name}: value head size {v_head_dim} differs from key head size {head_dim}; not supported"
-            )
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        return cls(text.num_hidden_layers, kv_heads, head_dim, dtype)
 
 
 def plan_rows(
@@ -101,11 +45,12 @@ def plan_rows(
 ) -> int:
     """How many slots of ``context_len`` tokens the budget holds (at most ``max_rows``).
 
+    A slot costs what each of its layers holds (a ring for a short sliding window, else the context).
     The budget is ``kv_cache_memory`` GiB, or ``gpu_memory_utilization`` of the device's total
     memory minus what is already in use (vLLM's rule), or, with neither, ``max_rows`` slots capped
     at 90% of the free device memory. Raises :class:`EngineError` when not one slot fits.
     """
-    slot_bytes = layout.bytes_per_token * (context_len + 1)
+    slot_bytes = layout.slot_bytes(context_len)
     if kv_cache_memory is not None:
         budget, source = int(kv_cache_memory * _GIB), f"--kv-cache-memory {kv_cache_memory:g} GiB"
     elif device.type == "cuda":
@@ -127,41 +72,29 @@ def plan_rows(
 
 
 class _SlotLayer(OwnedLayer):
-    """One model layer's view of the slots, in the mode the owner is set to."""
+    """One model layer's buffers: writes the step's tokens, returns the whole buffers to the attention."""
 
     def __init__(self, owner: StaticKVCache, index: int) -> None:
         super().__init__(owner, index)
         self.keys = owner.keys[index]
         self.values = owner.values[index]
+        self.window = owner.layout.windows[index]
+        self.is_sliding = self.window is not None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        o = self.owner
-        if o.mode == "decode":
-            b, length = key_states.shape[0], o.kv_len
-            if torch.compiler.is_compiling():  # see the module docstring
-                rows = o.row_ids[:b]
-                self.keys[rows, :, o.write_cols] = key_states[:, :, 0]
-                self.values[rows, :, o.write_cols] = value_states[:, :, 0]
-            else:
-                index = o.write_cols.view(b, 1, 1, 1).expand(key_states.shape)
-                self.keys[:b].scatter_(2, index, key_states)
-                self.values[:b].scatter_(2, index, value_states)
-            return self.keys[:b, :, :length], self.values[:b, :, :length]
-        slots, cols = o.slots, o.write_cols
-        self.keys[slots[:, None], :, cols] = key_states.transpose(1, 2)
-        self.values[slots[:, None], :, cols] = value_states.transpose(1, 2)
-        return (
-            self.keys[:, :, : o.kv_len].index_select(0, slots),
-            self.values[:, :, : o.kv_len].index_select(0, slots),
-        )
+        step = self.owner.step
+        columns = step.write_columns[self.window]
+        write_tokens(self.keys, key_states, step.write_slots, columns)
+        write_tokens(self.values, value_states, step.write_slots, columns)
+        return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.kv_len, 0
+        return self.keys.shape[2], 0
 
     def get_seq_length(self) -> int:
-        return self.owner.kv_len
+        return 0
 
     def get_max_length(self) -> int:
         return self.owner.max_len
@@ -174,16 +107,15 @@ class StaticKVCache:
         self.layout = layout
         self.rows = rows
         self.max_len = max_len
-        shape = (rows, layout.kv_heads, max_len + 1, layout.head_dim)
-        self.keys = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
-        self.values = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
-        self.nbytes = 2 * layout.num_layers * self.keys[0].numel() * self.keys[0].element_size()
+        self.widths = layout.columns(max_len)
+        self.rings = {w: layout.ring(w, max_len) for w in layout.windows}
+        """Per window of the model's layers: its ring's columns, or None where positions are columns."""
+        shapes = [(rows, layout.kv_heads, width, layout.head_dim) for width in self.widths]
+        self.keys = [torch.zeros(shape, dtype=layout.dtype, device=device) for shape in shapes]
+        self.values = [torch.zeros(shape, dtype=layout.dtype, device=device) for shape in shapes]
+        self.nbytes = rows * layout.slot_bytes(max_len)
+        self.step: SlotStep | None = None
         self._cache = Cache(layers=[_SlotLayer(self, i) for i in range(layout.num_layers)])
-        self.mode = "decode"
-        self.kv_len = 0
-        self.write_cols = torch.zeros(0, dtype=torch.long, device=device)
-        self.slots = torch.zeros(0, dtype=torch.long, device=device)
-        self.row_ids = torch.arange(rows, device=device)
 
     @property
     def layers(self) -> list[Any]:
@@ -192,32 +124,33 @@ class StaticKVCache:
 
     @property
     def scratch(self) -> int:
-        """The column that padding writes to."""
+        """The column that padding writes to in layers without a ring."""
         return self.max_len
 
-    def for_decode(self, positions: torch.Tensor, kv_len: int) -> Cache:
-        """The cache for a decode step over rows ``[0, len(positions))`` attending ``kv_len`` columns."""
-        self.mode, self.write_cols, self.kv_len = "decode", positions, kv_len
-        return self._cache
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
 
-    def for_chunk(self, slots: torch.Tensor, write_cols: torch.Tensor, kv_len: int) -> Cache:
-        """The cache for a prefill chunk: row ``i`` of the input writes slot ``slots[i]`` at ``write_cols[i]``."""
-        self.mode, self.slots, self.write_cols, self.kv_len = "chunk", slots, write_cols, kv_len
+    def for_step(self, step: SlotStep) -> Cache:
+        """The cache for a forward over ``step``."""
+        self.step = step
         return self._cache
 
     def move_slots(self, moves: Sequence[tuple[int, int]], columns: int) -> None:
-        """Copy the first ``columns`` columns of slot ``src`` to slot ``dst`` for every ``(src, dst)``, all at once.
+        """Copy the first ``columns`` tokens of slot ``src`` to slot ``dst`` for every ``(src, dst)``, all at once.
 
         Every source is read before any destination is written, so swaps and chains are safe. Queued
         without a host wait: the slot indices go up from pinned memory (a copy from pageable memory
-        can wait for the steps queued before it, which would stall the steps queued one ahead).
+        can wait for the steps queued before it, which would stall the steps queued one ahead). A ring
+        holds a slot's first ``columns`` tokens in its first columns while they fit, else in all of them.
         """
         moves = [(src, dst) for src, dst in moves if src != dst]
         if not moves or not columns:
             return
-        device = self.keys[0].device
-        pinned = device.type == "cuda"
+        pinned = self.device.type == "cuda"
         index = torch.tensor(moves, dtype=torch.long).T.contiguous()
-        src, dst = (index.pin_memory() if pinned else index).to(device, non_blocking=pinned)
-        for buf in (*self.keys, *self.values):
-            buf[dst, :, :columns] = buf[src, :, :columns]
+        src, dst = (index.pin_memory() if pinned else index).to(self.device, non_blocking=pinned)
+        for keys, values, width in zip(self.keys, self.values, self.widths, strict=True):
+            n = min(columns, width - 1)
+            for buf in (keys, values):
+                buf[dst, :, :n] = buf[src, :, :n]

@@ -1,0 +1,242 @@
+"""The generation thread's loop: admit, plan a step, run it, sample, deliver, retire.
+
+:class:`EngineCore` is the engine's core in vLLM v1's sense: what runs on the generation thread of a
+:class:`~chatstream_asgi.engines.transformers.engine.TransformersEngine`. It holds the sequences (waiting,
+being prefilled, running), the sampler and the output processing, and one KV path
+(:class:`~chatstream_asgi.engines.transformers.kv_path.KVPath`) that owns the cache and runs each step's
+forward. Where the path only queues its steps (the slotted cache), the loop queues the next step
+before it reads this one's tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+
+from chatstream_asgi.engines.transformers.kv_path import KVPath
+from chatstream_asgi.engines.transformers.output import OutputProcessor, fail, finish
+from chatstream_asgi.engines.transformers.planning import StepPlan
+from chatstream_asgi.engines.transformers.sampling import BatchSampler
+from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
+
+__all__ = ["EngineCore"]
+
+logger = logging.getLogger("chatstream_asgi.engine")
+
+
+class EngineCore:
+    """The loop over ``path`` for an engine named ``name`` on ``device`` (see the module docstring).
+
+    :meth:`submit` and :meth:`stop` are called from any thread; everything else runs on the generation
+    thread (:meth:`run`).
+    """
+
+    def __init__(self, path: KVPath, output: OutputProcessor, device: torch.device, vocab_size: int, name: str) -> None:
+        self.path = path
+        self._output = output
+        self.device = device
+        self._vocab_size = vocab_size
+        self.name = name
+        self.ready = threading.Event()
+        self.start_error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.pending: deque[EngineSequence] = deque()
+        self.stopping = False
+        # Owned by the generation thread:
+        self.active: list[EngineSequence] = []  # running rows, in row (and slot) order
+        self.prefilling: deque[EngineSequence] = deque()  # admitted, prompt not fully in the cache
+        self._sampler: BatchSampler | None = None
+        self.prefix_hit_tokens = 0
+        self.prefill_tokens = 0
+
+    def submit(self, seq: EngineSequence) -> None:
+        """Queue ``seq`` (any thread)."""
+        with self.cond:
+            self.pending.append(seq)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after its current step; open streams finish with ``cancelled``."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    @property
+    def busy(self) -> int:
+        """Sequences holding a place in the cache: running and being prefilled."""
+        return len(self.active) + len(self.prefilling)
+
+    def run(self) -> None:
+        """The generation thread: start the path, then admit, step and retire until stopped."""
+        with torch.inference_mode():
+            try:
+                if self.device.type == "cuda":  # the thread's current device: graph capture and kernels run there
+                    torch.cuda.set_device(self.device)
+                self.path.start()
+            except BaseException as exc:
+                logger.exception("engine %s failed to start", self.name)
+                self.start_error = exc
+                self.ready.set()
+                self.stopping = True
+            else:
+                self.ready.set()
+                reuse = "on" if self.path.reuses_prefixes else "off"
+                logger.info("engine %s started on %s; prefix reuse %s", self.name, self.device, reuse)
+            while True:
+                with self.cond:
+                    while not (self.pending or self.active or self.prefilling or self.stopping):
+                        self.cond.wait()
+                    if self.stopping:
+                        break
+                    room = self.path.rows - len(self.active) - len(self.prefilling)
+                    admitted = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
+                try:
+                    self._iteration(admitted)
+                except Exception as exc:  # a bug outside the guarded steps: fail the batch, keep serving
+                    logger.exception("engine step failed")
+                    self._fail_all([*self.active, *self.prefilling, *admitted], exc)
+        self._close_all()
+        logger.info("engine %s stopped", self.name)
+
+    def _iteration(self, admitted: list[EngineSequence]) -> None:
+        """One loop turn: drop cancelled sequences, run steps (see :meth:`_steps`), retire finished rows.
+
+        A step's finishes are delivered after the retirement, so whoever sees a reply end sees the engine
+        past it (its keys and values kept for reuse).
+        """
+        outbox = Outbox()
+        try:
+            for seq in [*admitted, *self.prefilling, *self.active]:
+                if seq.stream.cancelled and seq.finish is None:
+                    finish(seq, "cancelled", outbox)
+            self.prefilling.extend(s for s in admitted if s.finish is None)
+            self.prefilling = deque(s for s in self.prefilling if s.finish is None)
+            self._retire()
+            plan = self.path.plan(self.active, self.prefilling)
+            if plan.decode or plan.chunks:
+                try:
+                    self._steps(plan, outbox)
+                except Exception as exc:  # the device failed: the rows' cache state is unknown
+                    logger.exception("step over %d sequence(s) failed", len(plan.decode) + len(plan.chunks))
+                    self._fail_all([*self.active, *self.prefilling], exc, outbox)
+            self._retire()
+        finally:  # what this turn produced is delivered even when it fails past the steps (the caller fails the rest)
+            outbox.flush()
+
+    def _steps(self, plan: StepPlan, outbox: Outbox) -> None:
+        """Run ``plan``, and while the batch stays as it is, the steps after it, each queued on the device
+        before the host reads the one before (where the path queues: the slotted cache).
+
+        While the host detokenizes and delivers step ``k``, the device already runs step ``k + 1`` on step
+        ``k``'s sampled tokens (they never leave the device). Step ``k + 1`` is queued only when no row can
+        reach its length limit at step ``k`` and nothing waits to change the batch; if step ``k`` finishes a
+        row (a stop) or something starts waiting, the loop reads step ``k + 1`` for the sequences still
+        running and returns, so rows leave and join between steps as on the growing cache. A step that
+        finishes a row is delivered by the caller, after the row has left the batch (its slot retained).
+        """
+        pending = self._launch(plan, outbox, fed=False)
+        while True:
+            ahead_plan = self._plan_ahead(plan)
+            ahead = self._launch(ahead_plan, outbox, fed=True) if ahead_plan is not None else None
+            self._deliver(plan, pending(), outbox)
+            outbox.flush(hold_ends=True)  # a finished row is retired before its end goes out
+            if ahead is None or ahead_plan is None:
+                return
+            if any(s.finish is not None for s in plan.sampled) or not self._may_run_ahead(ahead_plan, ahead=False):
+                self._deliver(ahead_plan, ahead(), outbox)
+                outbox.flush(hold_ends=True)
+                return
+            plan, pending = ahead_plan, ahead
+
+    def _launch(self, plan: StepPlan, outbox: Outbox, *, fed: bool) -> Callable[[], list[int]]:
+        """Queue ``plan`` on the path; completed prompts become running rows (in slot order) at once."""
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if not seq.started:  # its first chunk: count the prompt tokens reused and computed, once
+                seq.started, seq.reused = True, chunk.start
+                seq.stream.cached_tokens = chunk.start
+                self.prefix_hit_tokens += chunk.start
+                self.prefill_tokens += len(seq.prompt_ids) - chunk.start
+        pending = self.path.launch(plan, self._get_sampler(), outbox, fed=fed)
+        done = [s for s in plan.completed if s.finish is None]
+        if done:
+            self.active.extend(done)
+            self.prefilling = deque(s for s in self.prefilling if s not in done and s.finish is None)
+        return pending
+
+    def _deliver(self, plan: StepPlan, tokens: list[int], outbox: Outbox) -> None:
+        """Hand each sampled sequence still running its token (text, finishes); drop the others' tokens."""
+        live = [(s, t) for s, t in zip(plan.sampled, tokens, strict=True) if s.finish is None]
+        if live:
+            self._output.accept([s for s, _ in live], [t for _, t in live], outbox)
+
+    def _plan_ahead(self, plan: StepPlan) -> StepPlan | None:
+        """The step after ``plan``, planned before ``plan``'s tokens are read, where that is allowed."""
+        if not self.path.runs_ahead or not self._may_run_ahead(plan):
+            return None
+        return self.path.plan(self.active, self.prefilling)
+
+    def _may_run_ahead(self, plan: StepPlan, *, ahead: bool = True) -> bool:
+        """Whether the step after ``plan`` may be queued before ``plan`` is read (see :meth:`_steps`):
+        nothing waits to be admitted, nothing was cancelled, and (``ahead``) no row reaches its length
+        limit at ``plan`` (its tokens are counted before ``plan``'s are read)."""
+        if self.stopping or (self.pending and len(self.active) + len(self.prefilling) < self.path.rows):
+            return False
+        rows = plan.sampled
+        if not rows or any(s.stream.cancelled for s in (*rows, *self.prefilling)):
+            return False
+        return not ahead or all(s.generated + 1 < self._output.limit(s) for s in rows)
+
+    def _get_sampler(self) -> BatchSampler:
+        if self._sampler is None:
+            self._sampler = BatchSampler(self._vocab_size, self.device)
+        return self._sampler
+
+    def _retire(self) -> None:
+        """Drop finished rows, filling the holes with rows from the end to move little cache."""
+        rows = self.active
+        gone = [i for i, s in enumerate(rows) if s.finish is not None]
+        if not gone:
+            return
+        keep = len(rows) - len(gone)
+        order = list(range(keep))
+        movers = (i for i in range(keep, len(rows)) if rows[i].finish is None)
+        for hole in (i for i in gone if i < keep):
+            order[hole] = next(movers)
+        self.path.retire(rows, order)
+        self.active = [rows[i] for i in order]
+        if self._sampler is not None:
+            self._sampler.keep_rows(order)
+
+    def _fail_all(self, seqs: Sequence[EngineSequence], exc: BaseException, outbox: Outbox | None = None) -> None:
+        """Fail every given sequence and reset the batch (its cache state is unknown)."""
+        box = outbox or Outbox()
+        for seq in seqs:
+            if seq.finish is None:
+                fail(seq, exc, box)
+        self.active = []
+        self.prefilling = deque()
+        self.path.reset()
+        if self._sampler is not None:
+            self._sampler.keep_rows([])
+        if outbox is None:
+            box.flush()
+
+    def _close_all(self) -> None:
+        """At shutdown: finish every running and waiting sequence with ``cancelled``."""
+        outbox = Outbox()
+        with self.cond:
+            waiting, self.pending = list(self.pending), deque()
+        for seq in [*self.active, *self.prefilling, *waiting]:
+            if seq.finish is None:
+                finish(seq, "cancelled", outbox)
+        self.active = []
+        self.prefilling = deque()
+        self.path.reset()
+        if self._sampler is not None:
+            self._sampler.keep_rows([])
+        outbox.flush()
