@@ -3,7 +3,8 @@
 transformers' GGUF loader dequantizes every tensor to the model's dtype (SmolLM2-135M: 85 MB of
 Q4_1 blocks become 540 MB of float32, all read at every step). Here the model is built on the meta
 device from the file's config; each block matrix that feeds an ``nn.Linear`` becomes an
-:class:`~.quant_cpu.Int4Linear` (or :class:`~.quant_cpu.Int8Linear` for Q8_0) and a Q8_0 embedding
+:class:`~.quant_cpu.Int4Linear` on the file's own codes (Q4_0, Q4_1; Q8_0 as two 4-bit halves), the
+output layer an :class:`~.quant_cpu.Fp16Linear` (its logits need float32), and a Q8_0 embedding
 table an :class:`~.quant_cpu.Int8Embedding`, straight from the file's bytes; everything else (norms,
 other types) is dequantized as transformers does it, through transformers' own name map and tensor
 processor. A processor that reorders rows (Llama's query and key heads) is applied to the rows'
@@ -26,7 +27,14 @@ import torch
 from torch import nn
 
 from chatstream_asgi.engines.transformers.gguf_blocks import BLOCK_TYPES, Blocks, read_blocks
-from chatstream_asgi.engines.transformers.quant_cpu import Int4Linear, Int8Embedding, Int8Linear, int4_fits
+from chatstream_asgi.engines.transformers.quant_cpu import (
+    Fp16Linear,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    fp16_available,
+    int4_fits,
+)
 
 __all__ = ["ROW_PROCESSORS", "load_gguf_quantized"]
 
@@ -97,37 +105,45 @@ def _row_order(processor: Any, name: str, rows: int) -> np.ndarray:
 
 def _swap_modules(model: nn.Module, blocks: dict[str, Blocks], dtype: torch.dtype) -> Counter[str]:
     """Replace each module whose weight is in ``blocks``; an output layer tied to a quantized table too."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     kinds: Counter[str] = Counter()
     tables: dict[int, Blocks] = {}  # the blocks of each quantized table, by its (meta) weight
     for target, found in blocks.items():
         name = target.rpartition(".")[0]
         module = model.get_submodule(name)
-        if isinstance(module, nn.Embedding):
-            if found.bits == 8:
-                new: nn.Module = Int8Embedding(found, dtype)
-                tables[id(module.weight)] = found
-                kinds[f"{found.kind} table kept"] += 1
-            else:  # a 4-bit table: gathered rows of it would need a gather kernel; dequantize it instead
-                module.weight = nn.Parameter(torch.from_numpy(found.dequantize()).to(dtype), requires_grad=False)
-                kinds[f"{found.kind} table dequantized"] += 1
-                continue
+        if isinstance(module, nn.Embedding) and found.bits == 8:
+            new: nn.Module = Int8Embedding(found, dtype)
+            tables[id(module.weight)] = found
+        elif isinstance(module, nn.Embedding):  # a 4-bit table would need a kernel to gather rows: dequantized
+            module.weight = nn.Parameter(torch.from_numpy(found.dequantize()).to(dtype), requires_grad=False)
+            kinds[f"{found.kind} table dequantized"] += 1
+            continue
         else:
-            new = _linear(found, module)
-            kinds[f"{found.kind}->{'int4' if isinstance(new, Int4Linear) else 'int8'}"] += 1
+            new = _linear(found, module, module is output)
+        kinds[f"{found.kind}->{_what(new)}"] += 1
         model.set_submodule(name, new)
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(output, nn.Linear) and output.weight.is_meta and id(output.weight) in tables:
-        found = tables[id(output.weight)]
         name = next(n for n, m in model.named_modules() if m is output)
-        model.set_submodule(name, Int8Linear.from_blocks(found, output.bias, kind=f"{found.kind} (tied)"))
-        kinds[f"{found.kind}->int8 (tied output)"] += 1
+        new = _linear(tables[id(output.weight)], output, True)
+        kinds[f"tied output->{_what(new)}"] += 1
+        model.set_submodule(name, new)
     return kinds
 
 
-def _linear(found: Blocks, module: nn.Linear) -> nn.Module:
-    if found.bits == 4 and int4_fits(*found.shape):
+def _linear(found: Blocks, module: nn.Linear, output: bool) -> nn.Module:
+    """The output layer in float16 (its logits need float32 accumulation and output), where fbgemm runs;
+    the others on the file's codes."""
+    if output and fp16_available():
+        return Fp16Linear(torch.from_numpy(found.dequantize()), module.bias, kind=found.kind)
+    if int4_fits(*found.shape):
         return Int4Linear(found, module.bias)
     return Int8Linear.from_blocks(found, module.bias)
+
+
+def _what(module: nn.Module) -> str:
+    names = {Int8Embedding: "table kept", Int4Linear: "int4", Int8Linear: "int8 (per row)", Fp16Linear: "fp16"}
+    what = names[type(module)]
+    return "int4 x2 (exact)" if what == "int4" and module.packed.shape[0] == 2 else what  # type: ignore[union-attr]
 
 
 def _materialize_buffers(model: nn.Module) -> None:

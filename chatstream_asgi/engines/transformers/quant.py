@@ -8,8 +8,8 @@
 - ``"none"``: every weight in the model's dtype (a GGUF dequantized, as transformers loads it).
 - ``"int4"`` / ``"int8"`` (CPU): the linear layers of the decoder to 4-bit codes per group of 32
   (round to nearest, scale and zero per group) or to int8 per output feature, :mod:`.quant_cpu`'s
-  kernels; the output layer to int8. A GGUF's blocks stay as the file has them; its float matrices
-  are quantized so.
+  kernels; the output layer to float16 weights with float32 activations. A GGUF's blocks stay as
+  the file has them; its float matrices are quantized so.
 - ``"fp8"`` (CUDA, sm89+): the decoder's linear layers to FP8 (:mod:`.quant_fp8`), the output layer
   and the embeddings kept.
 
@@ -27,7 +27,14 @@ from collections import Counter
 import torch
 from torch import nn
 
-from chatstream_asgi.engines.transformers.quant_cpu import Int4Linear, Int8Linear, int4_fits, rtn_int4
+from chatstream_asgi.engines.transformers.quant_cpu import (
+    Fp16Linear,
+    Int4Linear,
+    Int8Linear,
+    fp16_available,
+    int4_fits,
+    rtn_int4,
+)
 from chatstream_asgi.engines.transformers.quant_fp8 import Fp8Linear, fp8_fits
 
 __all__ = ["QUANTIZATION_MODES", "check_quantization", "quantize_model", "release_freed_memory", "weight_footprint"]
@@ -60,9 +67,9 @@ def quantize_model(model: nn.Module, mode: str) -> Counter[str]:
             continue
         rows, cols = module.weight.shape
         if module is output:
-            if mode == "fp8":
+            if mode == "fp8" or not fp16_available():
                 continue
-            new: nn.Module = Int8Linear.from_float(module.weight, module.bias)
+            new: nn.Module = Fp16Linear(module.weight, module.bias)
         elif mode == "fp8" and fp8_fits(rows, cols):
             new = Fp8Linear(module.weight, module.bias)
         elif mode == "int4" and int4_fits(rows, cols):
@@ -92,6 +99,7 @@ def weight_footprint(model: nn.Module) -> tuple[int, int]:
             count += getattr(module, "in_features", 0) * getattr(module, "out_features", 0) or (
                 module.num_embeddings * module.embedding_dim
             )
+        size += getattr(module, "packed_nbytes", 0)  # held outside any tensor (fbgemm's packed weights)
         parameters = {id(p) for p in module.parameters(recurse=False)}
         for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
             storage = tensor.untyped_storage()
