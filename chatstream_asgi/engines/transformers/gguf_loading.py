@@ -34,6 +34,7 @@ from chatstream_asgi.engines.transformers.quant_cpu import (
     Int8Linear,
     fp16_available,
     int4_fits,
+    kernels_available,
 )
 
 __all__ = ["ROW_PROCESSORS", "load_gguf_quantized"]
@@ -56,6 +57,10 @@ def load_gguf_quantized(source: str, gguf_file: str, dtype: torch.dtype, **kwarg
         get_gguf_hf_weights_map,
     )
 
+    if not kernels_available():
+        logger.info("PyTorch %s has no CPU int4/int8 weight-packed matmuls (2.6+): the GGUF loads dequantized",
+                    torch.__version__)  # fmt: skip
+        return None
     reader = GGUFReader(str(Path(source, gguf_file)))
     field = reader.fields["general.architecture"]
     architecture = bytes(field.parts[field.data[0]]).decode()

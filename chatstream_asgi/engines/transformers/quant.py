@@ -33,6 +33,7 @@ from chatstream_asgi.engines.transformers.quant_cpu import (
     Int8Linear,
     fp16_available,
     int4_fits,
+    kernels_available,
     rtn_int4,
 )
 from chatstream_asgi.engines.transformers.quant_fp8 import Fp8Linear, fp8_fits
@@ -55,6 +56,8 @@ def check_quantization(mode: str | None, device: torch.device) -> None:
         )
     if mode in _CPU_MODES and device.type != "cpu":
         raise ValueError(f"--quantization {mode} has CPU kernels only here; on {device.type} use fp8 (or none)")
+    if mode in _CPU_MODES and not kernels_available():
+        raise ValueError(f"--quantization {mode} needs PyTorch 2.6 or later (its CPU weight-packed matmuls)")
 
 
 def quantize_model(model: nn.Module, mode: str) -> Counter[str]:

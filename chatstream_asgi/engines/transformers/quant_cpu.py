@@ -31,10 +31,26 @@ from torch import nn
 
 from chatstream_asgi.engines.transformers.gguf_blocks import GROUP, Blocks
 
-__all__ = ["Fp16Linear", "Int4Linear", "Int8Embedding", "Int8Linear", "fp16_available", "int4_fits", "rtn_int4"]
+__all__ = [
+    "Fp16Linear",
+    "Int4Linear",
+    "Int8Embedding",
+    "Int8Linear",
+    "fp16_available",
+    "int4_fits",
+    "kernels_available",
+    "nibble_halves",
+    "rtn_int4",
+    "scale_zeros",
+]
 
 _COMPUTE = torch.bfloat16
 _CHUNK_ROWS = 4096
+
+
+def kernels_available() -> bool:
+    """Whether this PyTorch has the CPU weight-packed matmuls (2.6 and later)."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def int4_fits(out_features: int, in_features: int) -> bool:
@@ -76,11 +92,11 @@ class Int4Linear(_QuantLinear):
             raise ValueError(f"Int4Linear needs rows in 16s and whole groups of {GROUP} ({rows}x{cols})")
         super().__init__(cols, rows, bias)
         self.kind = blocks.kind
-        terms = _nibble_halves(blocks) if blocks.bits == 8 else [blocks]
+        terms = nibble_halves(blocks) if blocks.bits == 8 else [blocks]
         packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(t.codes.astype(np.int32)), 1)
                  for t in terms]  # fmt: skip
         self.register_buffer("packed", torch.stack(packs))
-        self.register_buffer("scale_zeros", torch.stack([_scale_zeros(t) for t in terms]))
+        self.register_buffer("scale_zeros", torch.stack([scale_zeros(t) for t in terms]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(_COMPUTE)
@@ -92,15 +108,16 @@ class Int4Linear(_QuantLinear):
         return self._finish(out, x)
 
 
-def _scale_zeros(blocks: Blocks) -> torch.Tensor:
-    """The kernel's ``[groups, rows, 2]`` (scale, zero) for ``w = scale * (code - 8) + zero``."""
+def scale_zeros(blocks: Blocks, dtype: torch.dtype = _COMPUTE) -> torch.Tensor:
+    """The kernel's ``[groups, rows, 2]`` (scale, zero) for ``w = scale * (code - 8) + zero``, in ``dtype``
+    (the layers keep bfloat16: see the module docstring; in float32 the kernel reproduces the file)."""
     scales = torch.from_numpy(blocks.scales.astype(np.float32))  # [rows, groups]
     offsets = blocks.offsets if blocks.offsets is not None else np.zeros_like(blocks.scales)
     zeros = torch.from_numpy(offsets.astype(np.float32)) + (8 - blocks.center) * scales  # exact in float32
-    return torch.stack([scales.t(), zeros.t()], dim=-1).to(_COMPUTE).contiguous()
+    return torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
 
 
-def _nibble_halves(blocks: Blocks) -> list[Blocks]:
+def nibble_halves(blocks: Blocks) -> list[Blocks]:
     """Q8_0 as two 4-bit matrices whose sum is it (see :class:`Int4Linear`)."""
     unsigned = (blocks.codes.astype(np.int16) + 128).astype(np.uint8)
     high = Blocks(blocks.kind, unsigned >> 4, (blocks.scales.astype(np.float32) * 16).astype(np.float16), None, 8)
