@@ -29,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +49,8 @@ def started(command: list[str], ready: str) -> Iterator[tuple[str, psutil.Proces
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     argv = [part.format(port=port) for part in command]
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(f"{tempfile.gettempdir()}/quantized_cpu.{port}.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -63,6 +65,18 @@ def started(command: list[str], ready: str) -> Iterator[tuple[str, psutil.Proces
     finally:
         process.terminate()
         process.wait(60)
+        log.close()
+
+
+def measured(url: str, streams: int, tokens: int) -> dict[str, float]:
+    """:func:`remote_llamacpp.measure`, again if the server closed a kept-alive connection as it was reused."""
+    for attempt in range(3):
+        try:
+            return asyncio.run(measure(url, streams, tokens, {}))
+        except httpx.RemoteProtocolError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def rss_mib(process: psutil.Process) -> float:
@@ -86,6 +100,7 @@ def main() -> None:
         print(HEADER)
         print(report("SmolLM2 Q4_1 file, served quantized vs float32", measure_quality("smollm2", None, 512, 256)))
     most = max(args.streams)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # our servers' torch threads: as many as llama-server's
     ours = [sys.executable, "-m", "chatstream_asgi", "serve", "--device", "cpu", "--port", "{port}",
             "--concurrency", str(most), "--queue", str(4 * most), "--max-new-tokens", str(args.tokens),
             "--log-level", "warning"]  # fmt: skip
@@ -104,7 +119,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             for n in args.streams:
                 for name, (url, _) in servers.items():
-                    result = asyncio.run(measure(url, n, args.tokens, {}))
+                    result = measured(url, n, args.tokens)
                     runs[name][n].append(result["aggregate"])
                     tokens[name].append(result["tokens"])
                     print(f"round {round_ + 1} {name} streams={n}: {result['aggregate']:.1f} tok/s", flush=True)
