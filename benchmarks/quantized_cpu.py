@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-quality", dest="quality", action="store_false", help="skip the agreement check")
+    parser.add_argument("--no-float", dest="float", action="store_false", help="skip (b), the float32 server")
     parser.add_argument("--quick", action="store_true", help="16 tokens, 1 and 4 streams, one round, no quality")
     args = parser.parse_args()
     if args.quick:
@@ -111,6 +112,8 @@ def main() -> None:
         "(b) chatstream, float32": ([*ours, "--quantization", "none"], "/get_load"),
         "(c) llama-server": (llama, "/v1/models"),
     }
+    if not args.float:
+        del commands["(b) chatstream, float32"]
     with contextlib.ExitStack() as stack:
         servers = {name: stack.enter_context(started(cmd, ready)) for name, (cmd, ready) in commands.items()}
         loaded = {name: rss_mib(process) for name, (_, process) in servers.items()}
@@ -133,9 +136,11 @@ def main() -> None:
     for name in servers:
         cells = " | ".join(f"{median[name][n]:.1f}" for n in args.streams)
         print(f"| {name} | {cells} | {statistics.mean(tokens[name]):.0f} | {loaded[name]:.0f} | {after[name]:.0f} |")
-    a, b, c = (median[name] for name in commands)
+    a, c = median["(a) chatstream, quantized"], median["(c) llama-server"]
+    b = median.get("(b) chatstream, float32")
     for n in args.streams:
-        print(f"streams={n}: quantized / llama-server = {a[n] / c[n]:.2f}, quantized / float32 = {a[n] / b[n]:.2f}")
+        vs_float = f", quantized / float32 = {a[n] / b[n]:.2f}" if b else ""
+        print(f"streams={n}: quantized / llama-server = {a[n] / c[n]:.2f}{vs_float}")
 
 
 if __name__ == "__main__":
