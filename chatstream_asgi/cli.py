@@ -114,6 +114,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     serve.add_argument("--devices", choices=["all"], default=None, help="'all': one engine per visible CUDA device")
     serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
+    serve.add_argument(
+        "--quantization",
+        choices=["fp8", "int8", "int4", "none"],
+        help="weights: fp8 (CUDA), int8/int4 (CPU), none (all float); default: as the checkpoint holds them "
+        "(a GGUF's Q4_0/Q4_1/Q8_0 stay quantized on CPU). docs/quantization.md",
+    )
     gpu = serve.add_argument_group("transformers engine on CUDA (static KV cache)")
     gpu.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly (debugging)")
     add_compile_options(gpu)
@@ -188,9 +194,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     serve.add_argument("--mock-type", choices=["round", "long", "echo"], default="round", help="mock engine replies")
     serve.add_argument("--mock-initial-wait", type=float, default=0.0, metavar="SEC", help="mock engine: first delay")
-    serve.add_argument(
-        "--mock-time-per-token", type=float, default=0.05, metavar="SEC", help="mock engine: delay per token"
-    )
+    serve.add_argument("--mock-time-per-token", type=float, default=0.05, metavar="SEC", help="mock engine: per token")
     serve.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -273,6 +277,7 @@ def _engine(args: argparse.Namespace) -> Engine:
                 args.model,
                 device=device,
                 dtype=args.dtype,
+                quantization=args.quantization,
                 max_batch_size=batch,
                 cuda_graphs=not args.no_cuda_graphs,
                 compile_mode=args.compile,

@@ -201,10 +201,11 @@ class TransformersEngine:
         name_or_path: str = DEFAULT_MODEL,
         device: str | None = None,
         dtype: Any = None,
+        quantization: str | None = None,
         **kw: Any,
     ) -> TransformersEngine:
-        """Load a model (``"smollm2"``, a local directory or a hub id) and build an engine on it."""
-        model, tokenizer, display_name = load_model(name_or_path, device=device, dtype=dtype)
+        """Load a model (``"smollm2"``, a directory, a hub id; ``quantization``: see ``load_model``) into an engine."""
+        model, tokenizer, display_name = load_model(name_or_path, device=device, dtype=dtype, quantization=quantization)
         kw.setdefault("name", display_name)
         engine = cls(model, tokenizer, model.device, **kw)
         engine.default_generation_params = generation_defaults(model, name_or_path)

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,17 +94,33 @@ def generation_defaults(model: Any, name_or_path: str | None = None) -> dict[str
     return values
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: Any = None) -> tuple[Any, Any, str]:
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: Any = None, quantization: str | None = None
+) -> tuple[Any, Any, str]:
     """Load ``(model, tokenizer, display_name)`` onto ``device`` (default: CUDA if available, else CPU).
 
-    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. Local sources never touch the
-    network.
+    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. ``quantization`` (None: what the
+    checkpoint holds, so a GGUF's quantized matrices stay quantized on the CPU; ``"none"``, ``"int8"``,
+    ``"int4"``, ``"fp8"``): see :mod:`~chatstream_asgi.engines.transformers.quant`. Local sources
+    never touch the network.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from chatstream_asgi.engines.transformers.gguf_loading import load_gguf_quantized
+    from chatstream_asgi.engines.transformers.quant import (
+        check_quantization,
+        quantize_model,
+        release_freed_memory,
+        weight_footprint,
+    )
+
     source, gguf_file, display_name = resolve_model(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        check_quantization(quantization, torch.device(device))
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     elif isinstance(dtype, str):
@@ -119,18 +136,36 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dty
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         logger.info("tokenizer loaded (%.1f s); now the weights", time.perf_counter() - started)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = None
+        if gguf_file is not None and quantization != "none" and torch.device(device).type == "cpu":
+            model = load_gguf_quantized(
+                source, gguf_file, dtype, **{k: v for k, v in kwargs.items() if k != "gguf_file"}
+            )
+        elif gguf_file is not None and quantization is None:
+            logger.info("a GGUF's quantized matrices stay quantized on the CPU only: dequantized on %s", device)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
     model.to(device)
     model.eval()
-    params = sum(p.numel() for p in model.parameters())
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if quantization not in (None, "none"):
+        quantize_model(model, quantization)
+    elif model.device.type == "cpu":
+        release_freed_memory()
+    params, size = weight_footprint(model)
     logger.info(
-        "model %s loaded on %s: %.0fM parameters, %.2f GB as %s (%.1f s)",
-        display_name, device, params / 1e6, size / 1e9, dtype_name, time.perf_counter() - started,
+        "model %s loaded on %s: %.0fM weights in %.2f GB (%s; %.1f s)",
+        display_name, device, params / 1e6, size / 1e9, _precision(model, dtype_name), time.perf_counter() - started,
     )  # fmt: skip
     return model, tokenizer, display_name
+
+
+def _precision(model: Any, dtype_name: str) -> str:
+    """What the weights are: the model's dtype, and the quantized layers by kind."""
+    kinds = Counter(getattr(m, "kind", None) for m in model.modules())
+    kinds.pop(None, None)
+    return ", ".join([*(f"{n} {k}" for k, n in sorted(kinds.items())), f"the rest {dtype_name}"])
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -1,0 +1,220 @@
+"""Weight-only int4 and int8 linear layers for the CPU, over PyTorch's own weight-packed matmuls.
+
+:class:`Int4Linear` runs ``torch.ops.aten._weight_int4pack_mm_for_cpu``: 4-bit codes in groups of
+32 along the input features, each group with its own scale and zero point, dequantized inside the
+kernel as ``w = scale * (code - 8) + zero``. :class:`Int8Linear` runs
+``torch.ops.aten._weight_int8pack_mm`` (int8 codes, one scale per output feature). Both read the
+activations in bfloat16: on x86 only that path of the kernels is vectorized (AVX2 / AVX-512); in
+float32 they run a scalar loop, 20-100x slower. The layers take and return the model's dtype, so
+the rest of the model (norms, attention, the residual stream) stays in float32.
+
+From a GGUF's blocks (:mod:`.gguf_blocks`) the codes are the file's own: Q4_1's ``w = d * q + m``
+is ``scale = d``, ``zero = m + 8 d`` and Q4_0's ``w = d * (q - 8)`` is ``scale = d``, ``zero = 0``,
+code for code. The kernel holds scales and zeros in bfloat16, which keeps 8 of fp16's 11 significant
+bits: a weight moves by at most ``2**-9`` of its group's ``|scale| * 8 + |zero|`` (the tests bound
+it), against a quantization step of ``scale``. Q8_0, whose scales come per group of 32, has no exact
+form in the int8 kernel (one scale per row): its codes are quantized again to a row's scale.
+Embedding tables keep Q8_0's codes and group scales exactly (:class:`Int8Embedding` gathers rows).
+
+Why these kernels: they ship with PyTorch (nothing to build or install), are what torchao's CPU
+int4 layout (``Int4OpaqueTensor``) calls, and torchao's own CPU kernels (``da8w4``) are not in its
+PyPI wheel; docs/quantization.md has the comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from chatstream_asgi.engines.transformers.gguf_blocks import GROUP, Blocks
+
+__all__ = [
+    "Fp16Linear",
+    "Int4Linear",
+    "Int8Embedding",
+    "Int8Linear",
+    "fp16_available",
+    "int4_fits",
+    "kernels_available",
+    "nibble_halves",
+    "rtn_int4",
+    "scale_zeros",
+]
+
+_COMPUTE = torch.bfloat16
+_CHUNK_ROWS = 4096
+
+
+def kernels_available() -> bool:
+    """Whether this PyTorch has the CPU weight-packed matmuls (2.6 and later)."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def int4_fits(out_features: int, in_features: int) -> bool:
+    """Whether the int4 kernel takes this shape (rows in blocks of 16, whole groups of 32)."""
+    return out_features % 16 == 0 and in_features % GROUP == 0
+
+
+class _QuantLinear(nn.Module):
+    """What both layers share: their shape, the bias, and the bytes they hold (buffers, not parameters:
+    the model's ``dtype`` stays its float one)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(_QuantLinear):
+    """``nn.Linear`` over 4-bit codes with a scale and zero point per group of 32 input features.
+
+    Q8_0's int8 codes fit too, as two 4-bit halves: with ``u = q + 128 = 16 h + l``, ``d q`` is
+    ``16 d (h - 8) + d l``, two of the kernel's matmuls (scales ``16 d`` and ``d``, zeros 0 and
+    ``8 d``) summed in float32: the file's codes again, at twice the 4-bit cost.
+    """
+
+    def __init__(self, blocks: Blocks, bias: torch.Tensor | None = None) -> None:
+        rows, cols = blocks.shape
+        if not int4_fits(rows, cols):
+            raise ValueError(f"Int4Linear needs rows in 16s and whole groups of {GROUP} ({rows}x{cols})")
+        super().__init__(cols, rows, bias)
+        self.kind = blocks.kind
+        terms = nibble_halves(blocks) if blocks.bits == 8 else [blocks]
+        packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(t.codes.astype(np.int32)), 1)
+                 for t in terms]  # fmt: skip
+        self.register_buffer("packed", torch.stack(packs))
+        self.register_buffer("scale_zeros", torch.stack([scale_zeros(t) for t in terms]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(_COMPUTE)
+        out = None
+        for packed, scale_zeros in zip(self.packed, self.scale_zeros, strict=True):
+            term = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scale_zeros).float()
+            out = term if out is None else out + term
+        assert out is not None
+        return self._finish(out, x)
+
+
+def scale_zeros(blocks: Blocks, dtype: torch.dtype = _COMPUTE) -> torch.Tensor:
+    """The kernel's ``[groups, rows, 2]`` (scale, zero) for ``w = scale * (code - 8) + zero``, in ``dtype``
+    (the layers keep bfloat16: see the module docstring; in float32 the kernel reproduces the file)."""
+    scales = torch.from_numpy(blocks.scales.astype(np.float32))  # [rows, groups]
+    offsets = blocks.offsets if blocks.offsets is not None else np.zeros_like(blocks.scales)
+    zeros = torch.from_numpy(offsets.astype(np.float32)) + (8 - blocks.center) * scales  # exact in float32
+    return torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous()
+
+
+def nibble_halves(blocks: Blocks) -> list[Blocks]:
+    """Q8_0 as two 4-bit matrices whose sum is it (see :class:`Int4Linear`)."""
+    unsigned = (blocks.codes.astype(np.int16) + 128).astype(np.uint8)
+    high = Blocks(blocks.kind, unsigned >> 4, (blocks.scales.astype(np.float32) * 16).astype(np.float16), None, 8)
+    return [high, Blocks(blocks.kind, unsigned & 0x0F, blocks.scales, None, 0)]
+
+
+class Int8Linear(_QuantLinear):
+    """``nn.Linear`` over int8 codes with one scale per output feature (absmax, symmetric).
+
+    Built from float rows (:meth:`from_float`, :meth:`from_blocks`), a few thousand rows at a time, so
+    that a large output layer is never whole in float32 while it is quantized.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kind: str) -> None:
+        rows, cols = codes.shape
+        super().__init__(cols, rows, bias)
+        self.kind = kind
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales.to(_COMPUTE))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, kind: str = "int8") -> Int8Linear:
+        chunks = (weight[i : i + _CHUNK_ROWS].detach().float() for i in range(0, weight.shape[0], _CHUNK_ROWS))
+        return cls(*_absmax_int8(chunks), bias, kind)
+
+    @classmethod
+    def from_blocks(cls, blocks: Blocks, bias: torch.Tensor | None = None, kind: str | None = None) -> Int8Linear:
+        rows = blocks.shape[0]
+        chunks = (torch.from_numpy(blocks.dequantize(i, i + _CHUNK_ROWS)) for i in range(0, rows, _CHUNK_ROWS))
+        return cls(*_absmax_int8(chunks), bias, kind or blocks.kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(_COMPUTE)
+        return self._finish(torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scales), x)
+
+
+def _absmax_int8(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scales = [], []
+    for weight in chunks:
+        scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        codes.append(torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        scales.append(scale)
+    return torch.cat(codes), torch.cat(scales)
+
+
+class Fp16Linear(_QuantLinear):
+    """``nn.Linear`` with float16 weights and float32 activations and output (fbgemm's packed GEMM, as
+    ``torch.ao``'s dynamic fp16 linear runs it): for the output layer, whose logits a bfloat16 output
+    would round by up to 0.06 (top-1 agreement 93-97% against 98% with this layer)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, kind: str = "fp16") -> None:
+        rows, cols = weight.shape
+        super().__init__(cols, rows, None)
+        self.kind = kind
+        self.packed_nbytes = rows * cols * 2  # held by fbgemm, not by a tensor
+        bias = None if bias is None else bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self.packed)
+        return self._finish(out, x)
+
+
+def fp16_available() -> bool:
+    """Whether this build of PyTorch has fbgemm (x86), which :class:`Fp16Linear` runs on."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class Int8Embedding(nn.Module):
+    """``nn.Embedding`` over Q8_0's int8 codes and fp16 group scales: a looked-up row is exact."""
+
+    def __init__(self, blocks: Blocks, dtype: torch.dtype) -> None:
+        super().__init__()
+        if blocks.bits != 8 or blocks.center or blocks.offsets is not None:
+            raise ValueError(f"Int8Embedding takes Q8_0 blocks, not {blocks.kind}")
+        self.num_embeddings, self.embedding_dim = blocks.shape
+        self.kind = blocks.kind
+        self.dtype = dtype
+        self.register_buffer("codes", torch.from_numpy(blocks.codes.copy()))
+        self.register_buffer("scales", torch.from_numpy(blocks.scales.copy()))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        codes = self.codes[input_ids].to(torch.float32).unflatten(-1, (-1, GROUP))
+        rows = codes * self.scales[input_ids].to(torch.float32)[..., None]
+        return rows.flatten(-2).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, kind={self.kind}"
+
+
+def rtn_int4(weight: torch.Tensor) -> Blocks:
+    """A float matrix as asymmetric 4-bit codes per group of 32 (round to nearest, Q4_1's form)."""
+    rows, cols = weight.shape
+    groups = weight.detach().float().reshape(rows, cols // GROUP, GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).to(torch.float16)
+    safe = scales.float().clamp(min=torch.finfo(torch.float16).tiny)
+    offsets = low.to(torch.float16)
+    codes = torch.round((groups - offsets.float()[..., None]) / safe[..., None]).clamp(0, 15)
+    return Blocks("int4", codes.reshape(rows, cols).to(torch.uint8).numpy(), scales.numpy(), offsets.numpy(), 0)
