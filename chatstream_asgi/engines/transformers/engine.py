@@ -179,7 +179,7 @@ class TransformersEngine:
                 forward_step=lambda *a: self._forward_step(*a),
                 forward_prefill=lambda *a: self._forward_prefill(*a),
             )
-        vocab = model.get_output_embeddings().weight.shape[0]
+        vocab = model.get_output_embeddings().out_features  # a quantized head keeps no float weight
         self._core = EngineCore(self._path, self._output, self.device, vocab, self.model_name)
         self._cond = self._core.cond  # queue several requests at once: hold it while calling generate()
         self._thread: threading.Thread | None = None
