@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
-pytest_plugins = ["model_fixtures"]
+pytest_plugins = ["model_fixtures", "redis_server"]
 
 
 @pytest.fixture

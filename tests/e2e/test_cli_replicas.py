@@ -10,7 +10,6 @@ import anyio
 import httpx
 import pytest
 from servers import Server, free_port
-from test_redis_store import redis_url  # noqa: F401 - the fixture
 
 from chatstream_asgi.cli import _engine, build_parser
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest, GenerationStream
@@ -24,7 +23,7 @@ def replica(*options: str, env: dict[str, str] | None = None) -> Server:
     return Server(command, port, env or {})
 
 
-def test_two_cli_replicas_on_one_redis_continue_a_conversation_with_the_same_cookie(redis_url: str) -> None:  # noqa: F811
+def test_two_cli_replicas_on_one_redis_continue_a_conversation_with_the_same_cookie(redis_url: str) -> None:
     options = ("--session-store", redis_url, "--session-secret", "shared-by-both")
     a, b = replica(*options), replica(*options)
     try:
@@ -57,7 +56,7 @@ def saved_history(client: httpx.Client, url: str, count: int) -> list[str]:
         time.sleep(0.02)
 
 
-def test_a_shared_store_without_a_fixed_secret_refuses_to_start(redis_url: str) -> None:  # noqa: F811
+def test_a_shared_store_without_a_fixed_secret_refuses_to_start(redis_url: str) -> None:
     server = replica("--session-store", redis_url, env={"CHATSTREAM_SESSION_SECRET": ""})
     try:
         assert server.wait_exit(20) != 0

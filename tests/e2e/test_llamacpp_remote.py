@@ -24,11 +24,13 @@ import httpx
 import pytest
 from live_server import serve_in_thread
 from servers import Server, free_port
-from test_remote_engine import Recorder, chat_stream
 
 from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import OpenAIEngine, RemoteLoad
 from chatstream_asgi.web.app import create_app
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))  # the remote engine's test helpers
+from test_remote_engine import Recorder, chat_stream
 
 pytest.importorskip("llama_cpp.server", reason="needs the llamacpp extra: pip install 'llama-cpp-python[server]'")
 

@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 import pytest
 from servers import free_port
-from test_redis_store import redis_url  # noqa: F401 - the fixture
 
 serve = pytest.importorskip("ray.serve")
 ray = pytest.importorskip("ray")
@@ -61,7 +60,7 @@ def one_replica_app(max_new_tokens: int = 2000) -> Any:
 
 
 @pytest.fixture(scope="module")
-def proxy(redis_url: str) -> Iterator[str]:  # noqa: F811 - the fixture
+def proxy(redis_url: str) -> Iterator[str]:
     """Ray (bounded to this module) with both apps deployed; yields the proxy's URL."""
     old_env = {name: os.environ.get(name) for name in RAY_ENV}
     sys_path = os.pathsep.join([str(APPS), str(REPO), old_env["PYTHONPATH"] or ""])

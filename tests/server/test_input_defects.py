@@ -26,7 +26,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from test_redis_store import redis_url  # noqa: F401 - the redis-server fixture
 
 from chatstream_asgi import (
     ChatStream,
@@ -615,7 +614,7 @@ async def test_a_long_queue_wait_sends_sse_keep_alives() -> None:
         queued_receive.disconnect()
 
 
-async def test_concurrent_updates_of_one_session_lose_nothing_on_redis(redis_url: str) -> None:  # noqa: F811
+async def test_concurrent_updates_of_one_session_lose_nothing_on_redis(redis_url: str) -> None:
     store = RedisSessionStore.from_url(redis_url, prefix="chatstream:race:")
     try:
         check_nothing_lost(await concurrent_updates(chat_stream(session_store=store, mock_params={"type": "echo"})))
