@@ -199,7 +199,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
     def generate(self, request: GenerationRequest) -> GenerationStream:
         """Queue ``request`` and return its stream; raises :class:`PromptTooLong` at once."""
         params = request.params
-        text = self.render_prompt(request.messages)
+        text = request.prompt if request.prompt is not None else self.render_prompt(request.messages)
         limit = self.context_len - params.max_new_tokens
         prompt_ids = self._turns.encode(text, request.session_key, limit)
         if len(prompt_ids) > limit:
@@ -226,15 +226,16 @@ class TransformersEngine(EagerSteps, StaticSteps):
             self._cond.notify()
         return stream
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt text from the tokenizer's chat template (with the generation prompt)."""
+    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text from the tokenizer's chat template (with the generation prompt unless told not to)."""
         conversation = list(messages)
         if self.system_prompt and not any(m.get("role") == "system" for m in conversation):
             conversation.insert(0, {"role": "system", "content": self.system_prompt})
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            render = self.tokenizer.apply_chat_template
+            return render(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
         lines = [f"{m['role']}: {m['content']}" for m in conversation]
-        return "\n".join([*lines, "assistant:"])
+        return "\n".join([*lines, "assistant:"] if add_generation_prompt else lines)
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Number of prompt tokens for ``messages``."""
