@@ -38,7 +38,6 @@ the replicas cannot import.
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 import pickle
 import time
@@ -50,7 +49,8 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from chatstream_asgi.engines.base import Engine
-from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.server.chatstream import ChatStream
+from chatstream_asgi.service.config import ChatStreamConfig
 from chatstream_asgi.sessions.manager import SESSION_HEADER, request_token, session_id_of
 
 __all__ = ["REPLICA_HEADER", "FreeSlotRouter", "chat_app", "deployment_options"]
@@ -77,11 +77,7 @@ REPORT_WINDOW_S = 120.0
 newest first) with its load: a conversation's first turn carries no session, so only the replica
 knows where it went."""
 
-_CHAT_STREAM_DEFAULTS = {
-    name: parameter.default
-    for name, parameter in inspect.signature(ChatStream.__init__).parameters.items()
-    if parameter.default is not inspect.Parameter.empty
-}
+_CHAT_STREAM_DEFAULTS = ChatStreamConfig.option_defaults()
 _COMPLETIONS_TTL_S = 10.0
 _REPLY_HEADER = b"x-chatstream-last-generated-message-id"
 _IN_FLIGHT_LIMIT = 100_000
@@ -267,8 +263,15 @@ class FreeSlotRouter(RequestRouter):
     and have ended since). Ray's own queue-length cache is not used: it takes the count a replica
     reports when it accepts a request, which may still include a request whose completion Ray has
     already subtracted, and then counts that request for up to 10 s. Slots are the replica's
-    reported ``max_processing``. Replicas are ranked one per rank: free slots first, then by load
-    relative to slots; ties rotate.
+    reported ``max_processing``. Replicas are ranked one per rank: free slots first, by load relative
+    to slots; then the full ones, the one whose oldest open request was picked first leading; ties
+    rotate.
+
+    Ray tells the router a request completed only after the replica's ASGI call returned (the turn
+    saved, the callback called) and the proxy saw its result end: later than the client saw its last
+    byte. A client that sends its next requests at that instant finds a replica still counted full
+    by a request that has in fact ended; among full replicas, that one (whose oldest open request is
+    oldest) therefore goes first, and the burst lands where a slot is free.
 
     Session affinity: a request's session is the token in Ray's session header (``x-session-id``
     unless ``RAY_SERVE_SESSION_ID_HEADER_KEY`` says otherwise; the app's own ``X-Session-Id``
@@ -313,11 +316,15 @@ class FreeSlotRouter(RequestRouter):
         home = self._home(session, candidate_replicas) if session else None
         slots = {replica.replica_id: _slots(replica) for replica in candidate_replicas}
         loads = {replica.replica_id: self._load(replica) for replica in candidate_replicas}
+        full = {replica_id for replica_id, load in loads.items() if load >= slots[replica_id]}
+        oldest = self._oldest_open(full) if full else {}
 
         def rank(item: tuple[int, RunningReplica]) -> tuple[bool, float, int]:
             index, replica = item
-            load, free = loads[replica.replica_id], slots[replica.replica_id]
-            return (load >= free, load / free, (index - self._turn) % n)
+            replica_id = replica.replica_id
+            if replica_id in full:  # the likeliest to have a slot free already: its oldest open request's
+                return (True, oldest.get(replica_id, wall), (index - self._turn) % n)
+            return (False, loads[replica_id] / slots[replica_id], (index - self._turn) % n)
 
         ranked = [replica for _, replica in sorted(enumerate(candidate_replicas), key=rank)]
         if home is not None and loads[home.replica_id] < slots[home.replica_id]:
@@ -357,6 +364,16 @@ class FreeSlotRouter(RequestRouter):
         if routed is not None:
             self._posts[routed.replica] -= routed.post
         return routed
+
+    def _oldest_open(self, replicas: set[ReplicaID]) -> dict[ReplicaID, float]:
+        """When this router picked each of ``replicas``' oldest open POST (``_in_flight`` is oldest first)."""
+        oldest: dict[ReplicaID, float] = {}
+        for routed in self._in_flight.values():
+            if routed.post and routed.replica in replicas and routed.replica not in oldest:
+                oldest[routed.replica] = routed.at
+                if len(oldest) == len(replicas):
+                    break
+        return oldest
 
     def _expire(self, wall: float) -> None:
         """Forget picks older than the longest request (never sent, so never completed)."""
