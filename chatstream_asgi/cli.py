@@ -25,7 +25,7 @@ from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import OpenAIEngine
 from chatstream_asgi.protocols.framing import FORMATS
-from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.server.chatstream import ChatStream
 from chatstream_asgi.sessions.store import SessionStore
 
 __all__ = ["build_parser", "main"]
@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
 
 def _log_sampling(chat_stream: ChatStream, engine: Engine) -> None:
     params = chat_stream.default_params
-    source = "the model's recommended" if getattr(engine, "default_generation_params", None) else "the defaults"
+    source = "the model's recommended" if engine.default_generation_params else "the defaults"
     how = "greedy, " if params.temperature == 0 else ""
     logger.info(
         "sampling: %stemperature %g, top-p %g, top-k %d, repetition penalty %g (%s where --temperature etc. are unset)",
@@ -448,7 +448,8 @@ async def _serve(serve: Any, app: Any, config: Any, chat_stream: ChatStream) -> 
     async def shutdown_trigger() -> None:
         await stop.wait()
         log.info(
-            "shutting down: draining open replies (up to %g s; Ctrl+C again to stop now)", chat_stream.shutdown_timeout
+            "shutting down: draining open replies (up to %g s; Ctrl+C again to stop now)",
+            chat_stream.config.timeouts.shutdown_timeout,
         )
         await chat_stream.shutdown()
 

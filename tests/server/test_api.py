@@ -44,7 +44,7 @@ async def test_clear_context_forgets_the_history() -> None:
         prompt = (await c.get("/get_prompt")).json()
         again = await c.post("/clear_context")
     assert cleared.status_code == 200 and cleared.json() == {"cleared": 4}
-    assert prompt["messages"] == [] and prompt["prompt"] == "<|assistant|>\n"
+    assert prompt["messages"] == [] and prompt["prompt"] == ""  # nothing said, no reply opened
     assert again.json() == {"cleared": 0}
 
 
