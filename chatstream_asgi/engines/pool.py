@@ -39,13 +39,16 @@ logger = logging.getLogger("chatstream_asgi.pool")
 _AFFINITY_KEYS = 65536  # conversations remembered (least recently routed forgotten first)
 
 
-class EnginePool:
+class EnginePool(Engine):
     """An :class:`~chatstream_asgi.Engine` over ``engines`` (remote or local, mixed freely).
 
-    ``model_name`` defaults to the first member's; ``context_len`` is the smallest member's;
-    :meth:`render_prompt` and :meth:`count_tokens` are the first member's, so members should
-    serve the same model. :attr:`active`, :attr:`reported` and :attr:`healthy` show the pool's view
-    per member. ``load_interval=None`` turns polling off (route by the pool's own counts only).
+    Every member of the engine contract is forwarded: ``model_name`` defaults to the first member's;
+    ``context_len`` is the smallest member's; :meth:`render_prompt`, :meth:`count_tokens` and
+    ``default_generation_params`` are the first member's, so members should serve the same model;
+    ``max_batch_size`` is the members' total (None when one has no fixed number), ``kv_cache_usage``
+    their mean, the prefix counters their sums; :meth:`release_session` frees the conversation on
+    every member. :attr:`active`, :attr:`reported` and :attr:`healthy` show the pool's view per
+    member. ``load_interval=None`` turns polling off (route by the pool's own counts only).
     """
 
     def __init__(

@@ -512,16 +512,16 @@ def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
 
 
 def test_kv_cache_usage_is_a_metric() -> None:
-    from types import SimpleNamespace
-
+    from chatstream_asgi import MockEngine
     from chatstream_asgi.service.metrics import Metrics
 
     metrics = Metrics()
-    engine = SimpleNamespace(kv_cache_usage=0.25)
+    engine = MockEngine()
+    engine.kv_cache_usage = 0.25
     metrics.observe_engine(engine)
     assert b"chatstream_kv_cache_usage_ratio 0.25" in metrics.render()
     engine.kv_cache_usage = 1.0
     assert b"chatstream_kv_cache_usage_ratio 1.0" in metrics.render()
     other = Metrics()
-    other.observe_engine(object())  # an engine without a static cache
+    other.observe_engine(MockEngine())  # an engine without a static cache: the contract's default
     assert b"chatstream_kv_cache_usage_ratio 0.0" in other.render()

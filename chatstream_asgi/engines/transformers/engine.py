@@ -25,6 +25,7 @@ import torch
 
 from chatstream_asgi.engines.base import (
     ChatMessage,
+    Engine,
     GenerationRequest,
     GenerationStream,
     PromptTooLong,
@@ -57,7 +58,7 @@ __all__ = ["TransformersEngine"]
 logger = logging.getLogger("chatstream_asgi.engine")
 
 
-class TransformersEngine(EagerSteps, StaticSteps):
+class TransformersEngine(EagerSteps, StaticSteps, Engine):
     """Continuous-batching engine over a transformers causal LM (see the module docstring).
 
     ``model`` and ``tokenizer`` are a loaded transformers model and tokenizer; ``context_len``
@@ -198,8 +199,7 @@ class TransformersEngine(EagerSteps, StaticSteps):
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         """Queue ``request`` and return its stream; raises :class:`PromptTooLong` at once."""
-        params = request.params
-        text = request.prompt if request.prompt is not None else self.render_prompt(request.messages)
+        params, text = request.params, request.prompt or self.render_prompt(request.messages)  # rendered once
         limit = self.context_len - params.max_new_tokens
         prompt_ids = self._turns.encode(text, request.session_key, limit)
         if len(prompt_ids) > limit:
