@@ -1,7 +1,7 @@
 """A session's conversation: messages with ids, regenerate, and fitting the prompt to the context.
 
-History is a list of :data:`~chatstream_asgi.sessions.StoredMessage` (``{"id", "role",
-"content"}``). A reply's id is the one sent in ``X-ChatStream-Last-Generated-ChatMessage-Id``. Only a
+History is a list of :data:`~chatstream_asgi.sessions.store.StoredMessage` (``{"id", "role",
+"content"}``). A reply's id is the one sent in ``X-ChatStream-Last-Generated-Message-Id``. Only a
 finished turn is stored: the user message together with its reply (whole, or partial when the
 client left mid-stream).
 """

@@ -1,6 +1,6 @@
-"""The defects of issue 10 ("every bad input a clear 4xx, no data lost"), one test or more each.
+"""Input defects found from outside ("every bad input a clear 4xx, no data lost"), one test or more each.
 
-Each test was written first and failed on the code it describes; the numbers are the issue's.
+Each test was written first and failed on the code it describes; the sections are numbered by defect.
 """
 
 from __future__ import annotations
@@ -650,7 +650,7 @@ async def test_api_endpoints_answer_json_when_the_store_or_the_handler_fails(
 
 @pytest.mark.smollm2
 def test_get_prompt_on_the_default_server_with_smollm2(smollm2_engine: Any) -> None:
-    """The issue's case: ``serve`` with SmolLM2 and no system prompt, a fresh client asks for its prompt."""
+    """The case as found: ``serve`` with SmolLM2 and no system prompt, a fresh client asks for its prompt."""
     cs = ChatStream(smollm2_engine, session_secret=SECRET)
 
     async def main() -> list[httpx.Response]:

@@ -1,6 +1,6 @@
 """Per-row sampling for a whole batch at once.
 
-Every row of a decode step carries its own :class:`~chatstream_asgi.engine.GenerationParams`.
+Every row of a decode step carries its own :class:`~chatstream_asgi.GenerationParams`.
 :class:`BatchSampler` keeps those parameters as tensors aligned with the engine's batch rows, plus
 a per-row "seen token" mask for the repetition penalty and a per-row :class:`torch.Generator`, so
 that a seeded request draws the same numbers whether it runs alone or next to others.
