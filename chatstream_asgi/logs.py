@@ -74,10 +74,12 @@ def bind_request_id(scope: Scope, header: str = DEFAULT_REQUEST_ID_HEADER) -> It
 
 
 @contextmanager
-def unbind_request_id() -> Iterator[None]:
-    """No request id for the duration of the block: a request the package does not serve (a path passed
-    through) must not log, or report to code that asks, an id inherited from another request."""
-    if _bound.get() is None:
+def unbind_request_id(scope: Scope) -> Iterator[None]:
+    """No request id for the duration of the block unless one is bound for ``scope`` itself: a request
+    the package does not serve (a path passed through) must not log, or report to code that asks, an id
+    inherited from another request."""
+    bound = _bound.get()
+    if bound is None or bound[0] is scope:
         yield
         return
     token = _bound.set(None)

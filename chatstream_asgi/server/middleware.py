@@ -119,8 +119,8 @@ class ChatStreamMiddleware:
                     else:
                         await self._replay(scope, receive, send)
                 return
-            if current_request_id() is not None:  # inherited from the task that started this request's
-                with unbind_request_id():
+            if current_request_id() is not None:  # maybe inherited from the task that started this one
+                with unbind_request_id(scope):
                     await self.app(scope, receive, send)
                 return
         elif scope_type == "lifespan" and self.chat_stream is not None:

@@ -158,3 +158,27 @@ async def test_a_proxy_that_sets_the_id_gets_no_second_header() -> None:
         for path in ("/get_load", "/nope"):
             assert "x-request-id" not in (await c.get(path, headers={"X-Request-Id": "p"})).headers
         assert "x-request-id" not in (await c.post("/chat_stream", json={"user_input": "hi"})).headers
+
+
+async def test_a_request_started_from_inside_another_keeps_no_id_of_it() -> None:
+    """As uvicorn does for pipelined requests: the next request's task is created inside the previous one's
+    (its context copied). Served there, it gets its own id; passed through, it runs with none; under a
+    second middleware on the same scope, the first one's id stays."""
+    from chatstream_asgi.logs import bind_request_id
+
+    seen: list[str | None] = []
+
+    async def inner(scope, receive, send):  # type: ignore[no-untyped-def]
+        seen.append(current_request_id())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = ChatStreamMiddleware(ChatStreamMiddleware(inner), replay_paths=["/hook", "/nested"])
+    async with client(app) as c:
+        with bind_request_id({"headers": [(b"x-request-id", b"previous")]}):  # another request's binding
+            await c.get("/elsewhere")
+            hooked = await c.post("/hook", content=b"x")
+        nested = await c.post("/nested", content=b"x", headers={"X-Request-Id": "outer-id"})
+    assert seen[0] is None
+    assert seen[1] == hooked.headers["x-request-id"] != "previous"
+    assert seen[2] == "outer-id" and nested.headers.get_list("x-request-id") == ["outer-id"]
