@@ -216,7 +216,8 @@ def _add_sampling_arguments(serve: argparse.ArgumentParser) -> None:
         "sampling",
         "The default sampling of every reply (a session may change it with /set_generation_params,\n"
         "a request with generation_params). Unset: the model's own recommended values (its generation\n"
-        "config; the bundled SmolLM2: greedy), else temperature 0.7, top-k 50, top-p 1.0.",
+        "config; the bundled SmolLM2: greedy, repetition penalty 1.1 over the reply's own tokens), else\n"
+        "temperature 0.7, top-k 50, top-p 1.0.",
     )
     sampling.add_argument("--temperature", type=_at_least(0.0), metavar="T", help="0 is greedy (deterministic)")
     sampling.add_argument("--top-p", type=_fraction, metavar="P", help="nucleus sampling, in (0, 1]")
@@ -417,9 +418,10 @@ def _log_sampling(chat_stream: ChatStream, engine: Engine) -> None:
     params = chat_stream.default_params
     source = "the model's recommended" if engine.default_generation_params else "the defaults"
     how = "greedy, " if params.temperature == 0 else ""
+    over = "" if params.penalize_prompt_tokens or params.repetition_penalty == 1 else " over the reply"
     logger.info(
-        "sampling: %stemperature %g, top-p %g, top-k %d, repetition penalty %g (%s where --temperature etc. are unset)",
-        how, params.temperature, params.top_p, params.top_k, params.repetition_penalty, source,
+        "sampling: %stemperature %g, top-p %g, top-k %d, repetition penalty %g%s (%s where unset by flags)",
+        how, params.temperature, params.top_p, params.top_k, params.repetition_penalty, over, source,
     )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "ChatMessage",
@@ -60,7 +60,13 @@ def tagged_prompt(messages: Sequence[ChatMessage], *, add_generation_prompt: boo
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Sampling parameters of one request. ``temperature == 0`` means greedy decoding."""
+    """Sampling parameters of one request. ``temperature == 0`` means greedy decoding.
+
+    ``repetition_penalty`` divides (multiplies, when negative) the logit of every token already seen,
+    once per distinct token; ``penalize_prompt_tokens`` says whether the prompt's tokens count as seen
+    (as in transformers and vLLM) or only the reply's (an answer may then reuse the question's words:
+    "What is 2 + 2?" → "... is 4").
+    """
 
     temperature: float = 0.7
     top_k: int = 50
@@ -69,6 +75,7 @@ class GenerationParams:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    penalize_prompt_tokens: bool = True
 
 
 @dataclass
@@ -240,10 +247,10 @@ class Engine:
     model_name: str
     context_len: int
 
-    default_generation_params: Mapping[str, float] = MappingProxyType({})
-    """The sampling that suits the model (``temperature``, ``top_k``, ``top_p``,
-    ``repetition_penalty``, ``no_repeat_ngram_size``: any of them); ``ChatStream`` uses them where its
-    own options are unset. Empty: :class:`GenerationParams`' defaults."""
+    default_generation_params: Mapping[str, Any] = MappingProxyType({})
+    """The sampling that suits the model, by :class:`GenerationParams` field (``temperature``,
+    ``repetition_penalty``, ``penalize_prompt_tokens``, ...); ``ChatStream`` uses them where its own
+    options are unset. Empty: :class:`GenerationParams`' defaults."""
     max_batch_size: int | None = None
     """Sequences generated at once (its slots), where the engine has a fixed number."""
     kv_cache_usage: float = 0.0

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from chatstream_asgi.engines.base import ChatMessage, Engine, GenerationRequest, GenerationStream, RemoteLoad
 from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable
@@ -82,7 +83,7 @@ class EnginePool(Engine):
         return min(engine.context_len for engine in self.engines)
 
     @property
-    def default_generation_params(self) -> Mapping[str, float]:  # type: ignore[override]
+    def default_generation_params(self) -> Mapping[str, Any]:  # type: ignore[override]
         return self.engines[0].default_generation_params
 
     @property

@@ -271,11 +271,12 @@ class ChatStream:
 
 
 def default_params(engine: Engine, sampling: Sampling, max_new_tokens: int) -> GenerationParams:
-    """The server's default sampling: what ``sampling`` sets, else the engine's model-suited values, else
-    :class:`GenerationParams`' own."""
-    suited = engine.default_generation_params
-    chosen = {name: suited.get(name) if value is None else value for name, value in asdict(sampling).items()}
-    return GenerationParams(max_new_tokens=max_new_tokens, **{k: v for k, v in chosen.items() if v is not None})
+    """The server's default sampling: what ``sampling`` sets, else the engine's model-suited values (for
+    any field of :class:`GenerationParams`), else :class:`GenerationParams`' own."""
+    fields = set(asdict(GenerationParams())) - {"max_new_tokens"}
+    chosen = {name: value for name, value in engine.default_generation_params.items() if name in fields}
+    chosen.update({name: value for name, value in asdict(sampling).items() if value is not None})
+    return GenerationParams(max_new_tokens=max_new_tokens, **chosen)
 
 
 class ChatStreamResponse(Response):

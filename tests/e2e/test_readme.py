@@ -84,6 +84,8 @@ def test_snippet_runs_and_its_apps_answer(code: str, monkeypatch: pytest.MonkeyP
             reply = _post(signed, "/chat_stream", {"x-signature": signature})
             assert reply.status_code == 200 and reply.text
         return
+    if not apps:
+        return  # a snippet that builds no app (a loop over an engine): that it ran is what is checked
     assert list(apps) == ["app"], "a snippet that builds an app calls it app"
     paths = re.findall(r'@app\.post\("([^"]+)"\)', code) or ["/chat_stream"]
     if "is_mount=True" in code:
