@@ -46,6 +46,8 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    penalize_prompt_tokens: bool | None = None
+    """Whether the prompt's tokens count for the repetition penalty, or only the reply's."""
 
 
 @dataclass(frozen=True)
