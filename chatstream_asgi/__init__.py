@@ -1,6 +1,5 @@
 """chatstream-asgi: turn any ASGI app into a load-controlled streaming LLM chat server."""
 
-from chatstream_asgi.asgi.endpoint import ChatStreamResponse
 from chatstream_asgi.engines.base import (
     Engine,
     EngineError,
@@ -9,16 +8,18 @@ from chatstream_asgi.engines.base import (
     GenerationStream,
     PromptTooLong,
     QueueStream,
+    RemoteLoad,
 )
 from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, OpenAIEngine
 from chatstream_asgi.protocols.chat import ChatRequest, InvalidRequest
 from chatstream_asgi.protocols.framing import EOS_MARKER, ERROR_MARKER, FORMATS
+from chatstream_asgi.server.chatstream import ChatStream, ChatStreamResponse
 from chatstream_asgi.server.middleware import ChatStreamMiddleware
 from chatstream_asgi.service.admission import Admission, QueueFull
-from chatstream_asgi.service.chatstream import ChatStream
-from chatstream_asgi.service.outcomes import ChatResult, get_result
+from chatstream_asgi.service.config import ChatStreamConfig, Limits, Sampling, SessionOptions, Timeouts
+from chatstream_asgi.service.exchange import ChatResult, get_result
 from chatstream_asgi.sessions.redis_store import RedisSessionStore
 from chatstream_asgi.sessions.store import MemorySessionStore, Session, SessionStore
 from chatstream_asgi.states import CompletionState
@@ -46,6 +47,7 @@ __all__ = [
     "ChatRequest",
     "ChatResult",
     "ChatStream",
+    "ChatStreamConfig",
     "ChatStreamMiddleware",
     "ChatStreamResponse",
     "CompletionState",
@@ -58,6 +60,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationStream",
     "InvalidRequest",
+    "Limits",
     "MemorySessionStore",
     "MockEngine",
     "MockParams",
@@ -66,8 +69,12 @@ __all__ = [
     "QueueFull",
     "QueueStream",
     "RedisSessionStore",
+    "RemoteLoad",
+    "Sampling",
     "Session",
+    "SessionOptions",
     "SessionStore",
+    "Timeouts",
     "TransformersEngine",
     "create_app",
     "get_result",

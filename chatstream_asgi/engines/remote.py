@@ -9,7 +9,7 @@ remote server sees a disconnect and frees its slot.
 to route by: chatstream-asgi's ``/get_load``, llama.cpp server's ``/slots`` or the ``/metrics`` of
 vLLM, llama.cpp or TGI, whichever answers first (remembered); llama-cpp-python's server has none.
 
-Remote failures become :class:`~chatstream_asgi.engine.EngineError` (the front door ends the
+Remote failures become :class:`~chatstream_asgi.EngineError` (the front door ends the
 request as ``unknown_error_occurred``: a 500 JSON error before any text, an error frame after):
 :class:`EngineOverloaded` for 429 and 503 (the remote's queue is full), :class:`EngineUnavailable`
 when the remote cannot be reached, plain :class:`EngineError` for any other 4xx/5xx or a broken
@@ -24,10 +24,18 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from chatstream_asgi.engines.base import ChatMessage, EngineError, GenerationRequest, GenerationStream, QueueStream
+from chatstream_asgi.engines.base import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationStream,
+    QueueStream,
+    RemoteLoad,
+    tagged_prompt,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -43,16 +51,6 @@ DEFAULT_CONTEXT_LEN = 8192
 _OVERLOADED = frozenset({429, 503})
 _FINISH_REASONS = {"length": "length"}  # "stop", "eos_token", "stop_sequence", ... all mean stop
 _MAX_ERROR_BODY = 64 * 1024
-
-
-@dataclass(frozen=True)
-class RemoteLoad:
-    """A remote server's own report of its load: requests running or waiting there (from every
-    client, not only this front end), its slots when it says, and which endpoint said so."""
-
-    busy: int
-    capacity: int | None = None
-    source: str = ""
 
 
 def _from_get_load(response: httpx.Response) -> RemoteLoad | None:
@@ -112,8 +110,8 @@ class EngineUnavailable(EngineError):
     """The remote server could not be reached (connection refused, reset or timed out before a response)."""
 
 
-class OpenAIEngine:
-    """An :class:`~chatstream_asgi.engine.Engine` backed by a remote OpenAI-compatible server.
+class OpenAIEngine(Engine):
+    """An :class:`~chatstream_asgi.Engine` backed by a remote OpenAI-compatible server.
 
     ``base_url`` is the server's root or its ``/v1`` root (``http://host:8000`` or
     ``http://host:8000/v1``). ``model`` is sent with each request; without it, :meth:`start`
@@ -201,11 +199,13 @@ class OpenAIEngine:
         task.add_done_callback(self._tasks.discard)
         return stream
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
+    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
         """The tokenizer's chat template, or ``<|role|>``-tagged text without a tokenizer."""
         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+            return self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        return tagged_prompt(messages, add_generation_prompt=add_generation_prompt)
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Prompt tokens: counted by the tokenizer, else estimated from the length of the prompt text."""

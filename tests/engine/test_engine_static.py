@@ -502,6 +502,7 @@ def test_engines_on_every_gpu_in_one_process_capture_and_match(tiny_model_dir: P
 
 def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
     from chatstream_asgi import cli
+    from chatstream_asgi.cli import options as cli_options
 
     seen: dict[str, Any] = {}
 
@@ -516,23 +517,23 @@ def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
     assert (seen["kv_cache_memory"], seen["gpu_memory_utilization"], seen["max_prefill_tokens"]) == (2.5, None, 256)
     from chatstream_asgi.engines.transformers.compiled_step import AUTO, COMPILE_MODES
 
-    assert (AUTO, *COMPILE_MODES) == cli.COMPILE_CHOICES  # the CLI's choices are the engine's modes
+    assert (AUTO, *COMPILE_MODES) == cli_options.COMPILE_CHOICES  # the CLI's choices are the engine's modes
     for flag, mode in ((["--compile"], True), (["--compile", "default"], "default"), (["--no-compile"], None)):
         assert cli._engine(cli.build_parser().parse_args(["serve", *flag])) == "engine"
         assert seen["compile_mode"] == mode
 
 
 def test_kv_cache_usage_is_a_metric() -> None:
-    from types import SimpleNamespace
-
+    from chatstream_asgi import MockEngine
     from chatstream_asgi.service.metrics import Metrics
 
     metrics = Metrics()
-    engine = SimpleNamespace(kv_cache_usage=0.25)
+    engine = MockEngine()
+    engine.kv_cache_usage = 0.25
     metrics.observe_engine(engine)
     assert b"chatstream_kv_cache_usage_ratio 0.25" in metrics.render()
     engine.kv_cache_usage = 1.0
     assert b"chatstream_kv_cache_usage_ratio 1.0" in metrics.render()
     other = Metrics()
-    other.observe_engine(object())  # an engine without a static cache
+    other.observe_engine(MockEngine())  # an engine without a static cache: the contract's default
     assert b"chatstream_kv_cache_usage_ratio 0.0" in other.render()
