@@ -6,13 +6,14 @@ from chatstream_asgi.engines.base import (
     GenerationParams,
     GenerationRequest,
     GenerationStream,
+    MemberStatus,
     PromptTooLong,
     QueueStream,
     RemoteLoad,
 )
 from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.engines.pool import EnginePool
-from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, OpenAIEngine
+from chatstream_asgi.engines.remote import EngineOverloaded, EngineRefused, EngineUnavailable, OpenAIEngine
 from chatstream_asgi.protocols.chat import ChatRequest, InvalidRequest
 from chatstream_asgi.protocols.framing import EOS_MARKER, ERROR_MARKER, FORMATS
 from chatstream_asgi.server.chatstream import ChatStream, ChatStreamResponse
@@ -55,12 +56,14 @@ __all__ = [
     "EngineError",
     "EngineOverloaded",
     "EnginePool",
+    "EngineRefused",
     "EngineUnavailable",
     "GenerationParams",
     "GenerationRequest",
     "GenerationStream",
     "InvalidRequest",
     "Limits",
+    "MemberStatus",
     "MemorySessionStore",
     "MockEngine",
     "MockParams",

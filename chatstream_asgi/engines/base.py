@@ -32,6 +32,7 @@ __all__ = [
     "GenerationParams",
     "GenerationRequest",
     "GenerationStream",
+    "MemberStatus",
     "PromptTooLong",
     "QueueStream",
     "RemoteLoad",
@@ -110,6 +111,19 @@ class RemoteLoad:
     busy: int
     capacity: int | None = None
     source: str = ""
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """One engine behind a pool as ``/get_load`` and the metrics show it: ``where`` it runs (a device or a
+    URL), whether the pool routes to it, its open streams, the seconds until it is tried again while it is
+    down, and the failure that put it down (``""`` when none)."""
+
+    where: str
+    healthy: bool
+    active: int
+    retry_in: float = 0.0
+    error: str = ""
 
 
 class GenerationStream:
@@ -259,6 +273,8 @@ class Engine:
     """Prompt tokens reused from a prefix cache so far (``chatstream_prefix_cache_hit_tokens_total``)."""
     prefill_tokens: int = 0
     """Prompt tokens computed by prefill so far (``chatstream_prefill_tokens_total``)."""
+    where: str = ""
+    """Where it generates (a device such as ``cuda:1``, a server's URL), for logs and a pool's status."""
 
     async def start(self) -> None:
         """Load and start (idempotent). Called at lifespan startup or on first use."""
@@ -283,6 +299,10 @@ class Engine:
         """Free what the conversation ``session_key`` holds in the engine (its context was cleared);
         returns the KV tokens freed."""
         return 0
+
+    def members(self) -> tuple[MemberStatus, ...]:
+        """The engines behind this one (a pool's members), each with its health; empty for a single engine."""
+        return ()
 
     async def probe_load(self) -> RemoteLoad | None:
         """The engine's own report of its load (a remote server's), for a pool to route by; None: no report."""

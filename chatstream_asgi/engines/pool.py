@@ -12,6 +12,12 @@ skipped for ``cooldown`` seconds, then tried again. A request whose member fails
 answers :class:`~chatstream_asgi.EngineOverloaded`, before any text is retried
 once on each other member; after the first delta, errors reach the caller as they are.
 
+A member whose generation fails (a local engine whose step raised: a failing GPU) fails only the
+requests it holds; the pool then routes around it for ``cooldown`` seconds, doubling with each
+failure in a row (up to ``max_cooldown``) and back to one cooldown once it serves a reply. Such a
+request is not retried elsewhere: the failure may be the request's own, and retrying it could take
+every member down. :meth:`members` says which members are down and why (``/get_load``, the metrics).
+
 Session affinity: a request with a ``session_key`` goes to the member that served that
 conversation's last turn, whose prefix cache still holds its keys and values (KV is local to a
 process), when that member is healthy and has a free slot (``active < max_batch_size`` where the
@@ -30,8 +36,16 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from chatstream_asgi.engines.base import ChatMessage, Engine, GenerationRequest, GenerationStream, RemoteLoad
-from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable
+from chatstream_asgi.engines.base import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationStream,
+    MemberStatus,
+    RemoteLoad,
+)
+from chatstream_asgi.engines.remote import EngineOverloaded, EngineRefused, EngineUnavailable
 
 __all__ = ["EnginePool"]
 
@@ -57,6 +71,7 @@ class EnginePool(Engine):
         engines: Sequence[Engine],
         *,
         cooldown: float = 10.0,
+        max_cooldown: float = 300.0,
         model_name: str | None = None,
         load_interval: float | None = 1.0,
     ) -> None:
@@ -64,11 +79,14 @@ class EnginePool(Engine):
             raise ValueError("EnginePool needs at least one engine")
         self.engines = list(engines)
         self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
         self.load_interval = load_interval
         self._model_name = model_name
         self._active = [0] * len(self.engines)
         self._reported: list[tuple[RemoteLoad, int] | None] = [None] * len(self.engines)  # (report, own count then)
         self._down_until = [0.0] * len(self.engines)
+        self._failures = [0] * len(self.engines)  # failed generations in a row, per member
+        self._errors = [""] * len(self.engines)  # what put each member down last
         self._next = 0
         self._affinity: OrderedDict[str, int] = OrderedDict()  # session key -> member that served it last
         self._lock = threading.Lock()  # GenerationStream.cancel may come from any thread
@@ -107,9 +125,23 @@ class EnginePool(Engine):
 
     @property
     def healthy(self) -> tuple[bool, ...]:
-        """Per member: False while it cools down after a connection failure."""
+        """Per member: False while it cools down after a connection failure or a failed generation."""
         now = time.monotonic()
         return tuple(until <= now for until in self._down_until)
+
+    def members(self) -> tuple[MemberStatus, ...]:
+        now = time.monotonic()
+        with self._lock:
+            return tuple(
+                MemberStatus(
+                    where=engine.where or f"member {i}",
+                    healthy=self._down_until[i] <= now,
+                    active=self._active[i],
+                    retry_in=round(max(self._down_until[i] - now, 0.0), 3),
+                    error=self._errors[i] if self._down_until[i] > now else "",
+                )
+                for i, engine in enumerate(self.engines)
+            )
 
     async def start(self) -> None:
         """Start every member, then poll the loads of those that report one."""
@@ -222,6 +254,27 @@ class EnginePool(Engine):
         logger.warning("engine %d unavailable for %.1f s: %s", index, self.cooldown, error)
         with self._lock:
             self._down_until[index] = time.monotonic() + self.cooldown
+            self._errors[index] = f"unavailable: {error}"
+
+    def _mark_failing(self, index: int, error: BaseException) -> None:
+        """Member ``index`` failed a generation: route around it, longer with each failure in a row (the
+        requests a failing step ended together, while it is already down, are one failure)."""
+        now = time.monotonic()
+        with self._lock:
+            self._errors[index] = f"generation failed: {error}"
+            if self._down_until[index] > now:
+                return
+            self._failures[index] += 1
+            pause = min(self.cooldown * 2 ** (self._failures[index] - 1), self.max_cooldown)
+            self._down_until[index] = now + pause
+        where = self.engines[index].where or f"member {index}"
+        logger.warning("engine %d (%s) failed a generation; not routed to for %.0f s: %s", index, where, pause, error)
+
+    def _mark_serving(self, index: int) -> None:
+        """Member ``index`` finished a reply: its next failure counts from one again."""
+        if self._failures[index]:
+            with self._lock:
+                self._failures[index] = 0
 
 
 class _PoolStream(GenerationStream):
@@ -283,6 +336,8 @@ class _PoolStream(GenerationStream):
             except StopAsyncIteration:
                 self._release()
                 self._copy_result(inner)
+                if inner.finish_reason in ("stop", "length"):
+                    self._pool._mark_serving(self.index)
                 raise
             except (EngineUnavailable, EngineOverloaded) as exc:
                 self._release()
@@ -294,9 +349,11 @@ class _PoolStream(GenerationStream):
                 logger.info("request %s: engine %d failed (%s); trying another", self.request_id, self.index, exc)
                 self._inner = self._open()
                 continue
-            except Exception:
+            except Exception as exc:
                 self._release()
                 self._copy_result(inner)
+                if isinstance(exc, EngineError) and not isinstance(exc, EngineRefused) and not self.cancelled:
+                    self._pool._mark_failing(self.index, exc)
                 raise
             self._yielded = True
             self.completion_tokens = inner.completion_tokens

@@ -40,7 +40,7 @@ from chatstream_asgi.engines.base import (
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["CHARS_PER_TOKEN", "EngineOverloaded", "EngineUnavailable", "OpenAIEngine", "RemoteLoad"]
+__all__ = ["CHARS_PER_TOKEN", "EngineOverloaded", "EngineRefused", "EngineUnavailable", "OpenAIEngine", "RemoteLoad"]
 
 logger = logging.getLogger("chatstream_asgi.remote")
 
@@ -106,6 +106,11 @@ class EngineOverloaded(EngineError):
     """The remote server is full (it answered 429 or 503); another replica may have room."""
 
 
+class EngineRefused(EngineError):
+    """The remote server refused this request (another 4xx answer): the request's fault, not the server's,
+    so a pool keeps routing to it."""
+
+
 class EngineUnavailable(EngineError):
     """The remote server could not be reached (connection refused, reset or timed out before a response)."""
 
@@ -148,6 +153,7 @@ class OpenAIEngine(Engine):
     ) -> None:
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith("/v1") else root + "/v1"
+        self.where = self.base_url
         self.model = model
         self.api_key = api_key
         self.timeout = timeout
@@ -452,5 +458,5 @@ def _status_error(url: str, status: int, body: bytes) -> EngineError:
     text = body.decode(errors="replace")
     with contextlib.suppress(ValueError):
         text = _message(json.loads(text))
-    error = EngineOverloaded if status in _OVERLOADED else EngineError
+    error = EngineOverloaded if status in _OVERLOADED else EngineRefused if 400 <= status < 500 else EngineError
     return error(f"{url} answered {status}: {text[:500]}")

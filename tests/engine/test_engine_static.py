@@ -537,3 +537,37 @@ def test_kv_cache_usage_is_a_metric() -> None:
     other = Metrics()
     other.observe_engine(MockEngine())  # an engine without a static cache: the contract's default
     assert b"chatstream_kv_cache_usage_ratio 0.0" in other.render()
+
+
+def test_an_engine_starts_while_another_serves_on_the_same_device(tiny_model_dir: Path) -> None:
+    """One process, two slotted engines on one device (an engine per GPU in production): the second starts
+    (budget, compile, capture) while the first streams, and a third pair starts at once; every reply is what
+    the model gives alone. On a GPU a capture beside another engine's thread failed ("operation not
+    permitted when stream is capturing"), and two budgets read the same free memory."""
+    built = []
+    for _ in range(3):
+        model, tokenizer, _ = load_model(str(tiny_model_dir), device=DEVICE, dtype="float32")
+        built.append(
+            TransformersEngine(model, tokenizer, DEVICE, static_cache=True, max_batch_size=4, compile_mode=None)
+        )
+    first, second, third = built
+    long = GenerationParams(temperature=0.0, max_new_tokens=48)
+    params = GenerationParams(temperature=0.0, max_new_tokens=12)
+
+    async def main() -> tuple[str, list[str]]:
+        await first.start()
+        try:
+            streaming = asyncio.ensure_future(collect(first.generate(request(PROMPTS[1], long, rid="long"))))
+            await asyncio.gather(second.start(), third.start())
+            replies = [collect(e.generate(request(c, params, rid=c))) for e in (first, second, third) for c in PROMPTS]
+            done = await asyncio.gather(*replies)
+            return "".join((await streaming)[0]), ["".join(deltas) for deltas, _ in done]
+        finally:
+            for engine in built:
+                await engine.shutdown()
+
+    text, outputs = run(main())
+    assert text == reference_greedy(first, PROMPTS[1], 48)
+    assert outputs == [reference_greedy(e, c, 12) for e in built for c in PROMPTS]
+    if DEVICE.startswith("cuda"):
+        assert all(e._path.runner is not None and e._path.runner.graphs for e in built)

@@ -134,6 +134,7 @@ class TransformersEngine(Engine):
         self.model = model
         self.tokenizer = tokenizer
         self.device = indexed_device(device)
+        self.where = str(self.device)
         config = model.config
         self.model_name: str = name or getattr(config, "name_or_path", "") or type(model).__name__
         self.context_len: int = context_len or getattr(config, "max_position_embeddings", None) or 2048

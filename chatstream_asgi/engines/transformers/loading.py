@@ -25,6 +25,7 @@ __all__ = [
     "MODEL_ALIASES",
     "SAMPLING_KEYS",
     "ModelLoadError",
+    "check_fits",
     "eos_token_ids",
     "generation_defaults",
     "indexed_device",
@@ -53,6 +54,23 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
 
 class ModelLoadError(EngineError):
     """The model could not be found or loaded."""
+
+
+_ONE_GPU = (
+    "an engine runs a model on one GPU (no tensor parallelism). Use a smaller model, or fewer bytes per "
+    "weight (--quantization fp8 on Hopper, a quantized checkpoint), or serve it split over several GPUs "
+    "with vLLM, TGI or llama.cpp and point this server at it (--engine openai --remote-url URL)"
+)
+
+
+def check_fits(name: str, weight_bytes: int, device: str, free: int, total: int) -> None:
+    """Refuse a model whose weights cannot fit the one GPU it is loaded on, saying what to do instead: it
+    would otherwise fail deep inside torch with an out-of-memory error."""
+    if weight_bytes > free:
+        raise ModelLoadError(
+            f"model {name} needs {weight_bytes / 2**30:.1f} GiB for its weights, and {device} has "
+            f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f}: {_ONE_GPU}"
+        )
 
 
 def resolve_model(name_or_path: str) -> tuple[str, str | None, str]:
@@ -150,11 +168,16 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
-    model.to(device)
-    model.eval()
-    if quantization not in (None, "none"):
-        quantize_model(model, quantization)
-    elif model.device.type == "cpu":
+    if torch.device(device).type == "cuda":
+        check_fits(display_name, weight_footprint(model)[1], device, *torch.cuda.mem_get_info(device))
+    try:
+        model.to(device)
+        model.eval()
+        if quantization not in (None, "none"):
+            quantize_model(model, quantization)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"model {display_name} does not fit on {device}: {_ONE_GPU}") from exc
+    if quantization in (None, "none") and model.device.type == "cpu":
         release_freed_memory()
     params, size = weight_footprint(model)
     logger.info(
