@@ -153,3 +153,22 @@ def test_schemas_it_cannot_follow_are_refused_with_the_reason(
     with pytest.raises(UnsupportedFeature, match=words) as caught:
         tiny_engine.check_params(GenerationParams(json_schema=json.dumps(schema)))
     assert caught.value.param == "response_format"
+
+
+def test_a_reply_near_its_limit_is_steered_to_close(tiny_engine: TransformersEngine) -> None:
+    """``json_object`` bounds nothing: a random model never closes its strings by itself, so every reply here
+    parses only because the last tokens before ``max_new_tokens`` are steered to close it."""
+    engine = TransformersEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, compile_mode=None)
+    schema = json.dumps({"type": "object"})
+    params = [GenerationParams(temperature=1.0, seed=seed, max_new_tokens=64, json_schema=schema) for seed in range(6)]
+    engine.check_params(params[0])
+
+    async def main() -> list:
+        try:
+            return await batch(engine, [request(str(i), "Hi", p) for i, p in enumerate(params)])
+        finally:
+            await engine.shutdown()
+
+    replies = asyncio.run(asyncio.wait_for(main(), WATCHDOG))
+    for text, finish, _ in replies:
+        assert finish == "stop" and isinstance(json.loads(text), dict), text

@@ -14,6 +14,7 @@ from chatstream_asgi.protocols.tools import plan_tools
 
 USER = [{"role": "user", "content": "hi"}]
 SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+HUGE = "x" * 200_000
 TOOL = {"type": "function", "function": {"name": "f", "parameters": SCHEMA}}
 
 
@@ -47,7 +48,7 @@ def test_chat_stream_takes_a_schema_beside_the_original_fields() -> None:
         ({"response_format": {"type": "json_schema"}}, "response_format", "invalid_value", "'schema'"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
          "response_format.json_schema.schema", "invalid_json_schema", "JSON Schema"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["x" * 200_000]}}}},
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": [HUGE]}}}},
          "response_format.json_schema.schema", "schema_too_complex", "too large"),
         ({"logprobs": "yes"}, "logprobs", "invalid_request", "boolean"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_request", "0 to 20"),

@@ -11,6 +11,14 @@ precise refusals (an unknown keyword, an unsatisfiable range), and compile limit
 constrained request) and the schemas compiled so far (an LRU of matchers in their initial state, copied
 for each request). Compiling runs in :meth:`Grammars.check`, which the front calls off the event loop
 before admission, so a bad schema is a 400 and the generation thread never compiles.
+
+A grammar makes every reply valid only if it ends: a small model can loop inside an open string or array
+until ``max_new_tokens`` cuts it (SmolLM2-135M does, for most ``json_object`` prompts). So once a
+constrained row has ``CLOSING_RESERVE`` tokens left (a quarter of its limit at most), it is steered to
+close: of the tokens its grammar allows, it keeps the first tier that has any: the end of sequence, then
+``"`` (it ends an open string; elsewhere it opens the shortest value or key), then tokens made of ``}`` and
+``]``. That ends open strings, objects and arrays within a few tokens; the grammar still decides what is
+valid (a required property still comes before its object closes).
 """
 
 from __future__ import annotations
@@ -21,9 +29,13 @@ from typing import Any
 
 from chatstream_asgi.engines.base import UnsupportedFeature
 
-__all__ = ["EXTRA_HINT", "Grammars", "RowGrammar"]
+__all__ = ["CLOSING_RESERVE", "EXTRA_HINT", "Grammars", "RowGrammar"]
 
 EXTRA_HINT = "structured output needs the llguidance library: pip install 'chatstream-asgi[structured]'"
+
+CLOSING_RESERVE = 24
+"""Tokens left to a constrained reply when it starts being steered to close (see the module docstring)."""
+_BRACKETS = frozenset("}]")
 
 _JSON_OPTIONS = {"whitespace_flexible": False}
 """Compact JSON (no free whitespace): a small model cannot loop on blank lines inside an object."""
@@ -41,9 +53,13 @@ def _llguidance() -> Any:
 class RowGrammar:
     """One constrained row's matcher: fills the row's mask, consumes each sampled token."""
 
-    def __init__(self, matcher: Any, words: int) -> None:
+    def __init__(self, matcher: Any, words: int, closers: tuple[tuple[int, ...], ...]) -> None:
         self._matcher = matcher
         self.words = words
+        self.closers = closers
+        """Tiers of tokens that close strings, objects and arrays, best first (shared by the engine's rows)."""
+        self.closing = False
+        """Steer to close: set by output processing when the reply nears its token limit."""
 
     def fill(self, address: int, nbytes: int) -> None:
         """Write the allowed next tokens as a bitmask (bit ``t % 32`` of int32 word ``t // 32``) at ``address``."""
@@ -74,6 +90,7 @@ class Grammars:
         self._lock = threading.Lock()
         self._tokenizer: Any = None
         self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._closers: tuple[tuple[int, ...], ...] = ()
 
     @property
     def mask_words(self) -> int:
@@ -86,7 +103,8 @@ class Grammars:
 
     def matcher(self, schema: str) -> RowGrammar:
         """A fresh matcher for ``schema`` (compiled by :meth:`check` already, or now)."""
-        return RowGrammar(self._template(schema).deep_copy(), self.mask_words)
+        template = self._template(schema)
+        return RowGrammar(template.deep_copy(), self.mask_words, self._closers)
 
     def _template(self, schema: str) -> Any:
         with self._lock:
@@ -117,6 +135,10 @@ class Grammars:
                 try:
                     hf = self._hf_tokenizer
                     self._tokenizer = llg.hf.from_tokenizer(hf, n_vocab=self._n_vocab, eos_token=self._eos)
+                    texts = hf.batch_decode([[token] for token in range(len(hf))])
+                    quotes = tuple(t for t, text in enumerate(texts) if text == '"')
+                    brackets = tuple(t for t, text in enumerate(texts) if text and set(text) <= _BRACKETS)
+                    self._closers = (tuple(self._eos), quotes, brackets)
                 except Exception as exc:  # a slow tokenizer, say
                     raise UnsupportedFeature(
                         f"structured output is not available for this model's tokenizer ({exc})",

@@ -10,6 +10,7 @@ from typing import Any
 
 from chatstream_asgi.engines.base import EngineError, FinishReason, TokenLogprob
 from chatstream_asgi.engines.transformers.detokenizer import decode_windows
+from chatstream_asgi.engines.transformers.grammar import CLOSING_RESERVE
 from chatstream_asgi.engines.transformers.logprobs import TokenPieces
 from chatstream_asgi.engines.transformers.sampling import RowLogprobs
 from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
@@ -58,6 +59,10 @@ class OutputProcessor:
                 seq.finish = "stop"
             elif seq.generated >= self.limit(seq):
                 seq.finish = "length"
+            elif seq.grammar is not None and self.limit(seq) - seq.generated <= min(
+                CLOSING_RESERVE, self.limit(seq) // 4
+            ):
+                seq.grammar.closing = True  # steer the reply to close before the limit cuts it
         windows = [w for seq in seqs for w in seq.detokenizer.windows()]
         texts = decode_windows(self.tokenizer, windows)
         for i, seq in enumerate(seqs):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -36,6 +36,9 @@ class Grammar(Protocol):
 
     words: int
     """int32 words in the row's bitmask."""
+    closing: bool
+    """Keep only :attr:`closers` among the allowed tokens (where any is allowed)."""
+    closers: tuple[tuple[int, ...], ...]
 
     def fill(self, address: int, nbytes: int) -> None:
         """Write the row's allowed next tokens as a bitmask of int32 words at ``address``."""
@@ -100,6 +103,7 @@ class BatchSampler:
         self.grammars: list[Grammar | None] = []
         self._logprobs: list[int | None] = []
         self._words: torch.Tensor | None = None  # host bitmask buffer, a row per constrained row of a step
+        self._closers: torch.Tensor | None = None  # [tiers, V] bool: the grammars' closing tokens
         self._reported: dict[int, RowLogprobs] = {}  # row -> its last token's log-probabilities
 
     def __len__(self) -> int:
@@ -207,8 +211,26 @@ class BatchSampler:
         assert buffer is not None
         pick = torch.tensor(constrained, dtype=torch.long).to(logits.device, non_blocking=True)
         allowed = unpack_bitmask(buffer[:n].to(logits.device, non_blocking=True), logits.shape[1])
+        closing = [j for j, n_row in enumerate(constrained) if self.grammars[row_ids[n_row]].closing]  # type: ignore[union-attr]
+        if closing:
+            allowed = self._steer_to_close(allowed, closing, self.grammars[row_ids[constrained[closing[0]]]])
         # A copy (never in place): the step's logits may be a captured graph's output buffer.
         return logits.index_put((pick,), logits[pick].masked_fill(~allowed, float("-inf")))
+
+    def _steer_to_close(self, allowed: torch.Tensor, closing: list[int], grammar: Any) -> torch.Tensor:
+        """``allowed`` with each ``closing`` row narrowed to the first tier of its closing tokens it allows."""
+        vocab = allowed.shape[1]
+        if self._closers is None or self._closers.shape[1] != vocab:
+            self._closers = torch.zeros(len(grammar.closers), vocab, dtype=torch.bool)
+            for tier, ids in enumerate(grammar.closers):
+                self._closers[tier, [t for t in ids if t < vocab]] = True
+            self._closers = self._closers.to(allowed.device)
+        rows = torch.tensor(closing, dtype=torch.long).to(allowed.device)
+        base = narrowed = allowed[rows]
+        for tier in reversed(range(self._closers.shape[0])):  # the best tier last, so it wins where it applies
+            tiered = base & self._closers[tier]
+            narrowed = torch.where(tiered.any(dim=1, keepdim=True), tiered, narrowed)
+        return allowed.index_put((rows,), narrowed)
 
     def _report(self, logits: torch.Tensor, tokens: torch.Tensor, asking: list[int], row_ids: range) -> None:
         """Keep the log-probabilities of the asking rows' tokens (read by :meth:`take_logprobs`)."""
