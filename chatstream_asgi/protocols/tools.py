@@ -19,7 +19,8 @@ a named function   decoding constrained to its arguments          the same, the 
 Constrained calls always parse and their arguments validate against the function's ``parameters``.
 Earlier calls and ``role: "tool"`` results in the conversation go to a tool-aware template as they are
 (each call's ``arguments`` as an object, as templates expect); for a template without tool support
-they become text (:func:`plain_tool_messages`).
+they become text: the call as the JSON the assistant wrote, the result as a user message
+(:func:`plain_tool_messages`).
 """
 
 from __future__ import annotations
@@ -176,8 +177,9 @@ def plan_tools(request: ToolRequest, template_format: str | None) -> ToolPlan:
 
 
 def plain_tool_messages(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """The conversation for a template without tool support: earlier calls as the JSON the assistant wrote,
-    tool results as ``tool`` messages of text."""
+    """The conversation for a template without tool support (or a remote engine): earlier calls as the JSON
+    the assistant wrote, each tool result as a user message that says which call it answers (a template
+    may know no ``tool`` role, and a remote server wants the tool messages' calls declared)."""
     out: list[ChatMessage] = []
     for message in messages:
         calls = message.get("tool_calls")
@@ -185,6 +187,7 @@ def plain_tool_messages(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
             text = "\n".join(json.dumps(c["function"], ensure_ascii=False) for c in calls)
             message = {"role": message["role"], "content": "\n".join(filter(None, [message["content"], text]))}
         elif message["role"] == "tool":
-            message = {"role": "tool", "content": message["content"]}
+            name = message.get("name") or message.get("tool_call_id") or "the function"
+            message = {"role": "user", "content": f"The call of {name} returned: {message['content']}"}
         out.append(message)
     return out

@@ -10,7 +10,7 @@ import pytest
 
 from chatstream_asgi.protocols.chat import InvalidRequest, parse_chat_request
 from chatstream_asgi.protocols.openai import OpenAIError, parse_chat_completion
-from chatstream_asgi.protocols.tools import plan_tools
+from chatstream_asgi.protocols.tools import plain_tool_messages, plan_tools
 
 USER = [{"role": "user", "content": "hi"}]
 SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
@@ -100,3 +100,8 @@ def test_tool_messages_continue_the_conversation() -> None:
     assert parsed[2] == {"role": "tool", "content": "42", "tool_call_id": "call_1", "name": "f"}
     with pytest.raises(OpenAIError, match="tool_call_id"):
         parse_chat_completion(json.dumps({"messages": [{"role": "tool", "content": "42"}]}).encode())
+    assert plain_tool_messages(parsed) == [
+        *USER,
+        {"role": "assistant", "content": '{"name": "f", "arguments": {"a": "x"}}'},
+        {"role": "user", "content": "The call of f returned: 42"},
+    ]
