@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel
@@ -116,8 +117,6 @@ def test_json_object_replies_always_parse(client: openai.OpenAI) -> None:
 
 
 def test_a_named_tool_call_validates_and_streams_as_the_same_call(client: openai.OpenAI) -> None:
-    import jsonschema
-
     reply = client.chat.completions.create(
         model="smollm2", messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=120
     )
