@@ -113,3 +113,21 @@ def test_a_reply_cut_by_the_length_limit_keeps_length() -> None:
     framer = OpenAIChunkFramer("id", "m", 0, tools=parser_for("arguments", "f"))
     framer.delta('{"a":')
     assert b'"finish_reason":"length"' in framer.final(Summary("mid", "length", 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{% for m in messages %}{{ m.content }}{% endfor %}", None),  # SmolLM2's kind: never reads tools
+        ("{% if tools %}{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>{% endif %}", "hermes"),  # Qwen
+        ('{% if tools %}Respond with {"name": ..., "parameters": ...}{% endif %}<|python_tag|>', "json"),  # Llama
+        ("{% if tools %", None),  # a template that does not parse offers nothing
+        (None, None),
+    ],
+)
+def test_the_template_says_how_tools_are_called(template: str | None, expected: str | None) -> None:
+    from types import SimpleNamespace
+
+    from chatstream_asgi.engines.transformers.loading import tool_call_format
+
+    assert tool_call_format(SimpleNamespace(chat_template=template)) == expected
