@@ -481,7 +481,7 @@ def test_engines_on_every_gpu_in_one_process_capture_and_match(tiny_model_dir: P
     engines = []
     for device in devices:
         model, tokenizer, _ = load_model(str(tiny_model_dir), device=device, dtype="float32")
-        engines.append(TransformersEngine(model, tokenizer, device, max_batch_size=4))
+        engines.append(TransformersEngine(model, tokenizer, device, max_batch_size=4, compile_mode=None))
     params = GenerationParams(temperature=0.0, max_new_tokens=12)
 
     async def main() -> list[list[str]]:
