@@ -3,8 +3,9 @@
 Each fenced ``python`` block is executed as a module of its own; a block whose first line is
 ``# (continues the snippet above)`` runs together with the block before it (on the same page). Then
 each app the snippet built (``app``, and ``signed`` in the auth page) gets ``POST`` requests on its
-chat paths through Starlette's ``TestClient`` (lifespan included). A snippet that loads SmolLM2 is
-marked ``smollm2``.
+chat paths through Starlette's ``TestClient`` (lifespan included). A snippet that is a client of the
+served default (``http://127.0.0.1:8000``) runs against a real server of SmolLM2 on a free port. A
+snippet that loads SmolLM2, or is its client, is marked ``smollm2``.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from live_server import serve_in_thread
 from starlette.testclient import TestClient
 
-from chatstream_asgi.web.app import PAGE_CSP
+from chatstream_asgi import ChatStream
+from chatstream_asgi.web.app import PAGE_CSP, create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 CONTINUES = "# (continues the snippet above)"
+SERVED = "http://127.0.0.1:8000"  # where README's serve command listens
 BODY = json.dumps({"user_input": "Hi", "generation_params": {"max_new_tokens": 8}}).encode()
 
 
@@ -47,8 +51,12 @@ def snippets(page: Path = README) -> list[tuple[str, str]]:
 
 def _param(where: str, code: str) -> Any:
     loads_smollm2 = re.search(r'^[^#\n]*from_pretrained\("smollm2"\)', code, re.MULTILINE)  # not in a comment
-    marks = [pytest.mark.smollm2] if loads_smollm2 else []
+    marks = [pytest.mark.smollm2] if loads_smollm2 or _is_client(code) else []
     return pytest.param(code, id=where, marks=marks)
+
+
+def _is_client(code: str) -> bool:
+    return SERVED in code and "app = " not in code
 
 
 def _post(client: TestClient, path: str, headers: dict[str, str] | None = None, body: bytes = BODY) -> Any:
@@ -61,10 +69,20 @@ def test_readme_and_the_docs_have_snippets() -> None:
 
 
 @pytest.mark.parametrize("code", [_param(where, code) for page in PAGES for where, code in snippets(page)])
-def test_snippet_runs_and_its_apps_answer(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_snippet_runs_and_its_apps_answer(
+    code: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     monkeypatch.setenv("CHATSTREAM_SESSION_SECRET", "readme-secret")
     module = types.ModuleType("readme_snippet")  # a module of its own, as if saved to a file and imported
     monkeypatch.setitem(sys.modules, module.__name__, module)
+    if _is_client(code):  # a client of the served default: a real server of SmolLM2
+        from chatstream_asgi.engines.transformers import TransformersEngine
+
+        model = request.getfixturevalue("smollm2_engine")
+        engine = TransformersEngine(model.model, model.tokenizer, model.device, compile_mode=None)
+        with serve_in_thread(create_app(ChatStream(engine, max_new_tokens=256, session_secret="s"))) as url:
+            exec(compile(code.replace(SERVED, url), "docs snippet", "exec"), module.__dict__)
+        return
     exec(compile(code, "README.md snippet", "exec"), module.__dict__)
     namespace = module.__dict__
     apps = {name: namespace[name] for name in ("app", "signed") if name in namespace}
