@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatstream_asgi.engines.base import ChatMessage
-from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, validate_params
+from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, parse_priority, validate_params
 from chatstream_asgi.protocols.framing import Framer, Summary
 
 __all__ = [
@@ -227,6 +227,7 @@ class ChatCompletionRequest:
     """Generation parameters under this package's names (``max_tokens`` is ``max_new_tokens``)."""
     stream: bool = False
     include_usage: bool = False
+    priority: int = 0
 
 
 def parse_chat_completion(body: bytes) -> ChatCompletionRequest:
@@ -246,4 +247,9 @@ def parse_chat_completion(body: bytes) -> ChatCompletionRequest:
     if not isinstance(options, Mapping) or not isinstance(options.get("include_usage", False), bool):
         raise OpenAIError("stream_options.include_usage must be a boolean", param="stream_options")
     messages = _messages(data.get("messages"))
-    return ChatCompletionRequest(messages, _overrides(data), stream, bool(options.get("include_usage", False)))
+    try:
+        priority = parse_priority(data.get("priority"))
+    except InvalidRequest as exc:
+        raise OpenAIError(exc.detail, param="priority") from None
+    overrides = _overrides(data)
+    return ChatCompletionRequest(messages, overrides, stream, bool(options.get("include_usage", False)), priority)

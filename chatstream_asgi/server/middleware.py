@@ -37,6 +37,7 @@ from chatstream_asgi.server.routes import (
 from chatstream_asgi.service.chatstream import ChatStream
 from chatstream_asgi.service.outcomes import Rejection
 from chatstream_asgi.service.replies import SHARED_RECEIVE_KEY
+from chatstream_asgi.service.tenants import TENANT_KEY, TenantSource
 from chatstream_asgi.types import ASGIApp, ASGIMessage, Callback, Receive, Scope, Send
 
 __all__ = ["ChatStreamMiddleware", "route_path"]
@@ -62,8 +63,8 @@ class ChatStreamMiddleware:
     the ChatStream's completion callback for requests served here. The admin endpoints
     (``get_resource_usage`` and ``get_prompt``, which shows the system prompt) are dropped with
     ``admin_endpoints=False`` and answer 401 without ``Authorization: Bearer <admin_token>``
-    when ``admin_token`` is set. Without ``chat_stream`` the middleware only buffers and
-    replays bodies.
+    when ``admin_token`` is set. ``tenant`` overrides the ChatStream's tenant source for the
+    requests served here. Without ``chat_stream`` the middleware only buffers and replays bodies.
     """
 
     def __init__(
@@ -78,8 +79,10 @@ class ChatStreamMiddleware:
         callback: Callback | None = None,
         admin_endpoints: bool = True,
         admin_token: str | None = None,
+        tenant: TenantSource | None = None,
     ) -> None:
         self.app = app
+        self.tenant = tenant
         self.chat_stream = chat_stream
         self.max_body_size = max_body_size
         self.callback = callback
@@ -151,6 +154,8 @@ class ChatStreamMiddleware:
             return
         shared = SharedReceive(receive)
         scope[SHARED_RECEIVE_KEY] = shared
+        if self.tenant is not None:
+            scope[TENANT_KEY] = self.tenant
         try:
             if route.chat:
                 request = replay_request(scope, body, shared)

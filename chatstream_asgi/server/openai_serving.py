@@ -60,7 +60,7 @@ class OpenAIAPI:
             return None
         started_at = time.monotonic()
         try:
-            stream, include_usage, messages, params = self._parse(body)
+            stream, include_usage, messages, params, priority = self._parse(body)
             messages, prompt = await self._prepare(messages, params)
         except OpenAIError as exc:
             await cs.outcomes.reject(send, Rejection(400, "invalid_request", exc.message, exc.body()), headers)
@@ -82,17 +82,18 @@ class OpenAIAPI:
             request=request,
             callback=callback,
             started_at=started_at,
+            priority=priority,
         )
         return await cs.stream(scope, receive, send, chat)
 
-    def _parse(self, body: bytes) -> tuple[bool, bool, list[ChatMessage], GenerationParams]:
+    def _parse(self, body: bytes) -> tuple[bool, bool, list[ChatMessage], GenerationParams, int]:
         parsed = parse_chat_completion(body)
         cs = self.cs
         try:
             params = apply_params(cs.default_params, parsed.overrides, max_new_tokens=cs.max_new_tokens)
         except InvalidRequest:
             raise OpenAIError(f"max_tokens must be at most {cs.max_new_tokens}", param="max_tokens") from None
-        return parsed.stream, parsed.include_usage, parsed.messages, params
+        return parsed.stream, parsed.include_usage, parsed.messages, params, parsed.priority
 
     async def _prepare(self, messages: list[ChatMessage], params: GenerationParams) -> tuple[list[ChatMessage], str]:
         try:

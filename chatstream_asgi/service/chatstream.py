@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,6 +31,8 @@ from chatstream_asgi.service.outcomes import Outcomes, Rejection
 from chatstream_asgi.service.preparation import ChatPreparer
 from chatstream_asgi.service.prompts import PromptBuilder
 from chatstream_asgi.service.replies import PreparedChat, Replies
+from chatstream_asgi.service.tenant_metrics import TenantMetrics
+from chatstream_asgi.service.tenants import Fairness, TenantSource
 from chatstream_asgi.sessions.manager import SessionManager
 from chatstream_asgi.sessions.store import SessionStore, StoredMessage
 from chatstream_asgi.states import CompletionState
@@ -69,6 +72,11 @@ class ChatStream:
     included: a reply still running then (a stalled engine) ends ``unknown_error_occurred`` with
     a ``deadline_exceeded`` error frame, or a 504 JSON error if nothing was sent yet.
 
+    Tenants (``docs/fairness.md``): ``tenant`` names where a request's tenant key comes from
+    (``"header:X-API-Key"``, ``"bearer"``, ``"user"``, ``"state:KEY"``, ``"session"`` or a callable of the
+    scope; default: one tenant); slots then go to the tenant served the fewest tokens, and
+    ``fairness`` (:class:`~chatstream_asgi.service.tenants.Fairness`) sets per-tenant caps and priorities.
+
     Limits: ``max_body_size`` bytes of request body in endpoint mode (the middleware has its
     own), ``max_history_messages`` kept per session (the oldest turns go first), and while a
     request waits in the queue its queue event (an SSE comment for the OpenAI API) is repeated
@@ -106,6 +114,8 @@ class ChatStream:
         use_mock_response: bool = False,
         mock_params: Mapping[str, Any] | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        tenant: TenantSource | None = None,
+        fairness: Fairness | None = None,
     ) -> None:
         if engine is None:
             if not use_mock_response:
@@ -129,8 +139,18 @@ class ChatStream:
         self.max_body_size = max_body_size
         self.request_id_header = request_id_header
         self.echo_request_id = echo_request_id
-        self.admission = Admission(num_of_concurrent_executions, max_queue_size)
+        self.fairness = fairness = replace(fairness or Fairness(), **({"tenant": tenant} if tenant else {}))
         self.metrics = Metrics(metrics_registry)
+        self.admission = Admission(
+            num_of_concurrent_executions,
+            max_queue_size,
+            tenant_max_active=fairness.tenant_max_active,
+            tenant_max_queued=fairness.tenant_max_queued,
+            priority_step=fairness.priority_step,
+        )
+        self.admission.observer = TenantMetrics(
+            self.metrics.registry, fairness.metrics_tenants, self.admission.tenant_load, self.admission.totals
+        )
         self.metrics.observe_admission(self.admission)
         self.metrics.observe_engine(engine)
         self.sessions = SessionManager(
@@ -148,6 +168,7 @@ class ChatStream:
             send_timeout,
             request_timeout=request_timeout,
             keepalive_interval=keepalive_interval,
+            fairness=fairness,
         )
         self.preparer = ChatPreparer(
             self.sessions,
@@ -325,20 +346,25 @@ class ChatStream:
 
     # -- reading --------------------------------------------------------------------------
 
-    def get_load(self) -> dict[str, Any]:
-        """Slots in use and queue length, with the wait a new request would see, and the tokens generated
-        so far (open replies included, so that two readings a second apart give the current tokens/s)."""
+    def get_load(self, scope: Scope | None = None) -> dict[str, Any]:
+        """Slots in use and queue length, with the wait a new request (of the tenant ``scope`` names) would
+        see, and the tokens generated so far (open replies included, so that two readings a second apart
+        give the current tokens/s). With tenants on, ``tenant`` gives the caller's own share."""
         admission = self.admission
-        return {
+        claim = self.fairness.claim(
+            scope or {}, session_id=None, body_priority=0, prompt_tokens=0, max_new_tokens=self.max_new_tokens
+        )
+        load = {
             "processing": admission.active,
             "waiting": admission.waiting,
             "max_processing": admission.max_active,
             "max_waiting": admission.max_waiting,
-            "estimated_wait_seconds": admission.estimated_wait(admission.waiting + 1)
-            if admission.active >= admission.max_active
-            else 0.0,
+            "estimated_wait_seconds": admission.estimate_new(claim),
             "generated_tokens": self.replies.generated_tokens,
         }
+        if self.fairness.tenants_on:
+            load["tenant"] = admission.tenant_report(claim.tenant)
+        return load
 
     def history_prompt(self, history: list[StoredMessage]) -> str:
         """The prompt text a session's history renders to, as the next reply would continue it."""

@@ -99,6 +99,7 @@ class ChatPreparer:
             request=request,
             callback=callback,
             started_at=started_at,
+            priority=chat_request.priority,
         )
 
     async def _open_session(self, scope: Scope) -> OpenSession:

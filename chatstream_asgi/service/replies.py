@@ -6,6 +6,7 @@ The chat endpoint and the OpenAI-compatible endpoint each turn a request body in
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from chatstream_asgi.protocols.framing import Framer
 from chatstream_asgi.service.admission import Admission, QueueFull
 from chatstream_asgi.service.metrics import Metrics
 from chatstream_asgi.service.outcomes import RESULT_KEY, ChatResult, Outcomes, Rejection
+from chatstream_asgi.service.tenants import Fairness
 from chatstream_asgi.states import CompletionState
 from chatstream_asgi.types import Callback, Headers, Receive, Scope, Send
 
@@ -30,6 +32,11 @@ __all__ = ["SHARED_RECEIVE_KEY", "PreparedChat", "Replies"]
 
 SHARED_RECEIVE_KEY = "chatstream_asgi.receive"
 """Where the middleware leaves the receive channel that the send loop watches for a disconnect."""
+
+_FULL_DETAIL = {
+    "queue_full": "every generation slot is busy and the queue is full",
+    "tenant_limit": "this tenant has as many requests running and waiting as it may",
+}
 
 
 @dataclass
@@ -49,6 +56,8 @@ class PreparedChat:
     """Overrides the ChatStream's callback."""
     started_at: float = 0.0
     """When the request arrived (``time.monotonic()``): time to first token counts from here."""
+    priority: int = 0
+    """The body's ``priority`` (lower first, within the request's tenant)."""
 
 
 @dataclass
@@ -62,17 +71,25 @@ class Replies:
     send_timeout: float
     request_timeout: float | None = None
     keepalive_interval: float = 15.0
+    fairness: Fairness = field(default_factory=Fairness)
     _open: set[Reply] = field(default_factory=set, init=False)
     _closed_tokens: int = field(default=0, init=False)
 
     async def stream(self, scope: Scope, receive: Receive, send: Send, chat: PreparedChat) -> CompletionState | None:
         """Admit ``chat`` and stream its reply; its completion state, or None when the queue was full."""
-        try:
-            ticket = self.admission.enter()
-        except QueueFull:
-            await self._send_queue_full(send, chat)
-            return None
         result = chat.result
+        claim = self.fairness.claim(
+            scope,
+            session_id=result.session_id,
+            body_priority=chat.priority,
+            prompt_tokens=len(result.prompt) // 4 + 1,  # corrected by the engine's count when the reply ends
+            max_new_tokens=chat.params.max_new_tokens,
+        )
+        try:
+            ticket = self.admission.enter(claim)
+        except QueueFull as full:
+            await self._send_queue_full(send, chat, full)
+            return None
         scope.setdefault("state", {})[RESULT_KEY] = result
         reply = Reply(
             engine=self.engine,
@@ -91,9 +108,10 @@ class Replies:
             send_timeout=self.send_timeout,
             request_timeout=self.request_timeout,
             keepalive_interval=self.keepalive_interval,
-            on_first_text=self._first_text_observer(chat.started_at),
+            on_first_text=self._first_text_observer(chat.started_at, ticket.first_text),
         )
-        logger.info("accepted (position %d in queue)", ticket.position)
+        ticket.meter = lambda: (reply.stream.prompt_tokens, reply.stream.completion_tokens) if reply.stream else (0, 0)
+        logger.info("accepted (position %d in queue, tenant %s)", ticket.position, claim.tenant)
         self._open.add(reply)
         try:
             await reply.run(scope.get(SHARED_RECEIVE_KEY, receive), send)
@@ -117,14 +135,19 @@ class Replies:
         for reply in list(self._open):
             reply.abort(reason)
 
-    def _first_text_observer(self, started_at: float) -> Callable[[], None]:
+    def _first_text_observer(self, started_at: float, first_text: Callable[[], None]) -> Callable[[], None]:
         histogram = self.metrics.time_to_first_token
-        return lambda: histogram.observe(time.monotonic() - started_at)
 
-    async def _send_queue_full(self, send: Send, chat: PreparedChat) -> None:
-        # Every 429 says when to come back: the estimate, or a second when there is none yet.
-        wait = self.admission.estimated_wait(self.admission.waiting + 1) or 1.0
-        retry_after = [(b"retry-after", str(max(1, round(wait))).encode())]
+        def observe() -> None:
+            histogram.observe(time.monotonic() - started_at)
+            first_text()
+
+        return observe
+
+    async def _send_queue_full(self, send: Send, chat: PreparedChat, full: QueueFull) -> None:
+        # Every 429 says when to come back: the estimate (rounded up), or a second when there is none yet.
+        retry_after = [(b"retry-after", str(max(1, math.ceil(full.retry_after or 1.0))).encode())]
         status, body = chat.queue_full
-        rejection = Rejection(status, "queue_full", "every generation slot is busy and the queue is full", body)
+        detail = _FULL_DETAIL.get(full.reason, _FULL_DETAIL["queue_full"])
+        rejection = Rejection(status, full.reason, detail, body)
         await self.outcomes.reject(send, rejection, [*chat.headers, *retry_after])
