@@ -5,9 +5,9 @@ Models", OSDI 2024): every tenant has a counter of the tokens it was served (pro
 When a slot frees, the backlogged tenant with the least counter goes next, so a tenant that floods
 the queue holds another tenant's request back by about one reply per slot, not by its backlog.
 A tenant that becomes backlogged has its counter lifted to the least counter of the backlogged
-tenants (or, when nobody waits, to the counter the last granted request started from, as
-start-time fair queuing's virtual time): idleness, and asking less while nobody waited, bank no
-credit. A grant charges the request's expected cost at once; its end corrects the charge
+tenants (or, when nobody waits, to the counter of the tenant granted last, after its charge, as
+fair queuing's virtual time runs on while the server is not contended): idleness, and asking less
+while nobody waited, bank no credit. A grant charges the request's expected cost at once; its end corrects the charge
 to the tokens it used.
 
 Within one tenant, requests are served by ``arrival + priority * priority_step`` (lower first, as
@@ -101,8 +101,8 @@ class FairScheduler:
         self._tenants: dict[str, _Tenant] = {}
         self._running: set[Request] = set()
         self._seq = itertools.count()
-        self._last_start = 0.0
-        """The counter the last granted request started from: the level a tenant comes back at when nobody waits."""
+        self._last_granted = 0.0
+        """The counter of the tenant granted last (after its charge): where a tenant comes back when nobody waits."""
         self._finished = 0
 
     # -- reading ----------------------------------------------------------------------------
@@ -166,8 +166,8 @@ class FairScheduler:
         state = self._tenants[request.tenant]
         state.active -= 1
         self.active -= 1
-        if used is not None:
-            state.counter += used - request.cost
+        if used is not None:  # every grant costs at least a token: a run of empty replies cannot hold the slots
+            state.counter += max(used, 1.0) - max(request.cost, 1.0)
         granted = self._dispatch()
         self._forget_if_idle(request.tenant, state)
         self._finished += 1
@@ -191,13 +191,13 @@ class FairScheduler:
 
     def _virtual_time(self) -> float:
         counters = [state.counter for state in self._tenants.values() if state.queue]
-        return min(counters) if counters else self._last_start
+        return min(counters) if counters else self._last_granted
 
     def _grant(self, request: Request, state: _Tenant) -> None:
-        self._last_start = state.counter
         request.state = "active"
         state.active += 1
-        state.counter += request.cost
+        state.counter += max(request.cost, 1.0)
+        self._last_granted = state.counter
         self.active += 1
         self._running.add(request)
 
@@ -255,7 +255,7 @@ class FairScheduler:
                 state = tenants[tenant]
                 _, request = state.queue.pop(0)
                 state.active += 1
-                state.counter += request.cost
+                state.counter += max(request.cost, 1.0)
                 free -= 1
                 served.append((request, now))
                 heapq.heappush(ends, (now + duration(request), next(serial), tenant))
