@@ -133,6 +133,11 @@ class Ticket(Request):
         elif self.state == "queued":
             self._admission._withdraw(self)
 
+    def served(self) -> int:
+        """Tokens this ticket counts for its tenant's fair share: the claim's prompt tokens (the same figure
+        from grant to end, whatever the engine counts later) and the reply's tokens so far."""
+        return self.claim.prompt_tokens + (self.meter()[1] if self.meter is not None else 0)
+
     def usage(self) -> tuple[int, int]:
         """``(prompt_tokens, completion_tokens)`` so far: the meter's, the claim's prompt estimate where
         the meter knows none yet."""
@@ -165,6 +170,7 @@ class Admission:
             tenant_max_active=tenant_max_active,
             tenant_max_queued=tenant_max_queued,
             priority_step=priority_step,
+            progress=_served,
         )
         self.max_active = max_active
         self.max_waiting = max_waiting
@@ -287,7 +293,7 @@ class Admission:
         self.model.record(now - granted_at, first, completion)
         if self.observer is not None:
             self.observer.finished(ticket.tenant, prompt, completion)
-        self._started(self.scheduler.finish(ticket, prompt + completion), now)
+        self._started(self.scheduler.finish(ticket, ticket.served()), now)
         if self.scheduler.active == 0 and self.scheduler.waiting == 0:
             self._idle.set()
         self._notify()
@@ -338,3 +344,8 @@ class Admission:
         granted_at = request.granted_at if request.granted_at is not None else now
         _, generated = request.usage()
         return self.model.remaining(request.claim.max_new_tokens, now - granted_at, generated)
+
+
+def _served(request: Request) -> float:
+    """Tokens a running ticket has been served so far: its prompt, and its reply as it is generated."""
+    return float(request.served()) if isinstance(request, Ticket) else request.cost

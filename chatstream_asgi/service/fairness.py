@@ -1,14 +1,14 @@
 """Who gets the next generation slot: fair queuing across tenants by service received, in tokens.
 
 In the spirit of the Virtual Token Counter (Sheng et al., "Fairness in Serving Large Language
-Models", OSDI 2024): every tenant has a counter of the tokens it was served (prompt and generated).
-When a slot frees, the backlogged tenant with the least counter goes next, so a tenant that floods
-the queue holds another tenant's request back by about one reply per slot, not by its backlog.
-A tenant that becomes backlogged has its counter lifted to the least counter of the backlogged
-tenants (or, when nobody waits, to the counter of the tenant granted last, after its charge, as
-fair queuing's virtual time runs on while the server is not contended): idleness, and asking less
-while nobody waited, bank no credit. A grant charges the request's expected cost at once; its end corrects the charge
-to the tokens it used.
+Models", OSDI 2024): every tenant has a counter of the tokens it was served, prompt and generated,
+its running replies' tokens counted as they come (``progress``). When a slot frees, the backlogged
+tenant with the least counter goes next, so a tenant that floods the queue holds another tenant's
+request back by about one reply per slot, not by its backlog. A tenant that becomes backlogged has
+its counter lifted to the least counter of the backlogged tenants (or, when nobody waits, to the
+counter of the tenant granted last, as fair queuing's virtual time runs on while nobody contends):
+idleness, and asking less while nobody waited, bank no credit. Each reply counts at least one token,
+so a run of empty replies cannot hold the slots.
 
 Within one tenant, requests are served by ``arrival + priority * priority_step`` (lower first, as
 vLLM's ``priority``): a request of priority -1 goes ahead of the same tenant's requests that came
@@ -21,8 +21,9 @@ Per-tenant caps (``tenant_max_active``, ``tenant_max_queued``) and the global ``
 refuse with a :class:`Refused` that says which limit was hit.
 
 Plain Python, no I/O and no clock of its own: :class:`~chatstream_asgi.service.admission.Admission`
-drives it on the event loop; :meth:`FairScheduler.forecast` replays the same rules forward to
-predict the serving order and start times (the wait estimate).
+drives it on the event loop; :meth:`FairScheduler.forecast` replays the same rule forward, each
+reply counted at its expected ``cost``, to predict the serving order and start times (the wait
+estimate).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Request:
     tenant: str = "default"
     priority: int = 0
     cost: float = 1.0
-    """Tokens charged to the tenant when the request is granted (its expected prompt + reply)."""
+    """Its expected tokens, prompt and reply: what the forecast counts it as."""
     arrival: float = 0.0
     """When it came (seconds, any clock): with ``priority``, its place in its tenant's queue."""
     state: str = field(default="new", init=False)
@@ -65,14 +66,23 @@ class Request:
 
 @dataclass
 class _Tenant:
-    counter: float = 0.0
-    active: int = 0
+    settled: float = 0.0
+    """Tokens of its ended replies (and lifts); its counter adds its running replies' progress."""
+    running: list[Request] = field(default_factory=list)
     queue: list[tuple[tuple[float, int], Request]] = field(default_factory=list)
     """Sorted by (arrival + priority * step, sequence number)."""
 
 
+def _expected(request: Request) -> float:
+    return request.cost
+
+
 class FairScheduler:
-    """At most ``max_active`` granted and ``max_waiting`` queued requests, served fairly by tenant."""
+    """At most ``max_active`` granted and ``max_waiting`` queued requests, served fairly by tenant.
+
+    ``progress(request)`` is the tokens a running request has been served so far (at least one is
+    counted); by default its whole ``cost``, charged at the grant.
+    """
 
     def __init__(
         self,
@@ -82,6 +92,7 @@ class FairScheduler:
         tenant_max_active: int | None = None,
         tenant_max_queued: int | None = None,
         priority_step: float = 60.0,
+        progress: Callable[[Request], float] = _expected,
     ) -> None:
         if max_active < 1:
             raise ValueError("max_active must be at least 1")
@@ -96,26 +107,27 @@ class FairScheduler:
         self.tenant_max_active = tenant_max_active or max_active
         self.tenant_max_queued = max_waiting if tenant_max_queued is None else tenant_max_queued
         self.priority_step = priority_step
+        self.progress = progress
         self.active = 0
         self.waiting = 0
         self._tenants: dict[str, _Tenant] = {}
         self._running: set[Request] = set()
         self._seq = itertools.count()
         self._last_granted = 0.0
-        """The counter of the tenant granted last (after its charge): where a tenant comes back when nobody waits."""
+        """The counter of the tenant granted last, just after: where a tenant comes back when nobody waits."""
         self._finished = 0
 
     # -- reading ----------------------------------------------------------------------------
 
     def counter(self, tenant: str) -> float:
-        """Tokens served to ``tenant`` (after lifting); 0 for a tenant the scheduler holds nothing of."""
+        """Tokens served to ``tenant`` (lifts included); 0 for a tenant the scheduler holds nothing of."""
         state = self._tenants.get(tenant)
-        return state.counter if state is not None else 0.0
+        return self._counter(state) if state is not None else 0.0
 
     def tenant_load(self, tenant: str) -> tuple[int, int]:
         """``(active, queued)`` requests of ``tenant``."""
         state = self._tenants.get(tenant)
-        return (state.active, len(state.queue)) if state is not None else (0, 0)
+        return (len(state.running), len(state.queue)) if state is not None else (0, 0)
 
     @property
     def running(self) -> frozenset[Request]:
@@ -125,10 +137,6 @@ class FairScheduler:
     def queued(self) -> list[Request]:
         """Every queued request (in no particular order; :meth:`forecast` gives the serving order)."""
         return [request for state in self._tenants.values() for _, request in state.queue]
-
-    def backlogged(self) -> list[str]:
-        """Tenants with queued requests."""
-        return [name for name, state in self._tenants.items() if state.queue]
 
     # -- changing ---------------------------------------------------------------------------
 
@@ -142,15 +150,15 @@ class FairScheduler:
         state = self._tenants.get(request.tenant)
         if state is None:
             state = self._tenants[request.tenant] = _Tenant()
-        lifted = state.counter if state.queue else max(state.counter, self._virtual_time())
-        if self.active < self.max_active and state.active < self.tenant_max_active and not state.queue:
-            state.counter = lifted  # nobody it could pass waits: every queued request's tenant is at its cap
+        lift = 0.0 if state.queue else max(self._virtual_time() - self._counter(state), 0.0)
+        if self.active < self.max_active and len(state.running) < self.tenant_max_active and not state.queue:
+            state.settled += lift  # nobody it could pass waits: every queued request's tenant is at its cap
             self._grant(request, state)
             return [request]
         if len(state.queue) >= self.tenant_max_queued or self.waiting >= self.max_waiting:
             self._forget_if_idle(request.tenant, state)
             raise Refused("queue_full" if self.waiting >= self.max_waiting else "tenant_limit")
-        state.counter = lifted
+        state.settled += lift
         request._order = (request.arrival + request.priority * self.priority_step, next(self._seq))
         bisect.insort(state.queue, (request._order, request), key=lambda item: item[0])
         request.state = "queued"
@@ -158,16 +166,15 @@ class FairScheduler:
         return self._dispatch()
 
     def finish(self, request: Request, used: float | None = None) -> list[Request]:
-        """End a granted request that used ``used`` tokens (default: its cost); the requests it let in."""
+        """End a granted request that used ``used`` tokens (default: its progress); the requests it let in."""
         if request.state != "active":
             raise ValueError("only a granted request finishes")
+        state = self._tenants[request.tenant]
+        state.settled += max(self.progress(request) if used is None else used, 1.0)
         request.state = "done"
         self._running.discard(request)
-        state = self._tenants[request.tenant]
-        state.active -= 1
+        state.running.remove(request)
         self.active -= 1
-        if used is not None:  # every grant costs at least a token: a run of empty replies cannot hold the slots
-            state.counter += max(used, 1.0) - max(request.cost, 1.0)
         granted = self._dispatch()
         self._forget_if_idle(request.tenant, state)
         self._finished += 1
@@ -189,22 +196,25 @@ class FairScheduler:
 
     # -- the rule -----------------------------------------------------------------------------
 
+    def _counter(self, state: _Tenant) -> float:
+        return state.settled + sum(max(self.progress(r), 1.0) for r in state.running)
+
     def _virtual_time(self) -> float:
-        counters = [state.counter for state in self._tenants.values() if state.queue]
+        counters = [self._counter(state) for state in self._tenants.values() if state.queue]
         return min(counters) if counters else self._last_granted
 
     def _grant(self, request: Request, state: _Tenant) -> None:
         request.state = "active"
-        state.active += 1
-        state.counter += max(request.cost, 1.0)
-        self._last_granted = state.counter
+        state.running.append(request)
         self.active += 1
         self._running.add(request)
+        self._last_granted = self._counter(state)
 
     def _dispatch(self) -> list[Request]:
         granted = []
         while self.active < self.max_active:
-            tenant = _pick(self._tenants, self.tenant_max_active)
+            counters = {name: self._counter(s) for name, s in self._tenants.items() if s.queue}
+            tenant = _pick(self._tenants, counters, self.tenant_max_active)
             if tenant is None:
                 break
             state = self._tenants[tenant]
@@ -217,7 +227,7 @@ class FairScheduler:
     def _forget_if_idle(self, name: str, state: _Tenant) -> None:
         """Drop a tenant that holds nothing and would be lifted on return anyway: memory holds the tenants
         with requests, and idle ones only until the virtual time passes their counter."""
-        if not state.active and not state.queue and state.counter <= self._virtual_time():
+        if not state.running and not state.queue and state.settled <= self._virtual_time():
             del self._tenants[name]
 
     # -- the forecast -----------------------------------------------------------------------------
@@ -228,51 +238,56 @@ class FairScheduler:
         duration: Callable[[Request], float],
         extra: Request | None = None,
     ) -> list[tuple[Request, float]]:
-        """Replay these rules forward: every queued request (and ``extra``, as if submitted now) with the
+        """Replay the rule forward: every queued request (and ``extra``, as if submitted now) with the
         time from now at which it would be granted, in serving order.
 
         ``remaining`` gives each running request's expected time left, ``duration`` a queued one's
-        expected time in its slot; charges are taken as exact and nobody new arrives. Nothing here changes.
+        expected time in its slot; every reply counts as its ``cost`` (a running one: its progress, if
+        more) from its grant, and nobody new arrives. Nothing here changes.
         """
-        tenants = {name: _Tenant(s.counter, s.active, list(s.queue)) for name, s in self._tenants.items()}
+        tenants: dict[str, _Tenant] = {}
+        for name, state in self._tenants.items():
+            served = sum(max(self.progress(r), r.cost, 1.0) for r in state.running)
+            tenants[name] = _Tenant(state.settled + served, list(state.running), list(state.queue))
         if extra is not None:
             state = tenants.setdefault(extra.tenant, _Tenant())
             if not state.queue:
-                state.counter = max(state.counter, self._virtual_time())
+                state.settled = max(state.settled, self._virtual_time())
             order = (extra.arrival + extra.priority * self.priority_step, next(self._seq))
             bisect.insort(state.queue, (order, extra), key=lambda item: item[0])
-        ends = [(remaining.get(r, 0.0), i, r.tenant) for i, r in enumerate(self._running)]
+        ends = [(remaining.get(r, 0.0), i, r) for i, r in enumerate(self._running)]
         heapq.heapify(ends)
         free = self.max_active - len(ends)
         serial = itertools.count(len(ends))
-        served: list[tuple[Request, float]] = []
+        served_order: list[tuple[Request, float]] = []
         now = 0.0
         while True:
             while free > 0:
-                tenant = _pick(tenants, self.tenant_max_active)
+                tenant = _pick(tenants, {name: s.settled for name, s in tenants.items()}, self.tenant_max_active)
                 if tenant is None:
                     break
                 state = tenants[tenant]
                 _, request = state.queue.pop(0)
-                state.active += 1
-                state.counter += max(request.cost, 1.0)
+                state.running.append(request)
+                state.settled += max(request.cost, 1.0)
                 free -= 1
-                served.append((request, now))
-                heapq.heappush(ends, (now + duration(request), next(serial), tenant))
+                served_order.append((request, now))
+                heapq.heappush(ends, (now + duration(request), next(serial), request))
             if not ends or not any(state.queue for state in tenants.values()):
-                return served
-            now, _, tenant = heapq.heappop(ends)
-            tenants[tenant].active -= 1
+                return served_order
+            now, _, ended = heapq.heappop(ends)
+            tenants[ended.tenant].running.remove(ended)
             free += 1
 
 
-def _pick(tenants: Mapping[str, _Tenant], cap: int) -> str | None:
-    """The backlogged tenant under ``cap`` with the least counter (ties: the head queued first)."""
-    best: tuple[float, int] | None = None
+def _pick(tenants: Mapping[str, _Tenant], counters: Mapping[str, float], cap: int) -> str | None:
+    """The backlogged tenant under ``cap`` with the least counter (ties: the one with fewer replies running,
+    then the head queued first)."""
+    best: tuple[float, int, int] | None = None
     chosen = None
     for name, state in tenants.items():
-        if state.queue and state.active < cap:
-            key = (state.counter, state.queue[0][0][1])
+        if state.queue and len(state.running) < cap:
+            key = (counters[name], len(state.running), state.queue[0][0][1])
             if best is None or key < best:
                 best, chosen = key, name
     return chosen
