@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from chatstream_asgi.cli_fairness import add_fairness_arguments, fairness_from_args
 from chatstream_asgi.engines.base import Engine
 from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.engines.pool import EnginePool
@@ -163,6 +164,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--concurrency", type=int, default=4, help="replies generated at once")
     serve.add_argument("--queue", type=int, default=16, help="requests allowed to wait")
+    add_fairness_arguments(serve)
     serve.add_argument("--max-new-tokens", type=int, default=256, help="default and upper limit of tokens per reply")
     _add_sampling_arguments(serve)
     serve.add_argument(
@@ -402,6 +404,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         request_timeout=args.request_timeout,
+        fairness=fairness_from_args(args),
     )
     if args.engine == "mock":
         logger.info("engine: mock (%s replies, no model)", args.mock_type)
