@@ -180,8 +180,8 @@ class Admission:
         self._changed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._version = 0
-        self._forecast: tuple[int, float, dict[Request, tuple[int, float]]] | None = None
+        self._forecast: tuple[float, dict[Request, tuple[int, float]]] | None = None
+        """The last forecast (when, and each queued ticket's place and start), until anything changes."""
 
     @property
     def active(self) -> int:
@@ -288,12 +288,14 @@ class Admission:
     def _finish(self, ticket: Ticket) -> None:
         now = time.monotonic()
         prompt, completion = ticket.usage()
+        served = ticket.served()
+        ticket.meter = None  # it holds the reply, which holds this ticket
         granted_at = ticket.granted_at if ticket.granted_at is not None else now
         first = None if ticket.first_text_at is None else ticket.first_text_at - granted_at
-        self.model.record(now - granted_at, first, completion)
+        self.model.record(now - granted_at, first, completion, ticket.claim.max_new_tokens)
         if self.observer is not None:
             self.observer.finished(ticket.tenant, prompt, completion)
-        self._started(self.scheduler.finish(ticket, ticket.served()), now)
+        self._started(self.scheduler.finish(ticket, served), now)
         if self.scheduler.active == 0 and self.scheduler.waiting == 0:
             self._idle.set()
         self._notify()
@@ -313,17 +315,17 @@ class Admission:
                 self.observer.started(request.tenant, now - request.entered_at)
 
     def _notify(self) -> None:
-        self._version += 1
+        self._forecast = None  # stale now; and it holds tickets, which must not outlive their requests
         self._changed.set()
         self._changed = asyncio.Event()
 
     def _current_forecast(self) -> tuple[float, dict[Request, tuple[int, float]]]:
         now = time.monotonic()
         cached = self._forecast
-        if cached is None or cached[0] != self._version or now - cached[1] > _FORECAST_TTL:
+        if cached is None or now - cached[0] > _FORECAST_TTL:
             places = {r: (i + 1, start) for i, (r, start) in enumerate(self._run_forecast(now=now))}
-            cached = self._forecast = (self._version, now, places)
-        return cached[1], cached[2]
+            cached = self._forecast = (now, places)
+        return cached
 
     def _run_forecast(self, extra: Request | None = None, now: float | None = None) -> list[tuple[Request, float]]:
         now = time.monotonic() if now is None else now

@@ -352,7 +352,7 @@ class ChatStream:
         give the current tokens/s). With tenants on, ``tenant`` gives the caller's own share."""
         admission = self.admission
         claim = self.fairness.claim(
-            scope or {}, session_id=None, body_priority=0, prompt_tokens=0, max_new_tokens=self.max_new_tokens
+            scope, session_id=None, body_priority=0, prompt_tokens=0, max_new_tokens=self.max_new_tokens
         )
         load = {
             "processing": admission.active,

@@ -10,8 +10,9 @@ From the recent samples (a window of ``window`` replies):
 
 - ``first_token_delay``: mean time from grant to first token (prefill, or a remote's queue);
 - ``per_token``: the decode time per further token, as a ratio of sums (long replies weigh more);
-- ``expected_tokens(limit)``: mean of ``min(tokens, limit)``: replies are as long as recent ones
-  were, and never longer than the request's own ``max_new_tokens``;
+- ``expected_tokens(limit)``: the mean length of the recent replies, each cut at the request's own
+  ``max_new_tokens``; a recent reply that was itself cut at its limit (it had more to say) counts as
+  going on to this request's limit;
 - ``remaining(...)`` of a running reply: its first-token delay still to come, plus the recent
   replies' mean length beyond what it has generated so far (counted among those that got that far).
 
@@ -31,6 +32,11 @@ class _Sample:
     duration: float
     first_token: float | None
     tokens: int
+    cut: bool
+    """It stopped at its ``max_new_tokens``: its natural length is unknown, and at least ``tokens``."""
+
+    def length(self, limit: int) -> int:
+        return limit if self.cut else min(self.tokens, limit)
 
 
 class ServiceModel:
@@ -44,10 +50,10 @@ class ServiceModel:
         """Whether a reply that generated text has ended (before that there is nothing to estimate from)."""
         return any(s.tokens > 0 and s.first_token is not None for s in self._samples)
 
-    def record(self, duration: float, first_token: float | None, tokens: int) -> None:
+    def record(self, duration: float, first_token: float | None, tokens: int, limit: int) -> None:
         """One slot hold: ``duration`` seconds from grant to release, its first token ``first_token``
-        seconds after the grant (None if it had none), ``tokens`` generated."""
-        self._samples.append(_Sample(max(duration, 0.0), first_token, max(tokens, 0)))
+        seconds after the grant (None if it had none), ``tokens`` generated of at most ``limit``."""
+        self._samples.append(_Sample(max(duration, 0.0), first_token, max(tokens, 0), tokens >= limit))
 
     @property
     def first_token_delay(self) -> float:
@@ -65,7 +71,7 @@ class ServiceModel:
 
     def expected_tokens(self, limit: int) -> float:
         """Tokens a reply limited to ``limit`` is expected to generate (``limit`` with no samples yet)."""
-        lengths = [min(s.tokens, limit) for s in self._samples if s.first_token is not None]
+        lengths = [s.length(limit) for s in self._samples if s.first_token is not None]
         return sum(lengths) / len(lengths) if lengths else float(limit)
 
     def duration(self, limit: int) -> float:
@@ -79,6 +85,7 @@ class ServiceModel:
             return max(self.first_token_delay - elapsed, 0.0) + self.per_token * max(
                 self.expected_tokens(limit) - 1, 0.0
             )
-        beyond = [min(s.tokens, limit) - generated for s in self._samples if min(s.tokens, limit) > generated]
+        lengths = [s.length(limit) for s in self._samples if s.first_token is not None]
+        beyond = [length - generated for length in lengths if length > generated]
         more = sum(beyond) / len(beyond) if beyond else 1.0
         return self.per_token * more

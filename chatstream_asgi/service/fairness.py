@@ -281,13 +281,12 @@ class FairScheduler:
 
 
 def _pick(tenants: Mapping[str, _Tenant], counters: Mapping[str, float], cap: int) -> str | None:
-    """The backlogged tenant under ``cap`` with the least counter (ties: the one with fewer replies running,
-    then the head queued first)."""
-    best: tuple[float, int, int] | None = None
+    """The backlogged tenant under ``cap`` with the least counter (ties: the head queued first)."""
+    best: tuple[float, int] | None = None
     chosen = None
     for name, state in tenants.items():
         if state.queue and len(state.running) < cap:
-            key = (counters[name], len(state.running), state.queue[0][0][1])
+            key = (counters[name], state.queue[0][0][1])
             if best is None or key < best:
                 best, chosen = key, name
     return chosen

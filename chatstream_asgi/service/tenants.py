@@ -79,11 +79,13 @@ class Fairness:
         """Whether requests are told apart by tenant."""
         return self.tenant is not None
 
-    def tenant_of(self, scope: Scope, session_id: str | None = None, source: TenantSource | None = None) -> str:
-        """The tenant name of a request (``source`` overrides the configured one)."""
+    def tenant_of(self, scope: Scope | None, session_id: str | None = None, source: TenantSource | None = None) -> str:
+        """The tenant name of a request (``source`` overrides the configured one); no scope: nobody's."""
         source = source if source is not None else self.tenant
         if source is None:
             return DEFAULT_TENANT
+        if scope is None:
+            return ANONYMOUS_TENANT
         if callable(source):
             key, secret = source(scope), False
         else:
@@ -111,7 +113,7 @@ class Fairness:
 
     def claim(
         self,
-        scope: Scope,
+        scope: Scope | None,
         *,
         session_id: str | None,
         body_priority: int,
@@ -120,8 +122,8 @@ class Fairness:
     ) -> Claim:
         """What admission needs to know of one request."""
         return Claim(
-            tenant=self.tenant_of(scope, session_id, scope.get(TENANT_KEY)),
-            priority=self.priority_of(scope, body_priority),
+            tenant=self.tenant_of(scope, session_id, None if scope is None else scope.get(TENANT_KEY)),
+            priority=body_priority if scope is None else self.priority_of(scope, body_priority),
             prompt_tokens=prompt_tokens,
             max_new_tokens=max_new_tokens,
         )
