@@ -19,6 +19,7 @@ from chatstream_asgi.server.middleware import ChatStreamMiddleware
 from chatstream_asgi.service.admission import Admission, QueueFull
 from chatstream_asgi.service.chatstream import ChatStream
 from chatstream_asgi.service.outcomes import ChatResult, get_result
+from chatstream_asgi.service.tenants import Fairness
 from chatstream_asgi.sessions.redis_store import RedisSessionStore
 from chatstream_asgi.sessions.store import MemorySessionStore, Session, SessionStore
 from chatstream_asgi.states import CompletionState
@@ -54,6 +55,7 @@ __all__ = [
     "EngineOverloaded",
     "EnginePool",
     "EngineUnavailable",
+    "Fairness",
     "GenerationParams",
     "GenerationRequest",
     "GenerationStream",

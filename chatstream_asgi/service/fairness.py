@@ -245,39 +245,61 @@ class FairScheduler:
         expected time in its slot; every reply counts as its ``cost`` (a running one: its progress, if
         more) from its grant, and nobody new arrives. Nothing here changes.
         """
-        tenants: dict[str, _Tenant] = {}
+        cap = self.tenant_max_active
+        counters: dict[str, float] = {}
+        running: dict[str, int] = {}
+        queues: dict[str, list[Request]] = {}
         for name, state in self._tenants.items():
-            served = sum(max(self.progress(r), r.cost, 1.0) for r in state.running)
-            tenants[name] = _Tenant(state.settled + served, list(state.running), list(state.queue))
+            counters[name] = state.settled + sum(max(self.progress(r), r.cost, 1.0) for r in state.running)
+            running[name] = len(state.running)
+            queues[name] = [request for _, request in state.queue]
         if extra is not None:
-            state = tenants.setdefault(extra.tenant, _Tenant())
-            if not state.queue:
-                state.settled = max(state.settled, self._virtual_time())
-            order = (extra.arrival + extra.priority * self.priority_step, next(self._seq))
-            bisect.insort(state.queue, (order, extra), key=lambda item: item[0])
+            name = extra.tenant
+            if not queues.get(name):
+                counters[name] = max(counters.get(name, 0.0), self._virtual_time())
+            extra._order = (extra.arrival + extra.priority * self.priority_step, next(self._seq))
+            queues[name] = sorted([*queues.get(name, []), extra], key=lambda r: r._order)
+            running.setdefault(name, 0)
+        # _pick's choice, from a heap: serving a tenant changes only that tenant's key.
+        heads = dict.fromkeys(queues, 0)
+        ready: list[tuple[float, int, str]] = []
+        blocked: set[str] = set()
+
+        def offer(name: str) -> None:
+            """The tenant's next request becomes a candidate, or waits for one of its replies to end."""
+            if heads[name] < len(queues[name]):
+                if running[name] < cap:
+                    heapq.heappush(ready, (counters[name], queues[name][heads[name]]._order[1], name))
+                else:
+                    blocked.add(name)
+
+        for name in queues:
+            offer(name)
         ends = [(remaining.get(r, 0.0), i, r) for i, r in enumerate(self._running)]
         heapq.heapify(ends)
         free = self.max_active - len(ends)
         serial = itertools.count(len(ends))
-        served_order: list[tuple[Request, float]] = []
+        served: list[tuple[Request, float]] = []
         now = 0.0
         while True:
-            while free > 0:
-                tenant = _pick(tenants, {name: s.settled for name, s in tenants.items()}, self.tenant_max_active)
-                if tenant is None:
-                    break
-                state = tenants[tenant]
-                _, request = state.queue.pop(0)
-                state.running.append(request)
-                state.settled += max(request.cost, 1.0)
+            while free > 0 and ready:
+                _, _, name = heapq.heappop(ready)
+                request = queues[name][heads[name]]
+                heads[name] += 1
+                running[name] += 1
+                counters[name] += max(request.cost, 1.0)
                 free -= 1
-                served_order.append((request, now))
+                served.append((request, now))
                 heapq.heappush(ends, (now + duration(request), next(serial), request))
-            if not ends or not any(state.queue for state in tenants.values()):
-                return served_order
+                offer(name)
+            if not ends or not (ready or blocked):
+                return served
             now, _, ended = heapq.heappop(ends)
-            tenants[ended.tenant].running.remove(ended)
+            running[ended.tenant] -= 1
             free += 1
+            if ended.tenant in blocked:
+                blocked.discard(ended.tenant)
+                offer(ended.tenant)
 
 
 def _pick(tenants: Mapping[str, _Tenant], counters: Mapping[str, float], cap: int) -> str | None:
