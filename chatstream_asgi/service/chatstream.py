@@ -139,7 +139,8 @@ class ChatStream:
         self.max_body_size = max_body_size
         self.request_id_header = request_id_header
         self.echo_request_id = echo_request_id
-        self.fairness = fairness = replace(fairness or Fairness(), **({"tenant": tenant} if tenant else {}))
+        fairness = fairness or Fairness()
+        self.fairness = fairness = fairness if tenant is None else replace(fairness, tenant=tenant)
         self.metrics = Metrics(metrics_registry)
         self.admission = Admission(
             num_of_concurrent_executions,

@@ -39,6 +39,12 @@ _FULL_DETAIL = {
 }
 
 
+def _tokens(reply: Reply) -> tuple[int, int]:
+    """A reply's prompt and completion tokens so far."""
+    stream = reply.stream
+    return (0, 0) if stream is None else (stream.prompt_tokens, stream.completion_tokens)
+
+
 @dataclass
 class PreparedChat:
     """A validated chat, ready to be admitted: what to generate, how to frame it, whom to tell."""
@@ -82,7 +88,7 @@ class Replies:
             scope,
             session_id=result.session_id,
             body_priority=chat.priority,
-            prompt_tokens=len(result.prompt) // 4 + 1,  # corrected by the engine's count when the reply ends
+            prompt_tokens=len(result.prompt) // 4 + 1,  # the fair share's figure; metrics get the engine's count
             max_new_tokens=chat.params.max_new_tokens,
         )
         try:
@@ -110,7 +116,7 @@ class Replies:
             keepalive_interval=self.keepalive_interval,
             on_first_text=self._first_text_observer(chat.started_at, ticket.first_text),
         )
-        ticket.meter = lambda: (reply.stream.prompt_tokens, reply.stream.completion_tokens) if reply.stream else (0, 0)
+        ticket.meter = lambda: _tokens(reply)
         logger.info("accepted (position %d in queue, tenant %s)", ticket.position, claim.tenant)
         self._open.add(reply)
         try:
