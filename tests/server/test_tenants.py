@@ -15,6 +15,9 @@ from typing import Any
 import anyio
 import pytest
 from asgi_harness import Receive, Send, StateLog, http_scope, not_found
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Route
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware, GenerationRequest, MockEngine, MockParams
 from chatstream_asgi.engines.base import GenerationStream
@@ -250,3 +253,25 @@ async def test_without_a_tenant_source_everyone_is_one_fifo_tenant() -> None:
             engine.open(f"r{i}")
     assert engine.started == ["r0", "r1", "r2", "r3"]
     assert "tenant" not in cs.get_load()
+
+
+async def test_endpoint_mode_keeps_the_same_rules() -> None:
+    """``handle_chat_stream_request`` in a Starlette route: the same tenants, caps and fair order."""
+    svc = Service(concurrency=1, queue=8, tenant_max_queued=1)
+
+    async def endpoint(request: Request) -> Any:
+        return await svc.cs.handle_chat_stream_request(request)
+
+    svc.app = Starlette(routes=[Route("/chat_stream", endpoint, methods=["POST"])])  # no middleware
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(svc.request, KEY_A, "a1")
+        await svc.until(1, 0)
+        tg.start_soon(svc.request, KEY_A, "a2")
+        await svc.until(1, 1)
+        over, _ = await svc.request(KEY_A, "a3")
+        assert over.status == 429 and int(over.headers["retry-after"]) >= 1
+        tg.start_soon(svc.request, KEY_B, "b1")
+        await svc.until(1, 2)
+        for text in ("a1", "a2", "b1"):
+            svc.engine.open(text)
+    assert svc.engine.started == ["a1", "b1", "a2"]
