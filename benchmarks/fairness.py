@@ -21,10 +21,10 @@ extracted with ``git archive``.
    idle time to first token.
 2. The estimate. Each queued request's first queue event says ``estimated_wait_seconds``; the actual
    wait runs from that event to the first delta. Relative error ``|estimate - actual| / actual`` at
-   p50 and p90, per scenario: the flood above; bursts of 2, 4 and 8 x the slots after a warm-up (one
-   tenant; and 8 x from 7 tenants, where later arrivals of tenants served less go ahead of the
-   requests of tenants already served, which no first estimate can foresee);
-   a burst after an 8-second idle pause; a burst after a slow trickle (one short reply every 1.5 s);
+   p50 and p90, per scenario: the flood above; bursts of 2, 4 and 8 x the slots (``--bursts``) after
+   a warm-up (one tenant; and the largest from 7 tenants, where later arrivals of tenants served less
+   go ahead of the requests of tenants already served, which no first estimate can foresee); a burst
+   after an 8-second idle pause; a burst after a slow trickle (one short reply every 1.5 s);
    and a 429's ``Retry-After`` against the time until a queue place actually freed (polled on
    ``/get_load``; whole seconds, rounded up, so sub-second waits read as 1). Targets: p50 <= 25 %,
    p90 <= 50 %. A missing estimate (``null``: nothing measured yet) counts as 100 % off.
@@ -265,21 +265,32 @@ async def retry_after(c: httpx.AsyncClient, args: argparse.Namespace) -> list[tu
 
 async def estimate_scenarios(url: str, args: argparse.Namespace) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
+
+    def record(name: str, values: list[float]) -> None:
+        out[name] = values
+        progress(f"  {name}: p50 {pct(values, 50)}, p90 {pct(values, 90)} (n={len(values)})")
+
     async with client(url) as c:
         await warm(c, args)
-        for factor in (2, 4, 8):
-            out[f"burst of {factor} x slots"] = errors(await burst(c, args, factor * SLOTS))
-        out["burst of 8 x slots, 7 tenants"] = errors(await burst(c, args, 8 * SLOTS, tenants=7))
+        for factor in args.bursts:
+            record(f"burst of {factor} x slots", errors(await burst(c, args, factor * SLOTS)))
+        most = max(args.bursts)
+        record(f"burst of {most} x slots, 7 tenants", errors(await burst(c, args, most * SLOTS, tenants=7)))
         await warm(c, args)
         await asyncio.sleep(8.0)  # the pause is the scenario
-        out["burst after an 8 s pause"] = errors(await burst(c, args, 3 * SLOTS))
+        record("burst after an 8 s pause", errors(await burst(c, args, 3 * SLOTS)))
         for _ in range(6):
             await chat(c, "t", 4)
             await asyncio.sleep(1.5)
-        out["burst after a trickle"] = errors(await burst(c, args, 3 * SLOTS))
+        record("burst after a trickle", errors(await burst(c, args, 3 * SLOTS)))
         pairs = await retry_after(c, args)
-        out["429 Retry-After"] = [abs(ra - actual) / actual for ra, actual in pairs if actual > 0]
+        record("429 Retry-After", [abs(ra - actual) / actual for ra, actual in pairs if actual > 0])
     return out
+
+
+def progress(line: str) -> None:
+    """A phase's result as soon as it is known (a long run that is cut short keeps them)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -301,23 +312,34 @@ async def measure(args: argparse.Namespace, rev: str) -> dict[str, Any]:
         async with client(url) as c:
             await warm(c, args)
             results["alone"] = await b_alone(c, args, args.alone)
+        reply = statistics.median(r.done - r.sent for r in results["alone"] if r.done is not None)
+        progress(f"B alone: reply {ms(reply)} ms")
         if args.b_interval is None:
-            reply = statistics.median(r.done - r.sent for r in results["alone"] if r.done is not None)
             args.b_interval = max(1.0, 2 * reply / SLOTS)
         async with client(url) as c:
             await warm(c, args)
             results["fair"] = await flood(c, args)
+        progress(f"fair: B's TTFT p50/p99 {flood_line(results['fair'])}")
+        progress("estimates:")
         results["estimates"] = await estimate_scenarios(url, args)
     with server(args, ROOT, tenants=False) as url:
         async with client(url) as c:
             await warm(c, args)
             results["fifo"] = await flood(c, args)
+        progress(f"FIFO: B's TTFT p50/p99 {flood_line(results['fifo'])}")
     with baseline_tree(rev) as old, server(args, old, tenants=False) as url:
         async with client(url) as c:
             await warm(c, args)
             results["baseline"] = await flood(c, args)
+        progress(f"baseline FIFO: B's TTFT p50/p99 {flood_line(results['baseline'])}")
+        progress("baseline estimates:")
         results["baseline estimates"] = await estimate_scenarios(url, args)
     return results
+
+
+def flood_line(replies: tuple[list[Reply], list[Reply]]) -> str:
+    b = [r.ttft for r in replies[1] if r.ttft is not None]
+    return f"{ms(quantile(b, 50))} / {ms(quantile(b, 99))} ms"
 
 
 def report(results: dict[str, Any], args: argparse.Namespace, rev: str) -> str:
@@ -379,6 +401,12 @@ def main() -> None:
         " B must ask for less than its fair share, or it floods too)",
     )
     parser.add_argument("--alone", type=int, default=20, help="B's requests on the idle server")
+    parser.add_argument(
+        "--bursts",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[2, 4, 8],
+        help="burst sizes, in slots, of the estimate scenarios",
+    )
     parser.add_argument("--baseline", default=None, help="git revision of the FIFO baseline (default: merge-base)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
