@@ -86,6 +86,8 @@ class Ticket(Request):
         self.entered_at = now
         self.granted_at: float | None = None
         self.first_text_at: float | None = None
+        self.slot_seconds_at_grant = 0.0
+        """The admission's busy slot-seconds when this ticket got its slot (its mean company, at the end)."""
         self.meter: TokenMeter | None = None
         """Set by whoever streams the reply: its tokens, read while it runs and when it ends."""
         self._admission = admission
@@ -180,6 +182,9 @@ class Admission:
         self._changed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._slot_seconds = 0.0
+        """Seconds of slots held, summed over slots, up to ``_counted_at``: how busy replies' slots were."""
+        self._counted_at = time.monotonic()
         self._forecast: tuple[float, dict[Request, tuple[int, float]]] | None = None
         """The last forecast (when, and each queued ticket's place and start), until anything changes."""
 
@@ -218,6 +223,7 @@ class Admission:
         now = time.monotonic()
         cost = claim.prompt_tokens + self.model.expected_tokens(claim.max_new_tokens)
         ticket = Ticket(self, claim, cost, now)
+        self._count_slots(now)
         try:
             granted = self.scheduler.submit(ticket)
         except Refused as refused:
@@ -292,7 +298,11 @@ class Admission:
         ticket.meter = None  # it holds the reply, which holds this ticket
         granted_at = ticket.granted_at if ticket.granted_at is not None else now
         first = None if ticket.first_text_at is None else ticket.first_text_at - granted_at
-        self.model.record(now - granted_at, first, completion, ticket.claim.max_new_tokens)
+        self._count_slots(now)
+        held = now - granted_at
+        company = (self._slot_seconds - ticket.slot_seconds_at_grant) / held if held > 0 else self.active
+        busy = company >= self.max_active - 0.5  # every slot taken, on average, while it ran
+        self.model.record(held, first, completion, ticket.claim.max_new_tokens, busy=busy)
         if self.observer is not None:
             self.observer.finished(ticket.tenant, prompt, completion)
         self._started(self.scheduler.finish(ticket, served), now)
@@ -306,10 +316,16 @@ class Admission:
             self._idle.set()
         self._notify()
 
+    def _count_slots(self, now: float) -> None:
+        """Add the slot-seconds since the last change (call before the number of granted tickets changes)."""
+        self._slot_seconds += self.scheduler.active * (now - self._counted_at)
+        self._counted_at = now
+
     def _started(self, granted: list[Request], now: float) -> None:
         for request in granted:
             assert isinstance(request, Ticket)
             request.granted_at = now
+            request.slot_seconds_at_grant = self._slot_seconds
             self._idle.clear()
             if self.observer is not None:
                 self.observer.started(request.tenant, now - request.entered_at)

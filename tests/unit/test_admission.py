@@ -152,6 +152,29 @@ async def test_idle_time_never_counts_as_service(clock: Clock) -> None:
     assert admission.estimate(queued[0])[1] == pytest.approx(0.5 + 0.1, rel=0.05)
 
 
+async def test_speeds_come_from_replies_that_ran_with_every_slot_taken(clock: Clock) -> None:
+    """A batching engine on a CPU runs replies slower at full batch: after a trickle of fast lone
+    replies, a queue (which only forms when every slot is taken) is still estimated at full-batch speed."""
+    admission = Admission(2, 5)
+    for _ in range(2):  # two at a time: 3 s each
+        pair = [admission.enter(), admission.enter()]
+        for ticket in pair:
+            ticket.meter = lambda: (5, 10)
+        clock.now += 0.3
+        for ticket in pair:
+            ticket.first_text()
+        clock.now += 2.7
+        for ticket in pair:
+            ticket.leave()
+    for _ in range(5):  # then alone: 1 s each
+        hold(admission, clock, 1.0, 10)
+    running = [admission.enter(), admission.enter()]
+    for ticket in running:
+        ticket.meter = lambda: (5, 0)
+    queued = admission.enter()
+    assert admission.estimate(queued)[1] == pytest.approx(3.0 + 0.3, rel=0.01)
+
+
 async def test_a_tenant_over_its_share_is_refused_with_its_own_retry_after(clock: Clock) -> None:
     admission = Admission(2, 8, tenant_max_active=1, tenant_max_queued=1)
     a, b = Claim("a", max_new_tokens=10), Claim("b", max_new_tokens=10)
