@@ -349,13 +349,19 @@ def report(results: dict[str, Any], args: argparse.Namespace, rev: str) -> str:
     idle_ttft = statistics.median(alone)
     reply = statistics.median(r.done - r.sent for r in results["alone"] if r.done is not None)
     target = idle_ttft + 2 * reply
+    b_fair = results["fair"][1]
+    loaded = statistics.median(r.done - r.first_token for r in b_fair if r.done and r.first_token)
+    loaded_target = idle_ttft + 2 * loaded
     say(
-        f"Reply length {args.tokens} tokens (A's: 8 to {2 * args.tokens}). B alone: time to first token "
-        f"{ms(idle_ttft)} ms, reply {ms(reply)} ms (medians of {len(alone)}); B's p99 target {ms(target)} ms. "
-        f"A: {args.flood} requests, {args.flood_concurrency} at a time; B: one every {args.b_interval:g} s."
+        f"Reply length {args.tokens} tokens (A's: 8 to {2 * args.tokens}). A: {args.flood} requests, "
+        f"{args.flood_concurrency} at a time; B: one every {args.b_interval:g} s. B alone: time to first token "
+        f"{ms(idle_ttft)} ms, reply {ms(reply)} ms (medians of {len(alone)}), so B's p99 target is {ms(target)} ms; "
+        f"B's replies under the flood stream for {ms(loaded)} ms (median, first token to end): {ms(loaded_target)} ms "
+        "by replies of that length."
     )
     say("")
-    say("| B's time to first token while A floods | B requests | p50 ms | p99 ms | A's p50 ms | target met |")
+    say("| B's time to first token while A floods | B requests | p50 ms | p99 ms | A's p50 ms | target met (by idle"
+        " / loaded replies) |")  # fmt: skip
     say("|---|---:|---:|---:|---:|---|")
     say(f"| B alone (idle server) | {len(alone)} | {ms(quantile(alone, 50))} | {ms(quantile(alone, 99))} | | |")
     labels = {"fair": "fair queuing (--tenant-header)", "fifo": "FIFO (this branch, one tenant)"}
@@ -366,7 +372,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, rev: str) -> str:
         a_ttft = [r.ttft for r in a if r.ttft is not None]
         refused = sum(r.status != 200 for r in a + b)
         count = f"{len(b_ttft)}" + (f" ({refused} refused)" if refused else "")
-        met = "yes" if quantile(b_ttft, 99) <= target else "no"
+        p99 = quantile(b_ttft, 99)
+        met = f"{'yes' if p99 <= target else 'no'} / {'yes' if p99 <= loaded_target else 'no'}"
         say(f"| {label} | {count} | {ms(quantile(b_ttft, 50))} | {ms(quantile(b_ttft, 99))} | "
             f"{ms(quantile(a_ttft, 50))} | {met} |")  # fmt: skip
     say("")
