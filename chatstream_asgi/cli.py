@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from chatstream_asgi.cli_fairness import add_fairness_arguments, fairness_from_args
+from chatstream_asgi.cli_fairness import add_fairness_arguments, fairness_from_args, non_negative_int
 from chatstream_asgi.engines.base import Engine
 from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.engines.pool import EnginePool
@@ -226,7 +226,9 @@ def _add_sampling_arguments(serve: argparse.ArgumentParser) -> None:
     )
     sampling.add_argument("--temperature", type=_at_least(0.0), metavar="T", help="0 is greedy (deterministic)")
     sampling.add_argument("--top-p", type=_fraction, metavar="P", help="nucleus sampling, in (0, 1]")
-    sampling.add_argument("--top-k", type=_count, metavar="K", help="sample from the K likeliest tokens (0: all)")
+    sampling.add_argument(
+        "--top-k", type=non_negative_int, metavar="K", help="sample from the K likeliest tokens (0: all)"
+    )
     sampling.add_argument("--repetition-penalty", type=_at_least(1e-6), metavar="R", help="1.0 is none")
 
 
@@ -238,13 +240,6 @@ def _at_least(low: float) -> Any:
         return value
 
     return parse
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be at least 0")
-    return value
 
 
 def _fraction(text: str) -> float:

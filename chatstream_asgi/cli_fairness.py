@@ -6,7 +6,7 @@ import argparse
 
 from chatstream_asgi.service.tenants import Fairness
 
-__all__ = ["add_fairness_arguments", "fairness_from_args"]
+__all__ = ["add_fairness_arguments", "fairness_from_args", "non_negative_int"]
 
 
 def _positive(text: str) -> int:
@@ -16,7 +16,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """An argument type: an integer of at least 0 (also the ``serve`` command's ``--top-k``)."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be at least 0")
@@ -38,7 +39,7 @@ def add_fairness_arguments(parser: argparse.ArgumentParser) -> None:
         help="or: bearer (the Authorization bearer token), user (scope['user']), state:KEY, session",
     )
     group.add_argument("--tenant-max-active", type=_positive, metavar="N", help="replies at once per tenant")
-    group.add_argument("--tenant-max-queued", type=_count, metavar="N", help="queue places per tenant")
+    group.add_argument("--tenant-max-queued", type=non_negative_int, metavar="N", help="queue places per tenant")
     group.add_argument(
         "--priority-header", metavar="NAME", help="a request's priority (an integer, lower first) from this header"
     )
