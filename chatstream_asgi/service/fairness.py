@@ -150,15 +150,15 @@ class FairScheduler:
         state = self._tenants.get(request.tenant)
         if state is None:
             state = self._tenants[request.tenant] = _Tenant()
-        lift = 0.0 if state.queue else max(self._virtual_time() - self._counter(state), 0.0)
+        settled = state.settled if state.queue else self._lifted(state)
         if self.active < self.max_active and len(state.running) < self.tenant_max_active and not state.queue:
-            state.settled += lift  # nobody it could pass waits: every queued request's tenant is at its cap
+            state.settled = settled  # nobody it could pass waits: every queued request's tenant is at its cap
             self._grant(request, state)
             return [request]
         if len(state.queue) >= self.tenant_max_queued or self.waiting >= self.max_waiting:
             self._forget_if_idle(request.tenant, state)
             raise Refused("queue_full" if self.waiting >= self.max_waiting else "tenant_limit")
-        state.settled += lift
+        state.settled = settled
         request._order = (request.arrival + request.priority * self.priority_step, next(self._seq))
         bisect.insort(state.queue, (request._order, request), key=lambda item: item[0])
         request.state = "queued"
@@ -198,6 +198,14 @@ class FairScheduler:
 
     def _counter(self, state: _Tenant) -> float:
         return state.settled + sum(max(self.progress(r), 1.0) for r in state.running)
+
+    def _lifted(self, state: _Tenant) -> float:
+        """``state.settled``, raised so that its counter is at least the virtual time (exactly, without
+        running replies: a lifted tenant ties with the one it was lifted to, and ties go by arrival)."""
+        virtual = self._virtual_time()
+        if not state.running:
+            return max(state.settled, virtual)
+        return state.settled + max(virtual - self._counter(state), 0.0)
 
     def _virtual_time(self) -> float:
         counters = [self._counter(state) for state in self._tenants.values() if state.queue]
