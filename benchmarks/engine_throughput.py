@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from chatstream_asgi.cli import add_compile_options
+from chatstream_asgi.cli.options import add_compile_options
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
 from chatstream_asgi.engines.transformers import TransformersEngine
 

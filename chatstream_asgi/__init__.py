@@ -1,24 +1,26 @@
 """chatstream-asgi: turn any ASGI app into a load-controlled streaming LLM chat server."""
 
-from chatstream_asgi.asgi.endpoint import ChatStreamResponse
 from chatstream_asgi.engines.base import (
     Engine,
     EngineError,
     GenerationParams,
     GenerationRequest,
     GenerationStream,
+    MemberStatus,
     PromptTooLong,
     QueueStream,
+    RemoteLoad,
 )
 from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.engines.pool import EnginePool
-from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, OpenAIEngine
+from chatstream_asgi.engines.remote import EngineOverloaded, EngineRefused, EngineUnavailable, OpenAIEngine
 from chatstream_asgi.protocols.chat import ChatRequest, InvalidRequest
 from chatstream_asgi.protocols.framing import EOS_MARKER, ERROR_MARKER, FORMATS
+from chatstream_asgi.server.chatstream import ChatStream, ChatStreamResponse
 from chatstream_asgi.server.middleware import ChatStreamMiddleware
 from chatstream_asgi.service.admission import Admission, QueueFull
-from chatstream_asgi.service.chatstream import ChatStream
-from chatstream_asgi.service.outcomes import ChatResult, get_result
+from chatstream_asgi.service.config import ChatStreamConfig, Limits, Sampling, SessionOptions, Timeouts
+from chatstream_asgi.service.exchange import ChatResult, get_result
 from chatstream_asgi.service.tenants import Fairness
 from chatstream_asgi.sessions.redis_store import RedisSessionStore
 from chatstream_asgi.sessions.store import MemorySessionStore, Session, SessionStore
@@ -47,6 +49,7 @@ __all__ = [
     "ChatRequest",
     "ChatResult",
     "ChatStream",
+    "ChatStreamConfig",
     "ChatStreamMiddleware",
     "ChatStreamResponse",
     "CompletionState",
@@ -54,12 +57,15 @@ __all__ = [
     "EngineError",
     "EngineOverloaded",
     "EnginePool",
+    "EngineRefused",
     "EngineUnavailable",
     "Fairness",
     "GenerationParams",
     "GenerationRequest",
     "GenerationStream",
     "InvalidRequest",
+    "Limits",
+    "MemberStatus",
     "MemorySessionStore",
     "MockEngine",
     "MockParams",
@@ -68,8 +74,12 @@ __all__ = [
     "QueueFull",
     "QueueStream",
     "RedisSessionStore",
+    "RemoteLoad",
+    "Sampling",
     "Session",
+    "SessionOptions",
     "SessionStore",
+    "Timeouts",
     "TransformersEngine",
     "create_app",
     "get_result",

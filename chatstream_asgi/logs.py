@@ -6,6 +6,11 @@ fresh one. Every line logged through :data:`logger` while the request is served 
 ``[<request id>]`` (operators grep for it), without the id being handed from call to call. The id
 lives in a :class:`~contextvars.ContextVar`, so concurrent requests on one event loop never see
 each other's.
+
+The binding belongs to one ASGI scope. A task inherits its creator's context: uvicorn starts a
+pipelined HTTP/1.1 request from inside the previous request's task, so the new request's task begins
+with the previous one's binding. :func:`bind_request_id` therefore keeps a bound id only for the
+very scope it was bound for, and :func:`unbind_request_id` clears an inherited one.
 """
 
 from __future__ import annotations
@@ -27,17 +32,20 @@ __all__ = [
     "escape",
     "logger",
     "request_logger",
+    "unbind_request_id",
 ]
 
 DEFAULT_REQUEST_ID_HEADER = "X-Request-Id"
 
-_request_id: ContextVar[str | None] = ContextVar("chatstream_request_id", default=None)
-_WELL_FORMED = re.compile(r"^[\w.:@/+=-]{1,128}$")
+_bound: ContextVar[tuple[Scope, str] | None] = ContextVar("chatstream_request_id", default=None)
+"""The scope being served and its request id."""
+_WELL_FORMED = re.compile(r"^[\w.:@/+=-]{1,128}$", re.ASCII)
 
 
 def current_request_id() -> str | None:
     """The id of the request this task is serving (None outside one)."""
-    return _request_id.get()
+    bound = _bound.get()
+    return bound[1] if bound is not None else None
 
 
 def _from_headers(scope: Scope, header: bytes) -> str | None:
@@ -50,17 +58,35 @@ def _from_headers(scope: Scope, header: bytes) -> str | None:
 
 @contextmanager
 def bind_request_id(scope: Scope, header: str = DEFAULT_REQUEST_ID_HEADER) -> Iterator[str]:
-    """Bind the request's id for the duration of the block (an id already bound is kept)."""
-    bound = _request_id.get()
-    if bound is not None:
-        yield bound
+    """Bind the id of the request of ``scope`` for the duration of the block. An id bound for this same
+    scope (by a middleware above an endpoint) is kept; one bound for another scope (inherited from the
+    task that started this one) never is."""
+    bound = _bound.get()
+    if bound is not None and bound[0] is scope:
+        yield bound[1]
         return
     request_id = _from_headers(scope, header.lower().encode("latin-1")) or uuid.uuid4().hex[:16]
-    token = _request_id.set(request_id)
+    token = _bound.set((scope, request_id))
     try:
         yield request_id
     finally:
-        _request_id.reset(token)
+        _bound.reset(token)
+
+
+@contextmanager
+def unbind_request_id(scope: Scope) -> Iterator[None]:
+    """No request id for the duration of the block unless one is bound for ``scope`` itself: a request
+    the package does not serve (a path passed through) must not log, or report to code that asks, an id
+    inherited from another request."""
+    bound = _bound.get()
+    if bound is None or bound[0] is scope:
+        yield
+        return
+    token = _bound.set(None)
+    try:
+        yield
+    finally:
+        _bound.reset(token)
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
@@ -81,7 +107,7 @@ class _RequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(level, msg, *(escape(a) if isinstance(a, str) else a for a in args), **kwargs)
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        request_id = _request_id.get() or "-"
+        request_id = current_request_id() or "-"
         kwargs.setdefault("extra", {})["request_id"] = request_id
         return f"[{request_id}] {msg}", kwargs
 

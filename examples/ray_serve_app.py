@@ -13,7 +13,8 @@ Each replica builds its own engine (``make_engine`` runs in the replica, on its 
 ``ChatStream`` and middleware; Ray gets ``max_ongoing_requests`` above the app's own limits (the app
 queues and answers 429 itself), a graceful shutdown that covers the longest request (which every request
 ends within), and a router that sends each request to the replica with a free slot, a conversation's
-turns to the replica of its last turn while that one has a free slot.
+turns to the replica of its last turn while that one has a free slot. Ctrl-C drains: open replies end
+(done, or a deadline error frame past ``longest_reply_s``) before Serve shuts down.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import signal
 
 from common import make_engine
 
-from chatstream_asgi.integrations.ray_serve import chat_app
+from chatstream_asgi.integrations.ray_serve import chat_app, shutdown
 
 app = chat_app(
     make_engine,
@@ -52,5 +53,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        shutdown()  # open replies end first (serve.shutdown() alone would cut them)
         ray.shutdown()

@@ -11,14 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from types import FrameType
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from chatstream_asgi.logs import logger
 from chatstream_asgi.types import ASGIMessage, Receive, Scope
 
-__all__ = ["BodyTooLarge", "ClientDisconnected", "ReplayReceive", "SharedReceive", "read_body", "replay_request"]
+__all__ = [
+    "BodyTooLarge",
+    "ClientDisconnected",
+    "ReplayReceive",
+    "SharedReceive",
+    "read_body",
+    "read_request_body",
+    "replay_request",
+    "shared_for",
+    "shared_of",
+    "watched_receive",
+]
 
 
 DISCONNECT: ASGIMessage = {"type": "http.disconnect"}
@@ -74,6 +88,29 @@ async def read_body(scope: ASGIMessage, receive: Receive, max_size: int) -> byte
             chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def read_request_body(request: Request, max_size: int) -> bytes:
+    """A Starlette request's body, at most ``max_size`` bytes (:class:`BodyTooLarge` otherwise): refused on
+    its Content-Length when that says too much, else counted as it arrives (chunked or lying). A
+    ``receive`` that raises is a client that left (Starlette's ``ClientDisconnect``), as in :func:`read_body`."""
+    declared = content_length(request.scope)
+    if declared is not None and declared > max_size:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():  # a body the endpoint already read comes back from its cache
+            size += len(chunk)
+            if size > max_size:
+                raise BodyTooLarge
+            chunks.append(chunk)
+    except (BodyTooLarge, ClientDisconnect):
+        raise
+    except Exception as exc:
+        logger.info("receive failed while the body was read (%r): treated as a disconnect", exc)
+        raise ClientDisconnect from exc
+    return b"".join(chunks)
 
 
 class SharedReceive:
@@ -145,6 +182,33 @@ class ReplayReceive:
             return await self.shared()
         self._readers.append(reader)
         return dict(self._body_message)
+
+
+_shared: ContextVar[tuple[Scope, SharedReceive] | None] = ContextVar("chatstream_shared_receive", default=None)
+
+
+@contextmanager
+def shared_for(scope: Scope, shared: SharedReceive) -> Iterator[None]:
+    """While the app below serves ``scope``, :func:`watched_receive` finds ``shared`` for it. Bound to the
+    scope: a task started from inside this one for another request (a pipelined one) never gets it."""
+    token = _shared.set((scope, shared))
+    try:
+        yield
+    finally:
+        _shared.reset(token)
+
+
+def shared_of(scope: Scope) -> SharedReceive | None:
+    """The :class:`SharedReceive` a middleware above replays ``scope``'s body from, if one does."""
+    bound = _shared.get()
+    return bound[1] if bound is not None and bound[0] is scope else None
+
+
+def watched_receive(scope: Scope, receive: Receive) -> Receive:
+    """What a send loop should watch for the client leaving: the middleware's :class:`SharedReceive` of
+    this request when it replays the body (found whatever wraps ``receive`` on the way down: a
+    ``BaseHTTPMiddleware`` does, and hands each call the replayed body again), else ``receive`` itself."""
+    return shared_of(scope) or receive
 
 
 def replay_request(scope: Scope, body: bytes, shared: SharedReceive) -> Request:

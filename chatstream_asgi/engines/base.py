@@ -1,9 +1,14 @@
-"""The engine protocol: what the front door asks of a token generator.
+"""The engine contract: what the front door asks of a token generator, declared once.
 
-An engine turns a :class:`GenerationRequest` (chat messages plus sampling parameters) into a
-:class:`GenerationStream`, an async iterator of text deltas. Engines that generate on another
-thread (the transformers engine) hand deltas back through :class:`QueueStream`; engines that
-generate on the event loop (the mock) may subclass :class:`GenerationStream` directly.
+An engine turns a :class:`GenerationRequest` (chat messages, the prompt they render to, sampling
+parameters) into a :class:`GenerationStream`, an async iterator of text deltas. Engines that
+generate on another thread (the transformers engine) hand deltas back through :class:`QueueStream`;
+engines that generate on the event loop (the mock) may subclass :class:`GenerationStream` directly.
+
+:class:`Engine` lists every member the service, the server, the pool and the CLI use. Subclass it:
+the members an engine has no use for (a prefix cache's counters, a static cache's usage, sessions
+to release, a load it can report) then have their neutral defaults, and nothing above this layer
+asks whether an engine has a member. :class:`~chatstream_asgi.EnginePool` forwards each one.
 
 Cancellation is explicit: the send loop calls :meth:`GenerationStream.cancel` when the client
 leaves or the stream ends early, and the engine drops that sequence at its next step.
@@ -14,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, Literal
 
 __all__ = [
     "ChatMessage",
@@ -26,8 +32,11 @@ __all__ = [
     "GenerationParams",
     "GenerationRequest",
     "GenerationStream",
+    "MemberStatus",
     "PromptTooLong",
     "QueueStream",
+    "RemoteLoad",
+    "tagged_prompt",
 ]
 
 ChatMessage = dict[str, str]
@@ -44,9 +53,21 @@ class PromptTooLong(EngineError):
     """The prompt does not fit the model's context together with ``max_new_tokens``."""
 
 
+def tagged_prompt(messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+    """``<|role|>``-tagged text: the prompt of an engine without a chat template."""
+    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+    return text + "<|assistant|>\n" if add_generation_prompt else text
+
+
 @dataclass(frozen=True)
 class GenerationParams:
-    """Sampling parameters of one request. ``temperature == 0`` means greedy decoding."""
+    """Sampling parameters of one request. ``temperature == 0`` means greedy decoding.
+
+    ``repetition_penalty`` divides (multiplies, when negative) the logit of every token already seen,
+    once per distinct token; ``penalize_prompt_tokens`` says whether the prompt's tokens count as seen
+    (as in transformers and vLLM) or only the reply's (an answer may then reuse the question's words:
+    "What is 2 + 2?" → "... is 4").
+    """
 
     temperature: float = 0.7
     top_k: int = 50
@@ -55,11 +76,18 @@ class GenerationParams:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    penalize_prompt_tokens: bool = True
 
 
 @dataclass
 class GenerationRequest:
     """What the front door hands an engine: the conversation so far and how to sample.
+
+    ``prompt`` is ``messages`` as the engine's :meth:`Engine.render_prompt` rendered them and
+    ``prompt_tokens`` its count by :meth:`Engine.count_tokens`: the service fits the conversation
+    to the context with them (off the event loop for a long one), so an engine uses them rather
+    than render again; ``None`` (a request built by hand) lets the engine render ``messages`` itself.
+    An engine that sends messages elsewhere (a remote) uses ``messages``.
 
     ``session_key`` names the conversation (the same for all its turns, ``None`` for stateless
     requests): a pool sends a conversation's turns to the engine that served the last one, whose
@@ -71,6 +99,31 @@ class GenerationRequest:
     params: GenerationParams = field(default_factory=GenerationParams)
     ignore_eos: bool = False
     session_key: str | None = None
+    prompt: str | None = None
+    prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class RemoteLoad:
+    """An engine's own report of its load: requests running or waiting there (from every client,
+    not only this front end), its slots when it says, and which endpoint said so."""
+
+    busy: int
+    capacity: int | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """One engine behind a pool as ``/get_load`` and the metrics show it: ``where`` it runs (a device or a
+    URL), whether the pool routes to it, its open streams, the seconds until it is tried again while it is
+    down, and the failure that put it down (``""`` when none)."""
+
+    where: str
+    healthy: bool
+    active: int
+    retry_in: float = 0.0
+    error: str = ""
 
 
 class GenerationStream:
@@ -196,12 +249,32 @@ class QueueStream(GenerationStream):
         self._loop.call_soon_threadsafe(lambda: fn(*args, **kwargs))  # type: ignore[operator]
 
 
-@runtime_checkable
-class Engine(Protocol):
-    """What every engine provides. Engines are shared by all requests of a process."""
+class Engine:
+    """What every engine provides; engines are shared by all requests of a process.
+
+    A subclass must set :attr:`model_name` and :attr:`context_len` and implement :meth:`generate`,
+    :meth:`render_prompt` and :meth:`count_tokens`; every other member has a default that suits an
+    engine without that feature. The service reads them all directly, so an engine that does not
+    subclass :class:`Engine` must define every member itself.
+    """
 
     model_name: str
     context_len: int
+
+    default_generation_params: Mapping[str, Any] = MappingProxyType({})
+    """The sampling that suits the model, by :class:`GenerationParams` field (``temperature``,
+    ``repetition_penalty``, ``penalize_prompt_tokens``, ...); ``ChatStream`` uses them where its own
+    options are unset. Empty: :class:`GenerationParams`' defaults."""
+    max_batch_size: int | None = None
+    """Sequences generated at once (its slots), where the engine has a fixed number."""
+    kv_cache_usage: float = 0.0
+    """Share of a static KV cache's slots in use (``chatstream_kv_cache_usage_ratio``); 0 without one."""
+    prefix_hit_tokens: int = 0
+    """Prompt tokens reused from a prefix cache so far (``chatstream_prefix_cache_hit_tokens_total``)."""
+    prefill_tokens: int = 0
+    """Prompt tokens computed by prefill so far (``chatstream_prefill_tokens_total``)."""
+    where: str = ""
+    """Where it generates (a device such as ``cuda:1``, a server's URL), for logs and a pool's status."""
 
     async def start(self) -> None:
         """Load and start (idempotent). Called at lifespan startup or on first use."""
@@ -211,12 +284,26 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         """Begin generating; must not block the event loop."""
-        ...
+        raise NotImplementedError
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt text the model would see for ``messages`` (the chat template)."""
-        ...
+    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text the model would see for ``messages`` (the chat template); with
+        ``add_generation_prompt=False`` the conversation as it stands, without the opening of the next reply."""
+        raise NotImplementedError
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Number of prompt tokens for ``messages``."""
-        ...
+        raise NotImplementedError
+
+    def release_session(self, session_key: str) -> int:
+        """Free what the conversation ``session_key`` holds in the engine (its context was cleared);
+        returns the KV tokens freed."""
+        return 0
+
+    def members(self) -> tuple[MemberStatus, ...]:
+        """The engines behind this one (a pool's members), each with its health; empty for a single engine."""
+        return ()
+
+    async def probe_load(self) -> RemoteLoad | None:
+        """The engine's own report of its load (a remote server's), for a pool to route by; None: no report."""
+        return None

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from chatstream_asgi.engines.base import ChatMessage, EngineError, GenerationRequest, GenerationStream
+from chatstream_asgi.engines.base import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationStream,
+    tagged_prompt,
+)
 
 __all__ = ["MockEngine", "MockParams"]
 
@@ -92,8 +99,8 @@ class _MockStream(GenerationStream):
         raise StopAsyncIteration
 
 
-class MockEngine:
-    """An :class:`~chatstream_asgi.engine.Engine` that needs no model."""
+class MockEngine(Engine):
+    """An :class:`~chatstream_asgi.Engine` that needs no model."""
 
     context_len = 4096
 
@@ -101,12 +108,6 @@ class MockEngine:
         self.params = params or MockParams()
         self.model_name = model_name
         self._round = itertools.count()
-
-    async def start(self) -> None:
-        """Nothing to load."""
-
-    async def shutdown(self) -> None:
-        """Nothing to release."""
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         limit = request.params.max_new_tokens
@@ -122,8 +123,8 @@ class MockEngine:
         tokens = _cut_at_stop(tokens[:limit], request.params.stop)
         return _MockStream(request, tokens, self.params, cut and len(tokens) == limit)
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        return tagged_prompt(messages, add_generation_prompt=add_generation_prompt)
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(tokenize(self.render_prompt(messages)))

@@ -2,8 +2,8 @@
 
 A member's load is the larger of what the pool itself sees (the streams it handed to that member
 that have not yet finished or been cancelled) and what the member reports about itself, polled
-every ``load_interval`` seconds from members that have ``probe_load()`` (a remote's ``/get_load``,
-``/slots`` or ``/metrics``: see :meth:`~chatstream_asgi.OpenAIEngine.probe_load`), plus the
+every ``load_interval`` seconds from members that report one (``probe_load()``: a remote's ``/get_load``,
+``/slots`` or ``/metrics``, see :meth:`~chatstream_asgi.OpenAIEngine.probe_load`), plus the
 streams the pool opened or closed there since. The report counts every client of that remote, so
 several front replicas sharing the same remotes balance correctly. With a reported capacity, load
 is relative to it, and a member with a free slot goes first. Ties go round robin. A member whose request failed with
@@ -11,6 +11,12 @@ is relative to it, and a member with a free slot goes first. Ties go round robin
 skipped for ``cooldown`` seconds, then tried again. A request whose member fails that way, or
 answers :class:`~chatstream_asgi.EngineOverloaded`, before any text is retried
 once on each other member; after the first delta, errors reach the caller as they are.
+
+A member whose generation fails (a local engine whose step raised: a failing GPU) fails only the
+requests it holds; the pool then routes around it for ``cooldown`` seconds, doubling with each
+failure in a row (up to ``max_cooldown``) and back to one cooldown once it serves a reply. Such a
+request is not retried elsewhere: the failure may be the request's own, and retrying it could take
+every member down. :meth:`members` says which members are down and why (``/get_load``, the metrics).
 
 Session affinity: a request with a ``session_key`` goes to the member that served that
 conversation's last turn, whose prefix cache still holds its keys and values (KV is local to a
@@ -27,10 +33,19 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from chatstream_asgi.engines.base import ChatMessage, Engine, GenerationRequest, GenerationStream
-from chatstream_asgi.engines.remote import EngineOverloaded, EngineUnavailable, RemoteLoad
+from chatstream_asgi.engines.base import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationStream,
+    MemberStatus,
+    RemoteLoad,
+)
+from chatstream_asgi.engines.remote import EngineOverloaded, EngineRefused, EngineUnavailable
 
 __all__ = ["EnginePool"]
 
@@ -39,13 +54,16 @@ logger = logging.getLogger("chatstream_asgi.pool")
 _AFFINITY_KEYS = 65536  # conversations remembered (least recently routed forgotten first)
 
 
-class EnginePool:
-    """An :class:`~chatstream_asgi.engine.Engine` over ``engines`` (remote or local, mixed freely).
+class EnginePool(Engine):
+    """An :class:`~chatstream_asgi.Engine` over ``engines`` (remote or local, mixed freely).
 
-    ``model_name`` defaults to the first member's; ``context_len`` is the smallest member's;
-    :meth:`render_prompt` and :meth:`count_tokens` are the first member's, so members should
-    serve the same model. :attr:`active`, :attr:`reported` and :attr:`healthy` show the pool's view
-    per member. ``load_interval=None`` turns polling off (route by the pool's own counts only).
+    Every member of the engine contract is forwarded: ``model_name`` defaults to the first member's;
+    ``context_len`` is the smallest member's; :meth:`render_prompt`, :meth:`count_tokens` and
+    ``default_generation_params`` are the first member's, so members should serve the same model;
+    ``max_batch_size`` is the members' total (None when one has no fixed number), ``kv_cache_usage``
+    their mean, the prefix counters their sums; :meth:`release_session` frees the conversation on
+    every member. :attr:`active`, :attr:`reported` and :attr:`healthy` show the pool's view per
+    member. ``load_interval=None`` turns polling off (route by the pool's own counts only).
     """
 
     def __init__(
@@ -53,6 +71,7 @@ class EnginePool:
         engines: Sequence[Engine],
         *,
         cooldown: float = 10.0,
+        max_cooldown: float = 300.0,
         model_name: str | None = None,
         load_interval: float | None = 1.0,
     ) -> None:
@@ -60,11 +79,14 @@ class EnginePool:
             raise ValueError("EnginePool needs at least one engine")
         self.engines = list(engines)
         self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
         self.load_interval = load_interval
         self._model_name = model_name
         self._active = [0] * len(self.engines)
         self._reported: list[tuple[RemoteLoad, int] | None] = [None] * len(self.engines)  # (report, own count then)
         self._down_until = [0.0] * len(self.engines)
+        self._failures = [0] * len(self.engines)  # failed generations in a row, per member
+        self._errors = [""] * len(self.engines)  # what put each member down last
         self._next = 0
         self._affinity: OrderedDict[str, int] = OrderedDict()  # session key -> member that served it last
         self._lock = threading.Lock()  # GenerationStream.cancel may come from any thread
@@ -79,6 +101,19 @@ class EnginePool:
         return min(engine.context_len for engine in self.engines)
 
     @property
+    def default_generation_params(self) -> Mapping[str, Any]:  # type: ignore[override]
+        return self.engines[0].default_generation_params
+
+    @property
+    def max_batch_size(self) -> int | None:  # type: ignore[override]
+        slots = [engine.max_batch_size for engine in self.engines]
+        return None if None in slots else sum(slots)  # type: ignore[arg-type]
+
+    @property
+    def kv_cache_usage(self) -> float:  # type: ignore[override]
+        return sum(engine.kv_cache_usage for engine in self.engines) / len(self.engines)
+
+    @property
     def active(self) -> tuple[int, ...]:
         """Open streams per member."""
         return tuple(self._active)
@@ -90,22 +125,35 @@ class EnginePool:
 
     @property
     def healthy(self) -> tuple[bool, ...]:
-        """Per member: False while it cools down after a connection failure."""
+        """Per member: False while it cools down after a connection failure or a failed generation."""
         now = time.monotonic()
         return tuple(until <= now for until in self._down_until)
+
+    def members(self) -> tuple[MemberStatus, ...]:
+        now = time.monotonic()
+        with self._lock:
+            return tuple(
+                MemberStatus(
+                    where=engine.where or f"member {i}",
+                    healthy=self._down_until[i] <= now,
+                    active=self._active[i],
+                    retry_in=round(max(self._down_until[i] - now, 0.0), 3),
+                    error=self._errors[i] if self._down_until[i] > now else "",
+                )
+                for i, engine in enumerate(self.engines)
+            )
 
     async def start(self) -> None:
         """Start every member, then poll the loads of those that report one."""
         await asyncio.gather(*(engine.start() for engine in self.engines))
-        if self.load_interval and self._poller is None and any(hasattr(e, "probe_load") for e in self.engines):
+        if self.load_interval and self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll_loads(self.load_interval))
 
     async def refresh_loads(self) -> None:
-        """Ask every member that can report its own load for it, now."""
-        members = [(i, engine) for i, engine in enumerate(self.engines) if hasattr(engine, "probe_load")]
-        loads = await asyncio.gather(*(engine.probe_load() for _, engine in members), return_exceptions=True)
+        """Ask every member for its own report of its load, now (members that report none give None)."""
+        loads = await asyncio.gather(*(engine.probe_load() for engine in self.engines), return_exceptions=True)
         with self._lock:
-            for (i, _), load in zip(members, loads, strict=True):
+            for i, load in enumerate(loads):
                 self._reported[i] = (load, self._active[i]) if isinstance(load, RemoteLoad) else None
 
     async def _poll_loads(self, interval: float) -> None:
@@ -132,27 +180,27 @@ class EnginePool:
         """A stream from the least-loaded healthy member."""
         return _PoolStream(self, request)
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        return self.engines[0].render_prompt(messages)
+    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        return self.engines[0].render_prompt(messages, add_generation_prompt=add_generation_prompt)
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return self.engines[0].count_tokens(messages)
 
     @property
-    def prefix_hit_tokens(self) -> int:
-        """Prompt tokens the members reused from their prefix caches (0 for members without one)."""
-        return sum(getattr(e, "prefix_hit_tokens", 0) for e in self.engines)
+    def prefix_hit_tokens(self) -> int:  # type: ignore[override]
+        """Prompt tokens the members reused from their prefix caches."""
+        return sum(e.prefix_hit_tokens for e in self.engines)
 
     @property
-    def prefill_tokens(self) -> int:
-        """Prompt tokens the members computed (0 for members that do not count them)."""
-        return sum(getattr(e, "prefill_tokens", 0) for e in self.engines)
+    def prefill_tokens(self) -> int:  # type: ignore[override]
+        """Prompt tokens the members computed."""
+        return sum(e.prefill_tokens for e in self.engines)
 
     def release_session(self, session_key: str) -> int:
         """Forget the conversation's member and free what the members hold for it (tokens freed)."""
         with self._lock:
             self._affinity.pop(session_key, None)
-        return sum(e.release_session(session_key) for e in self.engines if hasattr(e, "release_session"))
+        return sum(e.release_session(session_key) for e in self.engines)
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -195,8 +243,8 @@ class EnginePool:
 
     def _has_room(self, index: int, least: int) -> bool:
         """A free slot on member ``index`` (its ``max_batch_size`` if it has one, else no more load than ``least``)."""
-        slots = getattr(self.engines[index], "max_batch_size", None)
-        return self._active[index] < slots if isinstance(slots, int) else self._active[index] <= least
+        slots = self.engines[index].max_batch_size
+        return self._active[index] < slots if slots is not None else self._active[index] <= least
 
     def _release(self, index: int) -> None:
         with self._lock:
@@ -206,6 +254,27 @@ class EnginePool:
         logger.warning("engine %d unavailable for %.1f s: %s", index, self.cooldown, error)
         with self._lock:
             self._down_until[index] = time.monotonic() + self.cooldown
+            self._errors[index] = f"unavailable: {error}"
+
+    def _mark_failing(self, index: int, error: BaseException) -> None:
+        """Member ``index`` failed a generation: route around it, longer with each failure in a row (the
+        requests a failing step ended together, while it is already down, are one failure)."""
+        now = time.monotonic()
+        with self._lock:
+            self._errors[index] = f"generation failed: {error}"
+            if self._down_until[index] > now:
+                return
+            self._failures[index] += 1
+            pause = min(self.cooldown * 2 ** (self._failures[index] - 1), self.max_cooldown)
+            self._down_until[index] = now + pause
+        where = self.engines[index].where or f"member {index}"
+        logger.warning("engine %d (%s) failed a generation; not routed to for %.0f s: %s", index, where, pause, error)
+
+    def _mark_serving(self, index: int) -> None:
+        """Member ``index`` finished a reply: its next failure counts from one again."""
+        if self._failures[index]:
+            with self._lock:
+                self._failures[index] = 0
 
 
 class _PoolStream(GenerationStream):
@@ -267,6 +336,8 @@ class _PoolStream(GenerationStream):
             except StopAsyncIteration:
                 self._release()
                 self._copy_result(inner)
+                if inner.finish_reason in ("stop", "length"):
+                    self._pool._mark_serving(self.index)
                 raise
             except (EngineUnavailable, EngineOverloaded) as exc:
                 self._release()
@@ -278,9 +349,11 @@ class _PoolStream(GenerationStream):
                 logger.info("request %s: engine %d failed (%s); trying another", self.request_id, self.index, exc)
                 self._inner = self._open()
                 continue
-            except Exception:
+            except Exception as exc:
                 self._release()
                 self._copy_result(inner)
+                if isinstance(exc, EngineError) and not isinstance(exc, EngineRefused) and not self.cancelled:
+                    self._pool._mark_failing(self.index, exc)
                 raise
             self._yielded = True
             self.completion_tokens = inner.completion_tokens

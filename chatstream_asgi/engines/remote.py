@@ -9,7 +9,7 @@ remote server sees a disconnect and frees its slot.
 to route by: chatstream-asgi's ``/get_load``, llama.cpp server's ``/slots`` or the ``/metrics`` of
 vLLM, llama.cpp or TGI, whichever answers first (remembered); llama-cpp-python's server has none.
 
-Remote failures become :class:`~chatstream_asgi.engine.EngineError` (the front door ends the
+Remote failures become :class:`~chatstream_asgi.EngineError` (the front door ends the
 request as ``unknown_error_occurred``: a 500 JSON error before any text, an error frame after):
 :class:`EngineOverloaded` for 429 and 503 (the remote's queue is full), :class:`EngineUnavailable`
 when the remote cannot be reached, plain :class:`EngineError` for any other 4xx/5xx or a broken
@@ -24,15 +24,23 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from chatstream_asgi.engines.base import ChatMessage, EngineError, GenerationRequest, GenerationStream, QueueStream
+from chatstream_asgi.engines.base import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    GenerationStream,
+    QueueStream,
+    RemoteLoad,
+    tagged_prompt,
+)
 
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["CHARS_PER_TOKEN", "EngineOverloaded", "EngineUnavailable", "OpenAIEngine", "RemoteLoad"]
+__all__ = ["CHARS_PER_TOKEN", "EngineOverloaded", "EngineRefused", "EngineUnavailable", "OpenAIEngine", "RemoteLoad"]
 
 logger = logging.getLogger("chatstream_asgi.remote")
 
@@ -43,16 +51,6 @@ DEFAULT_CONTEXT_LEN = 8192
 _OVERLOADED = frozenset({429, 503})
 _FINISH_REASONS = {"length": "length"}  # "stop", "eos_token", "stop_sequence", ... all mean stop
 _MAX_ERROR_BODY = 64 * 1024
-
-
-@dataclass(frozen=True)
-class RemoteLoad:
-    """A remote server's own report of its load: requests running or waiting there (from every
-    client, not only this front end), its slots when it says, and which endpoint said so."""
-
-    busy: int
-    capacity: int | None = None
-    source: str = ""
 
 
 def _from_get_load(response: httpx.Response) -> RemoteLoad | None:
@@ -108,12 +106,17 @@ class EngineOverloaded(EngineError):
     """The remote server is full (it answered 429 or 503); another replica may have room."""
 
 
+class EngineRefused(EngineError):
+    """The remote server refused this request (another 4xx answer): the request's fault, not the server's,
+    so a pool keeps routing to it."""
+
+
 class EngineUnavailable(EngineError):
     """The remote server could not be reached (connection refused, reset or timed out before a response)."""
 
 
-class OpenAIEngine:
-    """An :class:`~chatstream_asgi.engine.Engine` backed by a remote OpenAI-compatible server.
+class OpenAIEngine(Engine):
+    """An :class:`~chatstream_asgi.Engine` backed by a remote OpenAI-compatible server.
 
     ``base_url`` is the server's root or its ``/v1`` root (``http://host:8000`` or
     ``http://host:8000/v1``). ``model`` is sent with each request; without it, :meth:`start`
@@ -150,6 +153,7 @@ class OpenAIEngine:
     ) -> None:
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith("/v1") else root + "/v1"
+        self.where = self.base_url
         self.model = model
         self.api_key = api_key
         self.timeout = timeout
@@ -201,11 +205,13 @@ class OpenAIEngine:
         task.add_done_callback(self._tasks.discard)
         return stream
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
+    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
         """The tokenizer's chat template, or ``<|role|>``-tagged text without a tokenizer."""
         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+            return self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        return tagged_prompt(messages, add_generation_prompt=add_generation_prompt)
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Prompt tokens: counted by the tokenizer, else estimated from the length of the prompt text."""
@@ -452,5 +458,5 @@ def _status_error(url: str, status: int, body: bytes) -> EngineError:
     text = body.decode(errors="replace")
     with contextlib.suppress(ValueError):
         text = _message(json.loads(text))
-    error = EngineOverloaded if status in _OVERLOADED else EngineError
+    error = EngineOverloaded if status in _OVERLOADED else EngineRefused if 400 <= status < 500 else EngineError
     return error(f"{url} answered {status}: {text[:500]}")

@@ -69,11 +69,9 @@ class Framer:
         return b""
 
     def error(self, error: str, detail: str) -> bytes:
+        """The error frame that ends a stream already under way (before it started, the
+        :mod:`~chatstream_asgi.protocols.dialect` gives the JSON error instead)."""
         return (ERROR_MARKER + _dumps({"error": error, "detail": detail})).encode()
-
-    def error_json(self, error: str, detail: str) -> dict[str, Any]:
-        """The JSON body of an error response sent before the stream started (status 500)."""
-        return {"error": error, "detail": detail}
 
 
 class ChatStreamFramer(Framer):

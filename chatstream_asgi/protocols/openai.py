@@ -94,10 +94,7 @@ class _OpenAIFramer(Framer):
         self.created = created
 
     def error(self, error: str, detail: str) -> bytes:
-        return f"data: {_dumps(self.error_json(error, detail))}\n\n".encode()
-
-    def error_json(self, error: str, detail: str) -> dict[str, Any]:
-        return error_body(detail, "server_error", error)
+        return f"data: {_dumps(error_body(detail, 'server_error', error))}\n\n".encode()
 
 
 class OpenAIChunkFramer(_OpenAIFramer):

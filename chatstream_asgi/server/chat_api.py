@@ -3,8 +3,8 @@
 JSON in, JSON out. Session endpoints use the session of the ``chatstream_session`` cookie or the
 ``X-Session-Id`` header (a fresh one when missing) and answer with ``X-Session-Id`` (and
 ``Set-Cookie`` for a new session). Errors: ``400 {"error": "invalid_request", "detail": ...}``
-(counted in ``chatstream_rejected_total``),
-``404 {"error": "not_found", "detail": ...}``.
+and ``503 {"error": "session_store_unavailable", ...}`` (both counted in
+``chatstream_rejected_total``), ``404 {"error": "not_found", "detail": ...}``.
 
 ==========================  ======  ============================================================
 endpoint                    method  request → response
@@ -48,14 +48,14 @@ from chatstream_asgi.asgi.responses import send_bytes, send_json
 from chatstream_asgi.logs import logger
 from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, validate_params
 from chatstream_asgi.service.outcomes import Rejection
+from chatstream_asgi.service.preparation import session_store_unavailable
 from chatstream_asgi.service.prompts import public
 from chatstream_asgi.sessions.store import Session, update_session
+from chatstream_asgi.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from chatstream_asgi.service.chatstream import ChatStream
+    from chatstream_asgi.server.chatstream import ChatStream
     from chatstream_asgi.sessions.manager import OpenSession
-
-from chatstream_asgi.types import Receive, Scope, Send
 
 __all__ = ["SESSION_PARAMS", "ChatAPI", "resource_usage"]
 
@@ -121,9 +121,7 @@ class ChatAPI:
                 return cleared
 
             cleared = await update_session(self.cs.sessions.store, opened.session.id, clear)
-            release = getattr(self.cs.engine, "release_session", None)  # the engine's prefix cache entries
-            if release is not None:
-                release(opened.session.id)
+            self.cs.engine.release_session(opened.session.id)  # the engine's prefix cache entries
             await self._reply(send, opened, {"cleared": cleared})
 
     async def get_prompt(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
@@ -175,7 +173,7 @@ class ChatAPI:
             if not await update_session(self.cs.sessions.store, opened.session.id, give):
                 headers = self.cs.sessions.headers(opened)
                 detail = f"no reply with id {message_id!r} in this session"
-                await send_json(send, 404, {"error": "not_found", "detail": detail}, headers)
+                await send_json(send, 404, self.cs.chat_dialect.error(404, "not_found", detail), headers)
                 return
             await self._feedback_callback(scope, receive, body, message_id, feedback)
             await self._reply(send, opened, {"message_id": message_id, "feedback": feedback})
@@ -222,15 +220,14 @@ class _SessionScope:
         try:
             self.opened = await self.cs.sessions.open(self.scope)
         except Exception:  # the session store failed (an unreachable Redis, say): 503, as on the chat path
-            logger.exception("loading the session failed")
-            detail = "the session store is unavailable"
-            raise Rejection(503, "session_store_unavailable", detail, {"error": "session_store_unavailable"}) from None
+            raise session_store_unavailable() from None
         return self.opened
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         if isinstance(exc, InvalidRequest):
             assert self.opened is not None
             headers = self.cs.sessions.headers(self.opened)
-            await self.cs.outcomes.reject(self.send, Rejection(400, "invalid_request", exc.detail), headers)
+            rejection = Rejection(400, "invalid_request", exc.detail, headers=headers)
+            await self.cs.outcomes.reject(self.send, self.cs.chat_dialect, rejection)
             return True
         return False

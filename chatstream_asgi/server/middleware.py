@@ -22,10 +22,14 @@ from chatstream_asgi.asgi.replay import (
     SharedReceive,
     read_body,
     replay_request,
+    shared_for,
+    shared_of,
 )
+from chatstream_asgi.asgi.request_id import request_id_scope
 from chatstream_asgi.asgi.responses import send_json
-from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, bind_request_id, logger
-from chatstream_asgi.protocols.openai import error_body
+from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER, current_request_id, logger, unbind_request_id
+from chatstream_asgi.protocols.dialect import CHAT, Dialect
+from chatstream_asgi.server.chatstream import ChatStream
 from chatstream_asgi.server.routes import (
     ADMIN_ENDPOINTS,
     DEFAULT_ENDPOINTS,
@@ -34,10 +38,10 @@ from chatstream_asgi.server.routes import (
     extra_endpoints,
     protect,
 )
-from chatstream_asgi.service.chatstream import ChatStream
+from chatstream_asgi.service.exchange import Exchange
 from chatstream_asgi.service.outcomes import Rejection
-from chatstream_asgi.service.replies import SHARED_RECEIVE_KEY
-from chatstream_asgi.service.tenants import TENANT_KEY, TenantSource
+from chatstream_asgi.service.tenants import TenantSource
+from chatstream_asgi.states import CompletionState
 from chatstream_asgi.types import ASGIApp, ASGIMessage, Callback, Receive, Scope, Send
 
 __all__ = ["ChatStreamMiddleware", "route_path"]
@@ -88,9 +92,9 @@ class ChatStreamMiddleware:
         self.callback = callback
         self.replay_paths = frozenset(replay_paths)
         self.routes: dict[str, Endpoint] = {}
-        self._request_id_header = (
-            chat_stream.request_id_header if chat_stream is not None else DEFAULT_REQUEST_ID_HEADER
-        )
+        config = chat_stream.config if chat_stream is not None else None
+        self._request_id_header = config.request_id_header if config is not None else DEFAULT_REQUEST_ID_HEADER
+        self._echo_request_id = config.echo_request_id if config is not None else True
         if chat_stream is not None:
             known = extra_endpoints(chat_stream)
             for name, path in {**DEFAULT_ENDPOINTS, **(endpoints or {})}.items():
@@ -111,13 +115,16 @@ class ChatStreamMiddleware:
         if scope_type == "http":
             path = route_path(scope)
             route = self.routes.get(path)
-            if route is not None:
-                with bind_request_id(scope, self._request_id_header):
-                    await self._serve(route, scope, receive, send)
+            if route is not None or path in self.replay_paths:
+                with request_id_scope(scope, send, self._request_id_header, echo=self._echo_request_id) as send:
+                    if route is not None:
+                        await self._serve(route, scope, receive, send)
+                    else:
+                        await self._replay(scope, receive, send)
                 return
-            if path in self.replay_paths:
-                with bind_request_id(scope, self._request_id_header):
-                    await self._replay(scope, receive, send)
+            if current_request_id() is not None:  # maybe inherited from the task that started this one
+                with unbind_request_id(scope):
+                    await self.app(scope, receive, send)
                 return
         elif scope_type == "lifespan" and self.chat_stream is not None:
             await self.app(scope, self._lifespan_receive(receive), send)
@@ -125,45 +132,45 @@ class ChatStreamMiddleware:
         await self.app(scope, receive, send)
 
     async def _serve(self, route: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
-        assert self.chat_stream is not None
+        cs = self.chat_stream
+        assert cs is not None
         if scope["method"] not in route.methods:
-            allow = ", ".join(sorted(route.methods)).encode()
-            detail = f"{scope['method']} is not allowed here; use {allow.decode()}"
-            body = error_body(detail, "invalid_request_error", "method_not_allowed") if route.openai else None
-            await send_json(send, 405, body or {"error": "method_not_allowed", "detail": detail}, [(b"allow", allow)])
+            allow = ", ".join(sorted(route.methods))
+            detail = f"{scope['method']} is not allowed here; use {allow}"
+            body = route.dialect.error(405, "method_not_allowed", detail)
+            await send_json(send, 405, body, [(b"allow", allow.encode())])
             return
         if not route.reads_body:
             await self._call_api(route, scope, receive, send, b"")
             return
-        cs = self.chat_stream
-        # A chat request whose task is cancelled while its body arrives (its client left) still ends in a state.
+        exchange = None
         guard: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
-        if route.chat:
+        if route.chat:  # a chat request whose task is cancelled while its body arrives still ends in a state
             gone = replay_request(scope, b"", SharedReceive(receive, disconnected=True))
-            guard = cs.reports_cancellation(gone, self.callback)
+            exchange = Exchange(scope, receive, send, gone, route.dialect, self.callback, tenant=self.tenant)
+            guard = cs.outcomes.reports_cancellation(exchange)
         try:
             async with guard:
                 body = await read_body(scope, receive, self.max_body_size)
         except BodyTooLarge:
-            await cs.reject_body_too_large(send, self.max_body_size, openai=route.openai)
+            await self._body_too_large(send, route.dialect)
             return
         except ClientDisconnected as exc:
-            if route.chat:
-                request = replay_request(scope, exc.body, SharedReceive(receive, disconnected=True))
-                await cs.report_early_disconnect(request, self.callback)
+            if exchange is not None:
+                exchange.request = replay_request(scope, exc.body, SharedReceive(receive, disconnected=True))
+                await cs.outcomes.end(exchange, CompletionState.CLIENT_DISCONNECTED_BEFORE_STREAMING)
             return
-        shared = SharedReceive(receive)
-        scope[SHARED_RECEIVE_KEY] = shared
-        if self.tenant is not None:
-            scope[TENANT_KEY] = self.tenant
+        outer = shared_of(scope)  # a middleware above replays the body: watch the client through it
+        shared = outer or SharedReceive(receive)
         try:
-            if route.chat:
-                request = replay_request(scope, body, shared)
-                await route.handler(scope, shared, send, body, request=request, callback=self.callback)
+            if exchange is not None:
+                exchange.receive, exchange.request = shared, replay_request(scope, body, shared)
+                await route.handler(exchange, body)
             else:
                 await self._call_api(route, scope, shared, send, body)
         finally:
-            shared.close()
+            if shared is not outer:
+                shared.close()
 
     async def _call_api(self, route: Endpoint, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         """Call an extra endpoint; a failure before its answer started becomes a JSON answer
@@ -182,30 +189,24 @@ class ChatStreamMiddleware:
         except Rejection as rejection:
             if started:
                 raise
-            await cs.outcomes.reject(send, rejection, cs.id_headers())
+            await cs.outcomes.reject(send, route.dialect, rejection)
         except Exception:
             if started:
                 raise
             logger.exception("%s failed", route_path(scope))
-            detail = "the server failed to answer this request"
-            payload = error_body(detail, "server_error", "internal_error") if route.openai else None
-            await send_json(send, 500, payload or {"error": "internal_error", "detail": detail}, cs.id_headers())
+            body = route.dialect.error(500, "internal_error", "the server failed to answer this request")
+            await send_json(send, 500, body)
 
     async def _replay(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             body = await read_body(scope, receive, self.max_body_size)
             shared = SharedReceive(receive)
         except BodyTooLarge:
-            if self.chat_stream is not None:
-                await self.chat_stream.reject_body_too_large(send, self.max_body_size)
-            else:
-                detail = f"the request body is larger than {self.max_body_size} bytes"
-                await send_json(send, 413, {"error": "body_too_large", "detail": detail}, [(b"connection", b"close")])
+            await self._body_too_large(send, CHAT)
             return
         except ClientDisconnected as exc:
             body, shared = exc.body, SharedReceive(receive, disconnected=True)
         replay = ReplayReceive(body, shared)
-        scope[SHARED_RECEIVE_KEY] = shared
 
         async def replay_send(message: ASGIMessage) -> None:
             if message["type"] == "http.response.start":
@@ -213,9 +214,17 @@ class ChatStreamMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, replay, replay_send)
+            with shared_for(scope, shared):
+                await self.app(scope, replay, replay_send)
         finally:
             shared.close()
+
+    async def _body_too_large(self, send: Send, dialect: Dialect) -> None:
+        if self.chat_stream is not None:
+            await self.chat_stream.body_too_large(send, dialect, self.max_body_size)
+            return
+        detail = f"the request body is larger than {self.max_body_size} bytes"
+        await send_json(send, 413, dialect.error(413, "body_too_large", detail), [(b"connection", b"close")])
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         chat_stream = self.chat_stream

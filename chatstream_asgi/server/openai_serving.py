@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.engines.base import ChatMessage, GenerationParams
@@ -17,22 +16,18 @@ from chatstream_asgi.logs import current_request_id
 from chatstream_asgi.protocols.chat import InvalidRequest, apply_params
 from chatstream_asgi.protocols.framing import Framer
 from chatstream_asgi.protocols.openai import (
-    QUEUE_FULL_BODY,
     OpenAIChunkFramer,
     OpenAICompletionFramer,
     OpenAIError,
-    error_body,
     parse_chat_completion,
 )
-from chatstream_asgi.service.chatstream import ChatStream
-from chatstream_asgi.service.outcomes import ChatResult, Rejection
-from chatstream_asgi.service.prompts import TemplateError
+from chatstream_asgi.server.chatstream import ChatStream
+from chatstream_asgi.service.exchange import ChatResult, Exchange
+from chatstream_asgi.service.outcomes import Rejection
+from chatstream_asgi.service.prompts import Prompt, TemplateError
 from chatstream_asgi.service.replies import PreparedChat
 from chatstream_asgi.states import CompletionState
-from chatstream_asgi.types import Callback, Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from starlette.requests import Request
+from chatstream_asgi.types import Receive, Scope, Send
 
 __all__ = ["OpenAIAPI"]
 
@@ -48,54 +43,37 @@ class OpenAIAPI:
         model = {"id": self.cs.engine.model_name, "object": "model", "created": 0, "owned_by": "chatstream-asgi"}
         await send_json(send, 200, {"object": "list", "data": [model]})
 
-    async def chat_completions(
-        self, scope: Scope, receive: Receive, send: Send, body: bytes, *, request: Request, callback: Callback | None
-    ) -> CompletionState | None:
-        """``POST /v1/chat/completions``; None when the request was rejected."""
-        cs = self.cs
-        headers = cs.id_headers()
-        if cs.closing:
-            body_ = error_body("the server is shutting down", "server_error", "server_shutting_down")
-            await send_json(send, 503, body_, headers)
-            return None
-        started_at = time.monotonic()
+    async def chat_completions(self, exchange: Exchange, body: bytes) -> CompletionState | None:
+        """``POST /v1/chat/completions``; None when the request was refused."""
+        return await self.cs.serve(exchange, lambda: self._prepare(body))
+
+    async def _prepare(self, body: bytes) -> PreparedChat:
         try:
             stream, include_usage, messages, params, priority = self._parse(body)
-            messages, prompt = await self._prepare(messages, params)
+            prompt = await self._fit(messages, params)
         except OpenAIError as exc:
-            await cs.outcomes.reject(send, Rejection(400, "invalid_request", exc.message, exc.body()), headers)
-            return None
+            raise Rejection(400, "invalid_request", exc.message, exc.body()) from None
         message_id = uuid.uuid4().hex
-        completion_id, model, created = f"chatcmpl-{message_id}", cs.engine.model_name, int(time.time())
+        completion_id, model, created = f"chatcmpl-{message_id}", self.cs.engine.model_name, int(time.time())
         framer: Framer = (
             OpenAIChunkFramer(completion_id, model, created, include_usage=include_usage)
             if stream
             else OpenAICompletionFramer(completion_id, model, created)
         )
-        result = ChatResult(current_request_id() or "-", message_id, messages, prompt=prompt)
-        chat = PreparedChat(
-            result=result,
-            params=params,
-            framer=framer,
-            headers=headers,
-            queue_full=(429, QUEUE_FULL_BODY),
-            request=request,
-            callback=callback,
-            started_at=started_at,
-            priority=priority,
-        )
-        return await cs.stream(scope, receive, send, chat)
+        result = ChatResult(current_request_id() or "-", message_id, prompt.messages, prompt=prompt.text)
+        return PreparedChat(result, params, framer, prompt_tokens=prompt.tokens, priority=priority)
 
     def _parse(self, body: bytes) -> tuple[bool, bool, list[ChatMessage], GenerationParams, int]:
         parsed = parse_chat_completion(body)
         cs = self.cs
+        limit = cs.config.limits.max_new_tokens
         try:
-            params = apply_params(cs.default_params, parsed.overrides, max_new_tokens=cs.max_new_tokens)
+            params = apply_params(cs.default_params, parsed.overrides, max_new_tokens=limit)
         except InvalidRequest:
-            raise OpenAIError(f"max_tokens must be at most {cs.max_new_tokens}", param="max_tokens") from None
+            raise OpenAIError(f"max_tokens must be at most {limit}", param="max_tokens") from None
         return parsed.stream, parsed.include_usage, parsed.messages, params, parsed.priority
 
-    async def _prepare(self, messages: list[ChatMessage], params: GenerationParams) -> tuple[list[ChatMessage], str]:
+    async def _fit(self, messages: list[ChatMessage], params: GenerationParams) -> Prompt:
         try:
             return await self.cs.prompts.prepare_messages(messages, params.max_new_tokens)
         except TemplateError as exc:

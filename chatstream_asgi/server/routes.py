@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from chatstream_asgi.asgi.responses import send_json
+from chatstream_asgi.protocols.dialect import CHAT, OPENAI, Dialect
 from chatstream_asgi.server.chat_api import ChatAPI
+from chatstream_asgi.server.chatstream import ChatStream
 from chatstream_asgi.server.openai_serving import OpenAIAPI
-from chatstream_asgi.service.chatstream import ChatStream
 from chatstream_asgi.types import Receive, Scope, Send
 
 __all__ = ["ADMIN_ENDPOINTS", "DEFAULT_ENDPOINTS", "Endpoint", "chat_endpoint", "extra_endpoints", "protect"]
@@ -42,15 +43,15 @@ POST = frozenset({"POST"})
 class Endpoint:
     """An endpoint the middleware serves.
 
-    ``handler(scope, receive, send, body)`` gets the buffered body (``b""`` without one); a
-    ``chat`` handler is also given ``request=`` and ``callback=`` and ends in a completion state.
+    ``handler(scope, receive, send, body)`` gets the buffered body (``b""`` without one); a ``chat``
+    handler is ``handler(exchange, body)`` (an :class:`~chatstream_asgi.service.exchange.Exchange`)
+    and ends the request in a completion state. Its errors take the shape of its ``dialect``.
     """
 
     methods: frozenset[str]
     handler: Callable[..., Awaitable[Any]]
     chat: bool = False
-    openai: bool = False
-    """Errors in OpenAI's shape."""
+    dialect: Dialect = CHAT
 
     @property
     def reads_body(self) -> bool:
@@ -60,7 +61,7 @@ class Endpoint:
 
 def chat_endpoint(chat_stream: ChatStream) -> Endpoint:
     """The ``/chat_stream`` endpoint (served on the middleware's ``paths``)."""
-    return Endpoint(POST, chat_stream.serve_chat, chat=True)
+    return Endpoint(POST, chat_stream.serve_chat, chat=True, dialect=chat_stream.chat_dialect)
 
 
 def extra_endpoints(chat_stream: ChatStream) -> dict[str, Endpoint]:
@@ -76,21 +77,22 @@ def extra_endpoints(chat_stream: ChatStream) -> dict[str, Endpoint]:
         "set_feedback": Endpoint(POST, api.set_feedback),
         "get_resource_usage": Endpoint(GET, api.get_resource_usage),
         "metrics": Endpoint(GET, api.metrics),
-        "chat_completions": Endpoint(POST, openai.chat_completions, chat=True, openai=True),
-        "models": Endpoint(GET, openai.models, openai=True),
+        "chat_completions": Endpoint(POST, openai.chat_completions, chat=True, dialect=OPENAI),
+        "models": Endpoint(GET, openai.models, dialect=OPENAI),
     }
 
 
 def protect(endpoint: Endpoint, token: str) -> Endpoint:
-    """``endpoint`` behind ``Authorization: Bearer <token>``: 401 JSON without it."""
+    """``endpoint`` (not a chat one) behind ``Authorization: Bearer <token>``: 401 JSON without it."""
+    assert not endpoint.chat, "protect a chat path with auth middleware outside ChatStreamMiddleware"
     expected = f"Bearer {token}".encode()
 
-    async def guarded(scope: Scope, receive: Receive, send: Send, body: bytes, **kwargs: Any) -> Any:
+    async def guarded(scope: Scope, receive: Receive, send: Send, body: bytes) -> Any:
         given = next((value for name, value in scope.get("headers", ()) if name == b"authorization"), b"")
         if not hmac.compare_digest(given, expected):
             detail = "this endpoint needs Authorization: Bearer <admin token>"
             headers = [(b"www-authenticate", b"Bearer")]
-            return await send_json(send, 401, {"error": "unauthorized", "detail": detail}, headers)
-        return await endpoint.handler(scope, receive, send, body, **kwargs)
+            return await send_json(send, 401, endpoint.dialect.error(401, "unauthorized", detail), headers)
+        return await endpoint.handler(scope, receive, send, body)
 
     return replace(endpoint, handler=guarded)

@@ -8,12 +8,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from chatstream_asgi.engines.base import Engine
 from chatstream_asgi.service.admission import Admission
 from chatstream_asgi.states import CompletionState
 
 __all__ = ["REJECT_REASONS", "Metrics"]
 
-REJECT_REASONS = ("queue_full", "tenant_limit", "invalid_request", "body_too_large")
+REJECT_REASONS = ("queue_full", "tenant_limit", "invalid_request", "body_too_large", "session_store_unavailable")
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -60,9 +61,9 @@ class Metrics:
         self.queue_depth.set_function(lambda: admission.waiting)
         self.active_generations.set_function(lambda: admission.active)
 
-    def observe_engine(self, engine: object) -> None:
-        """Read the engine's ``kv_cache_usage`` at scrape time (0 for engines without a static cache)."""
-        self.kv_cache_usage.set_function(lambda: getattr(engine, "kv_cache_usage", 0.0))
+    def observe_engine(self, engine: Engine) -> None:
+        """Read the engine's ``kv_cache_usage`` and prefix counters at scrape time."""
+        self.kv_cache_usage.set_function(lambda: engine.kv_cache_usage)
         self.registry.register(_PrefixCounters(engine))
 
     def render(self) -> bytes:
@@ -74,12 +75,16 @@ class _PrefixCounters:
     """The engine's prompt token counters, read at scrape time: reused from its prefix cache, and prefilled
     (computed); their ratio is the prefix cache's hit rate. 0 for engines without them."""
 
-    def __init__(self, engine: object) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        for name, attr, doc in (
-            ("chatstream_prefix_cache_hit_tokens", "prefix_hit_tokens", "Prompt tokens reused from the prefix cache."),
-            ("chatstream_prefill_tokens", "prefill_tokens", "Prompt tokens computed by prefill (not reused)."),
-        ):
-            yield CounterMetricFamily(name, doc, value=getattr(self.engine, attr, 0))
+        engine = self.engine
+        yield CounterMetricFamily(
+            "chatstream_prefix_cache_hit_tokens",
+            "Prompt tokens reused from the prefix cache.",
+            value=engine.prefix_hit_tokens,
+        )
+        yield CounterMetricFamily(
+            "chatstream_prefill_tokens", "Prompt tokens computed by prefill (not reused).", value=engine.prefill_tokens
+        )

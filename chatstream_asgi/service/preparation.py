@@ -9,29 +9,32 @@ A ``messages`` request is stateless and leaves the session alone. Anything wrong
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chatstream_asgi.engines.base import GenerationParams
 from chatstream_asgi.logs import current_request_id, logger
 from chatstream_asgi.protocols.chat import InvalidRequest, apply_params, parse_chat_request
 from chatstream_asgi.protocols.framing import FORMATS
-from chatstream_asgi.service.outcomes import ChatResult, Rejection
+from chatstream_asgi.service.exchange import ChatResult
+from chatstream_asgi.service.outcomes import Rejection
 from chatstream_asgi.service.prompts import PromptBuilder, start_turn
 from chatstream_asgi.service.replies import PreparedChat
 from chatstream_asgi.sessions.manager import OpenSession, SessionManager
-from chatstream_asgi.types import Callback, Headers, Scope
+from chatstream_asgi.types import Headers, Scope
 
-if TYPE_CHECKING:
-    from starlette.requests import Request
+__all__ = ["ChatPreparer", "session_store_unavailable"]
 
-__all__ = ["ChatPreparer"]
-
-_QUEUE_FULL_BODY = {"error": "too_many_requests"}
 _FORMATS = frozenset(FORMATS)
+
+
+def session_store_unavailable() -> Rejection:
+    """The answer when the session store fails (an unreachable Redis): 503, counted as
+    ``session_store_unavailable``; the next request tries the store again."""
+    logger.exception("loading the session failed")
+    return Rejection(503, "session_store_unavailable", "the session store is unavailable")
 
 
 @dataclass
@@ -43,28 +46,18 @@ class ChatPreparer:
     default_params: GenerationParams
     max_new_tokens: int
     stream_format: str
-    queue_full_status: int
-    """429, or 200 as in the original library."""
 
-    async def prepare(
-        self,
-        scope: Scope,
-        body: bytes | str | Mapping[str, Any],
-        headers: Headers,
-        *,
-        request: Request,
-        callback: Callback | None,
-    ) -> PreparedChat:
-        """The chat ``body`` asks for. Appends the session's headers to ``headers`` (rejections carry them too)."""
-        started_at = time.monotonic()
+    async def prepare(self, scope: Scope, body: bytes | str | Mapping[str, Any]) -> PreparedChat:
+        """The chat ``body`` asks for, or a :class:`Rejection` (with the session's headers, once opened)."""
         try:
             chat_request = parse_chat_request(body, formats=_FORMATS)
         except InvalidRequest as exc:
             raise Rejection(400, "invalid_request", exc.detail) from None
         opened = None
+        headers: Headers = []
         if chat_request.messages is None:
             opened = await self._open_session(scope)
-            headers += self.sessions.headers(opened)
+            headers = self.sessions.headers(opened)
         overrides = chat_request.generation_params
         if opened is not None:
             overrides = {**opened.session.generation_params, **overrides}
@@ -73,39 +66,30 @@ class ChatPreparer:
             params = apply_params(self.default_params, overrides, max_new_tokens=self.max_new_tokens)
             if opened is None:
                 assert chat_request.messages is not None
-                messages, prompt = await self.prompts.prepare_messages(chat_request.messages, params.max_new_tokens)
+                prompt = await self.prompts.prepare_messages(chat_request.messages, params.max_new_tokens)
             else:
                 history = opened.session.messages
                 turn = start_turn(history, chat_request.user_input, regenerate=chat_request.regenerate)
-                messages, prompt = await self.prompts.prepare_turn(turn, params.max_new_tokens)
+                prompt = await self.prompts.prepare_turn(turn, params.max_new_tokens)
         except InvalidRequest as exc:
-            raise Rejection(400, "invalid_request", exc.detail) from None
+            raise Rejection(400, "invalid_request", exc.detail, headers=headers) from None
         result = ChatResult(
             request_id=current_request_id() or "-",
             message_id=uuid.uuid4().hex,
-            messages=messages,
-            prompt=prompt,
+            messages=prompt.messages,
+            prompt=prompt.text,
             session_id=opened.session.id if opened else None,
             session=opened.session if opened else None,
             turn=turn,
             chat_request=chat_request,
         )
+        framer = FORMATS[chat_request.format or self.stream_format]()
         return PreparedChat(
-            result=result,
-            params=params,
-            framer=FORMATS[chat_request.format or self.stream_format](),
-            headers=headers,
-            queue_full=(self.queue_full_status, _QUEUE_FULL_BODY),
-            request=request,
-            callback=callback,
-            started_at=started_at,
-            priority=chat_request.priority,
+            result, params, framer, prompt_tokens=prompt.tokens, headers=headers, priority=chat_request.priority
         )
 
     async def _open_session(self, scope: Scope) -> OpenSession:
         try:
             return await self.sessions.open(scope)
         except Exception:  # the session store failed (an unreachable Redis, say)
-            logger.exception("loading the session failed")
-            detail = "the session store is unavailable"
-            raise Rejection(503, "session_store_unavailable", detail, {"error": "session_store_unavailable"}) from None
+            raise session_store_unavailable() from None

@@ -1,7 +1,7 @@
 """A session's conversation: messages with ids, regenerate, and fitting the prompt to the context.
 
-History is a list of :data:`~chatstream_asgi.sessions.StoredMessage` (``{"id", "role",
-"content"}``). A reply's id is the one sent in ``X-ChatStream-Last-Generated-ChatMessage-Id``. Only a
+History is a list of :data:`~chatstream_asgi.sessions.store.StoredMessage` (``{"id", "role",
+"content"}``). A reply's id is the one sent in ``X-ChatStream-Last-Generated-Message-Id``. Only a
 finished turn is stored: the user message together with its reply (whole, or partial when the
 client left mid-stream).
 """
@@ -20,6 +20,7 @@ from chatstream_asgi.protocols.chat import InvalidRequest
 from chatstream_asgi.sessions.store import StoredMessage
 
 __all__ = [
+    "Prompt",
     "PromptBuilder",
     "TemplateError",
     "Turn",
@@ -50,6 +51,17 @@ def public(messages: Iterable[StoredMessage]) -> list[StoredMessage]:
 def plain(messages: Iterable[StoredMessage]) -> list[ChatMessage]:
     """The messages as the engine takes them: role and content only."""
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A conversation fitted to the context, as the model will see it: rendered and counted once."""
+
+    messages: list[ChatMessage]
+    text: str
+    """``messages`` through the chat template, with the opening of the reply."""
+    tokens: int
+    """The engine's token count of ``messages``."""
 
 
 @dataclass
@@ -95,15 +107,17 @@ def fit_to_budget(
     history: Sequence[StoredMessage],
     tail: Sequence[ChatMessage],
     budget: int,
-) -> list[ChatMessage]:
+) -> tuple[list[ChatMessage], int]:
     """``system + history + tail``, dropping the oldest turns of ``history`` until it fits ``budget``
-    tokens. Raises :class:`InvalidRequest` when even ``system + tail`` does not fit.
+    tokens, and its token count. Raises :class:`InvalidRequest` when even ``system + tail`` does not fit.
 
     Dropping turns only shortens the prompt, so the first start that fits is found by bisection:
     a long history costs O(log turns) token counts, not one per turn. When every history message
     carries its stored ``"tokens"``, the start is first estimated from them and then checked
     exactly, usually with one or two counts.
     """
+
+    counted: dict[int, int] = {}
 
     def build(start: int) -> list[ChatMessage]:
         return [*system, *plain(history[start:]), *tail]
@@ -113,10 +127,13 @@ def fit_to_budget(
         if not messages:  # nothing to render (some templates refuse an empty conversation)
             return True, 0
         try:
-            used = count_tokens(messages)
+            used = counted[start] = count_tokens(messages)
         except PromptTooLong as exc:
             raise InvalidRequest(str(exc)) from None
         return used <= budget, used
+
+    def fitted(start: int) -> tuple[list[ChatMessage], int]:
+        return build(start), counted[start] if start in counted else fits(start)[1]
 
     # Where a turn may start: the beginning, each later user message, or nothing kept.
     starts = [0, *(i for i, m in enumerate(history) if m["role"] == "user" and i > 0), len(history)]
@@ -129,7 +146,7 @@ def fit_to_budget(
         if not fits(starts[guess])[0]:
             lo = guess + 1
         elif guess == 0 or not fits(starts[guess - 1])[0]:
-            return build(starts[guess])
+            return fitted(starts[guess])
         else:
             hi = guess - 1
     while lo < hi:
@@ -138,7 +155,7 @@ def fit_to_budget(
             hi = mid
         else:
             lo = mid + 1
-    return build(starts[hi])
+    return fitted(starts[hi])
 
 
 def _estimate(history: Sequence[StoredMessage], starts: list[int], room: int) -> int | None:
@@ -192,54 +209,58 @@ class PromptBuilder:
         except Exception as exc:
             raise _template_error(exc) from exc
 
-    def for_messages(self, messages: list[ChatMessage], max_new_tokens: int) -> list[ChatMessage]:
-        """A stateless request's messages; a system message of its own replaces the configured one."""
+    def for_messages(self, messages: list[ChatMessage], max_new_tokens: int) -> tuple[list[ChatMessage], int]:
+        """A stateless request's messages (a system message of its own replaces the configured one), and
+        their token count."""
         system = [] if messages[0]["role"] == "system" else self.system_messages()
         return fit_to_budget(self.count_tokens, system, [], messages, self._budget(max_new_tokens))
 
-    def for_turn(self, turn: Turn, max_new_tokens: int) -> list[ChatMessage]:
-        """A session turn: the history before it (oldest turns dropped first) and its user message."""
+    def for_turn(self, turn: Turn, max_new_tokens: int) -> tuple[list[ChatMessage], int]:
+        """A session turn: the history before it (oldest turns dropped first) and its user message, and
+        their token count."""
         budget = self._budget(max_new_tokens)
         return fit_to_budget(self.count_tokens, self.system_messages(), turn.history, plain([turn.user]), budget)
 
     def history_prompt(self, history: list[StoredMessage], max_new_tokens: int) -> str:
-        """The prompt text a session's history renders to, as the next reply would continue it
-        (``""`` for an empty conversation that the template refuses, as SmolLM2's does)."""
+        """The prompt text a session's history renders to: the conversation as it stands, ending with the
+        last reply (no opening of a next one); ``""`` for an empty conversation that the template refuses,
+        as SmolLM2's does."""
         system = self.system_messages()
         if not system and not history:
             try:
-                return self.engine.render_prompt([])
+                return self.engine.render_prompt([], add_generation_prompt=False)
             except Exception:
                 return ""
         budget = self._budget(max_new_tokens)
-        return self.render(fit_to_budget(self.count_tokens, system, history, [], budget))
+        messages, _ = fit_to_budget(self.count_tokens, system, history, [], budget)
+        return self.render(messages, add_generation_prompt=False)
 
-    def render(self, messages: list[ChatMessage]) -> str:
+    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
         """``messages`` through the model's chat template."""
         try:
-            return self.engine.render_prompt(messages)
+            return self.engine.render_prompt(messages, add_generation_prompt=add_generation_prompt)
         except Exception as exc:
             raise _template_error(exc) from exc
 
     # -- off the event loop ---------------------------------------------------------------
 
-    async def prepare_messages(self, messages: list[ChatMessage], max_new_tokens: int) -> tuple[list[ChatMessage], str]:
-        """:meth:`for_messages` and the prompt it renders to."""
+    async def prepare_messages(self, messages: list[ChatMessage], max_new_tokens: int) -> Prompt:
+        """:meth:`for_messages`, rendered."""
 
-        def prepare() -> tuple[list[ChatMessage], str]:
-            fitted = self.for_messages(messages, max_new_tokens)
-            return fitted, self.render(fitted)
+        def prepare() -> Prompt:
+            fitted, tokens = self.for_messages(messages, max_new_tokens)
+            return Prompt(fitted, self.render(fitted), tokens)
 
         return await self.off_loop(prepare, heavy=_chars(messages) > self.HEAVY_CHARS)
 
-    async def prepare_turn(self, turn: Turn, max_new_tokens: int) -> tuple[list[ChatMessage], str]:
-        """:meth:`for_turn` and the prompt it renders to; the user message gets its token count."""
+    async def prepare_turn(self, turn: Turn, max_new_tokens: int) -> Prompt:
+        """:meth:`for_turn`, rendered; the user message gets its token count."""
 
-        def prepare() -> tuple[list[ChatMessage], str]:
+        def prepare() -> Prompt:
             if "tokens" not in turn.user:
                 turn.user["tokens"] = self.count_tokens(plain([turn.user]))
-            fitted = self.for_turn(turn, max_new_tokens)
-            return fitted, self.render(fitted)
+            fitted, tokens = self.for_turn(turn, max_new_tokens)
+            return Prompt(fitted, self.render(fitted), tokens)
 
         return await self.off_loop(prepare, heavy=_chars([*turn.history, turn.user]) > self.HEAVY_CHARS)
 

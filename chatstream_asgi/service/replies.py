@@ -8,30 +8,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from chatstream_asgi.asgi.sendloop import Reply
 from chatstream_asgi.engines.base import Engine, GenerationParams, GenerationRequest
 from chatstream_asgi.logs import logger
 from chatstream_asgi.protocols.framing import Framer
 from chatstream_asgi.service.admission import Admission, QueueFull
+from chatstream_asgi.service.exchange import ChatResult, Exchange
 from chatstream_asgi.service.metrics import Metrics
-from chatstream_asgi.service.outcomes import RESULT_KEY, ChatResult, Outcomes, Rejection
+from chatstream_asgi.service.outcomes import Outcomes, Rejection
+from chatstream_asgi.service.reply import Reply
 from chatstream_asgi.service.tenants import Fairness
 from chatstream_asgi.states import CompletionState
-from chatstream_asgi.types import Callback, Headers, Receive, Scope, Send
+from chatstream_asgi.types import Headers
 
-if TYPE_CHECKING:
-    from starlette.requests import Request
-
-__all__ = ["SHARED_RECEIVE_KEY", "PreparedChat", "Replies"]
-
-SHARED_RECEIVE_KEY = "chatstream_asgi.receive"
-"""Where the middleware leaves the receive channel that the send loop watches for a disconnect."""
+__all__ = ["PreparedChat", "Replies"]
 
 _FULL_DETAIL = {
     "queue_full": "every generation slot is busy and the queue is full",
@@ -47,21 +41,15 @@ def _tokens(reply: Reply) -> tuple[int, int]:
 
 @dataclass
 class PreparedChat:
-    """A validated chat, ready to be admitted: what to generate, how to frame it, whom to tell."""
+    """A validated chat, ready to be admitted: what to generate and how to frame it."""
 
     result: ChatResult
     params: GenerationParams
     framer: Framer
-    headers: Headers
-    """Response headers beside the stream's own (request id, session token)."""
-    queue_full: tuple[int, Mapping[str, Any]]
-    """Status and JSON body of the queue-full rejection, in the protocol's own shape."""
-    request: Request
-    """What the callback is called with."""
-    callback: Callback | None = None
-    """Overrides the ChatStream's callback."""
-    started_at: float = 0.0
-    """When the request arrived (``time.monotonic()``): time to first token counts from here."""
+    prompt_tokens: int | None = None
+    """The prompt's token count, as the engine counted it when the conversation was fitted."""
+    headers: Headers = field(default_factory=list)
+    """Response headers beside the stream's own (the session token)."""
     priority: int = 0
     """The body's ``priority`` (lower first, within the request's tenant)."""
 
@@ -71,6 +59,8 @@ class Replies:
     """Admits prepared chats, streams them, and keeps the open ones so shutdown can end them."""
 
     engine: Engine
+    ready: Callable[[], Awaitable[None]]
+    """The engine's start (shared by every reply; see ``ChatStream.start``)."""
     admission: Admission
     metrics: Metrics
     outcomes: Outcomes
@@ -81,28 +71,39 @@ class Replies:
     _open: set[Reply] = field(default_factory=set, init=False)
     _closed_tokens: int = field(default=0, init=False)
 
-    async def stream(self, scope: Scope, receive: Receive, send: Send, chat: PreparedChat) -> CompletionState | None:
+    async def stream(self, exchange: Exchange, chat: PreparedChat) -> CompletionState | None:
         """Admit ``chat`` and stream its reply; its completion state, or None when the queue was full."""
         result = chat.result
         claim = self.fairness.claim(
-            scope,
+            exchange.scope,
             session_id=result.session_id,
             body_priority=chat.priority,
-            prompt_tokens=len(result.prompt) // 4 + 1,  # the fair share's figure; metrics get the engine's count
+            prompt_tokens=chat.prompt_tokens or len(result.prompt) // 4 + 1,
             max_new_tokens=chat.params.max_new_tokens,
+            source=exchange.tenant,
         )
         try:
             ticket = self.admission.enter(claim)
         except QueueFull as full:
-            await self._send_queue_full(send, chat, full)
+            await self._send_queue_full(exchange, chat, full)
             return None
-        scope.setdefault("state", {})[RESULT_KEY] = result
+        exchange.result = result
+        request = GenerationRequest(
+            result.request_id,
+            result.messages,
+            chat.params,
+            session_key=result.session_id,
+            prompt=result.prompt or None,
+            prompt_tokens=chat.prompt_tokens,
+        )
         reply = Reply(
             engine=self.engine,
-            request=GenerationRequest(result.request_id, result.messages, chat.params, session_key=result.session_id),
+            ready=self.ready,
+            request=request,
             message_id=result.message_id,
             ticket=ticket,
             framer=chat.framer,
+            dialect=exchange.dialect,
             headers=[
                 (b"content-type", chat.framer.media_type.encode()),
                 (b"cache-control", b"no-cache"),
@@ -114,13 +115,13 @@ class Replies:
             send_timeout=self.send_timeout,
             request_timeout=self.request_timeout,
             keepalive_interval=self.keepalive_interval,
-            on_first_text=self._first_text_observer(chat.started_at, ticket.first_text),
+            on_first_text=self._first_text_observer(exchange.started_at, ticket.first_text),
         )
         ticket.meter = lambda: _tokens(reply)
         logger.info("accepted (position %d in queue, tenant %s)", ticket.position, claim.tenant)
         self._open.add(reply)
         try:
-            await reply.run(scope.get(SHARED_RECEIVE_KEY, receive), send)
+            await reply.run(exchange.receive, exchange.send)
         except anyio.get_cancelled_exc_class():
             reply.mark_disconnected()  # the server dropped the request task: its client left
             raise
@@ -128,13 +129,18 @@ class Replies:
             self._open.discard(reply)
             self._closed_tokens += reply.stream.completion_tokens if reply.stream is not None else 0
             with anyio.CancelScope(shield=True):
-                await self.outcomes.complete(reply, result, chat.request, chat.callback)
+                await self.outcomes.end(exchange, reply.state, reply)
         return reply.state
 
     @property
     def generated_tokens(self) -> int:
         """Tokens generated so far, open replies included (two readings a second apart give tokens/s)."""
         return self._closed_tokens + sum(r.stream.completion_tokens for r in self._open if r.stream is not None)
+
+    @property
+    def open(self) -> int:
+        """Replies admitted and not yet ended."""
+        return len(self._open)
 
     def abort_all(self, reason: str) -> None:
         """End every open reply with an error frame carrying ``reason`` (server shutdown)."""
@@ -150,10 +156,12 @@ class Replies:
 
         return observe
 
-    async def _send_queue_full(self, send: Send, chat: PreparedChat, full: QueueFull) -> None:
+    async def _send_queue_full(self, exchange: Exchange, chat: PreparedChat, full: QueueFull) -> None:
         # Every 429 says when to come back: the estimate (rounded up), or a second when there is none yet.
         retry_after = [(b"retry-after", str(max(1, math.ceil(full.retry_after or 1.0))).encode())]
-        status, body = chat.queue_full
+        dialect = exchange.dialect
         detail = _FULL_DETAIL.get(full.reason, _FULL_DETAIL["queue_full"])
-        rejection = Rejection(status, full.reason, detail, body)
-        await self.outcomes.reject(send, rejection, [*chat.headers, *retry_after])
+        rejection = Rejection(
+            dialect.queue_full_status, full.reason, detail, dialect.queue_full(), headers=[*chat.headers, *retry_after]
+        )
+        await self.outcomes.reject(exchange.send, dialect, rejection)

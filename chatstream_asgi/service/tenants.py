@@ -35,12 +35,10 @@ from chatstream_asgi.protocols.chat import MAX_PRIORITY
 from chatstream_asgi.service.admission import DEFAULT_TENANT, Claim
 from chatstream_asgi.types import Scope
 
-__all__ = ["ANONYMOUS_TENANT", "TENANT_KEY", "Fairness", "TenantSource", "tenant_name"]
+__all__ = ["ANONYMOUS_TENANT", "Fairness", "TenantSource", "tenant_name"]
 
 TenantSource = str | Callable[[Scope], "str | None"]
 ANONYMOUS_TENANT = "anonymous"
-TENANT_KEY = "chatstream_asgi.tenant"
-"""Where :class:`~chatstream_asgi.ChatStreamMiddleware` leaves its own ``tenant`` source in the scope."""
 
 
 def tenant_name(key: str) -> str:
@@ -119,10 +117,11 @@ class Fairness:
         body_priority: int,
         prompt_tokens: int,
         max_new_tokens: int,
+        source: TenantSource | None = None,
     ) -> Claim:
-        """What admission needs to know of one request."""
+        """What admission needs to know of one request (``source`` overrides the configured tenant source)."""
         return Claim(
-            tenant=self.tenant_of(scope, session_id, None if scope is None else scope.get(TENANT_KEY)),
+            tenant=self.tenant_of(scope, session_id, source),
             priority=body_priority if scope is None else self.priority_of(scope, body_priority),
             prompt_tokens=prompt_tokens,
             max_new_tokens=max_new_tokens,

@@ -28,7 +28,7 @@ from servers import free_port
 serve = pytest.importorskip("ray.serve")
 ray = pytest.importorskip("ray")
 
-from chatstream_asgi.integrations.ray_serve import chat_app, deployment_options  # noqa: E402
+from chatstream_asgi.integrations.ray_serve import chat_app, deployment_options, drain, shutdown  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -88,7 +88,7 @@ def proxy(redis_url: str) -> Iterator[str]:
         serve.run(one_replica_app(), name="one", route_prefix="/one")
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
+        shutdown()
         ray.shutdown()
         sys.path.remove(str(APPS))
         for name, value in old_env.items():
@@ -429,3 +429,38 @@ def test_a_reply_longer_than_the_shutdown_budget_ends_with_an_error_frame(proxy:
     assert events[-1]["type"] == "error" and events[-1]["error"] == "deadline_exceeded"
     assert events[-1]["state"] == "unknown_error_occurred"
     assert states.read_text().splitlines() == ["unknown_error_occurred"]
+
+
+def test_drain_lets_the_open_and_queued_replies_end_in_their_states(proxy: str, tmp_path: Path) -> None:
+    """What Ctrl+C on examples/ray_serve_app.py runs (``shutdown``: ``drain``, then ``serve.shutdown()``, which
+    alone kills Ray's proxies at once and cut 9 of 9 open streams, recorded as client disconnects): the
+    replica stops while the proxy still carries its streams; the open reply and the queued one both end with
+    their done frame, and the states say success."""
+    from ray_engines import long_mock, record_state
+
+    states = tmp_path / "states"
+    app = chat_app(
+        functools.partial(long_mock, 0.05),
+        session_secret=SECRET,
+        longest_reply_s=20.0,
+        num_of_concurrent_executions=1,
+        max_queue_size=1,
+        max_new_tokens=30,  # about 1.5 s a reply
+        shutdown_timeout=1.0,
+        callback=functools.partial(record_state, str(states)),
+        name="drained",
+    )
+    serve.run(app, name="drained", route_prefix="/drained")
+    body = {"messages": [{"role": "user", "content": "go on"}], "format": "ndjson"}
+    with httpx.Client(base_url=proxy, timeout=TIMEOUT) as client, contextlib.ExitStack() as streams:
+        running = Lines(streams.enter_context(client.stream("POST", "/drained/chat_stream", json=body)))
+        assert running.next()["type"] == "delta"
+        queued = Lines(streams.enter_context(client.stream("POST", "/drained/chat_stream", json=body)))
+        assert queued.next()["type"] == "queue"
+        draining = threading.Thread(target=drain, args=("drained",))
+        draining.start()  # Ray starts stopping the replica while one reply streams and one waits
+        ends = [running.rest()[-1], queued.rest()[-1]]
+        draining.join(DEPLOY_TIMEOUT)
+    assert not draining.is_alive() and "drained" not in serve.status().applications
+    assert [(end["type"], end["state"]) for end in ends] == [("done", "success")] * 2
+    assert states.read_text().splitlines() == ["success", "success"]

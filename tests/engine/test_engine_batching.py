@@ -412,7 +412,8 @@ def test_sampling_defaults_come_from_the_model() -> None:
     assert generation_defaults(greedy) == {"temperature": 0.0}
     bare = SimpleNamespace(generation_config=GenerationConfig())
     assert generation_defaults(bare) == {}
-    assert generation_defaults(bare, "SmolLM2") == {"temperature": 0.0}
+    smollm2 = {"temperature": 0.0, "repetition_penalty": 1.1, "penalize_prompt_tokens": False}
+    assert generation_defaults(bare, "SmolLM2") == smollm2
 
     engine = MockEngine()
     assert ChatStream(engine).default_params == GenerationParams(temperature=0.7, top_k=50, top_p=1.0)

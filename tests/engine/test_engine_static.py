@@ -502,6 +502,7 @@ def test_engines_on_every_gpu_in_one_process_capture_and_match(tiny_model_dir: P
 
 def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
     from chatstream_asgi import cli
+    from chatstream_asgi.cli import options as cli_options
 
     seen: dict[str, Any] = {}
 
@@ -516,23 +517,57 @@ def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
     assert (seen["kv_cache_memory"], seen["gpu_memory_utilization"], seen["max_prefill_tokens"]) == (2.5, None, 256)
     from chatstream_asgi.engines.transformers.compiled_step import AUTO, COMPILE_MODES
 
-    assert (AUTO, *COMPILE_MODES) == cli.COMPILE_CHOICES  # the CLI's choices are the engine's modes
+    assert (AUTO, *COMPILE_MODES) == cli_options.COMPILE_CHOICES  # the CLI's choices are the engine's modes
     for flag, mode in ((["--compile"], True), (["--compile", "default"], "default"), (["--no-compile"], None)):
         assert cli._engine(cli.build_parser().parse_args(["serve", *flag])) == "engine"
         assert seen["compile_mode"] == mode
 
 
 def test_kv_cache_usage_is_a_metric() -> None:
-    from types import SimpleNamespace
-
+    from chatstream_asgi import MockEngine
     from chatstream_asgi.service.metrics import Metrics
 
     metrics = Metrics()
-    engine = SimpleNamespace(kv_cache_usage=0.25)
+    engine = MockEngine()
+    engine.kv_cache_usage = 0.25
     metrics.observe_engine(engine)
     assert b"chatstream_kv_cache_usage_ratio 0.25" in metrics.render()
     engine.kv_cache_usage = 1.0
     assert b"chatstream_kv_cache_usage_ratio 1.0" in metrics.render()
     other = Metrics()
-    other.observe_engine(object())  # an engine without a static cache
+    other.observe_engine(MockEngine())  # an engine without a static cache: the contract's default
     assert b"chatstream_kv_cache_usage_ratio 0.0" in other.render()
+
+
+def test_an_engine_starts_while_another_serves_on_the_same_device(tiny_model_dir: Path) -> None:
+    """One process, two slotted engines on one device (an engine per GPU in production): the second starts
+    (budget, compile, capture) while the first streams, and a third pair starts at once; every reply is what
+    the model gives alone. On a GPU a capture beside another engine's thread failed ("operation not
+    permitted when stream is capturing"), and two budgets read the same free memory."""
+    built = []
+    for _ in range(3):
+        model, tokenizer, _ = load_model(str(tiny_model_dir), device=DEVICE, dtype="float32")
+        built.append(
+            TransformersEngine(model, tokenizer, DEVICE, static_cache=True, max_batch_size=4, compile_mode=None)
+        )
+    first, second, third = built
+    long = GenerationParams(temperature=0.0, max_new_tokens=48)
+    params = GenerationParams(temperature=0.0, max_new_tokens=12)
+
+    async def main() -> tuple[str, list[str]]:
+        await first.start()
+        try:
+            streaming = asyncio.ensure_future(collect(first.generate(request(PROMPTS[1], long, rid="long"))))
+            await asyncio.gather(second.start(), third.start())
+            replies = [collect(e.generate(request(c, params, rid=c))) for e in (first, second, third) for c in PROMPTS]
+            done = await asyncio.gather(*replies)
+            return "".join((await streaming)[0]), ["".join(deltas) for deltas, _ in done]
+        finally:
+            for engine in built:
+                await engine.shutdown()
+
+    text, outputs = run(main())
+    assert text == reference_greedy(first, PROMPTS[1], 48)
+    assert outputs == [reference_greedy(e, c, 12) for e in built for c in PROMPTS]
+    if DEVICE.startswith("cuda"):
+        assert all(e._path.runner is not None and e._path.runner.graphs for e in built)

@@ -39,7 +39,7 @@ def make(f32_engine: TransformersEngine, static: bool, **options: Any) -> Transf
     options = {"prefix_cache": True, **options}  # on: whatever the device's default
     options = {"static_cache": static, **options}  # the same path on any device
     options = {"cuda_graphs": False, **options} if static else options
-    options = {"max_batch_size": 8, **options}
+    options = {"max_batch_size": 8, "compile_mode": None, **options}  # compiles stay out of tests
     return TransformersEngine(f32_engine.model, f32_engine.tokenizer, f32_engine.device, **options)
 
 

@@ -44,7 +44,7 @@ async def test_clear_context_forgets_the_history() -> None:
         prompt = (await c.get("/get_prompt")).json()
         again = await c.post("/clear_context")
     assert cleared.status_code == 200 and cleared.json() == {"cleared": 4}
-    assert prompt["messages"] == [] and prompt["prompt"] == "<|assistant|>\n"
+    assert prompt["messages"] == [] and prompt["prompt"] == ""  # nothing said, no reply opened
     assert again.json() == {"cleared": 0}
 
 
@@ -185,3 +185,21 @@ async def test_methods_and_custom_paths() -> None:
     assert old.text == "app" and dropped.text == "app"  # passed through to the app
     with pytest.raises(ValueError, match="unknown endpoint"):
         ChatStreamMiddleware(inner, cs, endpoints={"get_promt": "/typo"})
+
+
+async def test_the_apps_unknown_paths_answer_json_and_it_has_an_icon() -> None:
+    async with make_client(ChatStream(use_mock_response=True, session_secret="s")) as c:
+        missing = await c.get("/nope")
+        static = await c.get("/static/nope.js")
+        page_post = await c.post("/")
+        icon = await c.get("/favicon.ico")
+    for reply, status, error in (
+        (missing, 404, "not_found"),
+        (static, 404, "not_found"),
+        (page_post, 405, "method_not_allowed"),
+    ):
+        assert reply.status_code == status and reply.headers["content-type"] == "application/json"
+        assert reply.json()["error"] == error
+    assert missing.json()["detail"] == "no GET /nope here"
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+    assert icon.content.startswith(b"\x00\x00\x01\x00")  # an ICO file

@@ -34,12 +34,12 @@ def test_truncation_drops_the_oldest_turns_first() -> None:
     past = history(("a a a", "b b b"), ("c c", "d d"), ("e", "f"))
     system = [{"role": "system", "content": "sys"}]
     tail = [{"role": "user", "content": "new"}]
-    fitted = fit_to_budget(words, system, past, tail, budget=7)
+    fitted, tokens = fit_to_budget(words, system, past, tail, budget=7)
     # 1 (system) + 4 (turn 2) + 2 (turn 3) + 1 (new) = 8 > 7, so only the newest turn is kept.
     assert fitted == [*system, {"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}, *tail]
-    assert words(fitted) <= 7
-    assert fit_to_budget(words, system, past, tail, budget=100)[1]["content"] == "a a a"  # all fits
-    assert fit_to_budget(words, system, past, tail, budget=2) == [*system, *tail]
+    assert tokens == words(fitted) == 4  # the count of what was kept comes back with it
+    assert fit_to_budget(words, system, past, tail, budget=100)[0][1]["content"] == "a a a"  # all fits
+    assert fit_to_budget(words, system, past, tail, budget=2) == ([*system, *tail], 2)
     with pytest.raises(InvalidRequest, match="at most 1 fit"):
         fit_to_budget(words, system, past, tail, budget=1)
 
@@ -52,7 +52,8 @@ def test_a_long_history_costs_few_token_counts() -> None:
         return words(messages)
 
     past = history(*[(f"question {i}", f"answer {i}") for i in range(200)])
-    fitted = fit_to_budget(counting, [], past, [{"role": "user", "content": "now"}], budget=41)
+    fitted, tokens = fit_to_budget(counting, [], past, [{"role": "user", "content": "now"}], budget=41)
+    assert tokens == words(fitted) == 41
     assert fitted[0] == {"role": "user", "content": "question 190"}  # 10 turns of 4 words, then "now"
     assert len(calls) <= 10
 
@@ -118,7 +119,8 @@ async def test_the_prompt_comes_from_the_chat_template(tiny_engine: Any, tiny_mo
         "<|im_start|>assistant\n"
     )
     assert seen[1].prompt == expected
-    assert prompt["prompt"].startswith(expected)
+    # /get_prompt is the conversation as it stands: it ends with the last reply, and opens no next one
+    assert prompt["prompt"] == f"{expected}{seen[1].reply}<|im_end|>\n"
     assert seen[0].prompt_tokens == tiny_engine.count_tokens(seen[0].messages)
     # the next prompt is the ids the first turn saw and generated (not its reply re-tokenized), then the new text
     new_text = seen[1].prompt[len(seen[0].prompt) + len(reply) :]

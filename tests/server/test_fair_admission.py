@@ -19,7 +19,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
 
-from chatstream_asgi import ChatStream, ChatStreamMiddleware, GenerationRequest, MockEngine, MockParams
+from chatstream_asgi import (
+    ChatStream,
+    ChatStreamConfig,
+    ChatStreamMiddleware,
+    GenerationRequest,
+    MockEngine,
+    MockParams,
+)
 from chatstream_asgi.engines.base import GenerationStream
 from chatstream_asgi.service.tenants import Fairness, tenant_name
 
@@ -71,10 +78,10 @@ class Service:
         self.log = StateLog()
         self.cs = ChatStream(
             self.engine,
+            ChatStreamConfig(fairness=Fairness(tenant="header:X-API-Key", **fairness)),
             num_of_concurrent_executions=concurrency,
             max_queue_size=queue,
             callback=self.log,
-            fairness=Fairness(tenant="header:X-API-Key", **fairness),
             session_secret="s",
         )
         self.app = ChatStreamMiddleware(not_found, self.cs)

@@ -1,6 +1,6 @@
-"""The defects of issue 10 ("every bad input a clear 4xx, no data lost"), one test or more each.
+"""Input defects found from outside ("every bad input a clear 4xx, no data lost"), one test or more each.
 
-Each test was written first and failed on the code it describes; the numbers are the issue's.
+Each test was written first and failed on the code it describes; the sections are numbered by defect.
 """
 
 from __future__ import annotations
@@ -283,12 +283,12 @@ async def test_anonymous_requests_store_nothing_and_cannot_evict_a_conversation(
 class PickyTemplate(MockEngine):
     """A chat template like SmolLM2's: it rejects an empty conversation and a given word."""
 
-    def render_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+    def render_prompt(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         if not messages:
             raise IndexError("list object has no element 0")
         if any("forbidden" in m["content"] for m in messages):
             raise ValueError("the template cannot render this")
-        return super().render_prompt(messages)
+        return super().render_prompt(messages, add_generation_prompt=add_generation_prompt)
 
     def count_tokens(self, messages: Sequence[dict[str, str]]) -> int:
         return len(self.render_prompt(messages).split())
@@ -643,14 +643,14 @@ async def test_api_endpoints_answer_json_when_the_store_or_the_handler_fails(
         usage = await c.get("/get_resource_usage")
         load = await c.get("/get_load")
     for response in (prompt, params):
-        assert response.status_code == 503 and response.json() == {"error": "session_store_unavailable"}
+        assert response.status_code == 503 and response.json()["error"] == "session_store_unavailable"
     assert usage.status_code == 500 and usage.json()["error"] == "internal_error"
     assert load.status_code == 200
 
 
 @pytest.mark.smollm2
 def test_get_prompt_on_the_default_server_with_smollm2(smollm2_engine: Any) -> None:
-    """The issue's case: ``serve`` with SmolLM2 and no system prompt, a fresh client asks for its prompt."""
+    """The case as found: ``serve`` with SmolLM2 and no system prompt, a fresh client asks for its prompt."""
     cs = ChatStream(smollm2_engine, session_secret=SECRET)
 
     async def main() -> list[httpx.Response]:

@@ -121,3 +121,64 @@ async def test_the_id_is_bound_for_replay_paths_and_unbound_after() -> None:
         await c.post("/hook", content=b"x", headers={"X-Request-Id": "hook-7"})
         await c.post("/elsewhere", content=b"x", headers={"X-Request-Id": "pass-1"})
     assert seen == ["hook-7", None]
+
+
+async def test_every_answer_of_the_package_echoes_the_id() -> None:
+    """Not only chat replies: the JSON APIs, /metrics, a 405, a protected endpoint's 401, a 413, a 404 of the CLI
+    app, its page and icon, the OpenAI API's errors, and the 503 of a server shutting down."""
+    cs = ChatStream(use_mock_response=True, session_secret="s")
+    app = create_app(cs, admin_token="t0ken", max_body_size=64)
+    asks = [
+        ("GET", "/get_load", None, 200),
+        ("GET", "/metrics", None, 200),
+        ("GET", "/chat_stream", None, 405),
+        ("GET", "/get_resource_usage", None, 401),
+        ("GET", "/get_generation_params", None, 200),
+        ("POST", "/chat_stream", {"user_input": "x" * 100}, 413),
+        ("POST", "/chat_stream", {"user_input": 7}, 400),
+        ("POST", "/v1/chat/completions", {"messages": []}, 400),
+        ("GET", "/v1/models", None, 200),
+        ("GET", "/nope", None, 404),
+        ("GET", "/", None, 200),
+        ("GET", "/favicon.ico", None, 200),
+    ]
+    async with client(app) as c:
+        for number, (method, path, body, status) in enumerate(asks):
+            reply = await c.request(method, path, json=body, headers={"X-Request-Id": f"ask-{number}"})
+            assert (reply.status_code, reply.headers.get("x-request-id")) == (status, f"ask-{number}"), path
+        await cs.shutdown()
+        closing = await c.post("/chat_stream", json={"user_input": "hi"}, headers={"X-Request-Id": "late"})
+    assert (closing.status_code, closing.headers.get("x-request-id")) == (503, "late")
+
+
+async def test_a_proxy_that_sets_the_id_gets_no_second_header() -> None:
+    """``echo_request_id=False`` (Ray Serve's proxy sets the header): the package adds none, on any answer."""
+    cs = ChatStream(use_mock_response=True, session_secret="s", echo_request_id=False)
+    async with client(create_app(cs)) as c:
+        for path in ("/get_load", "/nope"):
+            assert "x-request-id" not in (await c.get(path, headers={"X-Request-Id": "p"})).headers
+        assert "x-request-id" not in (await c.post("/chat_stream", json={"user_input": "hi"})).headers
+
+
+async def test_a_request_started_from_inside_another_keeps_no_id_of_it() -> None:
+    """As uvicorn does for pipelined requests: the next request's task is created inside the previous one's
+    (its context copied). Served there, it gets its own id; passed through, it runs with none; under a
+    second middleware on the same scope, the first one's id stays."""
+    from chatstream_asgi.logs import bind_request_id
+
+    seen: list[str | None] = []
+
+    async def inner(scope, receive, send):  # type: ignore[no-untyped-def]
+        seen.append(current_request_id())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = ChatStreamMiddleware(ChatStreamMiddleware(inner), replay_paths=["/hook", "/nested"])
+    async with client(app) as c:
+        with bind_request_id({"headers": [(b"x-request-id", b"previous")]}):  # another request's binding
+            await c.get("/elsewhere")
+            hooked = await c.post("/hook", content=b"x")
+        nested = await c.post("/nested", content=b"x", headers={"X-Request-Id": "outer-id"})
+    assert seen[0] is None
+    assert seen[1] == hooked.headers["x-request-id"] != "previous"
+    assert seen[2] == "outer-id" and nested.headers.get_list("x-request-id") == ["outer-id"]

@@ -95,7 +95,7 @@ async def test_three_turns_build_on_each_other() -> None:
     reply_ids = [m["id"] for m in prompt["messages"] if m["role"] == "assistant"]
     assert reply_ids == [r.headers["x-chatstream-last-generated-message-id"] for r in replies]
     assert prompt["prompt"].startswith("<|system|>\nBe brief.\n<|user|>\none\n")
-    assert prompt["prompt"].endswith("<|user|>\nthree\n<|assistant|>\nthree\n<|assistant|>\n")
+    assert prompt["prompt"].endswith("<|user|>\nthree\n<|assistant|>\nthree\n")  # no reply opened after the last
     # The callback sees the saved session, this reply included.
     assert third.session is not None and third.session.messages[-1]["content"] == "three"
 
@@ -314,6 +314,6 @@ async def test_an_unreachable_store_is_503_and_no_reply_starts() -> None:
     async with client(make_chat_stream(recorder, session_store=BrokenStore())) as c:
         response = await chat(c, "hello")
         stateless = await c.post("/chat_stream", json={"messages": [{"role": "user", "content": "still works"}]})
-    assert response.status_code == 503 and response.json() == {"error": "session_store_unavailable"}
+    assert response.status_code == 503 and response.json()["error"] == "session_store_unavailable"
     assert stateless.text == "still works"
     assert [state for state, _ in recorder.calls] == [CompletionState.SUCCESS]

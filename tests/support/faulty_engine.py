@@ -51,8 +51,9 @@ class FaultyStream(GenerationStream):
         return text
 
 
-class FaultyEngine:
-    """An :class:`Engine` around ``inner`` that honours ``fault:`` requests (see the module doc)."""
+class FaultyEngine(Engine):
+    """An :class:`Engine` around ``inner`` that honours ``fault:`` requests (see the module doc); the
+    members it does not define keep the contract's defaults."""
 
     def __init__(self, inner: Engine) -> None:
         self.inner = inner
@@ -74,8 +75,8 @@ class FaultyEngine:
         kind, _, at = users[-1][len(PREFIX) :].partition("@")
         return FaultyStream(stream, kind, int(at), self.gate)
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        return self.inner.render_prompt(messages)
+    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        return self.inner.render_prompt(messages, add_generation_prompt=add_generation_prompt)
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return self.inner.count_tokens(messages)

@@ -1,4 +1,4 @@
-"""A throwaway ``redis-server`` for the tests that need one (the ``redis_url`` fixture, one per module)."""
+"""A throwaway ``redis-server`` for the tests that share sessions (skipped where it is not installed)."""
 
 from __future__ import annotations
 

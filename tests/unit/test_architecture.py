@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("asgi", ("asgi",)),
     ("service", ("service",)),
     ("server", ("server",)),
-    ("entry", ("web", "cli", "cli_fairness", "integrations", "__main__", "__init__")),
+    ("entry", ("web", "cli", "integrations", "__main__", "__init__")),
 ]
 """Bottom to top: a module may import its own layer (without a cycle) and the layers below."""
 

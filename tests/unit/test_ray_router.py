@@ -3,6 +3,7 @@ processes: the orderings that a loaded machine produces only now and then in ``t
 
 from __future__ import annotations
 
+import collections
 import pickle
 import time
 from types import SimpleNamespace
@@ -23,15 +24,16 @@ DEPLOYMENT = DeploymentID(name="two", app_name="chat")
 class Replica:
     """What the router reads of a Ray ``RunningReplica``: its id, its last report and Ray's own limit."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, slots: int = 1) -> None:
         self.replica_id = ReplicaID(unique_id=name, deployment_id=DEPLOYMENT)
         self.max_ongoing_requests = 9  # Ray's own limit: slots + queue + room for GETs
+        self.slots = slots
         self.report(processing=0)
 
     def report(self, processing: int, sessions: dict[str, float] | None = None) -> None:
-        """``record_routing_stats`` as the replica returns it (one slot, no queue)."""
+        """``record_routing_stats`` as the replica returns it (``slots`` slots, no queue)."""
         at = time.time()
-        self.routing_stats = {"processing": processing, "waiting": 0, "max_processing": 1, "at": at}
+        self.routing_stats = {"processing": processing, "waiting": 0, "max_processing": self.slots, "at": at}
         self.routing_stats["sessions"] = sessions or {}
 
 
@@ -192,3 +194,21 @@ async def test_a_request_ray_sends_to_a_lower_rank_counts_there() -> None:
         assert replica is free
         proxy.completed(other, replica)
     proxy.completed(request, held)
+
+
+@pytest.mark.parametrize("lagging", range(4))
+@pytest.mark.parametrize("turn", range(2))
+async def test_a_burst_sent_as_the_last_round_ends_lands_on_the_free_slots(turn: int, lagging: int) -> None:
+    """Ray reports a completion only after the client saw the last byte: a round sent at that instant finds one
+    of the last round's requests still counted. 2 replicas x 2 slots, 4 requests a round: 2 and 2, not 3 and 1
+    (one request queued for a whole reply beside an idle slot)."""
+    a, b = Replica("a", slots=2), Replica("b", slots=2)
+    proxy = Proxy(a, b)
+    proxy.router._turn = turn
+    last_round = [await proxy.route() for _ in range(4)]
+    assert collections.Counter(replica.replica_id.unique_id for _, replica in last_round) == {"a": 2, "b": 2}
+    for index, (request_id, replica) in enumerate(last_round):
+        if index != lagging:  # its completion is still on its way to the router
+            proxy.completed(request_id, replica)
+    burst = [await proxy.route() for _ in range(4)]
+    assert collections.Counter(replica.replica_id.unique_id for _, replica in burst) == {"a": 2, "b": 2}

@@ -91,3 +91,19 @@ def test_sample_on_a_slice_of_rows_marks_only_those() -> None:
     tokens = sampler.sample(torch.tensor([[0.0, 0.0, 1.0]]), slice(2, 3))
     assert tokens.tolist() == [2]
     assert sampler.seen.sum().item() == 1 and sampler.seen[2, 2]
+
+
+def test_a_penalty_over_the_reply_alone_lets_the_answer_reuse_the_questions_words() -> None:
+    """``penalize_prompt_tokens=False``: the prompt's tokens are not penalised ("What is 2 + 2?" → "is 4"),
+    the reply's own are (a line it repeats)."""
+    sampler = BatchSampler(vocab_size=4)
+    question = [0, 1]  # "What is"
+    both, reply_only = (
+        GenerationParams(temperature=0, repetition_penalty=2.0),
+        GenerationParams(temperature=0, repetition_penalty=2.0, penalize_prompt_tokens=False),
+    )
+    sampler.add_rows([both, reply_only], [question, question])
+    assert sampler.seen.tolist() == [[True, True, False, False], [False, False, False, False]]
+    logits = torch.tensor([[0.0, 3.0, 2.0, 0.0]] * 2)  # "is" (1) narrowly ahead of "lies" (2)
+    assert sampler.sample(logits).tolist() == [2, 1]  # penalised as seen in the question, or not
+    assert sampler.seen[1].tolist() == [False, True, False, False]  # the reply's own "is" counts from now on

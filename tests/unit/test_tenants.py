@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from chatstream_asgi.service.tenant_metrics import OTHER, TenantMetrics
-from chatstream_asgi.service.tenants import ANONYMOUS_TENANT, TENANT_KEY, Fairness, tenant_name
+from chatstream_asgi.service.tenants import ANONYMOUS_TENANT, Fairness, tenant_name
 
 
 def scope(*headers: tuple[str, str], **extra: Any) -> dict[str, Any]:
@@ -67,10 +67,11 @@ def test_session_callable_and_clear_names() -> None:
     assert Fairness(tenant=lambda s: "org-7", hash_keys=False).tenant_of(scope()) == "org-7"
     header = Fairness(tenant="header:X-API-Key", hash_keys=False)  # credentials are hashed whatever it says
     assert header.tenant_of(scope(("X-API-Key", "sk-1"))) == tenant_name("sk-1")
-    override = scope(("X-API-Key", "sk-1"), **{TENANT_KEY: lambda s: "mw"})  # the middleware's own source
-    assert Fairness(tenant="header:X-API-Key").claim(
-        override, session_id=None, body_priority=0, prompt_tokens=1, max_new_tokens=8
-    ).tenant == tenant_name("mw")
+    claim = Fairness(tenant="header:X-API-Key").claim(
+        scope(("X-API-Key", "sk-1")), session_id=None, body_priority=0, prompt_tokens=1, max_new_tokens=8,
+        source=lambda s: "mw",  # the middleware's own source
+    )  # fmt: skip
+    assert claim.tenant == tenant_name("mw")
 
 
 def test_an_unknown_source_fails_at_configuration() -> None:

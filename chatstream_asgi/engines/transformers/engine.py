@@ -26,6 +26,7 @@ import torch
 
 from chatstream_asgi.engines.base import (
     ChatMessage,
+    Engine,
     GenerationRequest,
     GenerationStream,
     PromptTooLong,
@@ -77,7 +78,7 @@ def slotted_layout(
         return None
 
 
-class TransformersEngine:
+class TransformersEngine(Engine):
     """Continuous-batching engine over a transformers causal LM (see the module docstring).
 
     ``model`` and ``tokenizer`` are a loaded transformers model and tokenizer; ``context_len``
@@ -133,6 +134,7 @@ class TransformersEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = indexed_device(device)
+        self.where = str(self.device)
         config = model.config
         self.model_name: str = name or getattr(config, "name_or_path", "") or type(model).__name__
         self.context_len: int = context_len or getattr(config, "max_position_embeddings", None) or 2048
@@ -246,8 +248,7 @@ class TransformersEngine:
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         """Queue ``request`` and return its stream; raises :class:`PromptTooLong` at once."""
-        params = request.params
-        text = self.render_prompt(request.messages)
+        params, text = request.params, request.prompt or self.render_prompt(request.messages)  # rendered once
         limit = self.context_len - params.max_new_tokens
         prompt_ids = self._turns.encode(text, request.session_key, limit)
         if len(prompt_ids) > limit:
@@ -272,15 +273,16 @@ class TransformersEngine:
         self._core.submit(seq)
         return stream
 
-    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt text from the tokenizer's chat template (with the generation prompt)."""
+    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text from the tokenizer's chat template (with the generation prompt unless told not to)."""
         conversation = list(messages)
         if self.system_prompt and not any(m.get("role") == "system" for m in conversation):
             conversation.insert(0, {"role": "system", "content": self.system_prompt})
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            render = self.tokenizer.apply_chat_template
+            return render(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
         lines = [f"{m['role']}: {m['content']}" for m in conversation]
-        return "\n".join([*lines, "assistant:"])
+        return "\n".join([*lines, "assistant:"] if add_generation_prompt else lines)
 
     def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Number of prompt tokens for ``messages``."""

@@ -25,6 +25,7 @@ __all__ = [
     "MODEL_ALIASES",
     "SAMPLING_KEYS",
     "ModelLoadError",
+    "check_fits",
     "eos_token_ids",
     "generation_defaults",
     "indexed_device",
@@ -41,15 +42,35 @@ MODEL_ALIASES: dict[str, tuple[str, str]] = {
 }
 _ALIAS_NAMES = {"smollm2": "SmolLM2-135M-Instruct"}
 # Sampling for aliases whose files carry none (a GGUF has no generation config). SmolLM2-Instruct's model
-# card suggests temperature 0.2, top-p 0.9, but on the shipped Q4_1 file that still opens 2 of 6 answers to
-# "What is the capital of France?" with French nonsense ("L'Étoile, la Marseillaise, la femme...", which
-# then loops), while greedy decoding answered that and two other probe questions correctly: greedy it is.
-_ALIAS_SAMPLING: dict[str, dict[str, float]] = {"smollm2": {"temperature": 0.0}}
+# card suggests temperature 0.2, top-p 0.9, which on the shipped Q4_1 file opens answers with nonsense;
+# greedy alone loops (a poem repeats one line to the token limit); a repetition penalty over the prompt too
+# breaks facts ("2 + 2" loses its "is 4" from 1.07 on). Greedy with 1.1 over the reply's own tokens does
+# neither: the probe set and its answers are in docs/engines.md.
+_ALIAS_SAMPLING: dict[str, dict[str, Any]] = {
+    "smollm2": {"temperature": 0.0, "repetition_penalty": 1.1, "penalize_prompt_tokens": False}
+}
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
 
 
 class ModelLoadError(EngineError):
     """The model could not be found or loaded."""
+
+
+_ONE_GPU = (
+    "an engine runs a model on one GPU (no tensor parallelism). Use a smaller model, or fewer bytes per "
+    "weight (--quantization fp8 on Hopper, a quantized checkpoint), or serve it split over several GPUs "
+    "with vLLM, TGI or llama.cpp and point this server at it (--engine openai --remote-url URL)"
+)
+
+
+def check_fits(name: str, weight_bytes: int, device: str, free: int, total: int) -> None:
+    """Refuse a model whose weights cannot fit the one GPU it is loaded on, saying what to do instead: it
+    would otherwise fail deep inside torch with an out-of-memory error."""
+    if weight_bytes > free:
+        raise ModelLoadError(
+            f"model {name} needs {weight_bytes / 2**30:.1f} GiB for its weights, and {device} has "
+            f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f}: {_ONE_GPU}"
+        )
 
 
 def resolve_model(name_or_path: str) -> tuple[str, str | None, str]:
@@ -75,7 +96,7 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None, str]:
     return name_or_path, None, name_or_path
 
 
-def generation_defaults(model: Any, name_or_path: str | None = None) -> dict[str, float]:
+def generation_defaults(model: Any, name_or_path: str | None = None) -> dict[str, Any]:
     """Sampling defaults that suit ``model``: the values its own ``generation_config`` sets.
 
     A config with ``do_sample=False`` means greedy (``temperature`` 0). Where the model's files set
@@ -83,7 +104,7 @@ def generation_defaults(model: Any, name_or_path: str | None = None) -> dict[str
     own defaults).
     """
     config = getattr(model, "generation_config", None)
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}
     if config is not None:
         if getattr(config, "do_sample", None) is False:
             values["temperature"] = 0.0
@@ -147,11 +168,16 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
-    model.to(device)
-    model.eval()
-    if quantization not in (None, "none"):
-        quantize_model(model, quantization)
-    elif model.device.type == "cpu":
+    if torch.device(device).type == "cuda":
+        check_fits(display_name, weight_footprint(model)[1], device, *torch.cuda.mem_get_info(device))
+    try:
+        model.to(device)
+        model.eval()
+        if quantization not in (None, "none"):
+            quantize_model(model, quantization)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"model {display_name} does not fit on {device}: {_ONE_GPU}") from exc
+    if quantization in (None, "none") and model.device.type == "cpu":
         release_freed_memory()
     params, size = weight_footprint(model)
     logger.info(

@@ -1,6 +1,6 @@
 """Per-row sampling for a whole batch at once.
 
-Every row of a decode step carries its own :class:`~chatstream_asgi.engine.GenerationParams`.
+Every row of a decode step carries its own :class:`~chatstream_asgi.GenerationParams`.
 :class:`BatchSampler` keeps those parameters as tensors aligned with the engine's batch rows, plus
 a per-row "seen token" mask for the repetition penalty and a per-row :class:`torch.Generator`, so
 that a seeded request draws the same numbers whether it runs alone or next to others.
@@ -69,7 +69,8 @@ class BatchSampler:
         return len(self.generators)
 
     def add_rows(self, params: Sequence[GenerationParams], prompts: Sequence[Sequence[int]]) -> None:
-        """Append rows for new sequences (in batch order), seeding ``seen`` with their prompts."""
+        """Append rows for new sequences (in batch order), seeding ``seen`` with their prompts (where the
+        row's ``penalize_prompt_tokens`` says the prompt counts for the repetition penalty)."""
         dev = self.device
         self.temperature = torch.cat([self.temperature, torch.tensor([p.temperature for p in params], device=dev)])
         self.top_k = torch.cat([self.top_k, torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)])
@@ -77,6 +78,7 @@ class BatchSampler:
         self.penalty = torch.cat([self.penalty, torch.tensor([p.repetition_penalty for p in params], device=dev)])
         seen = torch.zeros(len(params), self.vocab_size, dtype=torch.bool, device=dev)
         for row, prompt in enumerate(prompts):
+            prompt = prompt if params[row].penalize_prompt_tokens else ()
             ids = torch.tensor([t for t in prompt if 0 <= t < self.vocab_size], dtype=torch.long)
             seen[row, ids.to(dev)] = True
         self.seen = torch.cat([self.seen, seen])

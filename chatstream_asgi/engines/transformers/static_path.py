@@ -16,6 +16,7 @@ step's inputs): the loop queues the next step before it reads this one, so host 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +36,11 @@ from chatstream_asgi.engines.transformers.step_runner import StepRunner
 __all__ = ["DEFAULT_PREFILL_CHUNK", "StaticPath"]
 
 logger = logging.getLogger("chatstream_asgi.engine")
+
+_STARTING = threading.Lock()
+"""One slotted-cache start at a time in a process (an engine per GPU, each starting on its own thread): the
+budget reads the device's free memory, which a second engine on the same GPU must read after the first one's
+cache is allocated, and ``torch.compile`` and graph capture are not made to run in two threads at once."""
 
 DEFAULT_PREFILL_CHUNK = 256
 """Prompt tokens prefilled beside one decode step while rows run (``max_prefill_tokens``'s default)."""
@@ -95,9 +101,13 @@ class StaticPath:
         return self.kv.rows if self.kv is not None else self.max_rows
 
     def start(self) -> None:
-        """Allocate the slots from the budget, build the runner, compile and capture its steps (once)."""
-        if self.kv is not None:
-            return
+        """Allocate the slots from the budget, build the runner, compile and capture its steps (once; one
+        engine of the process at a time, see :data:`_STARTING`)."""
+        with _STARTING:
+            if self.kv is None:
+                self._start()
+
+    def _start(self) -> None:
         layout, context = self.layout, self.context_len
         rows = plan_rows(layout, context, self.max_rows, self.device, **self._budget)
         self.kv = kv = StaticKVCache(layout, rows, context, self.device)

@@ -29,8 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware, CompletionState, MockEngine, MockParams, get_result
-from chatstream_asgi.asgi.sendloop import Reply
 from chatstream_asgi.logs import current_request_id
+from chatstream_asgi.service.reply import Reply
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from faulty_engine import FaultyEngine

@@ -1,12 +1,14 @@
-"""The ``serve`` command's tenant and priority options (``docs/fairness.md``), and the :class:`Fairness` they make."""
+"""The ``serve`` command's tenant and priority options (``docs/fairness.md``), and the settings they make."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
+from typing import Any
 
 from chatstream_asgi.service.tenants import Fairness
 
-__all__ = ["add_fairness_arguments", "fairness_from_args", "non_negative_int"]
+__all__ = ["add_fairness_arguments", "fairness_options"]
 
 
 def _positive(text: str) -> int:
@@ -16,8 +18,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """An argument type: an integer of at least 0 (also the ``serve`` command's ``--top-k``)."""
+def _count(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be at least 0")
@@ -39,7 +40,7 @@ def add_fairness_arguments(parser: argparse.ArgumentParser) -> None:
         help="or: bearer (the Authorization bearer token), user (scope['user']), state:KEY, session",
     )
     group.add_argument("--tenant-max-active", type=_positive, metavar="N", help="replies at once per tenant")
-    group.add_argument("--tenant-max-queued", type=non_negative_int, metavar="N", help="queue places per tenant")
+    group.add_argument("--tenant-max-queued", type=_count, metavar="N", help="queue places per tenant")
     group.add_argument(
         "--priority-header", metavar="NAME", help="a request's priority (an integer, lower first) from this header"
     )
@@ -51,16 +52,19 @@ def add_fairness_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def fairness_from_args(args: argparse.Namespace) -> Fairness:
-    """The :class:`Fairness` the options ask for; a bad ``--tenant-source`` exits with its message."""
+def fairness_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``ChatStream``'s fairness settings (flat names) the options ask for; a bad ``--tenant-source`` exits
+    with its message."""
     source = f"header:{args.tenant_header}" if args.tenant_header else args.tenant_source
     try:
-        return Fairness(
-            tenant=source,
-            tenant_max_active=args.tenant_max_active,
-            tenant_max_queued=args.tenant_max_queued,
-            priority_header=args.priority_header,
-            body_priority=args.body_priority,
+        return asdict(
+            Fairness(
+                tenant=source,
+                tenant_max_active=args.tenant_max_active,
+                tenant_max_queued=args.tenant_max_queued,
+                priority_header=args.priority_header,
+                body_priority=args.body_priority,
+            )
         )
     except ValueError as exc:
         raise SystemExit(f"error: --tenant-source: {exc}") from None

@@ -1,4 +1,4 @@
-"""The send loop: queue wait, generation and framing, with a concurrent disconnect watch.
+"""The send loop: queue wait, engine start, generation and framing, with a concurrent disconnect watch.
 
 One task writes (never two concurrent ``send`` calls); a second task reads ``receive`` and, on
 ``http.disconnect``, cancels the first wherever it waits: in the queue, during prefill, between
@@ -9,6 +9,9 @@ third task, the watchdog, bounds every ``send`` by ``send_timeout`` (a client th
 blocks ``send`` on flow control) with one timer per reply rather than a cancel scope per send,
 which would cost more than the rest of the per-token work; the same timer ends a reply that runs
 past its ``request_timeout`` (a stalled engine) with a ``deadline_exceeded`` error.
+
+:attr:`Reply.state` is where an admitted request's completion state is decided; ``Outcomes.end``
+records it (and the state of a request that never got this far) in one place.
 """
 
 from __future__ import annotations
@@ -16,34 +19,19 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import anyio
 
 from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.engines.base import Engine, EngineError, GenerationRequest, GenerationStream
 from chatstream_asgi.logs import logger
+from chatstream_asgi.protocols.dialect import Dialect
 from chatstream_asgi.protocols.framing import Framer, Summary
+from chatstream_asgi.service.admission import Ticket
 from chatstream_asgi.states import CompletionState
 from chatstream_asgi.types import ASGIMessage, Headers, Receive, Send
 
-__all__ = ["QueueTicket", "Reply"]
-
-
-class QueueTicket(Protocol):
-    """A place in the admission queue (:class:`~chatstream_asgi.service.admission.Ticket`)."""
-
-    @property
-    def granted(self) -> bool: ...
-
-    async def wait(
-        self,
-        on_position: Callable[[int, float | None], Awaitable[None]] | None = None,
-        *,
-        heartbeat: float | None = None,
-    ) -> None: ...
-
-    def leave(self) -> None: ...
+__all__ = ["Reply"]
 
 
 _ABORT_STATUS = {"server_shutting_down": 503, "deadline_exceeded": 504}
@@ -59,10 +47,13 @@ class Reply:
     """Streams one accepted request and decides its :class:`CompletionState`."""
 
     engine: Engine
+    ready: Callable[[], Awaitable[None]]
+    """The engine's start, awaited once the reply holds a slot (at once when it runs)."""
     request: GenerationRequest
     message_id: str
-    ticket: QueueTicket
+    ticket: Ticket
     framer: Framer
+    dialect: Dialect
     headers: Headers
     send_timeout: float
     request_timeout: float | None = None
@@ -79,6 +70,7 @@ class Reply:
     abort_reason: str | None = field(default=None, init=False)
     abort_error: str = field(default="server_shutting_down", init=False)
     error: BaseException | None = field(default=None, init=False)
+    engine_started: bool = field(default=False, init=False)
     # What the callback can read.
     text_parts: list[str] = field(default_factory=list, init=False)
     stream: GenerationStream | None = field(default=None, init=False)
@@ -152,6 +144,8 @@ class Reply:
         if not self.ticket.granted:
             on_position = self._send_queue_update if framer.queue_events else None
             await self.ticket.wait(on_position, heartbeat=self.keepalive_interval)
+        await self.ready()
+        self.engine_started = True
         self.stream = stream = self.engine.generate(self.request)
         async for text in stream:
             frame = framer.delta(text)
@@ -225,13 +219,14 @@ class Reply:
             stream.cancel()
 
     async def _send_error(self) -> None:
-        """Tell the client what went wrong: a JSON error (500; 503 on shutdown, 504 past the deadline),
-        or an error frame once streaming began."""
+        """Tell the client what went wrong: a JSON error in the endpoint's dialect (500; 503 on shutdown,
+        504 past the deadline), or an error frame once streaming began."""
         if self.abort_reason is not None:
             error, detail = self.abort_error, self.abort_reason
         else:
-            error, detail = CompletionState.UNKNOWN_ERROR_OCCURRED.value, "generation failed"
-            logger.error("generation failed", exc_info=self.error)
+            error = CompletionState.UNKNOWN_ERROR_OCCURRED.value
+            detail = "generation failed" if self.engine_started else "the engine failed to start"
+            logger.error("%s", detail, exc_info=self.error)
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.send_timeout):
             try:
                 if self.response_started:
@@ -239,9 +234,10 @@ class Reply:
                     await self._send({"type": "http.response.body", "body": body, "more_body": False})
                 else:
                     status = _ABORT_STATUS.get(error, 500)
-                    await send_json(self._send, status, self.framer.error_json(error, detail), self._id_headers())
+                    await send_json(self._send, status, self.dialect.error(status, error, detail), self._x_headers())
             except OSError:
                 self.disconnected = True
 
-    def _id_headers(self) -> list[tuple[bytes, bytes]]:
+    def _x_headers(self) -> list[tuple[bytes, bytes]]:
+        """The reply's own ``x-`` headers (its message id, the session's token), kept on an error answer."""
         return [(k, v) for k, v in self.headers if k.startswith(b"x-")]
