@@ -10,6 +10,8 @@ from chatstream_asgi.engines.base import (
     PromptTooLong,
     QueueStream,
     RemoteLoad,
+    TokenLogprob,
+    UnsupportedFeature,
 )
 from chatstream_asgi.engines.mock import MockEngine, MockParams
 from chatstream_asgi.engines.pool import EnginePool
@@ -80,7 +82,9 @@ __all__ = [
     "SessionOptions",
     "SessionStore",
     "Timeouts",
+    "TokenLogprob",
     "TransformersEngine",
+    "UnsupportedFeature",
     "create_app",
     "get_result",
 ]

@@ -36,11 +36,18 @@ __all__ = [
     "PromptTooLong",
     "QueueStream",
     "RemoteLoad",
+    "TokenLogprob",
+    "UnsupportedFeature",
     "tagged_prompt",
 ]
 
-ChatMessage = dict[str, str]
-"""One chat message: ``{"role": "user" | "assistant" | "system", "content": "..."}``."""
+ChatMessage = dict[str, Any]
+"""One chat message: ``{"role": "user" | "assistant" | "system" | "tool", "content": "..."}``; an
+assistant message may carry ``tool_calls`` and a tool message ``tool_call_id`` (OpenAI's shapes, with
+each call's ``arguments`` as a dict, as chat templates expect)."""
+
+ToolSpec = Mapping[str, Any]
+"""One tool as OpenAI's API declares it: ``{"type": "function", "function": {"name", "description", "parameters"}}``."""
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -53,6 +60,28 @@ class PromptTooLong(EngineError):
     """The prompt does not fit the model's context together with ``max_new_tokens``."""
 
 
+class UnsupportedFeature(EngineError):
+    """The engine cannot serve what the request asks (a response schema, log-probabilities, tools): a 400
+    naming why, sent before anything streams. ``param`` names the request field at fault."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "unsupported_value") -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability, and the most likely tokens at its place (``top``, each
+    with an empty ``top`` of its own). ``token`` is the token's text, ``raw`` its bytes."""
+
+    token: str
+    logprob: float
+    raw: bytes
+    top: tuple[TokenLogprob, ...] = ()
+
+
 def tagged_prompt(messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
     """``<|role|>``-tagged text: the prompt of an engine without a chat template."""
     text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
@@ -62,6 +91,9 @@ def tagged_prompt(messages: Sequence[ChatMessage], *, add_generation_prompt: boo
 @dataclass(frozen=True)
 class GenerationParams:
     """Sampling parameters of one request. ``temperature == 0`` means greedy decoding.
+
+    ``json_schema`` and ``logprobs`` ask more than sampling: an engine that cannot serve them refuses them
+    in :meth:`Engine.check_params`, before the request is admitted.
 
     ``repetition_penalty`` divides (multiplies, when negative) the logit of every token already seen,
     once per distinct token; ``penalize_prompt_tokens`` says whether the prompt's tokens count as seen
@@ -77,6 +109,10 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     penalize_prompt_tokens: bool = True
+    json_schema: str | None = None
+    """The reply must be JSON valid against this JSON Schema (its JSON text): decoding is constrained to it."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many alternatives (0 to 20); None: none."""
 
 
 @dataclass
@@ -152,6 +188,11 @@ class GenerationStream:
         """Ask the engine to stop this sequence at its next step."""
         self._cancelled.set()
 
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities of the tokens behind the delta last returned (once iteration ended: of
+        the tokens that gave no text, such as the end of sequence); empty unless ``logprobs`` was asked."""
+        return []
+
     def __aiter__(self) -> GenerationStream:
         return self
 
@@ -171,6 +212,9 @@ class QueueStream(GenerationStream):
         super().__init__(request_id)
         self._loop = loop or asyncio.get_running_loop()
         self._items: collections.deque[str] = collections.deque()
+        self._logprobs: collections.deque[list[TokenLogprob]] = collections.deque()  # one list per item
+        self._unsent_logprobs: list[TokenLogprob] = []  # of tokens pushed without text so far
+        self._current_logprobs: list[TokenLogprob] = []
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -193,7 +237,14 @@ class QueueStream(GenerationStream):
                 await self._waiter
             finally:
                 self._waiter = None
+        self._current_logprobs = self._logprobs.popleft()
         return self._items.popleft()
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        if not self._items and self._done and self._unsent_logprobs:  # iteration ended
+            self._current_logprobs, self._unsent_logprobs = self._unsent_logprobs, []
+        taken, self._current_logprobs = self._current_logprobs, []
+        return taken
 
     # -- producer side, must run on the loop ------------------------------------------------
 
@@ -201,14 +252,24 @@ class QueueStream(GenerationStream):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def push(self, text: str, *, completion_tokens: int | None = None) -> None:
+    def push(
+        self, text: str, *, completion_tokens: int | None = None, logprobs: list[TokenLogprob] | None = None
+    ) -> None:
         """Append a text delta (call on the event loop); ``completion_tokens`` is the count so far,
-        so that a stream cancelled before its finish arrives still reports what was generated."""
+        so that a stream cancelled before its finish arrives still reports what was generated;
+        ``logprobs``: the tokens' log-probabilities (kept for the next delta when ``text`` is empty)."""
         if completion_tokens is not None and not self._done:
             self.completion_tokens = completion_tokens
+        if logprobs:
+            self._unsent_logprobs.extend(logprobs)
         if text:
-            self._items.append(text)
+            self._append(text)
             self._wake()
+
+    def _append(self, text: str) -> None:
+        self._items.append(text)
+        self._logprobs.append(self._unsent_logprobs)
+        self._unsent_logprobs = []
 
     def finish(
         self,
@@ -222,7 +283,7 @@ class QueueStream(GenerationStream):
         if self._done:
             return
         if tail:
-            self._items.append(tail)
+            self._append(tail)
         if prompt_tokens is not None:
             self.prompt_tokens = prompt_tokens
         if completion_tokens is not None:
@@ -286,14 +347,35 @@ class Engine:
         """Begin generating; must not block the event loop."""
         raise NotImplementedError
 
-    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+    def render_prompt(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[ToolSpec] | None = None,
+    ) -> str:
         """The prompt text the model would see for ``messages`` (the chat template); with
-        ``add_generation_prompt=False`` the conversation as it stands, without the opening of the next reply."""
+        ``add_generation_prompt=False`` the conversation as it stands, without the opening of the next reply.
+        ``tools`` (only passed where :attr:`tool_call_format` is set) are rendered by the template."""
         raise NotImplementedError
 
-    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        """Number of prompt tokens for ``messages``."""
+    def count_tokens(self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec] | None = None) -> int:
+        """Number of prompt tokens for ``messages`` (and ``tools``, as :meth:`render_prompt` takes them)."""
         raise NotImplementedError
+
+    tool_call_format: str | None = None
+    """How the model's chat template renders tools and asks for calls: ``"hermes"`` (``<tool_call>`` blocks
+    around JSON, as Qwen's), ``"json"`` (a bare JSON call, as Llama 3.1's); None: the template has no tool
+    support (``tools`` are then never passed to :meth:`render_prompt`)."""
+
+    def check_params(self, params: GenerationParams) -> None:
+        """Raise :class:`UnsupportedFeature` when this engine cannot serve ``params``' ``json_schema`` or
+        ``logprobs`` (or the schema is invalid or too complex for it). Called before admission, off the
+        event loop (compiling a schema can take a while); the default serves neither."""
+        if params.json_schema is not None:
+            raise UnsupportedFeature("this engine cannot constrain its output to a schema", param="response_format")
+        if params.logprobs is not None:
+            raise UnsupportedFeature("this engine does not report log-probabilities", param="logprobs")
 
     def release_session(self, session_key: str) -> int:
         """Free what the conversation ``session_key`` holds in the engine (its context was cleared);

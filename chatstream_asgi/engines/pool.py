@@ -40,10 +40,13 @@ from chatstream_asgi.engines.base import (
     ChatMessage,
     Engine,
     EngineError,
+    GenerationParams,
     GenerationRequest,
     GenerationStream,
     MemberStatus,
     RemoteLoad,
+    TokenLogprob,
+    ToolSpec,
 )
 from chatstream_asgi.engines.remote import EngineOverloaded, EngineRefused, EngineUnavailable
 
@@ -180,11 +183,30 @@ class EnginePool(Engine):
         """A stream from the least-loaded healthy member."""
         return _PoolStream(self, request)
 
-    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        return self.engines[0].render_prompt(messages, add_generation_prompt=add_generation_prompt)
+    def render_prompt(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[ToolSpec] | None = None,
+    ) -> str:
+        extra = {"tools": tools} if tools else {}  # only to a member whose template takes them
+        return self.engines[0].render_prompt(messages, add_generation_prompt=add_generation_prompt, **extra)
 
-    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        return self.engines[0].count_tokens(messages)
+    def count_tokens(self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec] | None = None) -> int:
+        extra = {"tools": tools} if tools else {}
+        return self.engines[0].count_tokens(messages, **extra)
+
+    @property
+    def tool_call_format(self) -> str | None:  # type: ignore[override]
+        """The members' format where they all share one (a request may go to any of them), else None."""
+        formats = {engine.tool_call_format for engine in self.engines}
+        return formats.pop() if len(formats) == 1 else None
+
+    def check_params(self, params: GenerationParams) -> None:
+        """Every member must serve ``params``: a request may go to any of them."""
+        for engine in self.engines:
+            engine.check_params(params)
 
     @property
     def prefix_hit_tokens(self) -> int:  # type: ignore[override]
@@ -313,6 +335,9 @@ class _PoolStream(GenerationStream):
             counted, self._counted = self._counted, False
         if counted:
             self._pool._release(self.index)
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        return self._inner.take_logprobs()
 
     def _copy_result(self, inner: GenerationStream) -> None:
         self.finish_reason = inner.finish_reason

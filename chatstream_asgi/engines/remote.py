@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,12 +29,15 @@ from chatstream_asgi.engines.base import (
     ChatMessage,
     Engine,
     EngineError,
+    GenerationParams,
     GenerationRequest,
     GenerationStream,
     QueueStream,
     RemoteLoad,
+    UnsupportedFeature,
     tagged_prompt,
 )
+from chatstream_asgi.engines.remote_load import LOAD_PROBE_TIMEOUT, LOAD_PROBES, as_int
 
 if TYPE_CHECKING:
     import httpx
@@ -51,55 +53,6 @@ DEFAULT_CONTEXT_LEN = 8192
 _OVERLOADED = frozenset({429, 503})
 _FINISH_REASONS = {"length": "length"}  # "stop", "eos_token", "stop_sequence", ... all mean stop
 _MAX_ERROR_BODY = 64 * 1024
-
-
-def _from_get_load(response: httpx.Response) -> RemoteLoad | None:
-    """chatstream-asgi's ``/get_load``."""
-    data = response.json()
-    busy = _int(data.get("processing"), None) if isinstance(data, Mapping) else None
-    if busy is None:
-        return None
-    return RemoteLoad(busy + (_int(data.get("waiting"), 0) or 0), _int(data.get("max_processing")), "get_load")
-
-
-def _from_slots(response: httpx.Response) -> RemoteLoad | None:
-    """llama.cpp server's ``/slots``: one object per slot, ``is_processing`` (``state == 1`` before 2024-11)."""
-    slots = response.json()
-    if not isinstance(slots, list) or not slots or not all(isinstance(slot, Mapping) for slot in slots):
-        return None
-    busy = sum(1 for slot in slots if slot.get("is_processing") or slot.get("state") == 1)
-    return RemoteLoad(busy, len(slots), "slots")
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{[^}]*\})?\s+([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)(?:\s|$)")
-_METRICS = {
-    "vllm:num_requests_running": "vllm",
-    "vllm:num_requests_waiting": "vllm",
-    "llamacpp:requests_processing": "llama.cpp",
-    "llamacpp:requests_deferred": "llama.cpp",
-    "tgi_batch_current_size": "tgi",
-    "tgi_queue_size": "tgi",
-}
-
-
-def _from_metrics(response: httpx.Response) -> RemoteLoad | None:
-    """Running plus waiting requests from the Prometheus text of vLLM, llama.cpp or TGI (summed over labels)."""
-    busy = 0.0
-    source = None
-    for line in response.text.splitlines():
-        sample = _SAMPLE.match(line)
-        if sample is not None and sample[1] in _METRICS:
-            busy += float(sample[2])
-            source = _METRICS[sample[1]]
-    return None if source is None else RemoteLoad(round(busy), None, f"metrics ({source})")
-
-
-_LOAD_PROBES: tuple[tuple[str, Callable[[httpx.Response], RemoteLoad | None]], ...] = (
-    ("/get_load", _from_get_load),
-    ("/slots", _from_slots),
-    ("/metrics", _from_metrics),
-)
-LOAD_PROBE_TIMEOUT = 2.0
 
 
 class EngineOverloaded(EngineError):
@@ -205,6 +158,12 @@ class OpenAIEngine(Engine):
         task.add_done_callback(self._tasks.discard)
         return stream
 
+    def check_params(self, params: GenerationParams) -> None:
+        """A schema goes to the remote server as its ``response_format`` (it constrains and validates it);
+        log-probabilities are not relayed."""
+        if params.logprobs is not None:
+            raise UnsupportedFeature("the remote engine does not relay log-probabilities", param="logprobs")
+
     def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
         """The tokenizer's chat template, or ``<|role|>``-tagged text without a tokenizer."""
         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
@@ -231,7 +190,7 @@ class OpenAIEngine(Engine):
         if self._load_probe is False:
             return None
         root = self.base_url.removesuffix("/v1")
-        probes = [self._load_probe] if isinstance(self._load_probe, tuple) else list(_LOAD_PROBES)
+        probes = [self._load_probe] if isinstance(self._load_probe, tuple) else list(LOAD_PROBES)
         for path, parse in probes:
             try:
                 response = await self._http().get(root + path, headers=self._headers(), timeout=LOAD_PROBE_TIMEOUT)
@@ -306,6 +265,9 @@ class OpenAIEngine(Engine):
             body["stop"] = list(params.stop)
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.json_schema is not None:  # the remote server constrains its own decoding
+            schema = {"name": "response", "schema": json.loads(params.json_schema), "strict": True}
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
         if self.sampling_extensions:
             body["top_k"] = params.top_k
             body["repetition_penalty"] = params.repetition_penalty
@@ -357,11 +319,11 @@ class OpenAIEngine(Engine):
             if not responded:
                 raise EngineUnavailable(f"no response from {url}: {exc!r}") from exc
             raise EngineError(f"{url}: the stream broke: {exc!r}") from exc
-        prompt_tokens = _int(usage.get("prompt_tokens"))
+        prompt_tokens = as_int(usage.get("prompt_tokens"))
         stream.finish(
             _FINISH_REASONS.get(finish, "stop"),  # type: ignore[arg-type]
             prompt_tokens=self.count_tokens(request.messages) if prompt_tokens is None else prompt_tokens,
-            completion_tokens=_int(usage.get("completion_tokens"), deltas),
+            completion_tokens=as_int(usage.get("completion_tokens"), deltas),
         )
 
 
@@ -436,10 +398,6 @@ async def _read_events(stream: _RemoteStream, response: httpx.Response, url: str
     if not done and finish is None:
         raise EngineError(f"{url}: the stream ended before its last event")
     return finish or "stop", usage, deltas
-
-
-def _int(value: Any, default: int | None = None) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _message(data: Any) -> str:

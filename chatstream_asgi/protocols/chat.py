@@ -2,7 +2,8 @@
 
 The seed's body is ``{"user_input": str, "regenerate": bool}``; API clients may send
 ``{"messages": [{"role", "content"}, ...]}`` instead. Both take optional
-``"generation_params"`` and ``"format"``. Anything malformed raises :class:`InvalidRequest`,
+``"generation_params"``, ``"format"`` and a schema for the reply (``"response_format"`` as OpenAI's, or
+``"json_schema"``). Anything malformed raises :class:`InvalidRequest`,
 which the front door turns into ``400 {"error": "invalid_request", "detail": ...}``.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chatstream_asgi.engines.base import ChatMessage, GenerationParams
+from chatstream_asgi.protocols.structured import FormatError, chat_json_schema
 
 __all__ = [
     "MAX_INT_DIGITS",
@@ -60,6 +62,8 @@ class ChatRequest:
     priority: int = 0
     """Lower is served first, among the requests of the same tenant (vLLM's ``priority``)."""
     raw: Mapping[str, Any] = field(default_factory=dict)
+    json_schema: str | None = None
+    """The schema the reply must follow (``response_format`` or ``json_schema``; see ``protocols/structured.py``)."""
 
 
 def _number(name: str, lo: float, hi: float, *, lo_open: bool = False) -> Callable[[Any], float]:
@@ -257,6 +261,10 @@ def parse_chat_request(body: bytes | str | Mapping[str, Any], *, formats: frozen
         raise InvalidRequest(f"format must be one of {sorted(formats)}")
     request.format = fmt
     request.priority = parse_priority(data.get("priority"))
+    try:
+        request.json_schema = chat_json_schema(data)
+    except FormatError as exc:
+        raise InvalidRequest(exc.message) from None
     return request
 
 

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from chatstream_asgi.engines.base import TokenLogprob
+
 __all__ = ["EOS_MARKER", "ERROR_MARKER", "FORMATS", "Framer", "Summary"]
 
 EOS_MARKER = "<::EOS::>"
@@ -61,6 +63,10 @@ class Framer:
     def delta(self, text: str) -> bytes:
         """The frame for a text delta; ``b""`` holds it back (nothing is sent)."""
         return text.encode()
+
+    def logprobs(self, entries: list[TokenLogprob]) -> None:
+        """The log-probabilities of the tokens behind the next delta (or the final frame); only framers whose
+        protocol reports them keep them."""
 
     def queue(self, position: int, estimated_wait: float | None) -> bytes:
         raise NotImplementedError  # only framers with queue_events = True

@@ -1,17 +1,14 @@
-"""OpenAI's Chat Completions API on the wire: request parsing, stream framers and error shapes.
+"""OpenAI's Chat Completions API on the wire: request parsing and error shapes (replies: ``openai_framing.py``).
 
 Close enough that the official ``openai`` client works unchanged. Mapped parameters: ``messages``
-(string content or text parts; ``developer`` counts as ``system``), ``temperature``, ``top_p``,
-``max_tokens`` / ``max_completion_tokens``, ``stop``, ``seed``, ``stream``,
-``stream_options.include_usage``, and the extensions ``top_k`` and ``repetition_penalty``. ``n``
-must be 1; other OpenAI parameters are accepted and ignored.
+(string content or text parts; ``developer`` counts as ``system``; ``assistant`` messages with
+``tool_calls`` and ``tool`` results), ``temperature``, ``top_p``, ``max_tokens`` /
+``max_completion_tokens``, ``stop``, ``seed``, ``stream``, ``stream_options.include_usage``,
+``response_format`` (``protocols/structured.py``), ``tools`` / ``tool_choice`` (``protocols/tools.py``),
+``logprobs`` / ``top_logprobs`` (at most 20), and the extensions ``top_k`` and ``repetition_penalty``.
+``n`` must be 1; other OpenAI parameters are accepted and ignored.
 
-- ``stream: false`` → one ``chat.completion`` object with ``usage``.
-- ``stream: true`` → server-sent events: ``chat.completion.chunk`` objects, then ``data: [DONE]``.
-  While the request waits for a slot, SSE comments ``: queue {"position", "estimated_wait_seconds"}``
-  (ignored by clients) report its place in the queue.
-- Errors: ``{"error": {"message", "type", "param", "code"}}``; a failure mid-stream sends one
-  ``data: {"error": ...}`` event and ends the stream without ``[DONE]``.
+Errors: ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -23,9 +20,12 @@ from typing import Any
 
 from chatstream_asgi.engines.base import ChatMessage
 from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, parse_priority, validate_params
-from chatstream_asgi.protocols.framing import Framer, Summary
+from chatstream_asgi.protocols.openai_framing import OpenAIChunkFramer, OpenAICompletionFramer, error_body
+from chatstream_asgi.protocols.structured import FormatError, response_format_schema
+from chatstream_asgi.protocols.tools import ToolRequest, parse_tools
 
 __all__ = [
+    "MAX_TOP_LOGPROBS",
     "QUEUE_FULL_BODY",
     "ChatCompletionRequest",
     "OpenAIChunkFramer",
@@ -35,6 +35,7 @@ __all__ = [
     "parse_chat_completion",
 ]
 
+MAX_TOP_LOGPROBS = 20
 
 _PARAMS = {
     "temperature": "temperature",
@@ -46,13 +47,7 @@ _PARAMS = {
     "max_tokens": "max_new_tokens",
     "max_completion_tokens": "max_new_tokens",
 }
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_FINISH_REASONS = {"stop": "stop", "length": "length"}
-
-
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """An error in OpenAI's shape."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 QUEUE_FULL_BODY = error_body(
@@ -75,106 +70,6 @@ class OpenAIError(Exception):
         return error_body(self.message, "invalid_request_error", self.code, self.param)
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def _usage(summary: Summary) -> dict[str, int]:
-    return {
-        "prompt_tokens": summary.prompt_tokens,
-        "completion_tokens": summary.completion_tokens,
-        "total_tokens": summary.prompt_tokens + summary.completion_tokens,
-    }
-
-
-class _OpenAIFramer(Framer):
-    def __init__(self, completion_id: str, model: str, created: int) -> None:
-        self.completion_id = completion_id
-        self.model = model
-        self.created = created
-
-    def error(self, error: str, detail: str) -> bytes:
-        return f"data: {_dumps(error_body(detail, 'server_error', error))}\n\n".encode()
-
-
-class OpenAIChunkFramer(_OpenAIFramer):
-    """``stream: true``: ``chat.completion.chunk`` events, then ``data: [DONE]``."""
-
-    name = "openai"
-    media_type = "text/event-stream; charset=utf-8"
-    queue_events = True
-
-    def __init__(self, completion_id: str, model: str, created: int, *, include_usage: bool = False) -> None:
-        super().__init__(completion_id, model, created)
-        self.include_usage = include_usage
-        self._role_sent = False
-
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        chunk = {
-            "id": self.completion_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-        if self.include_usage:
-            chunk["usage"] = None
-        chunk.update(extra)
-        return f"data: {_dumps(chunk)}\n\n".encode()
-
-    def _delta(self, content: str | None, finish_reason: str | None) -> bytes:
-        delta: dict[str, Any] = {} if content is None else {"content": content}
-        if not self._role_sent:
-            self._role_sent = True
-            delta = {"role": "assistant", **delta}
-        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
-
-    def delta(self, text: str) -> bytes:
-        return self._delta(text, None)
-
-    def queue(self, position: int, estimated_wait: float | None) -> bytes:
-        return f": queue {_dumps({'position': position, 'estimated_wait_seconds': estimated_wait})}\n\n".encode()
-
-    def final(self, summary: Summary) -> bytes:
-        frames = self._delta(None, _FINISH_REASONS.get(summary.finish_reason or "", "stop"))
-        if self.include_usage:
-            frames += self._chunk([], usage=_usage(summary))
-        return frames + b"data: [DONE]\n\n"
-
-
-class OpenAICompletionFramer(_OpenAIFramer):
-    """``stream: false``: holds every delta back and sends one ``chat.completion`` at the end."""
-
-    name = "openai-completion"
-    media_type = "application/json"
-
-    def __init__(self, completion_id: str, model: str, created: int) -> None:
-        super().__init__(completion_id, model, created)
-        self._parts: list[str] = []
-
-    def delta(self, text: str) -> bytes:
-        self._parts.append(text)
-        return b""
-
-    def final(self, summary: Summary) -> bytes:
-        completion = {
-            "id": self.completion_id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(self._parts)},
-                    "logprobs": None,
-                    "finish_reason": _FINISH_REASONS.get(summary.finish_reason or "", "stop"),
-                }
-            ],
-            "usage": _usage(summary),
-        }
-        return _dumps(completion).encode()
-
-
 def _content(value: Any, i: int) -> str:
     if isinstance(value, str):
         return value
@@ -188,19 +83,70 @@ def _content(value: Any, i: int) -> str:
     raise OpenAIError(f"messages[{i}].content must be a string or a list of text parts", param="messages")
 
 
+def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's earlier calls, each call's ``arguments`` as an object (what templates expect)."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(value, list):
+        raise OpenAIError(f"{where} must be a list", param="messages")
+    calls = []
+    for call in value:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise OpenAIError(f"{where}[] must be a function call with a name", param="messages")
+        arguments = function.get("arguments") or "{}"
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, Mapping):
+            raise OpenAIError(f"{where}[].function.arguments must be a JSON object (as text)", param="messages")
+        named = {"name": function["name"], "arguments": arguments}
+        calls.append({"id": call.get("id"), "type": "function", "function": named})
+    return calls
+
+
+def _message(item: Any, i: int, names: dict[str, str]) -> ChatMessage:
+    if not isinstance(item, Mapping):
+        raise OpenAIError(f"messages[{i}] must be an object", param="messages")
+    role = item.get("role")
+    role = _ROLES.get(role) if isinstance(role, str) else None
+    if role is None:
+        raise OpenAIError(f"messages[{i}].role must be one of {sorted(_ROLES)}", param="messages")
+    calls = item.get("tool_calls") if role == "assistant" else None
+    content = "" if calls and item.get("content") is None else _content(item.get("content"), i)
+    message: ChatMessage = {"role": role, "content": content}
+    if calls:
+        message["tool_calls"] = _tool_calls(calls, i)
+        names.update((c["id"], c["function"]["name"]) for c in message["tool_calls"] if isinstance(c["id"], str))
+    if role == "tool":
+        call_id = item.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise OpenAIError(f"messages[{i}].tool_call_id must be a string", param="messages")
+        message["tool_call_id"] = call_id
+        if call_id in names:
+            message["name"] = names[call_id]
+    return message
+
+
 def _messages(value: Any) -> list[ChatMessage]:
     if not isinstance(value, list) or not value:
         raise OpenAIError("messages must be a non-empty list", param="messages")
-    out: list[ChatMessage] = []
-    for i, item in enumerate(value):
-        if not isinstance(item, Mapping):
-            raise OpenAIError(f"messages[{i}] must be an object", param="messages")
-        role = item.get("role")
-        role = _ROLES.get(role) if isinstance(role, str) else None
-        if role is None:
-            raise OpenAIError(f"messages[{i}].role must be one of {sorted(_ROLES)}", param="messages")
-        out.append({"role": role, "content": _content(item.get("content"), i)})
-    return out
+    names: dict[str, str] = {}  # call id -> function name, for the tool messages that answer them
+    return [_message(item, i, names) for i, item in enumerate(value)]
+
+
+def _logprobs(data: Mapping[str, Any]) -> int | None:
+    """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+    wanted, top = data.get("logprobs"), data.get("top_logprobs")
+    if wanted not in (None, True, False):
+        raise OpenAIError("logprobs must be a boolean", param="logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise OpenAIError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    if not wanted:
+        if top:
+            raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
 
 
 def _overrides(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -224,7 +170,13 @@ class ChatCompletionRequest:
     """Generation parameters under this package's names (``max_tokens`` is ``max_new_tokens``)."""
     stream: bool = False
     include_usage: bool = False
+    json_schema: str | None = None
+    """What ``response_format`` constrains the reply to (JSON Schema text); None: free text."""
+    logprobs: int | None = None
+    """``top_logprobs`` when ``logprobs`` is true; None when it is not."""
+    tools: ToolRequest | None = None
     priority: int = 0
+    """Lower is served first, among the requests of the same tenant (vLLM's ``priority``)."""
 
 
 def parse_chat_completion(body: bytes) -> ChatCompletionRequest:
@@ -244,9 +196,17 @@ def parse_chat_completion(body: bytes) -> ChatCompletionRequest:
     if not isinstance(options, Mapping) or not isinstance(options.get("include_usage", False), bool):
         raise OpenAIError("stream_options.include_usage must be a boolean", param="stream_options")
     messages = _messages(data.get("messages"))
+    request = ChatCompletionRequest(messages, _overrides(data), stream, bool(options.get("include_usage", False)))
+    request.logprobs = _logprobs(data)
     try:
-        priority = parse_priority(data.get("priority"))
+        request.priority = parse_priority(data.get("priority"))
     except InvalidRequest as exc:
         raise OpenAIError(exc.detail, param="priority") from None
-    overrides = _overrides(data)
-    return ChatCompletionRequest(messages, overrides, stream, bool(options.get("include_usage", False)), priority)
+    try:
+        request.json_schema = response_format_schema(data.get("response_format"))
+        request.tools = parse_tools(data)
+    except FormatError as exc:
+        raise OpenAIError(exc.message, param=exc.param, code=exc.code) from None
+    if request.tools is not None and request.json_schema is not None:
+        raise OpenAIError("send either tools or a JSON response_format, not both", param="response_format")
+    return request

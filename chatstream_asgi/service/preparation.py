@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from chatstream_asgi.engines.base import GenerationParams
@@ -19,6 +19,7 @@ from chatstream_asgi.logs import current_request_id, logger
 from chatstream_asgi.protocols.chat import InvalidRequest, apply_params, parse_chat_request
 from chatstream_asgi.protocols.framing import FORMATS
 from chatstream_asgi.service.exchange import ChatResult
+from chatstream_asgi.service.features import UnsupportedFeature, check_features
 from chatstream_asgi.service.outcomes import Rejection
 from chatstream_asgi.service.prompts import PromptBuilder, start_turn
 from chatstream_asgi.service.replies import PreparedChat
@@ -64,6 +65,9 @@ class ChatPreparer:
         turn = None
         try:
             params = apply_params(self.default_params, overrides, max_new_tokens=self.max_new_tokens)
+            if chat_request.json_schema is not None:
+                params = replace(params, json_schema=chat_request.json_schema)
+                await check_features(self.prompts.engine, params)
             if opened is None:
                 assert chat_request.messages is not None
                 prompt = await self.prompts.prepare_messages(chat_request.messages, params.max_new_tokens)
@@ -73,6 +77,8 @@ class ChatPreparer:
                 prompt = await self.prompts.prepare_turn(turn, params.max_new_tokens)
         except InvalidRequest as exc:
             raise Rejection(400, "invalid_request", exc.detail, headers=headers) from None
+        except UnsupportedFeature as exc:
+            raise Rejection(400, "invalid_request", exc.message, headers=headers) from None
         result = ChatResult(
             request_id=current_request_id() or "-",
             message_id=uuid.uuid4().hex,

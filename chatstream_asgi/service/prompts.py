@@ -8,6 +8,7 @@ client left mid-stream).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import TypeVar
 
 import anyio
 
-from chatstream_asgi.engines.base import ChatMessage, Engine, PromptTooLong
+from chatstream_asgi.engines.base import ChatMessage, Engine, PromptTooLong, ToolSpec
 from chatstream_asgi.protocols.chat import InvalidRequest
 from chatstream_asgi.sessions.store import StoredMessage
 
@@ -200,20 +201,24 @@ class PromptBuilder:
     def _budget(self, max_new_tokens: int) -> int:
         return self.engine.context_len - max_new_tokens
 
-    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        """The engine's token count; :class:`TemplateError` when the template or tokenizer fails."""
+    def count_tokens(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] | None = None) -> int:
+        """The engine's token count (with ``tools`` rendered, where given); :class:`TemplateError` when the
+        template or tokenizer fails."""
         try:
-            return self.engine.count_tokens(messages)
+            return self.engine.count_tokens(messages, tools=tools) if tools else self.engine.count_tokens(messages)
         except PromptTooLong:
             raise
         except Exception as exc:
             raise _template_error(exc) from exc
 
-    def for_messages(self, messages: list[ChatMessage], max_new_tokens: int) -> tuple[list[ChatMessage], int]:
+    def for_messages(
+        self, messages: list[ChatMessage], max_new_tokens: int, tools: Sequence[ToolSpec] | None = None
+    ) -> tuple[list[ChatMessage], int]:
         """A stateless request's messages (a system message of its own replaces the configured one), and
-        their token count."""
+        their token count (with ``tools``)."""
         system = [] if messages[0]["role"] == "system" else self.system_messages()
-        return fit_to_budget(self.count_tokens, system, [], messages, self._budget(max_new_tokens))
+        count = functools.partial(self.count_tokens, tools=tools)
+        return fit_to_budget(count, system, [], messages, self._budget(max_new_tokens))
 
     def for_turn(self, turn: Turn, max_new_tokens: int) -> tuple[list[ChatMessage], int]:
         """A session turn: the history before it (oldest turns dropped first) and its user message, and
@@ -235,23 +240,33 @@ class PromptBuilder:
         messages, _ = fit_to_budget(self.count_tokens, system, history, [], budget)
         return self.render(messages, add_generation_prompt=False)
 
-    def render(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        """``messages`` through the model's chat template."""
+    def render(
+        self,
+        messages: list[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[ToolSpec] | None = None,
+    ) -> str:
+        """``messages`` (and ``tools``, where given) through the model's chat template."""
         try:
+            if tools:
+                return self.engine.render_prompt(messages, add_generation_prompt=add_generation_prompt, tools=tools)
             return self.engine.render_prompt(messages, add_generation_prompt=add_generation_prompt)
         except Exception as exc:
             raise _template_error(exc) from exc
 
     # -- off the event loop ---------------------------------------------------------------
 
-    async def prepare_messages(self, messages: list[ChatMessage], max_new_tokens: int) -> Prompt:
-        """:meth:`for_messages`, rendered."""
+    async def prepare_messages(
+        self, messages: list[ChatMessage], max_new_tokens: int, tools: Sequence[ToolSpec] | None = None
+    ) -> Prompt:
+        """:meth:`for_messages`, rendered (``tools``: for the template to render, where given)."""
 
         def prepare() -> Prompt:
-            fitted, tokens = self.for_messages(messages, max_new_tokens)
-            return Prompt(fitted, self.render(fitted), tokens)
+            fitted, tokens = self.for_messages(messages, max_new_tokens, tools)
+            return Prompt(fitted, self.render(fitted, tools=tools), tokens)
 
-        return await self.off_loop(prepare, heavy=_chars(messages) > self.HEAVY_CHARS)
+        return await self.off_loop(prepare, heavy=bool(tools) or _chars(messages) > self.HEAVY_CHARS)
 
     async def prepare_turn(self, turn: Turn, max_new_tokens: int) -> Prompt:
         """:meth:`for_turn`, rendered; the user message gets its token count."""

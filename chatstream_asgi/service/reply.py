@@ -148,6 +148,7 @@ class Reply:
         self.engine_started = True
         self.stream = stream = self.engine.generate(self.request)
         async for text in stream:
+            framer.logprobs(stream.take_logprobs())
             frame = framer.delta(text)
             if frame:  # an empty frame holds the text back (a non-streamed body goes out at the end)
                 await self._send_body(frame)
@@ -157,6 +158,7 @@ class Reply:
             self.text_parts.append(text)
         if stream.finish_reason == "cancelled" and not stream.cancelled:
             raise EngineError("the engine ended the generation (it is shutting down)")
+        framer.logprobs(stream.take_logprobs())  # of tokens that gave no text (the end of sequence)
         summary = Summary(self.message_id, stream.finish_reason, stream.prompt_tokens, stream.completion_tokens)
         self.final_in_flight = True
         await self._send_body(framer.final(summary), more_body=False)

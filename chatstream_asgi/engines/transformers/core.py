@@ -169,10 +169,15 @@ class EngineCore:
         return pending
 
     def _deliver(self, plan: StepPlan, tokens: list[int], outbox: Outbox) -> None:
-        """Hand each sampled sequence still running its token (text, finishes); drop the others' tokens."""
-        live = [(s, t) for s, t in zip(plan.sampled, tokens, strict=True) if s.finish is None]
+        """Hand each sampled sequence still running its token (text, finishes, log-probabilities where
+        asked); drop the others' tokens. Row ``i`` of the sampler is ``plan.sampled[i]``."""
+        seqs = plan.sampled
+        # Only a plan with watched rows reads the report: no step ran ahead of it to overwrite it.
+        reported = self._get_sampler().take_logprobs(len(seqs)) if any(s.watched for s in seqs) else None
+        live = [n for n, s in enumerate(seqs) if s.finish is None]
         if live:
-            self._output.accept([s for s, _ in live], [t for _, t in live], outbox)
+            asked = [reported[n] for n in live] if reported is not None else None
+            self._output.accept([seqs[n] for n in live], [tokens[n] for n in live], outbox, asked)
 
     def _plan_ahead(self, plan: StepPlan) -> StepPlan | None:
         """The step after ``plan``, planned before ``plan``'s tokens are read, where that is allowed."""
@@ -182,12 +187,13 @@ class EngineCore:
 
     def _may_run_ahead(self, plan: StepPlan, *, ahead: bool = True) -> bool:
         """Whether the step after ``plan`` may be queued before ``plan`` is read (see :meth:`_steps`):
-        nothing waits to be admitted, nothing was cancelled, and (``ahead``) no row reaches its length
-        limit at ``plan`` (its tokens are counted before ``plan``'s are read)."""
+        nothing waits to be admitted, nothing was cancelled, no row needs its token read before its next
+        is picked (a grammar, log-probabilities: :attr:`EngineSequence.watched`), and (``ahead``) no row
+        reaches its length limit at ``plan`` (its tokens are counted before ``plan``'s are read)."""
         if self.stopping or (self.pending and len(self.active) + len(self.prefilling) < self.path.rows):
             return False
         rows = plan.sampled
-        if not rows or any(s.stream.cancelled for s in (*rows, *self.prefilling)):
+        if not rows or any(s.stream.cancelled for s in (*rows, *self.prefilling)) or any(s.watched for s in rows):
             return False
         return not ahead or all(s.generated + 1 < self._output.limit(s) for s in rows)
 

@@ -124,7 +124,7 @@ class EagerPath:
         input_ids, key_positions, positions = (t.to(self.device) for t in (input_ids, key_positions, positions))
         try:
             logits, layers = self._forward_prefill(input_ids, key_positions, positions, past_layers(seqs, past))
-            sampler.add_rows([s.params for s in seqs], [s.prompt_ids for s in seqs])
+            sampler.add_rows([s.params for s in seqs], [s.prompt_ids for s in seqs], [s.grammar for s in seqs])
             tokens = sampler.sample(logits, slice(first_row, first_row + len(seqs))).tolist()
             self._kv.add_rows(layers, key_positions)
         except Exception as exc:

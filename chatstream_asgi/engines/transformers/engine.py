@@ -27,10 +27,13 @@ import torch
 from chatstream_asgi.engines.base import (
     ChatMessage,
     Engine,
+    GenerationParams,
     GenerationRequest,
     GenerationStream,
     PromptTooLong,
     QueueStream,
+    ToolSpec,
+    UnsupportedFeature,
 )
 from chatstream_asgi.engines.transformers.batch_cache import log_growing_cache
 from chatstream_asgi.engines.transformers.compiled_step import AUTO, compile_mode_for
@@ -38,6 +41,7 @@ from chatstream_asgi.engines.transformers.core import EngineCore
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher
 from chatstream_asgi.engines.transformers.eager_path import EagerPath
 from chatstream_asgi.engines.transformers.experts import prepare_experts
+from chatstream_asgi.engines.transformers.grammar import Grammars
 from chatstream_asgi.engines.transformers.kv_layout import KVLayout, UnsupportedModel
 from chatstream_asgi.engines.transformers.kv_path import KVPath
 from chatstream_asgi.engines.transformers.loading import (
@@ -46,6 +50,7 @@ from chatstream_asgi.engines.transformers.loading import (
     generation_defaults,
     indexed_device,
     load_model,
+    tool_call_format,
 )
 from chatstream_asgi.engines.transformers.model_runner import ModelRunner
 from chatstream_asgi.engines.transformers.output import OutputProcessor
@@ -183,6 +188,8 @@ class TransformersEngine(Engine):
             )
         vocab = model.get_output_embeddings().out_features  # a quantized head keeps no float weight
         self._core = EngineCore(self._path, self._output, self.device, vocab, self.model_name)
+        self._grammars = Grammars(tokenizer, self.eos_token_ids, vocab)
+        self.tool_call_format = tool_call_format(tokenizer)
         self._cond = self._core.cond  # queue several requests at once: hold it while calling generate()
         self._thread: threading.Thread | None = None
         self._turns = SessionTurns(tokenizer)
@@ -268,25 +275,44 @@ class TransformersEngine(Engine):
             session_key=request.session_key,
             turns=self._turns,
             prompt_text=text,
+            grammar=self._grammars.matcher(params.json_schema) if params.json_schema is not None else None,
         )
         self._ensure_thread()
         self._core.submit(seq)
         return stream
 
-    def render_prompt(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text from the tokenizer's chat template (with the generation prompt unless told not to)."""
+    def render_prompt(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[ToolSpec] | None = None,
+    ) -> str:
+        """The prompt text from the tokenizer's chat template (with the generation prompt unless told not to),
+        ``tools`` rendered by the template."""
         conversation = list(messages)
         if self.system_prompt and not any(m.get("role") == "system" for m in conversation):
             conversation.insert(0, {"role": "system", "content": self.system_prompt})
         if getattr(self.tokenizer, "chat_template", None):
             render = self.tokenizer.apply_chat_template
-            return render(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+            extra = {"tools": list(tools)} if tools else {}
+            return render(conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
         lines = [f"{m['role']}: {m['content']}" for m in conversation]
         return "\n".join([*lines, "assistant:"] if add_generation_prompt else lines)
 
-    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        """Number of prompt tokens for ``messages``."""
-        return len(self._encode(messages))
+    def count_tokens(self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec] | None = None) -> int:
+        """Number of prompt tokens for ``messages`` (and ``tools``)."""
+        return len(self._encode(messages, tools))
+
+    def check_params(self, params: GenerationParams) -> None:
+        """Compile ``params.json_schema`` (kept for :meth:`generate`; the first call also reads the tokenizer
+        into the grammar library, about a second); :class:`UnsupportedFeature` names what is wrong."""
+        if params.json_schema is not None:
+            try:
+                self._grammars.check(params.json_schema)
+            except UnsupportedFeature as exc:
+                exc.param = exc.param or "response_format"
+                raise
 
     @property
     def prefix_cache_tokens(self) -> int:
@@ -302,8 +328,8 @@ class TransformersEngine(Engine):
 
     # -- internals (event loop side) ---------------------------------------------------------
 
-    def _encode(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self._turns.tokenize(self.render_prompt(messages))
+    def _encode(self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec] | None = None) -> list[int]:
+        return self._turns.tokenize(self.render_prompt(messages, tools=tools))
 
     def _ensure_thread(self) -> None:
         with self._cond:

@@ -31,6 +31,7 @@ __all__ = [
     "indexed_device",
     "load_model",
     "resolve_model",
+    "tool_call_format",
 ]
 
 logger = logging.getLogger("chatstream_asgi.engine")
@@ -208,6 +209,25 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
     return frozenset(ids)
+
+
+def tool_call_format(tokenizer: Any) -> str | None:
+    """How the tokenizer's chat template asks for tool calls (see ``Engine.tool_call_format``): None when the
+    template never reads ``tools``, ``"hermes"`` where it teaches ``<tool_call>`` blocks (Qwen 2.5, Qwen 3,
+    Hermes), else ``"json"`` (a bare JSON object, as Llama 3.1's)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    import jinja2
+    import jinja2.meta
+
+    try:
+        variables = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    except jinja2.TemplateError:
+        return None
+    if "tools" not in variables:
+        return None
+    return "hermes" if "<tool_call>" in template else "json"
 
 
 def indexed_device(device: str | torch.device) -> torch.device:

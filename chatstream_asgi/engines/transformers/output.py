@@ -8,8 +8,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from chatstream_asgi.engines.base import EngineError, FinishReason
+from chatstream_asgi.engines.base import EngineError, FinishReason, TokenLogprob
 from chatstream_asgi.engines.transformers.detokenizer import decode_windows
+from chatstream_asgi.engines.transformers.grammar import CLOSING_RESERVE
+from chatstream_asgi.engines.transformers.logprobs import TokenPieces
+from chatstream_asgi.engines.transformers.sampling import RowLogprobs
 from chatstream_asgi.engines.transformers.sequence import EngineSequence, Outbox
 
 __all__ = ["OutputProcessor", "fail", "finish"]
@@ -19,31 +22,53 @@ logger = logging.getLogger("chatstream_asgi.engine")
 
 class OutputProcessor:
     """Turns sampled tokens into text for one tokenizer: end-of-sequence ids and length limits end a
-    sequence, stop strings are held back and cut."""
+    sequence, stop strings are held back and cut; a constrained sequence's grammar consumes its token
+    and ends it (``stop``) once the reply is complete; log-probabilities go out with the text."""
 
     def __init__(self, tokenizer: Any, eos_token_ids: frozenset[int], context_len: int) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.context_len = context_len
+        self._pieces = TokenPieces(tokenizer)
 
     def limit(self, seq: EngineSequence) -> int:
         """How many tokens ``seq`` may generate."""
         return min(seq.params.max_new_tokens, self.context_len - len(seq.prompt_ids))
 
-    def accept(self, seqs: list[EngineSequence], tokens: list[int], outbox: Outbox) -> None:
-        """Record one new token per sequence, detokenize them in one call, emit text, mark finishes."""
-        for seq, token in zip(seqs, tokens, strict=True):
+    def accept(
+        self,
+        seqs: list[EngineSequence],
+        tokens: list[int],
+        outbox: Outbox,
+        logprobs: list[RowLogprobs | None] | None = None,
+    ) -> None:
+        """Record one new token per sequence, detokenize them in one call, emit text, mark finishes.
+        ``logprobs``: the sampler's report for each sequence (None where it asked for none)."""
+        entries: list[list[TokenLogprob] | None] = [None] * len(seqs)
+        for n, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             seq.generated += 1
             seq.last_token = token
             seq.output.append(token)
             seq.detokenizer.tokens.append(token)
-            if token in self.eos_token_ids and not seq.ignore_eos:
+            if logprobs is not None and logprobs[n] is not None:
+                entries[n] = [self._pieces.entry(token, logprobs[n])]  # type: ignore[arg-type]
+            if seq.grammar is not None and not seq.grammar.consume(token):
+                logger.error("%s: token %d broke its grammar: %s", seq.stream.request_id, token, seq.grammar.error)
+                seq.finish = "error"
+            elif (token in self.eos_token_ids and not seq.ignore_eos) or (seq.grammar and seq.grammar.stopped):
                 seq.finish = "stop"
             elif seq.generated >= self.limit(seq):
                 seq.finish = "length"
+            elif seq.grammar is not None and self.limit(seq) - seq.generated <= min(
+                CLOSING_RESERVE, self.limit(seq) // 4
+            ):
+                seq.grammar.closing = True  # steer the reply to close before the limit cuts it
         windows = [w for seq in seqs for w in seq.detokenizer.windows()]
         texts = decode_windows(self.tokenizer, windows)
         for i, seq in enumerate(seqs):
+            if seq.finish == "error":
+                fail(seq, EngineError("the reply left its schema"), outbox)
+                continue
             try:
                 delta = seq.detokenizer.advance(texts[2 * i], texts[2 * i + 1])
                 out = seq.stop.feed(delta)
@@ -55,7 +80,7 @@ class OutputProcessor:
                 logger.exception("detokenizing %s failed", seq.stream.request_id)
                 fail(seq, exc, outbox)
                 continue
-            outbox.add(seq.stream, seq.stream.push, out, completion_tokens=seq.generated)
+            outbox.add(seq.stream, seq.stream.push, out, completion_tokens=seq.generated, logprobs=entries[i])
             if seq.finish is not None:
                 finish(seq, seq.finish, outbox)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from chatstream_asgi.engines.base import FinishReason, GenerationParams, QueueStream
 from chatstream_asgi.engines.transformers.detokenizer import IncrementalDetokenizer, StopMatcher
+from chatstream_asgi.engines.transformers.grammar import RowGrammar
 from chatstream_asgi.engines.transformers.prefix_cache import PrefixEntry
 from chatstream_asgi.engines.transformers.session_turns import SessionTurns
 
@@ -40,6 +41,13 @@ class EngineSequence:
     output: list[int] = field(default_factory=list)  # generated ids, kept for the prefix cache
     reused: int = 0  # leading prompt tokens whose keys and values come from the prefix cache
     prefix: PrefixEntry | None = None  # where they come from, until copied into the batch
+    grammar: RowGrammar | None = None  # the matcher of a reply constrained to a schema
+
+    @property
+    def watched(self) -> bool:
+        """Whether each token must be read before the next is picked: a grammar advances on it, or the
+        reply reports log-probabilities (the sampler keeps only its last step's)."""
+        return self.grammar is not None or self.params.logprobs is not None
 
 
 class Outbox:

@@ -186,7 +186,7 @@ class StaticPath:
             chunk.seq.cached = chunk.end
         done = plan.completed
         if done:
-            sampler.add_rows([s.params for s in done], [s.prompt_ids for s in done])
+            sampler.add_rows([s.params for s in done], [s.prompt_ids for s in done], [s.grammar for s in done])
         tokens = sampler.sample(logits, slice(0, len(plan.decode) + len(done)))
         runner.feed(tokens)
         return runner.fetch(tokens)
