@@ -23,6 +23,7 @@ from chatstream_asgi.server.middleware import ChatStreamMiddleware
 from chatstream_asgi.service.admission import Admission, QueueFull
 from chatstream_asgi.service.config import ChatStreamConfig, Limits, Sampling, SessionOptions, Timeouts
 from chatstream_asgi.service.exchange import ChatResult, get_result
+from chatstream_asgi.service.tenants import Fairness
 from chatstream_asgi.sessions.redis_store import RedisSessionStore
 from chatstream_asgi.sessions.store import MemorySessionStore, Session, SessionStore
 from chatstream_asgi.states import CompletionState
@@ -60,6 +61,7 @@ __all__ = [
     "EnginePool",
     "EngineRefused",
     "EngineUnavailable",
+    "Fairness",
     "GenerationParams",
     "GenerationRequest",
     "GenerationStream",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from chatstream_asgi.cli.fairness import fairness_options
 from chatstream_asgi.cli.options import build_parser
 from chatstream_asgi.engines.base import Engine
 from chatstream_asgi.engines.mock import MockEngine, MockParams
@@ -182,6 +183,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         request_timeout=args.request_timeout,
+        **fairness_options(args),
     )
     if args.engine == "mock":
         logger.info("engine: mock (%s replies, no model)", args.mock_type)

@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import Any
 
+from chatstream_asgi.cli.fairness import add_fairness_arguments
 from chatstream_asgi.protocols.framing import FORMATS
 
 __all__ = ["COMPILE_CHOICES", "add_compile_options", "build_parser"]
@@ -142,6 +143,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--concurrency", type=int, default=4, help="replies generated at once")
     serve.add_argument("--queue", type=int, default=16, help="requests allowed to wait")
+    add_fairness_arguments(serve)
     serve.add_argument("--max-new-tokens", type=int, default=256, help="default and upper limit of tokens per reply")
     _add_sampling_arguments(serve)
     serve.add_argument(

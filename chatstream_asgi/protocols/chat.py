@@ -22,12 +22,14 @@ from chatstream_asgi.protocols.structured import FormatError, chat_json_schema
 __all__ = [
     "MAX_INT_DIGITS",
     "MAX_JSON_DEPTH",
+    "MAX_PRIORITY",
     "ROLES",
     "ChatRequest",
     "InvalidRequest",
     "apply_params",
     "load_json_object",
     "parse_chat_request",
+    "parse_priority",
     "validate_params",
 ]
 
@@ -57,6 +59,8 @@ class ChatRequest:
     regenerate: bool = False
     generation_params: dict[str, Any] = field(default_factory=dict)
     format: str | None = None
+    priority: int = 0
+    """Lower is served first, among the requests of the same tenant (vLLM's ``priority``)."""
     raw: Mapping[str, Any] = field(default_factory=dict)
     json_schema: str | None = None
     """The schema the reply must follow (``response_format`` or ``json_schema``; see ``protocols/structured.py``)."""
@@ -256,8 +260,21 @@ def parse_chat_request(body: bytes | str | Mapping[str, Any], *, formats: frozen
     if fmt is not None and (not isinstance(fmt, str) or fmt not in formats):
         raise InvalidRequest(f"format must be one of {sorted(formats)}")
     request.format = fmt
+    request.priority = parse_priority(data.get("priority"))
     try:
         request.json_schema = chat_json_schema(data)
     except FormatError as exc:
         raise InvalidRequest(exc.message) from None
     return request
+
+
+MAX_PRIORITY = 100
+
+
+def parse_priority(value: Any) -> int:
+    """A body's ``priority``: an integer from ``-MAX_PRIORITY`` to ``MAX_PRIORITY`` (absent: 0)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > MAX_PRIORITY:
+        raise InvalidRequest(f"priority must be an integer between {-MAX_PRIORITY} and {MAX_PRIORITY}")
+    return value

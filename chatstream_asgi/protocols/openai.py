@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatstream_asgi.engines.base import ChatMessage
-from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, validate_params
+from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, parse_priority, validate_params
 from chatstream_asgi.protocols.openai_framing import OpenAIChunkFramer, OpenAICompletionFramer, error_body
 from chatstream_asgi.protocols.structured import FormatError, response_format_schema
 from chatstream_asgi.protocols.tools import ToolRequest, parse_tools
@@ -175,6 +175,8 @@ class ChatCompletionRequest:
     logprobs: int | None = None
     """``top_logprobs`` when ``logprobs`` is true; None when it is not."""
     tools: ToolRequest | None = None
+    priority: int = 0
+    """Lower is served first, among the requests of the same tenant (vLLM's ``priority``)."""
 
 
 def parse_chat_completion(body: bytes) -> ChatCompletionRequest:
@@ -196,6 +198,10 @@ def parse_chat_completion(body: bytes) -> ChatCompletionRequest:
     messages = _messages(data.get("messages"))
     request = ChatCompletionRequest(messages, _overrides(data), stream, bool(options.get("include_usage", False)))
     request.logprobs = _logprobs(data)
+    try:
+        request.priority = parse_priority(data.get("priority"))
+    except InvalidRequest as exc:
+        raise OpenAIError(exc.detail, param="priority") from None
     try:
         request.json_schema = response_format_schema(data.get("response_format"))
         request.tools = parse_tools(data)

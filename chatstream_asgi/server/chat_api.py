@@ -15,7 +15,8 @@ endpoint                    method  request → response
                                     renders to (chat template, system prompt, oldest turns
                                     dropped when over the context budget)
 ``/get_load``               GET     → ``{"processing", "waiting", "max_processing",
-                                    "max_waiting", "estimated_wait_seconds"}``
+                                    "max_waiting", "estimated_wait_seconds", "tenant"?}``
+                                    (the wait and ``tenant`` are the caller's own)
 ``/set_generation_params``  POST    ``{"temperature"?, "top_k"?, "top_p"?,
                                     "repetition_penalty"?}`` (``null`` resets one) → the
                                     session's effective values, as ``get_generation_params``
@@ -101,7 +102,7 @@ class ChatAPI:
         self.cs = chat_stream
 
     async def get_load(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-        await send_json(send, 200, self.cs.get_load())
+        await send_json(send, 200, self.cs.get_load(scope))
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         metrics = self.cs.metrics

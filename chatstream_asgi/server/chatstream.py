@@ -37,6 +37,7 @@ from chatstream_asgi.service.outcomes import Outcomes, Rejection
 from chatstream_asgi.service.preparation import ChatPreparer
 from chatstream_asgi.service.prompts import PromptBuilder
 from chatstream_asgi.service.replies import PreparedChat, Replies
+from chatstream_asgi.service.tenant_metrics import TenantMetrics
 from chatstream_asgi.sessions.manager import SessionManager
 from chatstream_asgi.sessions.store import SessionStore, StoredMessage
 from chatstream_asgi.states import CompletionState
@@ -54,6 +55,11 @@ class ChatStream:
 
     Serve it with :class:`~chatstream_asgi.ChatStreamMiddleware`, or call
     :meth:`handle_chat_stream_request` from an endpoint.
+
+    Tenants (``docs/fairness.md``): ``tenant`` names where a request's tenant key comes from
+    (``"header:X-API-Key"``, ``"bearer"``, ``"user"``, ``"state:KEY"``, ``"session"`` or a callable of the
+    scope; default: one tenant); slots then go to the tenant served the fewest tokens, and the
+    :class:`~chatstream_asgi.Fairness` group sets per-tenant caps and priorities.
 
     Settings come as a :class:`~chatstream_asgi.ChatStreamConfig` (``config``) and/or by their flat
     keyword names (``num_of_concurrent_executions=4``, ``temperature=0.3``, ``session_secret=...``:
@@ -91,8 +97,18 @@ class ChatStream:
         self.chat_dialect = ChatDialect(queue_full_status=429 if limits.too_many_request_as_http_error else 200)
         """The error bodies of ``/chat_stream`` and the extra APIs."""
         self.feedback_callback = feedback_callback
-        self.admission = Admission(limits.num_of_concurrent_executions, limits.max_queue_size)
+        fairness = config.fairness
+        self.admission = Admission(
+            limits.num_of_concurrent_executions,
+            limits.max_queue_size,
+            tenant_max_active=fairness.tenant_max_active,
+            tenant_max_queued=fairness.tenant_max_queued,
+            priority_step=fairness.priority_step,
+        )
         self.metrics = Metrics(metrics_registry)
+        self.admission.observer = TenantMetrics(
+            self.metrics.registry, fairness.metrics_tenants, self.admission.tenant_load, self.admission.totals
+        )
         self.metrics.observe_admission(self.admission)
         self.metrics.observe_engine(engine)
         self.sessions = SessionManager(
@@ -114,6 +130,7 @@ class ChatStream:
             timeouts.send_timeout,
             request_timeout=timeouts.request_timeout,
             keepalive_interval=timeouts.keepalive_interval,
+            fairness=fairness,
         )
         self.preparer = ChatPreparer(
             self.sessions, self.prompts, self.default_params, limits.max_new_tokens, config.stream_format
@@ -250,20 +267,25 @@ class ChatStream:
 
     # -- reading --------------------------------------------------------------------------
 
-    def get_load(self) -> dict[str, Any]:
-        """Slots in use and queue length, with the wait a new request would see, and the tokens generated
-        so far (open replies included, so that two readings a second apart give the current tokens/s)."""
-        admission = self.admission
-        return {
+    def get_load(self, scope: Scope | None = None) -> dict[str, Any]:
+        """Slots in use and queue length, with the wait a new request (of the tenant ``scope`` names) would
+        see, and the tokens generated so far (open replies included, so that two readings a second apart
+        give the current tokens/s). With tenants on, ``tenant`` gives the caller's own share."""
+        admission, fairness = self.admission, self.config.fairness
+        claim = fairness.claim(
+            scope, session_id=None, body_priority=0, prompt_tokens=0, max_new_tokens=self.config.limits.max_new_tokens
+        )
+        load = {
             "processing": admission.active,
             "waiting": admission.waiting,
             "max_processing": admission.max_active,
             "max_waiting": admission.max_waiting,
-            "estimated_wait_seconds": admission.estimated_wait(admission.waiting + 1)
-            if admission.active >= admission.max_active
-            else 0.0,
+            "estimated_wait_seconds": admission.estimate_new(claim),
             "generated_tokens": self.replies.generated_tokens,
         }
+        if fairness.tenants_on:
+            load["tenant"] = admission.tenant_report(claim.tenant)
+        return load
 
     def history_prompt(self, history: list[StoredMessage]) -> str:
         """The prompt text a session's history renders to: the conversation as it stands."""

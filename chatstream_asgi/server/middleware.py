@@ -40,6 +40,7 @@ from chatstream_asgi.server.routes import (
 )
 from chatstream_asgi.service.exchange import Exchange
 from chatstream_asgi.service.outcomes import Rejection
+from chatstream_asgi.service.tenants import TenantSource
 from chatstream_asgi.states import CompletionState
 from chatstream_asgi.types import ASGIApp, ASGIMessage, Callback, Receive, Scope, Send
 
@@ -66,8 +67,8 @@ class ChatStreamMiddleware:
     the ChatStream's completion callback for requests served here. The admin endpoints
     (``get_resource_usage`` and ``get_prompt``, which shows the system prompt) are dropped with
     ``admin_endpoints=False`` and answer 401 without ``Authorization: Bearer <admin_token>``
-    when ``admin_token`` is set. Without ``chat_stream`` the middleware only buffers and
-    replays bodies.
+    when ``admin_token`` is set. ``tenant`` overrides the ChatStream's tenant source for the
+    requests served here. Without ``chat_stream`` the middleware only buffers and replays bodies.
     """
 
     def __init__(
@@ -82,8 +83,10 @@ class ChatStreamMiddleware:
         callback: Callback | None = None,
         admin_endpoints: bool = True,
         admin_token: str | None = None,
+        tenant: TenantSource | None = None,
     ) -> None:
         self.app = app
+        self.tenant = tenant
         self.chat_stream = chat_stream
         self.max_body_size = max_body_size
         self.callback = callback
@@ -144,7 +147,7 @@ class ChatStreamMiddleware:
         guard: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
         if route.chat:  # a chat request whose task is cancelled while its body arrives still ends in a state
             gone = replay_request(scope, b"", SharedReceive(receive, disconnected=True))
-            exchange = Exchange(scope, receive, send, gone, route.dialect, self.callback)
+            exchange = Exchange(scope, receive, send, gone, route.dialect, self.callback, tenant=self.tenant)
             guard = cs.outcomes.reports_cancellation(exchange)
         try:
             async with guard:

@@ -75,7 +75,7 @@ class OpenAIAPI:
             else OpenAICompletionFramer(completion_id, model, created, **extras)
         )
         result = ChatResult(current_request_id() or "-", message_id, prompt.messages, prompt=prompt.text)
-        return PreparedChat(result, params, framer, prompt_tokens=prompt.tokens)
+        return PreparedChat(result, params, framer, prompt_tokens=prompt.tokens, priority=parsed.priority)
 
     def _params(self, parsed: ChatCompletionRequest) -> tuple[GenerationParams, ToolPlan | None]:
         """The sampling, the reply's schema and log-probabilities, and how tools shape the reply."""

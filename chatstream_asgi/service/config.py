@@ -1,11 +1,13 @@
-"""``ChatStream``'s settings, in four small groups and a few top-level values.
+"""``ChatStream``'s settings, in five small groups and a few top-level values.
 
 :class:`ChatStreamConfig` holds plain values (numbers, names, flags); the objects a ``ChatStream`` is
 given (the engine, callbacks, a session store, a metrics registry) stay arguments of its own. Every
 setting also has a flat keyword name, the original library's where it had one
 (``num_of_concurrent_executions``, ``max_queue_size``, ``too_many_request_as_http_error``,
 ``max_new_tokens``, ``temperature``, ...): ``ChatStream(engine, max_queue_size=16)`` is
-``ChatStream(engine, ChatStreamConfig(limits=Limits(max_queue_size=16)))``.
+``ChatStream(engine, ChatStreamConfig(limits=Limits(max_queue_size=16)))``. The fair-admission group,
+:class:`~chatstream_asgi.service.tenants.Fairness`, lives beside its logic; its ``tenant`` may be a
+callable of the scope.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from chatstream_asgi.logs import DEFAULT_REQUEST_ID_HEADER
 from chatstream_asgi.protocols.framing import FORMATS
+from chatstream_asgi.service.tenants import Fairness
 
 __all__ = ["ChatStreamConfig", "Limits", "Sampling", "SessionOptions", "Timeouts"]
 
@@ -74,7 +77,13 @@ class SessionOptions:
     session_cookie_secure: bool = False
 
 
-_GROUPS = {"limits": Limits, "sampling": Sampling, "timeouts": Timeouts, "sessions": SessionOptions}
+_GROUPS = {
+    "limits": Limits,
+    "sampling": Sampling,
+    "timeouts": Timeouts,
+    "sessions": SessionOptions,
+    "fairness": Fairness,
+}
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,8 @@ class ChatStreamConfig:
     sampling: Sampling = field(default_factory=Sampling)
     timeouts: Timeouts = field(default_factory=Timeouts)
     sessions: SessionOptions = field(default_factory=SessionOptions)
+    fairness: Fairness = field(default_factory=Fairness)
+    """Tenants, their caps and priorities (``docs/fairness.md``)."""
     stream_format: str = "text"
     """The ``/chat_stream`` framing when a request names none: text, chatstream, sse or ndjson."""
     system_prompt: str | None = None

@@ -27,6 +27,8 @@ from chatstream_asgi.types import Callback, Receive, Scope, Send
 if TYPE_CHECKING:
     from starlette.requests import Request
 
+    from chatstream_asgi.service.tenants import TenantSource
+
 __all__ = ["ChatResult", "Exchange", "get_result"]
 
 _STATE_NAME = "chatstream"
@@ -94,6 +96,8 @@ class Exchange:
     """Overrides the ChatStream's callback."""
     started_at: float = field(default_factory=time.monotonic)
     """When the request arrived: time to first token counts from here."""
+    tenant: TenantSource | None = None
+    """Where its tenant key comes from, when its endpoint overrides the ChatStream's (the middleware's ``tenant``)."""
     _result: ChatResult | None = field(default=None, init=False, repr=False)
 
     @property

@@ -14,7 +14,7 @@ from chatstream_asgi.states import CompletionState
 
 __all__ = ["REJECT_REASONS", "Metrics"]
 
-REJECT_REASONS = ("queue_full", "invalid_request", "body_too_large", "session_store_unavailable")
+REJECT_REASONS = ("queue_full", "tenant_limit", "invalid_request", "body_too_large", "session_store_unavailable")
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

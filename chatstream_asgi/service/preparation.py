@@ -90,7 +90,9 @@ class ChatPreparer:
             chat_request=chat_request,
         )
         framer = FORMATS[chat_request.format or self.stream_format]()
-        return PreparedChat(result, params, framer, prompt_tokens=prompt.tokens, headers=headers)
+        return PreparedChat(
+            result, params, framer, prompt_tokens=prompt.tokens, headers=headers, priority=chat_request.priority
+        )
 
     async def _open_session(self, scope: Scope) -> OpenSession:
         try:

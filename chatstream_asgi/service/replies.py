@@ -6,6 +6,7 @@ The chat endpoint and the OpenAI-compatible endpoint each turn a request body in
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,10 +21,22 @@ from chatstream_asgi.service.exchange import ChatResult, Exchange
 from chatstream_asgi.service.metrics import Metrics
 from chatstream_asgi.service.outcomes import Outcomes, Rejection
 from chatstream_asgi.service.reply import Reply
+from chatstream_asgi.service.tenants import Fairness
 from chatstream_asgi.states import CompletionState
 from chatstream_asgi.types import Headers
 
 __all__ = ["PreparedChat", "Replies"]
+
+_FULL_DETAIL = {
+    "queue_full": "every generation slot is busy and the queue is full",
+    "tenant_limit": "this tenant has as many requests running and waiting as it may",
+}
+
+
+def _tokens(reply: Reply) -> tuple[int, int]:
+    """A reply's prompt and completion tokens so far."""
+    stream = reply.stream
+    return (0, 0) if stream is None else (stream.prompt_tokens, stream.completion_tokens)
 
 
 @dataclass
@@ -37,6 +50,8 @@ class PreparedChat:
     """The prompt's token count, as the engine counted it when the conversation was fitted."""
     headers: Headers = field(default_factory=list)
     """Response headers beside the stream's own (the session token)."""
+    priority: int = 0
+    """The body's ``priority`` (lower first, within the request's tenant)."""
 
 
 @dataclass
@@ -52,17 +67,27 @@ class Replies:
     send_timeout: float
     request_timeout: float | None = None
     keepalive_interval: float = 15.0
+    fairness: Fairness = field(default_factory=Fairness)
     _open: set[Reply] = field(default_factory=set, init=False)
     _closed_tokens: int = field(default=0, init=False)
 
     async def stream(self, exchange: Exchange, chat: PreparedChat) -> CompletionState | None:
         """Admit ``chat`` and stream its reply; its completion state, or None when the queue was full."""
+        result = chat.result
+        claim = self.fairness.claim(
+            exchange.scope,
+            session_id=result.session_id,
+            body_priority=chat.priority,
+            prompt_tokens=chat.prompt_tokens or len(result.prompt) // 4 + 1,
+            max_new_tokens=chat.params.max_new_tokens,
+            source=exchange.tenant,
+        )
         try:
-            ticket = self.admission.enter()
-        except QueueFull:
-            await self._send_queue_full(exchange, chat)
+            ticket = self.admission.enter(claim)
+        except QueueFull as full:
+            await self._send_queue_full(exchange, chat, full)
             return None
-        result = exchange.result = chat.result
+        exchange.result = result
         request = GenerationRequest(
             result.request_id,
             result.messages,
@@ -90,9 +115,10 @@ class Replies:
             send_timeout=self.send_timeout,
             request_timeout=self.request_timeout,
             keepalive_interval=self.keepalive_interval,
-            on_first_text=self._first_text_observer(exchange.started_at),
+            on_first_text=self._first_text_observer(exchange.started_at, ticket.first_text),
         )
-        logger.info("accepted (position %d in queue)", ticket.position)
+        ticket.meter = lambda: _tokens(reply)
+        logger.info("accepted (position %d in queue, tenant %s)", ticket.position, claim.tenant)
         self._open.add(reply)
         try:
             await reply.run(exchange.receive, exchange.send)
@@ -121,16 +147,21 @@ class Replies:
         for reply in list(self._open):
             reply.abort(reason)
 
-    def _first_text_observer(self, started_at: float) -> Callable[[], None]:
+    def _first_text_observer(self, started_at: float, first_text: Callable[[], None]) -> Callable[[], None]:
         histogram = self.metrics.time_to_first_token
-        return lambda: histogram.observe(time.monotonic() - started_at)
 
-    async def _send_queue_full(self, exchange: Exchange, chat: PreparedChat) -> None:
-        # Every 429 says when to come back: the estimate, or a second when there is none yet.
-        wait = self.admission.estimated_wait(self.admission.waiting + 1) or 1.0
-        retry_after = [(b"retry-after", str(max(1, round(wait))).encode())]
-        detail = "every generation slot is busy and the queue is full"
+        def observe() -> None:
+            histogram.observe(time.monotonic() - started_at)
+            first_text()
+
+        return observe
+
+    async def _send_queue_full(self, exchange: Exchange, chat: PreparedChat, full: QueueFull) -> None:
+        # Every 429 says when to come back: the estimate (rounded up), or a second when there is none yet.
+        retry_after = [(b"retry-after", str(max(1, math.ceil(full.retry_after or 1.0))).encode())]
+        dialect = exchange.dialect
+        detail = _FULL_DETAIL.get(full.reason, _FULL_DETAIL["queue_full"])
         rejection = Rejection(
-            exchange.dialect.queue_full_status, "queue_full", detail, headers=[*chat.headers, *retry_after]
+            dialect.queue_full_status, full.reason, detail, dialect.queue_full(), headers=[*chat.headers, *retry_after]
         )
-        await self.outcomes.reject(exchange.send, exchange.dialect, rejection)
+        await self.outcomes.reject(exchange.send, dialect, rejection)

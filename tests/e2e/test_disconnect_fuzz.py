@@ -249,12 +249,14 @@ async def warm_up(port: int, url: str) -> dict[str, Any]:
     return stats
 
 
-@pytest.mark.parametrize("server_name", SERVERS)
-def test_disconnect_fuzz(server_name: str) -> None:
+@pytest.mark.parametrize(
+    ("server_name", "tenants"), [*((s, 0) for s in SERVERS), ("hypercorn", 4)], ids=[*SERVERS, "hypercorn-4-tenants"]
+)
+def test_disconnect_fuzz(server_name: str, tenants: int) -> None:
     print(
         f"\ndisconnect fuzz on {server_name}: seed {SEED} (CHATSTREAM_FUZZ_SEED={SEED} replays it), {REQUESTS} requests"
     )
-    with running(server_name, "fuzz_app:app", APP_ENV) as srv:
+    with running(server_name, "fuzz_app:app", {**APP_ENV, "CS_TENANTS": str(tenants)}) as srv:
 
         async def main() -> tuple[list[Client], dict[str, Any], dict[str, Any], dict[str, Any], float]:
             baseline = await warm_up(srv.port, srv.url)

@@ -50,9 +50,10 @@ def ms(values: list[float], q: int) -> str:
     return f"{statistics.quantiles(values, n=100, method='inclusive')[q - 1] * 1000:.1f}"
 
 
+@pytest.mark.parametrize("tenants", [0, 4], ids=["one-tenant", "4-tenants"])
 @pytest.mark.parametrize("server_name", SERVERS)
-def test_ten_times_more_clients_than_room(server_name: str) -> None:
-    with running(server_name, "fuzz_app:app", APP_ENV) as srv:
+def test_ten_times_more_clients_than_room(server_name: str, tenants: int) -> None:
+    with running(server_name, "fuzz_app:app", {**APP_ENV, "CS_TENANTS": str(tenants)}) as srv:
 
         async def main() -> tuple[list[Response], list[float], list[float], dict, dict]:
             rejected: asyncio.Queue[float] = asyncio.Queue()

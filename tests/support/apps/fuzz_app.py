@@ -1,8 +1,9 @@
 """The app of the disconnect fuzz and the overload test (``fuzz_app:app``, ``tests/support/apps`` on the path).
 
 One ChatStream over a fast mock engine (``CS_CONCURRENCY`` slots, ``CS_QUEUE`` queue places,
-``CS_FIRST_TOKEN`` and ``CS_PER_TOKEN`` seconds). A request whose user input is ``fault:gate@0``
-waits for ``POST /_fuzz/gate`` before its first token (see ``tests/support/faulty_engine.py``).
+``CS_FIRST_TOKEN`` and ``CS_PER_TOKEN`` seconds; ``CS_TENANTS`` tenants, by request id, when set).
+A request whose user input is ``fault:gate@0`` waits for ``POST /_fuzz/gate`` before its first
+token (see ``tests/support/faulty_engine.py``).
 
 What the server saw, per request id (the client's ``X-Request-Id``), comes from two sides: every
 callback call (state and reply text) and the package's own log lines (``accepted``,
@@ -19,6 +20,7 @@ import gc
 import logging
 import os
 import sys
+import zlib
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -66,8 +68,18 @@ engine = FaultyEngine(
         )
     )
 )
+TENANTS = int(os.environ.get("CS_TENANTS", "0"))
+"""With N > 0, requests belong to N tenants, by their client's request id (fair admission on)."""
+
+
+def tenant_of(scope: dict) -> str:
+    rid = dict(scope.get("headers", ())).get(b"x-request-id", b"")
+    return f"tenant-{zlib.crc32(rid) % TENANTS}"
+
+
 chat_stream = ChatStream(
     engine,
+    tenant=tenant_of if TENANTS else None,
     num_of_concurrent_executions=int(os.environ.get("CS_CONCURRENCY", "4")),
     max_queue_size=int(os.environ.get("CS_QUEUE", "8")),
     max_new_tokens=2000,
