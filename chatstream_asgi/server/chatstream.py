@@ -270,7 +270,8 @@ class ChatStream:
     def get_load(self, scope: Scope | None = None) -> dict[str, Any]:
         """Slots in use and queue length, with the wait a new request (of the tenant ``scope`` names) would
         see, and the tokens generated so far (open replies included, so that two readings a second apart
-        give the current tokens/s). With tenants on, ``tenant`` gives the caller's own share."""
+        give the current tokens/s). With tenants on, ``tenant`` gives the caller's own share; behind a pool,
+        ``engines`` gives each member's health (:class:`~chatstream_asgi.engines.base.MemberStatus`)."""
         admission, fairness = self.admission, self.config.fairness
         claim = fairness.claim(
             scope, session_id=None, body_priority=0, prompt_tokens=0, max_new_tokens=self.config.limits.max_new_tokens
@@ -285,6 +286,8 @@ class ChatStream:
         }
         if fairness.tenants_on:
             load["tenant"] = admission.tenant_report(claim.tenant)
+        if members := self.engine.members():
+            load["engines"] = [asdict(member) for member in members]
         return load
 
     def history_prompt(self, history: list[StoredMessage]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from chatstream_asgi.engines.base import Engine
@@ -62,9 +62,11 @@ class Metrics:
         self.active_generations.set_function(lambda: admission.active)
 
     def observe_engine(self, engine: Engine) -> None:
-        """Read the engine's ``kv_cache_usage`` and prefix counters at scrape time."""
+        """Read the engine's ``kv_cache_usage``, prefix counters and (behind a pool) its members' health at
+        scrape time."""
         self.kv_cache_usage.set_function(lambda: engine.kv_cache_usage)
         self.registry.register(_PrefixCounters(engine))
+        self.registry.register(_MemberGauges(engine))
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""
@@ -88,3 +90,23 @@ class _PrefixCounters:
         yield CounterMetricFamily(
             "chatstream_prefill_tokens", "Prompt tokens computed by prefill (not reused).", value=engine.prefill_tokens
         )
+
+
+class _MemberGauges:
+    """Each pool member's health and open streams, read at scrape time (one series per member: a pool's
+    size bounds the labels). Nothing for a single engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["member", "where"]
+        healthy = GaugeMetricFamily(
+            "chatstream_engine_healthy", "1 while the pool routes to this member, 0 while it is down.", labels=labels
+        )
+        active = GaugeMetricFamily("chatstream_engine_active_streams", "Open streams on this member.", labels=labels)
+        for i, member in enumerate(self.engine.members()):
+            healthy.add_metric([str(i), member.where], 1.0 if member.healthy else 0.0)
+            active.add_metric([str(i), member.where], float(member.active))
+        yield healthy
+        yield active
