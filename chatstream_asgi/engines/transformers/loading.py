@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from chatstream_asgi.engines.base import EngineError
 
@@ -124,8 +126,47 @@ def load_model(
     ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. ``quantization`` (None: what the
     checkpoint holds, so a GGUF's quantized matrices stay quantized on the CPU; ``"none"``, ``"int8"``,
     ``"int4"``, ``"fp8"``): see :mod:`~chatstream_asgi.engines.transformers.quant`. Local sources
-    never touch the network.
+    never touch the network. On the CPU the load runs in a thread of its own (:func:`in_passing_thread`).
     """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type != "cpu":  # on the caller's thread: it may have chosen the current GPU
+        return _load_model(name_or_path, device, dtype, quantization)
+    return in_passing_thread(lambda: _load_model(name_or_path, device, dtype, quantization))
+
+
+_T = TypeVar("_T")
+
+
+def in_passing_thread(work: Callable[[], _T]) -> _T:
+    """``work()``, run in a thread that ends with it; its exception, if any, raised here.
+
+    PyTorch's CPU kernels run on an OpenMP thread team that belongs to the thread calling them, and
+    GNU OpenMP keeps a thread's team until that thread ends. Once the teams' threads outnumber the
+    cores, every team's workers sleep between parallel regions instead of spinning (libgomp's
+    throttled spin), and each of a decode step's hundreds of parallel regions waits for a wake-up: a
+    model loaded on the caller's thread and stepped on the engine's ran SmolLM2 at half speed on 2
+    cores (34 ms a token against 18). A load in a passing thread leaves no team behind.
+    """
+    result: list[_T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:  # raised again in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="chatstream-load", daemon=True)  # daemon: Ctrl+C need not wait
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _load_model(name_or_path: str, device: str, dtype: Any, quantization: str | None) -> tuple[Any, Any, str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,7 +179,6 @@ def load_model(
     )
 
     source, gguf_file, display_name = resolve_model(name_or_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         check_quantization(quantization, torch.device(device))
     except ValueError as exc:
