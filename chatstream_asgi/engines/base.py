@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ __all__ = [
     "TokenLogprob",
     "UnsupportedFeature",
     "tagged_prompt",
+    "without_credentials",
 ]
 
 ChatMessage = dict[str, Any]
@@ -153,13 +155,22 @@ class RemoteLoad:
 class MemberStatus:
     """One engine behind a pool as ``/get_load`` and the metrics show it: ``where`` it runs (a device or a
     URL), whether the pool routes to it, its open streams, the seconds until it is tried again while it is
-    down, and the failure that put it down (``""`` when none)."""
+    down, and the failure that put it down (``""`` when none). Both texts are public (``/get_load`` needs
+    no credentials): build them with :func:`without_credentials`."""
 
     where: str
     healthy: bool
     active: int
     retry_in: float = 0.0
     error: str = ""
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it removed (``http://u:p@host`` → ``http://host``)."""
+    return _USERINFO.sub("", text)
 
 
 class GenerationStream:

@@ -47,6 +47,7 @@ from chatstream_asgi.engines.base import (
     RemoteLoad,
     TokenLogprob,
     ToolSpec,
+    without_credentials,
 )
 from chatstream_asgi.engines.remote import EngineOverloaded, EngineRefused, EngineUnavailable
 
@@ -137,11 +138,11 @@ class EnginePool(Engine):
         with self._lock:
             return tuple(
                 MemberStatus(
-                    where=engine.where or f"member {i}",
+                    where=without_credentials(engine.where or f"member {i}"),
                     healthy=self._down_until[i] <= now,
                     active=self._active[i],
                     retry_in=round(max(self._down_until[i] - now, 0.0), 3),
-                    error=self._errors[i] if self._down_until[i] > now else "",
+                    error=without_credentials(self._errors[i]) if self._down_until[i] > now else "",
                 )
                 for i, engine in enumerate(self.engines)
             )

@@ -100,12 +100,15 @@ class _MemberGauges:
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        members = self.engine.members()
+        if not members:
+            return
         labels = ["member", "where"]
         healthy = GaugeMetricFamily(
             "chatstream_engine_healthy", "1 while the pool routes to this member, 0 while it is down.", labels=labels
         )
         active = GaugeMetricFamily("chatstream_engine_active_streams", "Open streams on this member.", labels=labels)
-        for i, member in enumerate(self.engine.members()):
+        for i, member in enumerate(members):
             healthy.add_metric([str(i), member.where], 1.0 if member.healthy else 0.0)
             active.add_metric([str(i), member.where], float(member.active))
         yield healthy

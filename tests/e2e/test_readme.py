@@ -56,7 +56,9 @@ def _param(where: str, code: str) -> Any:
 
 
 def _is_client(code: str) -> bool:
-    return SERVED in code and "app = " not in code
+    """A snippet that calls the served default and builds no app of its own."""
+    builds = re.search(r"^\w+\s*=\s*(ChatStream|create_app|\w+\(.*\bChatStream)", code, re.MULTILINE)
+    return SERVED in code and not builds
 
 
 def _post(client: TestClient, path: str, headers: dict[str, str] | None = None, body: bytes = BODY) -> Any:
@@ -83,6 +85,7 @@ def test_snippet_runs_and_its_apps_answer(
         with serve_in_thread(create_app(ChatStream(engine, max_new_tokens=256, session_secret="s"))) as url:
             exec(compile(code.replace(SERVED, url), "docs snippet", "exec"), module.__dict__)
         return
+    assert not re.search(r"(localhost|127\.0\.0\.1):\d", code.replace(SERVED, "")), "a client calls " + SERVED
     exec(compile(code, "README.md snippet", "exec"), module.__dict__)
     namespace = module.__dict__
     apps = {name: namespace[name] for name in ("app", "signed") if name in namespace}

@@ -8,7 +8,7 @@ import json
 
 from starlette.testclient import TestClient
 
-from chatstream_asgi import ChatStream, EnginePool, MockEngine, MockParams
+from chatstream_asgi import ChatStream, EngineError, EnginePool, MockEngine, MockParams
 from chatstream_asgi.web.app import create_app
 
 
@@ -42,4 +42,15 @@ def test_a_failing_member_is_shown_down_and_routed_around() -> None:
 def test_a_single_engine_reports_no_members() -> None:
     with TestClient(create_app(ChatStream(MockEngine(), session_secret="s"))) as client:
         assert "engines" not in client.get("/get_load").json()
-        assert "chatstream_engine_healthy{" not in client.get("/metrics").text
+        assert "chatstream_engine_" not in client.get("/metrics").text
+
+
+def test_credentials_in_a_members_url_are_never_shown() -> None:
+    member = MockEngine(MockParams(fail_after_tokens=0))
+    member.where = "http://user:s3cret@10.0.0.5:8000/v1"
+    pool = EnginePool([member, MockEngine()], load_interval=None, cooldown=60.0)
+    pool._mark_failing(0, EngineError("no response from http://user:s3cret@10.0.0.5:8000/v1/chat/completions"))
+    with TestClient(create_app(ChatStream(pool, session_secret="s"))) as client:
+        shown = client.get("/get_load").text + client.get("/metrics").text
+    assert "s3cret" not in shown and "user:" not in shown
+    assert "http://10.0.0.5:8000/v1" in shown and "no response from http://10.0.0.5:8000" in shown

@@ -126,7 +126,9 @@ def load_model(
     ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. ``quantization`` (None: what the
     checkpoint holds, so a GGUF's quantized matrices stay quantized on the CPU; ``"none"``, ``"int8"``,
     ``"int4"``, ``"fp8"``): see :mod:`~chatstream_asgi.engines.transformers.quant`. Local sources
-    never touch the network. On the CPU the load runs in a thread of its own (:func:`in_passing_thread`).
+    never touch the network. On the CPU the load runs in a thread of its own (:func:`in_passing_thread`),
+    so the caller's thread-local torch state (``torch.device(...)`` as a context, autocast) does not
+    reach it: pass ``device`` and ``dtype``.
     """
     import torch
 
