@@ -170,12 +170,11 @@ def graph_ceiling_seconds(model: torch.nn.Module, batch: int, prompt_len: int, n
     return statistics.median(times[1:])
 
 
-@torch.inference_mode()
-def weight_floor_seconds(model: torch.nn.Module) -> tuple[float, float]:
-    """(floor seconds a step, bandwidth GB/s): parameter bytes over a measured device-to-device copy rate."""
-    device = model.device
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    src = torch.randn(2**28, device=device)  # 1 GiB
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes a second of a 1 GiB device-to-device copy (read + write); NaN off CUDA."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.randn(2**28, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -187,6 +186,14 @@ def weight_floor_seconds(model: torch.nn.Module) -> tuple[float, float]:
     bandwidth = 2 * 10 * src.numel() * src.element_size() / (start.elapsed_time(end) / 1000)
     del src, dst
     torch.cuda.empty_cache()
+    return bandwidth
+
+
+@torch.inference_mode()
+def weight_floor_seconds(model: torch.nn.Module) -> tuple[float, float]:
+    """(floor seconds a step, bandwidth GB/s): parameter bytes over a measured device-to-device copy rate."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(model.device)
     return weights / bandwidth, bandwidth / 1e9
 
 

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,34 +37,27 @@ import httpx
 import psutil
 from quant_quality import HEADER, report
 from quant_quality import measure as measure_quality
-from remote_llamacpp import free_port, gguf, measure
+from remote_llamacpp import gguf, measure
+from subprocess_server import running_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def started(command: list[str], ready: str) -> Iterator[tuple[str, psutil.Process]]:
-    """Run ``command`` (``{port}`` filled in) until the block ends; yields its URL and process once ``ready`` is 200."""
-    port = free_port()
+def started(name: str, command: list[str], ready: str) -> Iterator[tuple[str, psutil.Process]]:
+    """Run ``command`` (``{port}`` filled in) until the block ends; yields its URL and process once ``ready`` is
+    200. Its output goes to ``quantized_cpu.<name>.log`` in the temporary folder."""
+
+    def argv(port: int) -> list[str]:
+        return [part.format(port=port) for part in command]
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    argv = [part.format(port=port) for part in command]
-    log = open(f"{tempfile.gettempdir()}/quantized_cpu.{port}.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, f"{argv[:3]} exited with {process.returncode}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + ready, timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, f"{argv[:3]} not ready in 10 minutes"
-            time.sleep(0.5)
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    with (
+        open(f"{tempfile.gettempdir()}/quantized_cpu.{slug}.log", "w") as log,
+        running_subprocess(argv, ready, env, start_timeout=600, log=log) as (url, process),
+    ):
         yield url, psutil.Process(process.pid)
-    finally:
-        process.terminate()
-        process.wait(60)
-        log.close()
 
 
 def measured(url: str, streams: int, tokens: int) -> dict[str, float]:
@@ -115,7 +107,7 @@ def main() -> None:
     if not args.float:
         del commands["(b) chatstream, float32"]
     with contextlib.ExitStack() as stack:
-        servers = {name: stack.enter_context(started(cmd, ready)) for name, (cmd, ready) in commands.items()}
+        servers = {name: stack.enter_context(started(name, cmd, ready)) for name, (cmd, ready) in commands.items()}
         loaded = {name: rss_mib(process) for name, (_, process) in servers.items()}
         runs: dict[str, dict[int, list[float]]] = {name: {n: [] for n in args.streams} for name in servers}
         tokens: dict[str, list[float]] = {name: [] for name in servers}

@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from engine_throughput import copy_bandwidth
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
@@ -47,22 +48,6 @@ SHAPE_8B = {
     "max_position_embeddings": 8192,
     "tie_word_embeddings": False,
 }
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes a second of a 1 GiB device-to-device copy (read + write); NaN off CUDA."""
-    if device.type != "cuda":
-        return float("nan")
-    src = torch.randn(2**28, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * 10 * src.numel() * 4 / (start.elapsed_time(end) / 1000)
 
 
 @torch.inference_mode()

@@ -23,16 +23,13 @@ import hashlib
 import hmac
 import json
 import socket
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from servers import free_port
+from live_server import uvicorn_in_thread
 from starlette.applications import Starlette
 from starlette.authentication import (
     AuthCredentials,
@@ -191,24 +188,6 @@ def endpoint_app(chat_stream: ChatStream) -> Starlette:
 not_found = Starlette()  # an app with no routes: 404 for everything ChatStreamMiddleware does not serve
 
 
-@contextmanager
-def serving(app: ASGIApp) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WATCHDOG
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(WATCHDOG)
-
-
 def counters(client: httpx.Client, headers: dict[str, str] | None = None) -> list[str]:
     """The completion, rejection and token counters from ``/metrics``."""
     text = client.get("/metrics", headers=headers).text
@@ -242,7 +221,10 @@ def test_header_auth_outside_rejects_before_admission(auth: Callable[[ASGIApp], 
     """A 401 from auth outside the middleware never reaches the queue or the engine."""
     engine, callback = CountingEngine(), Completions()
     chat_stream = make_chat_stream(engine, callback)
-    with serving(auth(ChatStreamMiddleware(not_found, chat_stream))) as url, httpx.Client(base_url=url) as client:
+    with (
+        uvicorn_in_thread(auth(ChatStreamMiddleware(not_found, chat_stream))) as url,
+        httpx.Client(base_url=url) as client,
+    ):
         before_load, before_counters = client.get("/get_load").json(), counters(client)
         for headers in ({}, {"authorization": "Bearer wrong"}):
             rejected = client.post("/chat_stream", json={"user_input": "hi"}, headers=headers)
@@ -281,7 +263,7 @@ def expect_continue_status_lines(url: str) -> list[str]:
 def test_header_auth_outside_never_asks_for_the_body() -> None:
     """Expect: 100-continue — auth outside answers 401 before the server asks the client to upload."""
     chat_stream = make_chat_stream(CountingEngine(), Completions())
-    with serving(TokenAuth(ChatStreamMiddleware(not_found, chat_stream))) as url:
+    with uvicorn_in_thread(TokenAuth(ChatStreamMiddleware(not_found, chat_stream))) as url:
         assert expect_continue_status_lines(url) == ["HTTP/1.1 401 Unauthorized"]
 
 
@@ -289,7 +271,7 @@ def test_header_auth_inside_the_buffering_asks_for_the_body_first() -> None:
     """The wrong order: buffering before auth makes uvicorn send ``100 Continue``, then the 401."""
     chat_stream = make_chat_stream(CountingEngine(), Completions())
     app = ChatStreamMiddleware(TokenAuth(endpoint_app(chat_stream)), replay_paths=["/chat_stream"])
-    with serving(app) as url:
+    with uvicorn_in_thread(app) as url:
         assert expect_continue_status_lines(url) == ["HTTP/1.1 100 Continue", "HTTP/1.1 401 Unauthorized"]
 
 
@@ -313,7 +295,7 @@ def test_body_signature_auth_works_because_of_the_replay(build: Callable[[ChatSt
     engine, callback = CountingEngine(), Completions()
     chat_stream = make_chat_stream(engine, callback)
     body = json.dumps({"user_input": "signed"}).encode()
-    with serving(build(chat_stream)) as url, httpx.Client(base_url=url, timeout=WATCHDOG) as client:
+    with uvicorn_in_thread(build(chat_stream)) as url, httpx.Client(base_url=url, timeout=WATCHDOG) as client:
         before = counters(client)
         forged = client.post("/chat_stream", content=body, headers={"x-signature": sign(b"other")})
         assert (forged.status_code, forged.json()) == (401, {"error": "unauthorized"})
@@ -339,7 +321,7 @@ def test_authentication_middleware_user_reaches_the_callback() -> None:
             Middleware(ChatStreamMiddleware, chat_stream=chat_stream),
         ]
     )
-    with serving(app) as url, httpx.Client(base_url=url, timeout=WATCHDOG) as client:
+    with uvicorn_in_thread(app) as url, httpx.Client(base_url=url, timeout=WATCHDOG) as client:
         before = counters(client, AUTH)
         rejected = client.post("/chat_stream", json={"user_input": "hi"})
         assert rejected.status_code == 401
@@ -369,7 +351,7 @@ def base_http_under(chat_stream: ChatStream) -> ASGIApp:
 def test_disconnect_mid_stream_through_base_http_middleware(build: Callable[[ChatStream], ASGIApp]) -> None:
     callback = Completions()
     chat_stream = ChatStream(CountingEngine(per_token=0.02), num_of_concurrent_executions=1, callback=callback)
-    with serving(build(chat_stream)) as url, httpx.Client(base_url=url, timeout=WATCHDOG) as client:
+    with uvicorn_in_thread(build(chat_stream)) as url, httpx.Client(base_url=url, timeout=WATCHDOG) as client:
         leaving = httpx.Client(base_url=url, timeout=WATCHDOG)
         with leaving, leaving.stream("POST", "/chat_stream", json={"user_input": "long"}, headers=AUTH) as response:
             assert response.status_code == 200

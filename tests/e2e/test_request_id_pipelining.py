@@ -14,16 +14,10 @@ import json
 import logging
 import re
 import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import h11
 import pytest
-import uvicorn
-from servers import free_port
+from live_server import uvicorn_in_thread
 
 from chatstream_asgi import ChatStream, MockEngine, MockParams
 from chatstream_asgi.logs import current_request_id
@@ -31,25 +25,6 @@ from chatstream_asgi.web.app import create_app
 
 WATCHDOG = 20.0
 IMPLEMENTATIONS = ["h11", *(["httptools"] if importlib.util.find_spec("httptools") else [])]
-
-
-@contextmanager
-def uvicorn_serving(app: Any, http: str) -> Iterator[int]:
-    """``app`` under uvicorn (``http`` protocol implementation) in a thread; yields its port."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WATCHDOG
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(WATCHDOG)
 
 
 def request(content: str, headers: dict[str, str]) -> bytes:
@@ -100,7 +75,8 @@ def test_a_pipelined_request_gets_an_id_of_its_own(http: str, caplog: pytest.Log
         session_secret="s",
         callback=lambda request, state: seen.append(current_request_id()),
     )
-    with uvicorn_serving(create_app(cs), http) as port:
+    with uvicorn_in_thread(create_app(cs), http) as url:
+        port = int(url.rsplit(":", 1)[1])
         first, second = pipelined(port, request("one", {"x-request-id": "first-request"}), request("two", {}))
     assert first == ({**first[0], "x-request-id": "first-request"}, b"one")
     assert second[1] == b"two"

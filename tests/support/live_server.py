@@ -1,7 +1,8 @@
-"""An in-process hypercorn server for tests that need a real server (disconnects, real clients).
+"""In-process servers for tests that need a real server (disconnects, real clients).
 
 ``serve_in_thread(app)`` runs hypercorn on its own event loop in a thread, on a free 127.0.0.1 port,
-waits (bounded) until it answers, and shuts it down on exit. The test's own objects (callbacks,
+waits (bounded) until it answers, and shuts it down on exit; ``uvicorn_in_thread(app, http)`` does
+the same with uvicorn (``http``: its protocol implementation). The test's own objects (callbacks,
 the ChatStream) stay inspectable from the test thread.
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import uvicorn
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
@@ -61,4 +63,28 @@ def serve_in_thread(app: Any, ready_path: str = "/get_load") -> Iterator[str]:
         yield url
     finally:
         loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app: Any, http: str = "auto") -> Iterator[str]:
+    """Serve ``app`` under uvicorn (``http`` protocol implementation, lifespan on) for the block; yields its
+    base URL once it has started."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=http, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
         thread.join(10)

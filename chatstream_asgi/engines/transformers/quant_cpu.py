@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from chatstream_asgi.engines.transformers.gguf_blocks import GROUP, Blocks
+from chatstream_asgi.engines.transformers.quant_linear import QuantLinear
 
 __all__ = [
     "Fp16Linear",
@@ -58,27 +59,7 @@ def int4_fits(out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0 and in_features % GROUP == 0
 
 
-class _QuantLinear(nn.Module):
-    """What both layers share: their shape, the bias, and the bytes they hold (buffers, not parameters:
-    the model's ``dtype`` stays its float one)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = out.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class Int4Linear(_QuantLinear):
+class Int4Linear(QuantLinear):
     """``nn.Linear`` over 4-bit codes with a scale and zero point per group of 32 input features.
 
     Q8_0's int8 codes fit too, as two 4-bit halves: with ``u = q + 128 = 16 h + l``, ``d q`` is
@@ -124,7 +105,7 @@ def nibble_halves(blocks: Blocks) -> list[Blocks]:
     return [high, Blocks(blocks.kind, unsigned & 0x0F, blocks.scales, None, 0)]
 
 
-class Int8Linear(_QuantLinear):
+class Int8Linear(QuantLinear):
     """``nn.Linear`` over int8 codes with one scale per output feature (absmax, symmetric).
 
     Built from float rows (:meth:`from_float`, :meth:`from_blocks`), a few thousand rows at a time, so
@@ -163,7 +144,7 @@ def _absmax_int8(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return torch.cat(codes), torch.cat(scales)
 
 
-class Fp16Linear(_QuantLinear):
+class Fp16Linear(QuantLinear):
     """``nn.Linear`` with float16 weights and float32 activations and output (fbgemm's packed GEMM, as
     ``torch.ao``'s dynamic fp16 linear runs it): for the output layer, whose logits a bfloat16 output
     would round by up to 0.06 (top-1 agreement 93-97% against 98% with this layer)."""

@@ -15,7 +15,8 @@ the logits are the most sensitive product of the model.
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from chatstream_asgi.engines.transformers.quant_linear import QuantLinear
 
 __all__ = ["FP8_MAX", "Fp8Linear", "fp8_fits"]
 
@@ -29,22 +30,19 @@ def fp8_fits(out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0 and in_features % 16 == 0
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(QuantLinear):
     """``nn.Linear`` with ``float8_e4m3fn`` weights (a scale per output feature) and activations
     quantized per token at every call; output in the input's dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        if not fp8_fits(self.out_features, self.in_features):
-            raise ValueError(
-                f"Fp8Linear needs both dimensions in multiples of 16 ({weight.shape[0]}x{weight.shape[1]})"
-            )
+        rows, cols = weight.shape
+        if not fp8_fits(rows, cols):
+            raise ValueError(f"Fp8Linear needs both dimensions in multiples of 16 ({rows}x{cols})")
+        super().__init__(cols, rows, bias)
         weight = weight.detach()
         scale = (weight.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY)  # [out, 1]
         self.register_buffer("weight", (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8))
         self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out], as _scaled_mm takes it
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.kind = "fp8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,10 +53,4 @@ class Fp8Linear(nn.Module):
         out = torch._scaled_mm(
             quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=out_dtype
         )
-        out = out.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return self._finish(out, x)
