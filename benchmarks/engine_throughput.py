@@ -270,6 +270,9 @@ def one_by_one_seconds_per_token(model: torch.nn.Module, rows: list[list[int]], 
 
 
 def hf_generate_batch(model: torch.nn.Module, rows: list[list[int]], new_tokens: int) -> tuple[float, int]:
+    # The engine named its own attention on the model (it delegates to the original one); transformers'
+    # continuous batching accepts only its own names.
+    model.set_attn_implementation(model.config._attn_implementation.removeprefix("chatstream:"))
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     start = time.perf_counter()
     out = model.generate_batch(rows, generation_config=config, warmup=False)
