@@ -51,6 +51,7 @@ from transformers import DynamicCache, GenerationConfig
 from chatstream_asgi.cli.options import add_compile_options
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
 from chatstream_asgi.engines.transformers import TransformersEngine
+from chatstream_asgi.engines.transformers.static_path import DEFAULT_PREFILL_CHUNK
 
 TOPICS = [
     "the sea", "a robot", "autumn", "a lost key", "the moon", "a small town", "coffee", "a dragon",
@@ -347,7 +348,10 @@ def main() -> None:
     parser.add_argument("--random-init", metavar="DIR", help="config + tokenizer in DIR, random weights")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="engine: run the static-cache step eagerly")
     parser.add_argument(
-        "--max-prefill-tokens", type=int, default=256, help="engine: prompt tokens beside one decode step (0: no cap)"
+        "--max-prefill-tokens",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help="engine: prompt tokens beside one decode step (0: no cap)",
     )
     add_compile_options(parser)  # the server's --compile [MODE] | --no-compile
     parser.add_argument(
@@ -361,7 +365,8 @@ def main() -> None:
         "--long-join-chunks",
         default="",
         help="max_prefill_tokens values to measure the long join with (static cache only; 'none': unchunked; "
-        "'skip': not at all); default: --max-prefill-tokens, the chunk whose steps are captured",
+        "'skip': not at all); default: --max-prefill-tokens, the chunk whose steps are captured (a smaller value "
+        "runs padded to that chunk's shape, a larger one uncaptured: start with each to compare them)",
     )
     args = parser.parse_args()
     if args.quick:

@@ -114,7 +114,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     gpu.add_argument(
         "--max-prefill-tokens",
         type=int,
-        default=256,
+        default=128,  # the engine's DEFAULT_PREFILL_CHUNK (not imported: the CLI loads without torch)
         metavar="N",
         help="prompt tokens prefilled beside one decode step while streams run (0: no cap)",
     )

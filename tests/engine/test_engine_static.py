@@ -25,6 +25,7 @@ from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.engines.transformers.graphs import bucket_for, continued_lengths, length_buckets, row_buckets
 from chatstream_asgi.engines.transformers.loading import load_model
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, UnsupportedModel, plan_rows
+from chatstream_asgi.engines.transformers.static_path import DEFAULT_PREFILL_CHUNK
 from chatstream_asgi.engines.transformers.step_runner import StepRunner
 
 DEVICE = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")
@@ -100,15 +101,17 @@ def test_step_shapes_pad_decode_rows_and_packed_chunks() -> None:
     assert runner.key(5, 100, 0, 0) == (8, 128, 0, 0)  # decode alone
     assert runner.key(0, 1, 20, 20) == (0, 0, 32, 32)  # new prompts alone
     assert runner.key(0, 1, 20, 300) == (0, 0, 32, 1024)  # after reused beginnings
-    assert runner.key(3, 100, 200, 2000) == (4, 256, 256, 4096)  # beside decode rows: a coarser length
+    assert runner.key(3, 100, 200, 2000) == (4, 256, 256, 2048)  # beside decode rows: a coarser length,
+    assert runner.key(3, 100, 200, 2100) == (4, 256, 256, 4096)  # and the gathered keys in powers of two
     assert runner.key(1, 1, 9000, 9000) is None  # past the buffers: the planner never packs that
     assert runner.fits(0, 100, 100, 25) and not runner.fits(0, 100, 100, 33)  # a 128-token chunk returns 32 logits
     shapes = runner._shapes()
     assert (64, 8192, 0, 0) in shapes and (1, 64, 256, 256) in shapes and (16, 4096, 256, 8192) in shapes
+    assert (16, 4096, 256, 2048) in shapes and (0, 0, 256, 2048) not in shapes  # alone: powers of four
     assert (1, 64, 64, 64) not in shapes  # beside rows only the joining chunk is captured: smaller ones pad to it
     assert (0, 0, 8192, 8192) in shapes and (0, 0, 8192, 16384) not in shapes  # a chunk's mask is bounded
     runner.use_graphs, runner._captured = True, shapes
-    assert runner.key(3, 100, 20, 300) == (4, 256, 256, 1024)
+    assert runner.key(3, 100, 20, 300) == (4, 256, 256, 512)
 
 
 def test_static_greedy_matches_alone_across_buckets(f32_engine: TransformersEngine, monkeypatch) -> None:
@@ -518,6 +521,8 @@ def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
     from chatstream_asgi.engines.transformers.compiled_step import AUTO, COMPILE_MODES
 
     assert (AUTO, *COMPILE_MODES) == cli_options.COMPILE_CHOICES  # the CLI's choices are the engine's modes
+    defaults = cli.build_parser().parse_args(["serve"])
+    assert defaults.max_prefill_tokens == DEFAULT_PREFILL_CHUNK  # the CLI's default is the engine's
     for flag, mode in ((["--compile"], True), (["--compile", "default"], "default"), (["--no-compile"], None)):
         assert cli._engine(cli.build_parser().parse_args(["serve", *flag])) == "engine"
         assert seen["compile_mode"] == mode

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from chatstream_asgi.engines.base import GenerationParams
+from chatstream_asgi.engines.transformers.transfer import upload
 
 __all__ = ["BatchSampler", "Grammar", "RowLogprobs", "apply_repetition_penalty", "top_k_top_p_filter"]
 
@@ -118,16 +119,17 @@ class BatchSampler:
         """Append rows for new sequences (in batch order), seeding ``seen`` with their prompts (where the
         row's ``penalize_prompt_tokens`` says the prompt counts for the repetition penalty); ``grammars``:
         the constrained rows' grammars (None for a free row)."""
-        dev = self.device
-        self.temperature = torch.cat([self.temperature, torch.tensor([p.temperature for p in params], device=dev)])
-        self.top_k = torch.cat([self.top_k, torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)])
-        self.top_p = torch.cat([self.top_p, torch.tensor([p.top_p for p in params], device=dev)])
-        self.penalty = torch.cat([self.penalty, torch.tensor([p.repetition_penalty for p in params], device=dev)])
+        dev, f32 = self.device, torch.float32
+        self.temperature = torch.cat([self.temperature, upload([p.temperature for p in params], dev, f32)])
+        self.top_k = torch.cat([self.top_k, upload([p.top_k for p in params], dev, torch.long)])
+        self.top_p = torch.cat([self.top_p, upload([p.top_p for p in params], dev, f32)])
+        self.penalty = torch.cat([self.penalty, upload([p.repetition_penalty for p in params], dev, f32)])
         seen = torch.zeros(len(params), self.vocab_size, dtype=torch.bool, device=dev)
         for row, prompt in enumerate(prompts):
             prompt = prompt if params[row].penalize_prompt_tokens else ()
-            ids = torch.tensor([t for t in prompt if 0 <= t < self.vocab_size], dtype=torch.long)
-            seen[row, ids.to(dev)] = True
+            ids = [t for t in prompt if 0 <= t < self.vocab_size]
+            if ids:  # index_fill_ takes the value as a scalar: nothing else goes up from pageable memory
+                seen[row].index_fill_(0, upload(ids, dev, torch.long), True)
         self.seen = torch.cat([self.seen, seen])
         for p in params:
             gen = torch.Generator(device=dev)
@@ -140,7 +142,7 @@ class BatchSampler:
 
     def keep_rows(self, order: Sequence[int]) -> None:
         """Keep only the rows listed in ``order``, in that order."""
-        idx = torch.tensor(list(order), dtype=torch.long, device=self.device)
+        idx = upload(list(order), self.device, torch.long)
         self.temperature = self.temperature[idx]
         self.top_k = self.top_k[idx]
         self.top_p = self.top_p[idx]
@@ -170,9 +172,7 @@ class BatchSampler:
         tokens = torch.argmax(logits, dim=-1)
         sampled = [n for n, i in enumerate(row_ids) if not self._greedy[i]]
         if sampled:
-            pick = torch.tensor(sampled, dtype=torch.long)
-            pick = pick.pin_memory() if logits.is_cuda else pick
-            pick = pick.to(logits.device, non_blocking=True)
+            pick = upload(sampled, logits.device, torch.long)
             temperature = self.temperature[rows][pick].unsqueeze(1)
             filtered = top_k_top_p_filter(logits[pick] / temperature, self.top_k[rows][pick], self.top_p[rows][pick])
             probs = torch.softmax(filtered, dim=-1)
@@ -209,7 +209,7 @@ class BatchSampler:
             row = buffer[j]
             grammar.fill(row.data_ptr(), row.numel() * 4)
         assert buffer is not None
-        pick = torch.tensor(constrained, dtype=torch.long).to(logits.device, non_blocking=True)
+        pick = upload(constrained, logits.device, torch.long)
         allowed = unpack_bitmask(buffer[:n].to(logits.device, non_blocking=True), logits.shape[1])
         closing = [j for j, n_row in enumerate(constrained) if self.grammars[row_ids[n_row]].closing]  # type: ignore[union-attr]
         if closing:
@@ -225,7 +225,7 @@ class BatchSampler:
             for tier, ids in enumerate(grammar.closers):
                 self._closers[tier, [t for t in ids if t < vocab]] = True
             self._closers = self._closers.to(allowed.device)
-        rows = torch.tensor(closing, dtype=torch.long).to(allowed.device)
+        rows = upload(closing, allowed.device, torch.long)
         base = narrowed = allowed[rows]
         for tier in reversed(range(self._closers.shape[0])):  # the best tier last, so it wins where it applies
             tiered = base & self._closers[tier]
@@ -234,7 +234,7 @@ class BatchSampler:
 
     def _report(self, logits: torch.Tensor, tokens: torch.Tensor, asking: list[int], row_ids: range) -> None:
         """Keep the log-probabilities of the asking rows' tokens (read by :meth:`take_logprobs`)."""
-        pick = torch.tensor(asking, dtype=torch.long).to(logits.device)
+        pick = upload(asking, logits.device, torch.long)
         logprobs = torch.log_softmax(logits[pick], dim=-1)
         chosen = logprobs.gather(1, tokens[pick].unsqueeze(1)).squeeze(1).tolist()
         k = max(self._logprobs[row_ids[n]] or 0 for n in asking)

@@ -26,6 +26,7 @@ from chatstream_asgi.engines.base import EngineError
 from chatstream_asgi.engines.transformers.attention import SlotStep, write_tokens
 from chatstream_asgi.engines.transformers.cache_layer import OwnedLayer
 from chatstream_asgi.engines.transformers.kv_layout import KVLayout, UnsupportedModel
+from chatstream_asgi.engines.transformers.transfer import upload
 
 __all__ = ["KVLayout", "StaticKVCache", "UnsupportedModel", "plan_rows"]
 
@@ -147,9 +148,7 @@ class StaticKVCache:
         moves = [(src, dst) for src, dst in moves if src != dst]
         if not moves or not columns:
             return
-        pinned = self.device.type == "cuda"
-        index = torch.tensor(moves, dtype=torch.long).T.contiguous()
-        src, dst = (index.pin_memory() if pinned else index).to(self.device, non_blocking=pinned)
+        src, dst = upload(torch.tensor(moves).T.contiguous(), self.device, torch.long)
         for keys, values, width in zip(self.keys, self.values, self.widths, strict=True):
             n = min(columns, width - 1)
             for buf in (keys, values):

@@ -42,8 +42,10 @@ _STARTING = threading.Lock()
 budget reads the device's free memory, which a second engine on the same GPU must read after the first one's
 cache is allocated, and ``torch.compile`` and graph capture are not made to run in two threads at once."""
 
-DEFAULT_PREFILL_CHUNK = 256
-"""Prompt tokens prefilled beside one decode step while rows run (``max_prefill_tokens``'s default)."""
+DEFAULT_PREFILL_CHUNK = 128
+"""Prompt tokens prefilled beside one decode step while rows run (``max_prefill_tokens``'s default): about
+where a step stops being bound by reading the weights (a GPU does ~200-300 multiply-adds per weight byte it
+reads), so a joining prompt costs the running rows little per step (measured: docs/benchmarks.md)."""
 
 Forward = Callable[..., torch.Tensor]
 

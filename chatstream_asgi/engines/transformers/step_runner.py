@@ -12,8 +12,9 @@ Shapes ``(rows, length, tokens, columns)``: ``rows`` decode rows (1, 2, 4, ... u
 ``length`` columns of their slots; a chunk of ``tokens`` (16, 32, ... up to 8,192) reading ``columns``
 gathered keys (its own tokens, or more after reused beginnings and earlier chunks). Captured at start:
 every decode shape (powers of two from 64 columns), every chunk alone (columns in powers of four above its
-tokens), and the chunk that joins running rows (``max_prefill_tokens``'s bucket) beside every rows bucket
-and a coarser length (powers of four): a prompt joining running rows costs one forward a step. Other
+tokens), and the chunk that joins running rows (``max_prefill_tokens``'s bucket, columns in powers of two:
+its gathered keys cost a joining step as much as its tokens do) beside every rows bucket and a coarser
+length (powers of four): a prompt joining running rows costs one forward a step. Other
 shapes run the same padded forward uncaptured (on CPU, every shape: the padding is the same, which is
 how the tests cover it without a GPU).
 """
@@ -93,13 +94,15 @@ class StepRunner:
             (r, n, self.joining, c)
             for r in self.row_buckets
             for n in self.coarse_lengths
-            for c in self.column_buckets(self.joining)
+            for c in self.column_buckets(self.joining, joining=True)
         }
         return decode | chunks | mixed
 
-    def column_buckets(self, tokens: int) -> list[int]:
-        """The gathered columns a chunk of ``tokens`` pads to: its own tokens, then powers of four."""
-        return [tokens, *(n for n in continued_lengths(self.cache.max_len) if n > tokens)]
+    def column_buckets(self, tokens: int, *, joining: bool = False) -> list[int]:
+        """The gathered columns a chunk of ``tokens`` pads to: its own tokens, then powers of four (of two for
+        a chunk ``joining`` running rows, which repeats every step of a long prompt's join)."""
+        steps = length_buckets if joining else continued_lengths
+        return [tokens, *(n for n in steps(self.cache.max_len) if n > tokens)]
 
     def kept(self, tokens: int) -> int:
         """How many chunk sequences' logits a chunk of ``tokens`` returns (the most it may complete)."""
@@ -119,7 +122,7 @@ class StepRunner:
             else bucket_for(tokens, self.token_buckets)
         )
         n = bucket_for(length, self.coarse_lengths) if rows else 0
-        return (r, n, t, bucket_for(max(columns, t), self.column_buckets(t)))
+        return (r, n, t, bucket_for(max(columns, t), self.column_buckets(t, joining=bool(rows))))
 
     def fits(self, rows: int, tokens: int, columns: int, sequences: int) -> bool:
         """Whether a chunk of ``sequences`` packed sequences fits one shape beside ``rows`` decode rows
