@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 
+import pytest
 import torch
 
 from chatstream_asgi.engines.base import GenerationParams
 from chatstream_asgi.engines.transformers.sampling import BatchSampler, apply_repetition_penalty, top_k_top_p_filter
+
+cuda_only = pytest.mark.skipif(
+    os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu") != "cuda", reason="needs CHATSTREAM_TEST_DEVICE=cuda"
+)
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
@@ -107,3 +113,22 @@ def test_a_penalty_over_the_reply_alone_lets_the_answer_reuse_the_questions_word
     logits = torch.tensor([[0.0, 3.0, 2.0, 0.0]] * 2)  # "is" (1) narrowly ahead of "lies" (2)
     assert sampler.sample(logits).tolist() == [2, 1]  # penalised as seen in the question, or not
     assert sampler.seen[1].tolist() == [False, True, False, False]  # the reply's own "is" counts from now on
+
+
+@cuda_only
+def test_rows_join_and_leave_without_waiting_for_the_queued_steps() -> None:
+    """Adding, reordering and sampling rows only queue work: the host never waits for the device's queue (the
+    engine has the next step queued meanwhile; a copy from pageable memory would wait for it)."""
+    device = torch.device("cuda")
+    sampler = BatchSampler(64, device)
+    params = [GenerationParams(temperature=0.7, top_k=5, repetition_penalty=1.2), GenerationParams(temperature=0.0)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of queued work
+    queued = torch.cuda.Event()
+    queued.record()
+    sampler.add_rows(params, [[1, 2, 3], [4, 5]])
+    sampler.keep_rows([1, 0])
+    tokens = sampler.sample(torch.randn(2, 64, device=device))
+    assert not queued.query()  # the sleep still runs: nothing above waited for it
+    torch.cuda.synchronize()
+    assert tokens.shape == (2,) and sampler.seen[1, [1, 2, 3]].all()
