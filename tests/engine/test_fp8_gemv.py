@@ -79,6 +79,8 @@ def test_every_config_matches_a_float_reference(
 ) -> None:
     """N odd multiples of 16 (blocks cut by the mask), K not a multiple of any block, the one-row and the
     ``tl.dot`` paths, more rows than one tile."""
+    if not fp8_gemv.fits(config, 1 if rows == 1 else 16):
+        pytest.skip("the autotuner prunes this config for more than one row")
     monkeypatch.setattr(fp8_gemv._kernel, "configs", [config])  # one config: run as it is, not benchmarked
     weight, scale = quantized(out_features, in_features)
     for each in [dtype] if dtype else DTYPES if DEVICE.type == "cuda" else [torch.float16]:

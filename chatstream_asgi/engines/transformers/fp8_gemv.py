@@ -23,11 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fp8_gemv"]
+__all__ = ["fits", "fp8_gemv"]
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
     for n, k, warps, stages in (
+        (8, 512, 4, 3),  # one row only: 128 programs for the 1024-column k/v projections
         (16, 256, 4, 4),
         (16, 512, 4, 3),
         (32, 256, 4, 4),
@@ -38,7 +39,16 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_M"])
+def fits(config: triton.Config, block_m: int) -> bool:
+    """Whether ``config`` compiles for ``block_m`` rows: ``tl.dot`` takes no block under 16."""
+    return block_m == 1 or config.kwargs["BLOCK_N"] >= 16
+
+
+def _prune(configs: list[triton.Config], named_args: dict[str, object], **kwargs: int) -> list[triton.Config]:
+    return [config for config in configs if fits(config, kwargs["BLOCK_M"])]
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _kernel(
