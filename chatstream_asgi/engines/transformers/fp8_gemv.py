@@ -7,8 +7,9 @@ H100's SMs idle, and it needs the activations quantized per token first (a reduc
 Here the activations stay in bfloat16 (or float16), each program reads ``BLOCK_N`` whole rows of the FP8
 weight, converts them in registers (e4m3 is exact in bf16 and fp16), accumulates in float32 and applies
 the per-output-channel scale once at the end. One kernel, no workspace: the output blocks alone fill the
-GPU (4096 columns / 16 = 256 programs; the 1024-column k/v projections, 64), which a split-K reduction
-would only beat by adding a kernel (zeroing or reducing) per layer, more than it saves at these sizes.
+GPU (4096 columns / 16 = 256 programs; the 1024-column k/v projections, 128 in blocks of 8 at one row),
+which a split-K reduction would only beat by adding a kernel (zeroing or reducing) per layer, more than
+it saves at these sizes.
 
 A ``torch.library.custom_op``: opaque to inductor and captured as it is in CUDA graphs. ``triton.autotune``
 picks the block sizes per (N, K, BLOCK_M) on the first call with that key; the engine runs every shape
