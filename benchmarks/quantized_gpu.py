@@ -5,14 +5,16 @@ SmolLM2's config and tokenizer (the vocabulary; the 8B shape's dimensions are wr
 Llama-3.1-8B's hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 key/value heads, rope theta
 500000). Random weights (step times do not depend on the values), built on the GPU in bfloat16.
 
-For each of bf16 and FP8 (``quantize_model(model, "fp8")``: the decoder's linear layers W8A8, per-channel
-weight scales, per-token activation scales, ``torch._scaled_mm``), an engine on the static cache with
-CUDA graphs (``--compile`` as asked; default: no compile) runs 1 and ``--batch`` concurrent greedy
-requests; the step time is the median gap between a stream's tokens. Printed beside it: the weight
-bytes and the weight-read floor (bytes over a measured device-to-device copy rate), and FP8's
-teacher-forced agreement with bf16 on the same random model (top-1, mean |dlogp|, over the README's
-tokens): a random model's near-uniform logits make this a check that FP8 computes the same function,
-not a quality number (benchmarks/quant_quality.py --quantization fp8 gives that on SmolLM2's weights).
+For each of bf16 and FP8 (``quantize_model(model, "fp8")``: the decoder's linear layers to e4m3 weights
+with per-channel scales, run weight-only by ``fp8_gemv.py``'s Triton kernel up to 16 rows, so in the
+1-sequence step, and W8A8 above, so in the ``--batch`` step and the prefill: per-token activation scales,
+``torch._scaled_mm``), an engine on the static cache with CUDA graphs (``--compile`` as asked; default: no
+compile) runs 1 and ``--batch`` concurrent greedy requests; the step time is the median gap between a
+stream's tokens. Printed beside it: the weight bytes and the weight-read floor (bytes over a measured
+device-to-device copy rate), and FP8's teacher-forced agreement with bf16 on the same random model
+(top-1, mean |dlogp|, over the README's tokens in one prefill, so the W8A8 path): a random model's
+near-uniform logits make this a check that FP8 computes the same function, not a quality number
+(benchmarks/fp8_quality.py gives that on SmolLM2's weights).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest  # noqa: E402
+from chatstream_asgi.engines.transformers import quant_fp8  # noqa: E402
 from chatstream_asgi.engines.transformers.gguf_blocks import read_blocks  # noqa: E402
 from chatstream_asgi.engines.transformers.loading import ModelLoadError, load_model  # noqa: E402
 from chatstream_asgi.engines.transformers.quant import check_quantization, quantize_model  # noqa: E402
@@ -101,6 +102,7 @@ def test_fp8_layer_is_per_channel_weights_and_per_token_activations() -> None:
     weight = torch.randn(32, 64) * torch.logspace(-2, 1, 32)[:, None]  # rows of very different ranges
     layer = Fp8Linear(weight)
     assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.shape == (1, 32)
+    assert layer.weight_only_rows == 0  # built on the CPU: W8A8 at any rows (the weight-only kernel is CUDA's)
     assert torch.allclose(layer.weight.float().abs().amax(dim=1), torch.full((32,), FP8_MAX))
     x = torch.randn(4, 64) * torch.tensor([[1e-3], [1.0], [10.0], [1e3]])  # tokens of very different ranges
     x_scale = x.abs().amax(dim=1, keepdim=True) / FP8_MAX
@@ -113,6 +115,15 @@ def test_fp8_layer_is_per_channel_weights_and_per_token_activations() -> None:
     assert (relative < 0.08).all()  # each token keeps its own precision
     with pytest.raises(ValueError, match="multiples of 16"):
         Fp8Linear(torch.randn(30, 64))
+
+
+def test_fp8_layers_need_no_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Triton (a CPU install) the weight-only kernel is absent and its module never imported."""
+    find_spec = quant_fp8.importlib.util.find_spec
+    monkeypatch.setattr(
+        quant_fp8.importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name)
+    )
+    assert not quant_fp8.weight_only_available()
 
 
 def test_quantize_model_swaps_linear_layers_and_keeps_the_dtype(tiny_model_dir: Path) -> None:

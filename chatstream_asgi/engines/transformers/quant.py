@@ -10,8 +10,8 @@
   (round to nearest, scale and zero per group) or to int8 per output feature, :mod:`.quant_cpu`'s
   kernels; the output layer to float16 weights with float32 activations. A GGUF's blocks stay as
   the file has them; its float matrices are quantized so.
-- ``"fp8"`` (CUDA, sm89+): the decoder's linear layers to FP8 (:mod:`.quant_fp8`), the output layer
-  and the embeddings kept.
+- ``"fp8"`` (CUDA, sm89+): the decoder's linear layers to FP8 weights (:mod:`.quant_fp8`: weight-only
+  up to 16 rows where Triton is installed, W8A8 above), the output layer and the embeddings kept.
 
 Swapping happens at the ``nn.Module`` level (a quantized module in place of each ``nn.Linear``),
 so the engine's steps, graphs and compiled blocks run the model unchanged.

@@ -1,12 +1,22 @@
-"""FP8 linear layers for Hopper (and Ada) GPUs: W8A8 with per-channel weight scales and per-token
-activation scales, through ``torch._scaled_mm``.
+"""FP8 linear layers for Hopper (and Ada) GPUs: ``float8_e4m3fn`` weights with a scale per output feature,
+run weight-only for steps of a few rows and W8A8 (per-token activation scales, ``torch._scaled_mm``) above.
 
-A decode step at batch 1 reads every weight once: bound by the weights' bytes (the 8B shape's
-bf16 step took 5.76 ms on an H100 against a 4.87 ms read floor). ``float8_e4m3fn`` weights halve
-the bytes. The weight's scale is per output feature (absmax / 448, e4m3's largest value), the
-activation's per row (token), computed in the step: both are device tensors, so the layer runs
-inside a captured CUDA graph and under ``torch.compile`` (``_scaled_mm`` is an inductor op). The
-rowwise-scaled ``_scaled_mm`` needs sm89+ and returns bfloat16; this is vLLM's "FP8 dynamic" scheme.
+A decode step at batch 1 reads every weight once: bound by the weights' bytes (the 8B shape's bf16 step
+took 5.76 ms on an H100 against a 4.87 ms read floor). FP8 weights halve the bytes. The weight's scale is
+per output feature (absmax / 448, e4m3's largest value).
+
+- Up to :data:`WEIGHT_ONLY_ROWS` rows (decode steps of few sequences), where CUDA and Triton are there and
+  the activations are bf16 or fp16: :mod:`.fp8_gemv`'s kernel reads the FP8 weights at full bandwidth and
+  keeps the activations as they are. ``_scaled_mm`` lost there: its output tiles leave most SMs idle at
+  one row, and each layer first quantized its activations (a reduction and a cast).
+- More rows (prefill, large batches): W8A8, vLLM's "FP8 dynamic" scheme: the activations scaled per row
+  (token) in the step, ``torch._scaled_mm`` rowwise (sm89+, bfloat16 out) on the FP8 tensor cores. Not a
+  dequantized bf16 GEMM: that would write and read a bf16 copy of every weight each call, three bytes a
+  weight against one.
+
+Which path runs depends on the rows alone (static in a captured graph; a shape guard under
+``torch.compile``). Both run inside captured CUDA graphs and compiled blocks. The two paths round
+differently, so a sequence's logits can differ by how many rows its step had (as bf16 GEMMs' do).
 
 The output layer (``lm_head``) and the embeddings stay in the model's dtype, as vLLM keeps them:
 the logits are the most sensitive product of the model.
@@ -14,14 +24,19 @@ the logits are the most sensitive product of the model.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from chatstream_asgi.engines.transformers.quant_linear import QuantLinear
 
-__all__ = ["FP8_MAX", "Fp8Linear", "fp8_fits"]
+__all__ = ["FP8_MAX", "WEIGHT_ONLY_ROWS", "Fp8Linear", "fp8_fits", "weight_only_available"]
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
+WEIGHT_ONLY_ROWS = 16
+"""The most rows a step runs weight-only (the kernel's one ``tl.dot`` tile); more run W8A8."""
+_WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
 _TINY = 1e-12
 
 
@@ -30,9 +45,20 @@ def fp8_fits(out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0 and in_features % 16 == 0
 
 
+def weight_only_available() -> bool:
+    """Whether the weight-only kernel is there: Triton installed (it comes with PyTorch's CUDA wheels),
+    its op registered (``torch.ops.chatstream.fp8_gemv``). Imports Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import chatstream_asgi.engines.transformers.fp8_gemv  # noqa: F401  (registers the op)
+
+    return True
+
+
 class Fp8Linear(QuantLinear):
-    """``nn.Linear`` with ``float8_e4m3fn`` weights (a scale per output feature) and activations
-    quantized per token at every call; output in the input's dtype."""
+    """``nn.Linear`` with ``float8_e4m3fn`` weights (a scale per output feature); output in the input's
+    dtype. Weight-only up to :data:`WEIGHT_ONLY_ROWS` rows where the kernel is there (the weights on CUDA
+    when the layer is built), W8A8 otherwise."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         rows, cols = weight.shape
@@ -43,10 +69,13 @@ class Fp8Linear(QuantLinear):
         scale = (weight.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY)  # [out, 1]
         self.register_buffer("weight", (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8))
         self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out], as _scaled_mm takes it
+        self.weight_only_rows = WEIGHT_ONLY_ROWS if weight.is_cuda and weight_only_available() else 0
         self.kind = "fp8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] <= self.weight_only_rows and flat.dtype in _WEIGHT_ONLY_DTYPES:
+            return self._finish(torch.ops.chatstream.fp8_gemv(flat, self.weight, self.weight_scale), x)
         scale = (flat.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY)  # [rows, 1]
         quantized = (flat.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         out_dtype = torch.bfloat16 if x.dtype == torch.float32 and x.is_cuda else x.dtype
