@@ -8,6 +8,7 @@ configure the app.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -55,6 +56,9 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        # The server writes through the same open file as output() reads: without O_APPEND a line written
+        # while output() has sought back to the start lands there, over older output, and is never seen.
+        fcntl.fcntl(self.log.fileno(), fcntl.F_SETFL, fcntl.fcntl(self.log.fileno(), fcntl.F_GETFL) | os.O_APPEND)
         pythonpath = os.pathsep.join([str(APPS_DIR), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
         self.process = subprocess.Popen(
             command,
