@@ -178,14 +178,8 @@ class JsonCallParser(ToolCallParser):
 
     def finish(self) -> list[Any]:
         text, self._buffer = self._buffer, ""
-        body = text.strip().removeprefix(self.TAG).strip()
         found = []
-        for part in body.split(";") if body else []:
-            try:
-                obj = json.loads(part)
-            except ValueError:
-                found = []
-                break
+        for obj in _json_values(text.strip().removeprefix(self.TAG)) or []:
             for item in obj if isinstance(obj, list) else [obj]:
                 call = _call(item, *self._keys)
                 if call is None:
@@ -194,6 +188,25 @@ class JsonCallParser(ToolCallParser):
         if not found:
             return [ContentDelta(text)] if text else []
         return [self._add(*call) for call in found]
+
+
+def _json_values(text: str) -> list[Any] | None:
+    """The JSON values of ``text`` separated by ``;`` (decoded one by one, so a ``;`` inside a string
+    stays in it); None when ``text`` is anything else."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while True:
+        at = len(text) - len(text[at:].lstrip())
+        if at == len(text):
+            return values
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        values.append(value)
+        rest = text[at:].lstrip()
+        if rest and not rest.startswith(";"):
+            return None
+        at = len(text) - len(rest) + (1 if rest else 0)
 
 
 class ArgumentsParser(ToolCallParser):

@@ -76,8 +76,10 @@ class ToolPlan:
             tool = next(t for t in request.tools if t.name == request.function)
             return schema_text(tool.parameters, param="tools")
         if request.choice == "required":
-            calls = [_call_schema(t) for t in request.tools]
-            return schema_text(calls[0] if len(calls) == 1 else {"anyOf": calls}, param="tools")
+            if len(request.tools) == 1:
+                return schema_text(_call_schema(request.tools[0], "#"), param="tools")
+            calls = [_call_schema(t, f"#/anyOf/{i}") for i, t in enumerate(request.tools)]
+            return schema_text({"anyOf": calls}, param="tools")
         return None
 
     def parser(self) -> ToolCallParser:
@@ -111,13 +113,31 @@ def _about(tool: Tool) -> str:
     return f" ({tool.description})" if tool.description else ""
 
 
-def _call_schema(tool: Tool) -> dict[str, Any]:
+def _call_schema(tool: Tool, at: str) -> dict[str, Any]:
+    """The call object ``{"name", "arguments"}`` of ``tool``, placed at the JSON pointer ``at`` of the schema."""
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, "arguments": tool.parameters},
+        "properties": {
+            "name": {"const": tool.name},
+            "arguments": _rebased(tool.parameters, f"{at}/properties/arguments"),
+        },
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+def _rebased(schema: Any, root: str) -> Any:
+    """``schema`` moved to the pointer ``root``: its local ``$ref`` pointers (``#/$defs/...``, ``#``) are
+    relative to the document's root, so they are prefixed to keep pointing inside it."""
+    if isinstance(schema, Mapping):
+        ref = schema.get("$ref")
+        moved = {key: _rebased(value, root) for key, value in schema.items()}
+        if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            moved["$ref"] = root + ref[1:]
+        return moved
+    if isinstance(schema, list):
+        return [_rebased(item, root) for item in schema]
+    return schema
 
 
 def _tool(item: Any, i: int) -> Tool:

@@ -50,6 +50,7 @@ from chatstream_asgi.protocols.chat import InvalidRequest, load_json_object, val
 from chatstream_asgi.service.outcomes import Rejection
 from chatstream_asgi.service.preparation import session_store_unavailable
 from chatstream_asgi.service.prompts import public
+from chatstream_asgi.service.tenants import TenantSource
 from chatstream_asgi.sessions.store import Session, update_session
 from chatstream_asgi.types import Receive, Scope, Send
 
@@ -98,11 +99,13 @@ def resource_usage() -> dict[str, Any]:
 class ChatAPI:
     """Handlers of the extra endpoints (see the module docstring for their JSON)."""
 
-    def __init__(self, chat_stream: ChatStream) -> None:
+    def __init__(self, chat_stream: ChatStream, tenant: TenantSource | None = None) -> None:
         self.cs = chat_stream
+        self.tenant = tenant
+        """The serving middleware's tenant source, if it has its own: whose load ``/get_load`` reports."""
 
     async def get_load(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-        await send_json(send, 200, self.cs.get_load(scope))
+        await send_json(send, 200, self.cs.get_load(scope, self.tenant))
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         metrics = self.cs.metrics

@@ -38,6 +38,7 @@ from chatstream_asgi.service.preparation import ChatPreparer
 from chatstream_asgi.service.prompts import PromptBuilder
 from chatstream_asgi.service.replies import PreparedChat, Replies
 from chatstream_asgi.service.tenant_metrics import TenantMetrics
+from chatstream_asgi.service.tenants import TenantSource
 from chatstream_asgi.sessions.manager import SessionManager
 from chatstream_asgi.sessions.store import SessionStore, StoredMessage
 from chatstream_asgi.states import CompletionState
@@ -267,14 +268,20 @@ class ChatStream:
 
     # -- reading --------------------------------------------------------------------------
 
-    def get_load(self, scope: Scope | None = None) -> dict[str, Any]:
+    def get_load(self, scope: Scope | None = None, tenant: TenantSource | None = None) -> dict[str, Any]:
         """Slots in use and queue length, with the wait a new request (of the tenant ``scope`` names) would
         see, and the tokens generated so far (open replies included, so that two readings a second apart
         give the current tokens/s). With tenants on, ``tenant`` gives the caller's own share; behind a pool,
-        ``engines`` gives each member's health (:class:`~chatstream_asgi.engines.base.MemberStatus`)."""
+        ``engines`` gives each member's health (:class:`~chatstream_asgi.engines.base.MemberStatus`).
+        ``tenant`` overrides the tenant source, as a middleware's own does for its chat requests."""
         admission, fairness = self.admission, self.config.fairness
         claim = fairness.claim(
-            scope, session_id=None, body_priority=0, prompt_tokens=0, max_new_tokens=self.config.limits.max_new_tokens
+            scope,
+            session_id=None,
+            body_priority=0,
+            prompt_tokens=0,
+            max_new_tokens=self.config.limits.max_new_tokens,
+            source=tenant,
         )
         load = {
             "processing": admission.active,
@@ -284,7 +291,7 @@ class ChatStream:
             "estimated_wait_seconds": admission.estimate_new(claim),
             "generated_tokens": self.replies.generated_tokens,
         }
-        if fairness.tenants_on:
+        if fairness.tenants_on or tenant is not None:
             load["tenant"] = admission.tenant_report(claim.tenant)
         if members := self.engine.members():
             load["engines"] = [asdict(member) for member in members]

@@ -96,7 +96,7 @@ class ChatStreamMiddleware:
         self._request_id_header = config.request_id_header if config is not None else DEFAULT_REQUEST_ID_HEADER
         self._echo_request_id = config.echo_request_id if config is not None else True
         if chat_stream is not None:
-            known = extra_endpoints(chat_stream)
+            known = extra_endpoints(chat_stream, tenant)
             for name, path in {**DEFAULT_ENDPOINTS, **(endpoints or {})}.items():
                 if name not in known:
                     raise ValueError(f"unknown endpoint {name!r}; known: {sorted(known)}")

@@ -55,6 +55,7 @@ class OpenAIAPI:
         return await self.cs.serve(exchange, lambda: self._prepare(body))
 
     async def _prepare(self, body: bytes) -> PreparedChat:
+        plan = None
         try:
             parsed = parse_chat_completion(body)
             params, plan = self._params(parsed)
@@ -62,7 +63,9 @@ class OpenAIAPI:
             await check_features(self.cs.engine, params)
             prompt = await self._fit(messages, params, plan)
         except (FormatError, UnsupportedFeature) as exc:
-            error = OpenAIError(exc.message, param=exc.param, code=exc.code)
+            # A schema made from tools is refused as the engine's response_format: name what the client sent.
+            param = "tools" if plan is not None and exc.param == "response_format" else exc.param
+            error = OpenAIError(exc.message, param=param, code=exc.code)
             raise Rejection(400, "invalid_request", exc.message, error.body()) from None
         except OpenAIError as exc:
             raise Rejection(400, "invalid_request", exc.message, exc.body()) from None

@@ -12,6 +12,7 @@ from chatstream_asgi.protocols.dialect import CHAT, OPENAI, Dialect
 from chatstream_asgi.server.chat_api import ChatAPI
 from chatstream_asgi.server.chatstream import ChatStream
 from chatstream_asgi.server.openai_serving import OpenAIAPI
+from chatstream_asgi.service.tenants import TenantSource
 from chatstream_asgi.types import Receive, Scope, Send
 
 __all__ = ["ADMIN_ENDPOINTS", "DEFAULT_ENDPOINTS", "Endpoint", "chat_endpoint", "extra_endpoints", "protect"]
@@ -64,9 +65,10 @@ def chat_endpoint(chat_stream: ChatStream) -> Endpoint:
     return Endpoint(POST, chat_stream.serve_chat, chat=True, dialect=chat_stream.chat_dialect)
 
 
-def extra_endpoints(chat_stream: ChatStream) -> dict[str, Endpoint]:
-    """Every extra endpoint of ``chat_stream`` by name (the names of :data:`DEFAULT_ENDPOINTS`)."""
-    api = ChatAPI(chat_stream)
+def extra_endpoints(chat_stream: ChatStream, tenant: TenantSource | None = None) -> dict[str, Endpoint]:
+    """Every extra endpoint of ``chat_stream`` by name (the names of :data:`DEFAULT_ENDPOINTS`); ``tenant``:
+    the serving middleware's own tenant source."""
+    api = ChatAPI(chat_stream, tenant)
     openai = OpenAIAPI(chat_stream)
     return {
         "clear_context": Endpoint(POST, api.clear_context),

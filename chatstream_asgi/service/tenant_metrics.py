@@ -104,6 +104,8 @@ class TenantMetrics:
         tally = self.named.get(tenant)
         if tally is not None:
             return tally
+        if tenant == OTHER:  # a tenant of that name (hash_keys=False) must not export the label twice
+            return self.other
         if len(self.named) < self.limit:
             tally = self.named[tenant] = _Tally()
             return tally

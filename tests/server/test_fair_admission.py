@@ -282,3 +282,23 @@ async def test_endpoint_mode_keeps_the_same_rules() -> None:
         for text in ("a1", "a2", "b1"):
             svc.engine.open(text)
     assert svc.engine.started == ["a1", "b1", "a2"]
+
+
+async def test_get_load_reads_the_tenant_of_the_middleware_that_serves_it() -> None:
+    """A middleware's own ``tenant=`` source names the caller on ``/get_load`` too, as on its chat paths."""
+    svc = Service(concurrency=2, queue=8)
+    svc.cs = ChatStream(  # only the middleware tells tenants apart
+        svc.engine, num_of_concurrent_executions=2, tenant_max_active=1, callback=svc.log, session_secret="s"
+    )
+    svc.app = ChatStreamMiddleware(not_found, svc.cs, tenant="header:X-API-Key")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(svc.request, KEY_A, "a1")
+        await svc.until(1, 0)
+        load = json.loads((await svc.get("/get_load", KEY_A)).body)
+        assert load["tenant"]["name"] == tenant_name(KEY_A) and load["tenant"]["processing"] == 1
+        assert load["estimated_wait_seconds"] is None  # A is at its cap: it would wait (nothing measured yet)
+        load = json.loads((await svc.get("/get_load", KEY_B)).body)
+        assert load["tenant"]["name"] == tenant_name(KEY_B) and load["tenant"]["processing"] == 0
+        assert load["estimated_wait_seconds"] == 0.0
+        svc.engine.open("a1")
+    assert svc.log.states == ["success"]

@@ -120,6 +120,12 @@ def test_models(served: Any) -> None:
         ({"stop": [""]}, "stop"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+        # a call the mock cannot constrain: the field the client sent is named, not response_format
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"function": {"name": "f"}}},
+            "tools",
+        ),
     ],
 )
 def test_invalid_requests_get_openai_errors(served: Any, body: dict[str, Any], param: str) -> None:

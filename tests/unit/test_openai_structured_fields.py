@@ -88,6 +88,35 @@ def test_logprobs_and_tool_choices() -> None:
     )
 
 
+NESTED = {  # as pydantic (openai.pydantic_function_tool, the Agents SDK) writes a nested model
+    "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+    "type": "object",
+    "properties": {"where": {"$ref": "#/$defs/Place"}, "near": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+    "required": ["where"],
+}
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_required_calls_keep_the_parameters_refs_working(count: int, tmp_path) -> None:
+    """``tool_choice: "required"`` nests each function's parameters in a call object: their ``$ref`` pointers
+    must still find their ``$defs`` (and ``#``, the parameters themselves), or the schema is refused."""
+    import jsonschema
+
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": NESTED}} for i in range(count)]
+    schema = json.loads(plan_tools(parse(tools=tools, tool_choice="required").tools, None).json_schema())
+    arguments = {"where": {"city": "Paris"}, "near": {"where": {"city": "Lyon"}}}
+    jsonschema.validate({"name": "f0", "arguments": arguments}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"name": "f0", "arguments": {"where": {"town": "Paris"}}}, schema)
+    pytest.importorskip("llguidance")
+    from model_fixtures import build_tiny_tokenizer
+
+    from chatstream_asgi.engines.transformers.grammar import Grammars
+
+    tokenizer = build_tiny_tokenizer(tmp_path)
+    Grammars(tokenizer, frozenset([tokenizer.eos_token_id]), len(tokenizer)).check(json.dumps(schema))
+
+
 def test_tool_messages_continue_the_conversation() -> None:
     messages = [
         *USER,

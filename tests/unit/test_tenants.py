@@ -111,3 +111,18 @@ def test_metrics_name_the_busiest_tenants_and_count_the_rest_as_other() -> None:
     assert 'chatstream_tenant_admitted_total{tenant="t-b"}' not in text
     assert 'tenant="t-new"' in text
     assert f'chatstream_tenant_admitted_total{{tenant="{OTHER}"}} 53.0' in text  # t-b's 1, t-new's first 2
+
+
+def test_a_tenant_named_other_is_counted_in_other_not_exported_twice() -> None:
+    """With ``hash_keys=False`` a user may be called ``other``: its series must not repeat ``tenant="other"``."""
+    registry = CollectorRegistry()
+    metrics = TenantMetrics(registry, named=5, load=lambda t: (1, 0), totals=lambda: (2, 0))
+    metrics.admitted(OTHER)
+    metrics.admitted("alice")
+    text = generate_latest(registry).decode()
+    lines = [line for line in text.splitlines() if line.startswith("chatstream_tenant_active{")]
+    assert sorted(lines) == [
+        'chatstream_tenant_active{tenant="alice"} 1.0',
+        'chatstream_tenant_active{tenant="other"} 1.0',
+    ]
+    assert f'chatstream_tenant_admitted_total{{tenant="{OTHER}"}} 1.0' in text

@@ -131,3 +131,21 @@ def test_the_template_says_how_tools_are_called(template: str | None, expected: 
     from chatstream_asgi.engines.transformers.loading import tool_call_format
 
     assert tool_call_format(SimpleNamespace(chat_template=template)) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "calls"),
+    [
+        ("call", '{"name":"sh","arguments":{"cmd":"ls; pwd"}}', [("sh", {"cmd": "ls; pwd"})]),
+        ("json", '{"name": "sh", "parameters": {"cmd": "a;b"}}', [("sh", {"cmd": "a;b"})]),
+        (
+            "json",
+            '{"name": "a", "parameters": {"s": ";"}} ; {"name": "b", "parameters": {}}',
+            [("a", {"s": ";"}), ("b", {})],
+        ),
+    ],
+)
+def test_a_semicolon_inside_the_arguments_does_not_split_the_call(kind: str, text: str, calls: list) -> None:
+    assert stream(kind, text, 3) == ("", calls, "tool_calls")
+    message = complete(kind, text)["message"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == calls
