@@ -187,7 +187,7 @@ def parse_chat_completion(body: bytes) -> ChatCompletionRequest:
         raise OpenAIError(exc.detail) from None
     if not isinstance(data.get("model", ""), str):
         raise OpenAIError("model must be a string", param="model")
-    if data.get("n") not in (None, 1):
+    if data.get("n") not in (None, 1) or isinstance(data.get("n"), bool | float):  # True == 1.0 == 1
         raise OpenAIError("only n=1 is supported", param="n")
     stream = data.get("stream") or False
     if not isinstance(stream, bool):

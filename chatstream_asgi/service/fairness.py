@@ -102,6 +102,8 @@ class FairScheduler:
             raise ValueError("tenant_max_active must be at least 1 (or None)")
         if tenant_max_queued is not None and tenant_max_queued < 0:
             raise ValueError("tenant_max_queued must not be negative (or None)")
+        if not priority_step >= 0 or priority_step == float("inf"):  # NaN fails the first test
+            raise ValueError("priority_step must be a finite number of seconds, not negative")
         self.max_active = max_active
         self.max_waiting = max_waiting
         self.tenant_max_active = tenant_max_active or max_active

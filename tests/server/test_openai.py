@@ -117,6 +117,8 @@ def test_models(served: Any) -> None:
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 10_000}, "max_tokens"),
         ({"n": 2}, "n"),
+        ({"n": True}, "n"),
+        ({"n": 1.0}, "n"),
         ({"stop": [""]}, "stop"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),

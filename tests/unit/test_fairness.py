@@ -258,3 +258,9 @@ def test_idle_tenants_are_forgotten_and_bank_no_credit() -> None:
         s.submit(r)
         s.finish(r, 5.0)
     assert len(s._tenants) < 10
+
+
+@pytest.mark.parametrize("step", [-1.0, float("nan"), float("inf")])
+def test_a_priority_step_that_would_reverse_or_break_the_order_is_refused(step: float) -> None:
+    with pytest.raises(ValueError, match="priority_step"):
+        FairScheduler(2, 4, priority_step=step)
