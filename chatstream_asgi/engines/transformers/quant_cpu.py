@@ -23,7 +23,7 @@ PyPI wheel; docs/quantization.md has the comparison.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ __all__ = [
 
 _COMPUTE = torch.bfloat16
 _CHUNK_ROWS = 4096
+_PACK_ROWS = 64  # the CPU int4 packing interleaves rows in blocks of 64: packed blocks concatenate
 
 
 def kernels_available() -> bool:
@@ -79,13 +80,32 @@ class Int4Linear(QuantLinear):
         self.register_buffer("packed", torch.stack(packs))
         self.register_buffer("scale_zeros", torch.stack([scale_zeros(t) for t in terms]))
 
+    @classmethod
+    def joined(cls, layers: Sequence[Int4Linear]) -> Int4Linear | None:
+        """One layer whose output is ``layers``' outputs side by side (one kernel call for several), or None
+        where their inputs, terms or biases differ, or a layer but the last ends inside a packed block of
+        rows. The codes are stored once: each layer's become a view of the joined layer's; scales and zeros
+        are copied (the kernel reads them right only when contiguous)."""
+        alike = {(x.in_features, len(x.packed), x.bias is None) for x in layers}
+        if len(alike) > 1 or any(x.out_features % _PACK_ROWS for x in layers[:-1]):
+            return None
+        joined = cls.__new__(cls)
+        bias = None if layers[0].bias is None else torch.cat([x.bias for x in layers if x.bias is not None])
+        QuantLinear.__init__(joined, layers[0].in_features, sum(x.out_features for x in layers), bias)
+        joined.kind = layers[0].kind
+        joined.register_buffer("packed", torch.cat([x.packed for x in layers], dim=1))
+        joined.register_buffer("scale_zeros", torch.cat([x.scale_zeros for x in layers], dim=2))
+        start = 0
+        for x in layers:
+            x.packed = joined.packed[:, start : start + x.out_features]
+            start += x.out_features
+        return joined
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(_COMPUTE)
-        out = None
-        for packed, scale_zeros in zip(self.packed, self.scale_zeros, strict=True):
-            term = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scale_zeros).float()
-            out = term if out is None else out + term
-        assert out is not None
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed[0], GROUP, self.scale_zeros[0]).float()
+        for i in range(1, self.packed.shape[0]):  # Q8_0's second half (indexed: iterating a tensor unbinds it)
+            out += torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed[i], GROUP, self.scale_zeros[i])
         return self._finish(out, x)
 
 
