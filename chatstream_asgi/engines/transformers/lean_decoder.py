@@ -25,6 +25,8 @@ from torch.nn import functional as F
 
 from chatstream_asgi.engines.transformers.attention import attend
 from chatstream_asgi.engines.transformers.kv_layout import layer_windows
+from chatstream_asgi.engines.transformers.loading import in_passing_thread
+from chatstream_asgi.engines.transformers.quant import release_freed_memory
 from chatstream_asgi.engines.transformers.quant_cpu import Int4Linear
 
 __all__ = ["ARCHITECTURES", "LeanDecoder", "lean_decoder"]
@@ -45,7 +47,18 @@ def lean_decoder(model: nn.Module, device: torch.device) -> LeanDecoder | None:
         or (config.rope_parameters or {}).get("partial_rotary_factor", 1.0) != 1.0
     ):
         return None
-    return LeanDecoder(model)
+    return in_passing_thread(lambda: _built(model))
+
+
+def _built(model: nn.Module) -> LeanDecoder:
+    """The decoder, its joined layers' freed codes handed back to the system.
+
+    Run in a passing thread: joining copies tensors in parallel regions, and an OpenMP team left on the
+    caller's thread beside the engine's halves the step's speed (:func:`.loading.in_passing_thread`).
+    """
+    decoder = LeanDecoder(model)
+    release_freed_memory()
+    return decoder
 
 
 class LeanDecoder:
