@@ -95,8 +95,10 @@ def _without_triton_on_cpu(devices: list[str | None]) -> None:
     (its library) that a CPU server never uses. With ``sys.modules["triton"]`` None the import fails, and
     PyTorch proceeds as on a machine without triton (``torch.compile`` on the CPU does not need it).
     """
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # the engine's import says which extra to install
+        return
     if all(torch.device(d or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu" for d in devices):
         sys.modules.setdefault("triton", None)
 
