@@ -44,7 +44,7 @@ def lean_decoder(model: nn.Module, device: torch.device) -> LeanDecoder | None:
         or getattr(config, "hidden_act", None) != "silu"
         or model.dtype != torch.float32
         or any(w is not None for w in layer_windows(config))
-        or (config.rope_parameters or {}).get("partial_rotary_factor", 1.0) != 1.0
+        or (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0
     ):
         return None
     return in_passing_thread(lambda: _built(model))
