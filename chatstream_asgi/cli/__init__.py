@@ -15,6 +15,7 @@ import logging
 import secrets
 import signal
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -43,13 +44,14 @@ def _engine(args: argparse.Namespace) -> Engine:
         engines = [OpenAIEngine(url, model) for url in args.remote_url]
         return engines[0] if len(engines) == 1 else EnginePool(engines)
     started = time.perf_counter()
+    devices = _devices(args)
+    _without_triton_on_cpu(devices)
     try:
         from chatstream_asgi.engines.transformers.engine import TransformersEngine
         from chatstream_asgi.engines.transformers.loading import ModelLoadError, resolve_model
     except ImportError as exc:
         raise SystemExit(f"error: {exc}") from None
     logger.info("imported torch and transformers (%.1f s)", time.perf_counter() - started)
-    devices = _devices(args)
     batch = -(-args.concurrency // len(devices))  # --concurrency is the total, spread over the devices
     try:
         resolve_model(args.model)  # the model file is there (cheap), before the slow load
@@ -84,6 +86,21 @@ def _devices(args: argparse.Namespace) -> list[str | None]:
             raise SystemExit("--devices all: no CUDA device is visible")
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return list(args.device) or [None]
+
+
+def _without_triton_on_cpu(devices: list[str | None]) -> None:
+    """Keep triton, a GPU kernel compiler, out of a server whose engines all run on the CPU.
+
+    transformers imports ``torch._dynamo``, which imports triton to see whether it is there: 66 MiB resident
+    (its library) that a CPU server never uses. With ``sys.modules["triton"]`` None the import fails, and
+    PyTorch proceeds as on a machine without triton (``torch.compile`` on the CPU does not need it).
+    """
+    try:
+        import torch
+    except ImportError:  # the engine's import says which extra to install
+        return
+    if all(torch.device(d or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu" for d in devices):
+        sys.modules.setdefault("triton", None)
 
 
 def _session_store(args: argparse.Namespace) -> SessionStore | None:

@@ -279,3 +279,13 @@ def test_request_timeout_ends_a_stalled_reply() -> None:
             assert client.get("/get_load").json()["processing"] == 0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(("devices", "hidden"), [(["cpu"], True), (["cpu", "cuda:1"], False)])
+def test_a_cpu_server_keeps_triton_out(monkeypatch: pytest.MonkeyPatch, devices: list[str], hidden: bool) -> None:
+    pytest.importorskip("torch")
+    from chatstream_asgi import cli
+
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    cli._without_triton_on_cpu(devices)  # type: ignore[arg-type]
+    assert ("triton" in sys.modules and sys.modules["triton"] is None) == hidden

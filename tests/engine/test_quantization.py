@@ -27,6 +27,7 @@ from chatstream_asgi.engines.transformers.quant_cpu import (  # noqa: E402
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    RescoredHead,
     nibble_halves,
     scale_zeros,
 )
@@ -86,6 +87,20 @@ def test_q8_0_embedding_rows_are_exact() -> None:
     table = Int8Embedding(blocks, torch.float32)
     ids = torch.tensor([[3, 0, 31], [7, 7, 1]])
     assert torch.equal(table(ids), torch.from_numpy(gguf.dequantize(data, TYPES["Q8_0"]))[ids])
+
+
+def test_rescored_head_gives_each_rows_best_logits_exactly_from_the_table() -> None:
+    blocks, data = file_blocks("Q8_0", rows=512, cols=64, seed=2)
+    table = Int8Embedding(blocks, torch.float32)
+    head = RescoredHead(table)
+    assert head.table[0] is table and head.packed.numel() == 512 * 64 // 2  # 4-bit ranking codes; the table shared
+    x = torch.randn(3, 2, 64)
+    exact = x @ torch.from_numpy(gguf.dequantize(data, TYPES["Q8_0"])).t()
+    served = head(x)
+    assert served.shape == exact.shape and served.dtype == torch.float32
+    best = exact.topk(16, dim=-1)
+    torch.testing.assert_close(served.gather(-1, best.indices), best.values, rtol=1e-5, atol=1e-5)
+    assert (served - exact).norm() < 0.1 * exact.norm()  # the rest: the 4-bit ranking
 
 
 def test_fp16_and_int8_layers_follow_the_float_layer() -> None:
@@ -204,7 +219,7 @@ def test_smollm2_loads_quantized_with_the_files_own_weights(smollm2_pair: tuple[
     quantized, _, reference = smollm2_pair
     layers = {name: m for name, m in quantized.named_modules() if isinstance(m, Int4Linear)}
     assert len(layers) == 210 and {m.kind for m in layers.values()} == {"Q4_1"}
-    assert isinstance(quantized.model.embed_tokens, Int8Embedding) and isinstance(quantized.lm_head, Fp16Linear)
+    assert isinstance(quantized.model.embed_tokens, Int8Embedding) and isinstance(quantized.lm_head, RescoredHead)
     for name, layer in layers.items():
         expected = reference.get_submodule(name).weight
         eye = torch.eye(layer.in_features, dtype=torch.bfloat16)
@@ -212,6 +227,9 @@ def test_smollm2_loads_quantized_with_the_files_own_weights(smollm2_pair: tuple[
         assert (served.float() - expected).abs().max() <= 2**-7 * expected.abs().max(), name
     ids = torch.arange(49152).reshape(64, 768)
     assert torch.equal(quantized.model.embed_tokens(ids), reference.model.embed_tokens(ids))
+    hidden = reference.model.embed_tokens(torch.tensor([[5, 900, 30000]]))  # the tied output layer's top logits
+    best = reference.lm_head(hidden).topk(32, dim=-1)
+    torch.testing.assert_close(quantized.lm_head(hidden).gather(-1, best.indices), best.values, rtol=1e-5, atol=1e-4)
     references = reference.state_dict()
     for name, tensor in quantized.state_dict().items():  # norms, rotary frequencies: as transformers has them
         if name in references and references[name].dtype == tensor.dtype:

@@ -3,9 +3,10 @@
 transformers' GGUF loader dequantizes every tensor to the model's dtype (SmolLM2-135M: 85 MB of
 Q4_1 blocks become 540 MB of float32, all read at every step). Here the model is built on the meta
 device from the file's config; each block matrix that feeds an ``nn.Linear`` becomes an
-:class:`~.quant_cpu.Int4Linear` on the file's own codes (Q4_0, Q4_1; Q8_0 as two 4-bit halves), the
-output layer an :class:`~.quant_cpu.Fp16Linear` (its logits need float32), and a Q8_0 embedding
-table an :class:`~.quant_cpu.Int8Embedding`, straight from the file's bytes; everything else (norms,
+:class:`~.quant_cpu.Int4Linear` on the file's own codes (Q4_0, Q4_1; Q8_0 as two 4-bit halves), a Q8_0
+embedding table an :class:`~.quant_cpu.Int8Embedding`, straight from the file's bytes, and the output layer
+(its top logits need float32) a :class:`~.quant_cpu.RescoredHead` over that table where it is tied to it,
+else an :class:`~.quant_cpu.Fp16Linear`; everything else (norms,
 other types) is dequantized as transformers does it, through transformers' own name map and tensor
 processor. A processor that reorders rows (Llama's query and key heads) is applied to the rows'
 indices and then to the blocks, which reorders codes and scales together: exact.
@@ -32,6 +33,7 @@ from chatstream_asgi.engines.transformers.quant_cpu import (
     Int4Linear,
     Int8Embedding,
     Int8Linear,
+    RescoredHead,
     fp16_available,
     int4_fits,
     kernels_available,
@@ -112,13 +114,13 @@ def _swap_modules(model: nn.Module, blocks: dict[str, Blocks], dtype: torch.dtyp
     """Replace each module whose weight is in ``blocks``; an output layer tied to a quantized table too."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     kinds: Counter[str] = Counter()
-    tables: dict[int, Blocks] = {}  # the blocks of each quantized table, by its (meta) weight
+    tables: dict[int, tuple[Int8Embedding, Blocks]] = {}  # each quantized table and its blocks, by its (meta) weight
     for target, found in blocks.items():
         name = target.rpartition(".")[0]
         module = model.get_submodule(name)
         if isinstance(module, nn.Embedding) and found.bits == 8:
             new: nn.Module = Int8Embedding(found, dtype)
-            tables[id(module.weight)] = found
+            tables[id(module.weight)] = new, found
         elif isinstance(module, nn.Embedding):  # a 4-bit table would need a kernel to gather rows: dequantized
             module.weight = nn.Parameter(torch.from_numpy(found.dequantize()).to(dtype), requires_grad=False)
             kinds[f"{found.kind} table dequantized"] += 1
@@ -129,7 +131,8 @@ def _swap_modules(model: nn.Module, blocks: dict[str, Blocks], dtype: torch.dtyp
         model.set_submodule(name, new)
     if isinstance(output, nn.Linear) and output.weight.is_meta and id(output.weight) in tables:
         name = next(n for n, m in model.named_modules() if m is output)
-        new = _linear(tables[id(output.weight)], output, True)
+        table, found = tables[id(output.weight)]
+        new = RescoredHead(table) if int4_fits(*found.shape) else _linear(found, output, True)
         kinds[f"tied output->{_what(new)}"] += 1
         model.set_submodule(name, new)
     return kinds
@@ -146,7 +149,8 @@ def _linear(found: Blocks, module: nn.Linear, output: bool) -> nn.Module:
 
 
 def _what(module: nn.Module) -> str:
-    names = {Int8Embedding: "table kept", Int4Linear: "int4", Int8Linear: "int8 (per row)", Fp16Linear: "fp16"}
+    names = {Int8Embedding: "table kept", Int4Linear: "int4", Int8Linear: "int8 (per row)", Fp16Linear: "fp16",
+             RescoredHead: "int4 ranking, table rescoring"}  # fmt: skip
     what = names[type(module)]
     return "int4 x2 (exact)" if what == "int4" and module.packed.shape[0] == 2 else what  # type: ignore[union-attr]
 

@@ -18,6 +18,7 @@ from chatstream_asgi.engines.transformers.attention import (
     mask_placeholder,
 )
 from chatstream_asgi.engines.transformers.kv_layout import layer_windows
+from chatstream_asgi.engines.transformers.lean_decoder import lean_decoder
 from chatstream_asgi.engines.transformers.sequence import EngineSequence
 
 __all__ = ["ModelRunner", "past_layers"]
@@ -28,7 +29,8 @@ class ModelRunner:
     kernels, :meth:`call` for the captured static steps, :meth:`prefill` and :meth:`step` eagerly.
 
     Installs the engine's attention function on the model (:func:`.attention.install`); the eager
-    forwards hand it a :class:`.attention.DenseStep` built from each column's position.
+    forwards hand it a :class:`.attention.DenseStep` built from each column's position, or run the
+    model's :class:`.lean_decoder.LeanDecoder` where it has one (Llama-family models on the CPU).
     """
 
     def __init__(self, model: Any, device: torch.device) -> None:
@@ -38,6 +40,7 @@ class ModelRunner:
         self._attention = _attention_kernels(device)
         self.placeholder = mask_placeholder(model.config, device)
         self.windows = set(layer_windows(model.config))
+        self.decoder = lean_decoder(model, device)
 
     def prefill(
         self,
@@ -51,21 +54,25 @@ class ModelRunner:
         cache = DynamicCache()  # no sliding layers: every column is kept, the masks apply the windows
         for layer, (keys, values) in enumerate(past):
             cache.update(keys, values, layer)
-        out = self._forward(cache, input_ids, key_positions, positions, logits_to_keep=1)
-        return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
+        logits = self._forward(cache, input_ids, key_positions, positions)
+        return logits, [(layer.keys, layer.values) for layer in cache.layers]
 
     def step(
         self, cache: Any, input_ids: torch.Tensor, key_positions: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         """One eager decode forward over ``cache``; next-token logits ``[rows, vocab]``."""
-        return self._forward(cache, input_ids, key_positions, positions).logits[:, -1, :]
+        return self._forward(cache, input_ids, key_positions, positions)
 
     def _forward(
-        self, cache: Any, input_ids: torch.Tensor, key_positions: torch.Tensor, positions: torch.Tensor, **extra: Any
-    ) -> Any:
-        step = DenseStep(dense_masks(positions, key_positions, self.windows))
+        self, cache: Any, input_ids: torch.Tensor, key_positions: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """The last position's logits ``[rows, vocab]``: through the lean decoder, else transformers' forward."""
+        masks = dense_masks(positions, key_positions, self.windows)
+        if self.decoder is not None:
+            return self.decoder(cache, input_ids, positions, masks[None])
         inputs = {"input_ids": input_ids, "attention_mask": self.placeholder, "position_ids": positions}
-        return self.run(cache, **inputs, **extra, **{STEP_KEYWORD: step})
+        out = self.run(cache, **inputs, logits_to_keep=1, **{STEP_KEYWORD: DenseStep(masks)})
+        return out.logits[:, -1, :]
 
     def run(self, cache: Any, **inputs: Any) -> Any:
         """The model's forward with ``cache``, under the engine's attention kernels (variable shapes)."""

@@ -23,7 +23,7 @@ PyPI wheel; docs/quantization.md has the comparison.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ __all__ = [
     "Int4Linear",
     "Int8Embedding",
     "Int8Linear",
+    "RescoredHead",
     "fp16_available",
     "int4_fits",
     "kernels_available",
@@ -47,6 +48,7 @@ __all__ = [
 
 _COMPUTE = torch.bfloat16
 _CHUNK_ROWS = 4096
+_PACK_ROWS = 64  # the CPU int4 packing interleaves rows in blocks of 64: packed blocks concatenate
 
 
 def kernels_available() -> bool:
@@ -74,19 +76,41 @@ class Int4Linear(QuantLinear):
         super().__init__(cols, rows, bias)
         self.kind = blocks.kind
         terms = nibble_halves(blocks) if blocks.bits == 8 else [blocks]
-        packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(t.codes.astype(np.int32)), 1)
-                 for t in terms]  # fmt: skip
-        self.register_buffer("packed", torch.stack(packs))
+        self.register_buffer("packed", torch.stack([_pack(t) for t in terms]))
         self.register_buffer("scale_zeros", torch.stack([scale_zeros(t) for t in terms]))
+
+    @classmethod
+    def joined(cls, layers: Sequence[Int4Linear]) -> Int4Linear | None:
+        """One layer whose output is ``layers``' outputs side by side (one kernel call for several), or None
+        where their inputs, terms or biases differ, or a layer but the last ends inside a packed block of
+        rows. The codes are stored once: each layer's become a view of the joined layer's; scales and zeros
+        are copied (the kernel reads them right only when contiguous)."""
+        alike = {(x.in_features, len(x.packed), x.bias is None) for x in layers}
+        if len(alike) > 1 or any(x.out_features % _PACK_ROWS for x in layers[:-1]):
+            return None
+        joined = cls.__new__(cls)
+        bias = None if layers[0].bias is None else torch.cat([x.bias for x in layers if x.bias is not None])
+        QuantLinear.__init__(joined, layers[0].in_features, sum(x.out_features for x in layers), bias)
+        joined.kind = layers[0].kind
+        joined.register_buffer("packed", torch.cat([x.packed for x in layers], dim=1))
+        joined.register_buffer("scale_zeros", torch.cat([x.scale_zeros for x in layers], dim=2))
+        start = 0
+        for x in layers:
+            x.packed = joined.packed[:, start : start + x.out_features]
+            start += x.out_features
+        return joined
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(_COMPUTE)
-        out = None
-        for packed, scale_zeros in zip(self.packed, self.scale_zeros, strict=True):
-            term = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scale_zeros).float()
-            out = term if out is None else out + term
-        assert out is not None
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed[0], GROUP, self.scale_zeros[0]).float()
+        for i in range(1, self.packed.shape[0]):  # Q8_0's second half (indexed: iterating a tensor unbinds it)
+            out += torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed[i], GROUP, self.scale_zeros[i])
         return self._finish(out, x)
+
+
+def _pack(blocks: Blocks) -> torch.Tensor:
+    """4-bit codes as the CPU kernel reads them."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(blocks.codes.astype(np.int32)), 1)
 
 
 def scale_zeros(blocks: Blocks, dtype: torch.dtype = _COMPUTE) -> torch.Tensor:
@@ -181,12 +205,50 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", torch.from_numpy(blocks.scales.copy()))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        codes = self.codes[input_ids].to(torch.float32).unflatten(-1, (-1, GROUP))
-        rows = codes * self.scales[input_ids].to(torch.float32)[..., None]
-        return rows.flatten(-2).to(self.dtype)
+        return self.rows(input_ids).to(self.dtype)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The table's rows at ``index``, exact in float32 (``d q``: 11 by 8 significant bits)."""
+        codes = self.codes[index].to(torch.float32).unflatten(-1, (-1, GROUP))
+        return (codes * self.scales[index].to(torch.float32)[..., None]).flatten(-2)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, kind={self.kind}"
+
+
+class RescoredHead(QuantLinear):
+    """An output layer tied to a Q8_0 table, ranked in 4 bits and scored exactly where it counts.
+
+    Every token's logit comes from the table re-quantized to 4-bit codes (one int4 matmul, bfloat16: off by
+    a few tenths); the ``candidates`` best of each row are then scored again in float32 from the table's own
+    rows (:meth:`Int8Embedding.rows`), so the most likely tokens (what greedy decoding, top-k, top-p and
+    reported log-probabilities read) carry the float model's logits. The table is the embedding's, shared:
+    the layer adds 17 MiB of 4-bit codes for SmolLM2, where an fp16 layer packed by fbgemm takes 98 (its
+    blocks pad the 576 inputs to 1024).
+    """
+
+    candidates = 64
+
+    def __init__(self, table: Int8Embedding) -> None:
+        rows, cols = table.num_embeddings, table.embedding_dim
+        super().__init__(cols, rows, None)
+        self.kind = table.kind
+        self.table = [table]  # a list: not a submodule (the model holds it as its embedding)
+        ranks = [rtn_int4(table.rows(torch.arange(i, min(i + _CHUNK_ROWS, rows)))) for i in range(0, rows, _CHUNK_ROWS)]
+        codes, scales, offsets = (
+            np.concatenate([getattr(b, f) for b in ranks]) for f in ("codes", "scales", "offsets")
+        )
+        approximate = Blocks("int4", codes, scales, offsets, 0)
+        self.register_buffer("packed", _pack(approximate))
+        self.register_buffer("scale_zeros", scale_zeros(approximate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        logits = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(_COMPUTE), self.packed, GROUP, self.scale_zeros)
+        logits = logits.float()
+        best = logits.topk(min(self.candidates, self.out_features), dim=-1).indices  # [rows, candidates]
+        exact = torch.bmm(self.table[0].rows(best), flat[:, :, None])[..., 0]
+        return self._finish(logits.scatter_(1, best, exact), x)
 
 
 def rtn_int4(weight: torch.Tensor) -> Blocks:
