@@ -26,7 +26,9 @@ The kernel (:func:`attend`): PyTorch's SDPA, with the query heads of each key/va
 run of query rows (one product per key/value head instead of copying each key/value head once per query
 head, which is what transformers does under ``torch.compile`` and with a mask); a
 plain matrix-product attention where the layer asks for logit soft-capping or attention sinks (Gemma 2,
-gpt-oss), which SDPA has no slot for. A FlexAttention or FlashInfer kernel would be another ``attend``.
+gpt-oss), which SDPA has no slot for. On CUDA in bf16/fp16 a slotted step's chunk runs FlashAttention's
+variable-length call instead of a masked SDPA (:mod:`~chatstream_asgi.engines.transformers.flash_chunk`,
+the step carrying the chunk's packing); another kernel (FlexAttention, FlashInfer) would be another such module.
 Everything a step needs is computed from small index tensors on the device, so a step replays as a
 CUDA graph, and sizes come from tensor shapes, so ``torch.compile`` sees them as dynamic.
 """
@@ -42,6 +44,8 @@ import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from chatstream_asgi.engines.transformers.flash_chunk import ChunkBounds, flash_attend, flash_takes
 
 __all__ = [
     "STEP_KEYWORD",
@@ -212,6 +216,7 @@ class SlotStep:
     chunk_masks: dict[Window, torch.Tensor]  # per window, [1, 1, Tc, Lc]; empty without a chunk
     gather_slots: torch.Tensor  # [Lc]: where the chunk's keys are read
     gather_columns: dict[Window, torch.Tensor]  # per window, [Lc]
+    chunk_bounds: ChunkBounds | None = None  # the chunk's packing where FlashAttention runs it (flash_chunk.py)
 
     @classmethod
     def build(
@@ -222,11 +227,13 @@ class SlotStep:
         decode_width: int,
         rings: dict[Window, int | None],
         scratch: int,
+        bounds: ChunkBounds | None = None,
     ) -> SlotStep:
         """The step over ``tokens`` ``[4, T]`` (position, slot, valid, sequence tag: the slot, -1 for padding)
         whose first ``decode_rows`` are decode rows attending ``decode_width`` columns, and ``gather``
         ``[3, Lc]`` (slot, position, tag) the chunk's keys. ``scratch`` is the column padding writes to in
-        layers without a ring (a ring's scratch is its last column)."""
+        layers without a ring (a ring's scratch is its last column). ``bounds``: the chunk's packing, where
+        its layers may run FlashAttention (:mod:`.flash_chunk`)."""
         positions, slots, valid, tags = tokens
         valid = valid.bool()
         write, gather_columns, decode_masks, chunk_masks = {}, {}, {}, {}
@@ -241,7 +248,7 @@ class SlotStep:
             if q_pos.shape[0]:  # padding queries (tag -1) attend anything: a row attending nothing is NaN
                 own = _allowed(gather[1][None, :], q_pos, window, gather[2][None, :] == q_tag) | (q_tag < 0)
                 chunk_masks[window] = own[None, None]
-        return cls(slots, write, decode_masks, chunk_masks, gather[0], gather_columns)
+        return cls(slots, write, decode_masks, chunk_masks, gather[0], gather_columns, bounds)
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, kwargs: dict[str, Any]
@@ -257,9 +264,13 @@ class SlotStep:
             parts.append(out.transpose(0, 1))  # [1, R, H, D]
         if chunk is not None:
             columns = self.gather_columns[window]
-            k = key[self.gather_slots, :, columns].transpose(0, 1).unsqueeze(0)  # [1, KV, Lc, D]
-            v = value[self.gather_slots, :, columns].transpose(0, 1).unsqueeze(0)
-            parts.append(attend(query[:, :, rows:], k, v, chunk, scaling, kwargs))
+            k, v = key[self.gather_slots, :, columns], value[self.gather_slots, :, columns]  # [Lc, KV, D]
+            if self.chunk_bounds is not None and flash_takes(kwargs):
+                q = query[0, :, rows:].transpose(0, 1)  # [Tc, H, D]
+                parts.append(flash_attend(q, k, v, self.chunk_bounds, scaling, window)[None])
+            else:
+                k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, KV, Lc, D]
+                parts.append(attend(query[:, :, rows:], k, v, chunk, scaling, kwargs))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from chatstream_asgi.engines.transformers.attention import STEP_KEYWORD, SlotStep
+from chatstream_asgi.engines.transformers.flash_chunk import flash_available
 from chatstream_asgi.engines.transformers.graphs import (
     bucket_for,
     continued_lengths,
@@ -81,6 +82,9 @@ class StepRunner:
         self._tokens = torch.zeros(5, cache.rows + most_tokens, dtype=torch.long, device=device)
         self._gather = torch.zeros(3, cache.max_len, dtype=torch.long, device=device)
         self._keep = torch.zeros(cache.rows + self.kept(most_tokens), dtype=torch.long, device=device)
+        self._bounds = torch.zeros(2, self.kept(most_tokens) + 2, dtype=torch.int32, device=device)
+        self.flash = flash_available(device, cache.layout.dtype, cache.layout.head_dim)
+        """Whether chunks attend through FlashAttention's variable-length call (:mod:`.flash_chunk`)."""
         self._rows = torch.arange(cache.rows, device=device)
         self._out: torch.Tensor | None = None
         self._pinned = device.type == "cuda"  # host buffers in pinned memory: copies queue without waiting
@@ -156,7 +160,7 @@ class StepRunner:
             host[0, :n] = torch.tensor(inputs, dtype=torch.long)
         gather = torch.empty(3, gathered, dtype=torch.long, pin_memory=self._pinned)
         gather[0], gather[1], gather[2] = 0, self.cache.scratch, -1  # slot, position, tag
-        keep, t, g = list(range(n)), rows, 0
+        keep, t, g, ends = list(range(n)), rows, 0, [(0, 0)]
         for slot, start, ids, last in chunks:
             m = len(ids)
             host[0, t : t + m] = torch.tensor(ids, dtype=torch.long)
@@ -167,6 +171,7 @@ class StepRunner:
             if last:
                 keep.append(t + m - 1)
             t, g = t + m, g + start + m
+            ends.append((t - rows, g))
         first = 0 if inputs is not None else 1  # fed: the decode rows' ids are already on the device
         self._tokens[first:, : rows + width].copy_(host[first:], non_blocking=self._pinned)
         if inputs is None and width:
@@ -177,6 +182,10 @@ class StepRunner:
             host_keep = torch.tensor(keep, dtype=torch.long, pin_memory=self._pinned)
             self._gather[:, :gathered].copy_(gather, non_blocking=self._pinned)
             self._keep[: len(keep)].copy_(host_keep, non_blocking=self._pinned)
+            # each sequence's end (queries, keys); empty sequences up to the shape's count; the padding last
+            ends += [ends[-1]] * (self.kept(width) - len(chunks)) + [(width, gathered)]
+            bounds = torch.tensor(list(zip(*ends, strict=True)), dtype=torch.int32, pin_memory=self._pinned)
+            self._bounds[:, : len(ends)].copy_(bounds, non_blocking=self._pinned)
         return self._replay_or_run(key)[:live]
 
     def feed(self, tokens: torch.Tensor) -> None:
@@ -202,8 +211,9 @@ class StepRunner:
         """The step over the static inputs for shape ``key`` (what a graph captures); logits ``[kept, vocab]``."""
         rows, length, width, columns = key
         t = rows + width
+        bounds = (self._bounds[:, : self.kept(width) + 2], width, columns) if width and self.flash else None
         step = SlotStep.build(
-            self._tokens[1:, :t], self._gather[:, :columns], rows, length, self.cache.rings, self.cache.scratch
+            self._tokens[1:, :t], self._gather[:, :columns], rows, length, self.cache.rings, self.cache.scratch, bounds
         )
         keep = self._keep[: rows + self.kept(width)] if width else self._rows[:rows]
         with self.fused(key):

@@ -1,0 +1,70 @@
+"""FlashAttention for a step's prompt chunk (``flash_chunk.py``): where it is used, and that it computes
+what the reference computes (the coverage matrix checks the reference against the masked path, per
+architecture: ``test_engine_coverage.py``, ``static-varlen``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from attention_reference import varlen_attention
+
+from chatstream_asgi.engines.transformers.flash_chunk import flash_attend, flash_available, flash_takes
+
+CUDA = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu") == "cuda"
+
+
+def test_float32_cpu_soft_capping_and_sinks_keep_the_masked_path() -> None:
+    assert not flash_available(torch.device("cpu"), torch.bfloat16, 64)
+    assert flash_takes({}) and flash_takes({"sliding_window": 4})
+    assert not flash_takes({"softcap": 50.0}) and not flash_takes({"s_aux": torch.zeros(8)})
+    if CUDA:
+        cuda = torch.device("cuda")
+        assert flash_available(cuda, torch.bfloat16, 64) and flash_available(cuda, torch.float16, 128)
+        assert not flash_available(cuda, torch.float32, 64) and not flash_available(cuda, torch.bfloat16, 60)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CHATSTREAM_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("window", [None, 5])
+def test_packed_sequences_match_the_reference(window: int | None) -> None:
+    """Three sequences packed (one continuing after 20 cached tokens, one new, one empty), a padded tail
+    of queries over a padded tail of keys, and padding queries that see no key: the kernel's output is the
+    reference's (zeros where nothing is seen, never NaN)."""
+    torch.manual_seed(0)
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    # queries: 7 (after 20 cached), 9 new, 0; padding 16 - 16 = 0 -> 32 in all (16 padding queries)
+    lengths_q, lengths_k = [7, 9, 0], [27, 9, 0]
+    tokens, columns = 32, 48
+    q_ends = [0, 7, 16, 16, tokens]
+    k_ends = [0, 27, 36, 36, columns]
+    bounds = (torch.tensor([q_ends, k_ends], dtype=torch.int32, device=device), tokens, columns)
+    query = torch.randn(tokens, 8, 64, device=device, dtype=dtype)
+    key = torch.randn(columns, 2, 64, device=device, dtype=dtype)
+    value = torch.randn(columns, 2, 64, device=device, dtype=dtype)
+    out = flash_attend(query, key, value, bounds, 0.125, window)
+    expected = varlen_attention(query, key, value, bounds, 0.125, window)
+    assert sum(lengths_q) == 16 and sum(lengths_k) == 36
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:16], expected[:16], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out[16:], expected[16:], atol=2e-2, rtol=2e-2)  # padding: 12 columns, 16 queries
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CHATSTREAM_TEST_DEVICE=cuda")
+def test_the_call_replays_in_a_cuda_graph_with_new_offsets() -> None:
+    """Captured once, replayed after the offsets (a host copy into the same buffer) change: the packing is
+    read on the device at replay, not baked into the graph."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    offsets = torch.tensor([[0, 10, 16], [0, 10, 16]], dtype=torch.int32, device=device)
+    query = torch.randn(16, 4, 64, device=device, dtype=dtype)
+    key = torch.randn(16, 4, 64, device=device, dtype=dtype)
+    value = torch.randn(16, 4, 64, device=device, dtype=dtype)
+    bounds = (offsets, 16, 16)
+    flash_attend(query, key, value, bounds, 0.125, None)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flash_attend(query, key, value, bounds, 0.125, None)
+    offsets.copy_(torch.tensor([[0, 3, 16], [0, 12, 16]], dtype=torch.int32))
+    graph.replay()
+    torch.testing.assert_close(out, varlen_attention(query, key, value, bounds, 0.125, None), atol=2e-2, rtol=2e-2)
