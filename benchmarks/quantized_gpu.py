@@ -8,13 +8,15 @@ Llama-3.1-8B's hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 key/value
 For each of bf16 and FP8 (``quantize_model(model, "fp8")``: the decoder's linear layers to e4m3 weights
 with per-channel scales, run weight-only by ``fp8_gemv.py``'s Triton kernel up to 16 rows, so in the
 1-sequence step, and W8A8 above, so in the ``--batch`` step and the prefill: per-token activation scales,
-``torch._scaled_mm``), an engine on the static cache with CUDA graphs (``--compile`` as asked; default: no
-compile) runs 1 and ``--batch`` concurrent greedy requests; the step time is the median gap between a
+``torch._scaled_mm``; query/key/value and gate/up joined into one layer each unless ``--separate``), an
+engine on the static cache with CUDA graphs (``--compile`` as asked, ``auto`` the engine's default; default
+here: no compile) runs 1 and ``--batch`` concurrent greedy requests; the step time is the median gap between a
 stream's tokens. Printed beside it: the weight bytes and the weight-read floor (bytes over a measured
 device-to-device copy rate), and FP8's teacher-forced agreement with bf16 on the same random model
 (top-1, mean |dlogp|, over the README's tokens in one prefill, so the W8A8 path): a random model's
 near-uniform logits make this a check that FP8 computes the same function, not a quality number
-(benchmarks/fp8_quality.py gives that on SmolLM2's weights).
+(benchmarks/fp8_quality.py gives that on SmolLM2's weights). The engine's log (quantization, what the
+compiled step was used for, the captures) is printed too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import statistics
 import sys
@@ -105,7 +108,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here too")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
     parser.add_argument("--config-shape", action="store_true", help="the config's own shape, not the 8B one")
+    parser.add_argument("--separate", action="store_true", help="FP8 layers not joined (q/k/v, gate/up apart)")
     args = parser.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("chatstream_asgi").setLevel(logging.INFO)  # the quantization, compile and capture lines
     began = time.perf_counter()
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -125,7 +131,7 @@ def main() -> None:
     reference = log_probs(model, ids)
     for name in ("bf16", "fp8"):
         if name == "fp8":
-            quantize_model(model, "fp8")
+            quantize_model(model, "fp8", join=not args.separate)
             candidate = log_probs(model, ids)
             rows = torch.arange(len(ids) - 1)
             delta = candidate[rows, ids[1:]] - reference[rows, ids[1:]]

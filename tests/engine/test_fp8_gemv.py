@@ -63,40 +63,78 @@ def assert_close_to_float(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     torch.testing.assert_close(y.float(), reference, rtol=eps, atol=1e-4 * reference.abs().max().item())
 
 
+CASES = [
+    pytest.param(
+        kernel, config, rows, dtype, id=f"{kernel}-n{config.kwargs['BLOCK_N']}-k{config.kwargs['BLOCK_K']}-m{rows}"
+    )
+    for kernel, configs, row_cases in (
+        ("row", fp8_gemv.ROW_CONFIGS, [(1, torch.bfloat16), (1, torch.float16)]),
+        ("tile", fp8_gemv.TILE_CONFIGS, [(3, None), (16, None), (17, None)]),
+    )
+    for config in configs
+    for rows, dtype in row_cases
+]
+"""One row runs the row kernel (in both dtypes everywhere); more rows the tile kernel."""
+
+
 @runs_here
-@pytest.mark.parametrize("config", fp8_gemv._CONFIGS, ids=lambda c: "n{BLOCK_N}-k{BLOCK_K}".format(**c.kwargs))
-@pytest.mark.parametrize(
-    ("rows", "dtype"), [(1, torch.bfloat16), (1, torch.float16), (3, None), (16, None), (17, None)]
-)
+@pytest.mark.parametrize(("kernel", "config", "rows", "dtype"), CASES)
 @pytest.mark.parametrize(("out_features", "in_features"), [(48, 200), (112, 336)])
 def test_every_config_matches_a_float_reference(
     monkeypatch: pytest.MonkeyPatch,
+    kernel: str,
     config: object,
     rows: int,
     dtype: torch.dtype | None,
     out_features: int,
     in_features: int,
 ) -> None:
-    """N odd multiples of 16 (blocks cut by the mask), K not a multiple of any block, the one-row and the
-    ``tl.dot`` paths, more rows than one tile."""
-    if not fp8_gemv.fits(config, 1 if rows == 1 else 16):
-        pytest.skip("the autotuner prunes this config for more than one row")
-    monkeypatch.setattr(fp8_gemv._kernel, "configs", [config])  # one config: run as it is, not benchmarked
+    """N odd multiples of 16 (blocks cut by the mask), K not a multiple of any block, both kernels, more rows
+    than one tile."""
+    monkeypatch.setattr(getattr(fp8_gemv, f"_{kernel}_kernel"), "configs", [config])  # run as it is, not timed
     weight, scale = quantized(out_features, in_features)
     for each in [dtype] if dtype else DTYPES if DEVICE.type == "cuda" else [torch.float16]:
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(DEVICE, each)
         assert_close_to_float(fp8_gemv.fp8_gemv(x, weight, scale), x, weight, scale)
 
 
+def one_config_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each kernel with its first config: run as it is, not benchmarked (the interpreter has no timer)."""
+    monkeypatch.setattr(fp8_gemv._row_kernel, "configs", fp8_gemv.ROW_CONFIGS[:1])
+    monkeypatch.setattr(fp8_gemv._tile_kernel, "configs", fp8_gemv.TILE_CONFIGS[:1])
+
+
 @runs_here
-def test_the_op_passes_opcheck(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rows", [1, 4])
+def test_the_op_passes_opcheck(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
     """The fake (meta) implementation and dynamic shapes as torch.compile sees them (not ``test_schema``:
     it compares the inputs by arithmetic, which float8 tensors lack)."""
-    monkeypatch.setattr(fp8_gemv._kernel, "configs", fp8_gemv._CONFIGS[:1])
+    one_config_each(monkeypatch)
     weight, scale = quantized(48, 64)
-    x = torch.randn(4, 64).to(DEVICE, torch.float16)
+    x = torch.randn(rows, 64).to(DEVICE, torch.float16)
     tests = ("test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.chatstream.fp8_gemv, (x, weight, scale), test_utils=tests)
+
+
+@runs_here
+@pytest.mark.parametrize("rows", [1, 4, WEIGHT_ONLY_ROWS])
+def test_a_joined_layer_is_its_layers_side_by_side(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Layers reading one input (a query, key and value projection, each its own scales and bias), joined:
+    the weight-only kernel gives every output feature as the layer it came from does."""
+    one_config_each(monkeypatch)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" or rows == 1 else torch.float16
+    generator = torch.Generator().manual_seed(rows)
+    layers = [
+        Fp8Linear(torch.randn(n, 256, generator=generator).to(DEVICE, dtype), torch.randn(n).to(DEVICE, dtype))
+        for n in (128, 32, 32)
+    ]
+    joined = Fp8Linear.joined(layers)
+    assert joined.weight.dtype == torch.float8_e4m3fn and joined.weight_scale.shape == (1, 192)
+    for layer in (*layers, joined):
+        layer.weight_only_rows = WEIGHT_ONLY_ROWS  # built on the CPU too: there the interpreter runs the kernel
+    x = torch.randn(rows, 256, generator=generator).to(DEVICE, dtype)
+    separate = torch.cat([layer(x) for layer in layers], dim=-1)
+    torch.testing.assert_close(joined(x), separate, rtol=torch.finfo(dtype).eps, atol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the layer runs weight-only on CUDA only")

@@ -1,4 +1,4 @@
-"""Weight-only FP8 matmul for steps of a few rows: ``y = x @ (w_fp8 * scale[:, None]).T``, a Triton kernel
+"""Weight-only FP8 matmul for steps of a few rows: ``y = x @ (w_fp8 * scale[:, None]).T``, Triton kernels
 behind the ``chatstream::fp8_gemv`` op.
 
 Why: a decode step of a few rows reads each weight once, so its matmuls are bound by the weights' bytes.
@@ -6,15 +6,21 @@ Why: a decode step of a few rows reads each weight once, so its matmuls are boun
 H100's SMs idle, and it needs the activations quantized per token first (a reduction and a cast per layer).
 Here the activations stay in bfloat16 (or float16), each program reads ``BLOCK_N`` whole rows of the FP8
 weight, converts them in registers (e4m3 is exact in bf16 and fp16), accumulates in float32 and applies
-the per-output-channel scale once at the end. One kernel, no workspace: the output blocks alone fill the
-GPU (4096 columns / 16 = 256 programs; the 1024-column k/v projections, 128 in blocks of 8 at one row),
-which a split-K reduction would only beat by adding a kernel (zeroing or reducing) per layer, more than
-it saves at these sizes.
+the per-output-channel scale once at the end. Two kernels, by rows:
+
+- one row (a decode step of one sequence): multiplies and sums in a float32 tile per program, reduced
+  once after the loop (:func:`_row_kernel`);
+- 2 and more rows: one ``tl.dot`` tile of 16 rows per program and K block (:func:`_tile_kernel`).
+
+One kernel a call, no workspace. No split-K: the engine's FP8 layers join their narrow projections
+(:mod:`.quant_joined`: query/key/value 6144 and gate/up 28672 columns on the 8B shape), so the narrowest
+layers left have 4096 columns, 512 programs of 8 at one row; a split-K reduction would add a kernel
+(zeroing, or reducing the partial sums) a layer.
 
 A ``torch.library.custom_op``: opaque to inductor and captured as it is in CUDA graphs. ``triton.autotune``
-picks the block sizes per (N, K, BLOCK_M) on the first call with that key; the engine runs every shape
-once before it captures it (``graphs.capture_graph``'s warm-up, ``compiled_step``'s side-stream calls),
-so the benchmarking never happens inside a capture. Needs Triton, which ships with PyTorch's CUDA wheels:
+picks each kernel's blocks per (N, K) on the first call with that shape; the engine runs every shape once
+before it captures it (``graphs.capture_graph``'s warm-up, ``compiled_step``'s side-stream calls), so the
+benchmarking never happens inside a capture. Needs Triton, which ships with PyTorch's CUDA wheels:
 :mod:`.quant_fp8` imports this module only where it is installed.
 """
 
@@ -24,62 +30,95 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fits", "fp8_gemv"]
+__all__ = ["ROW_CONFIGS", "TILE_CONFIGS", "fp8_gemv"]
 
-_CONFIGS = [
-    triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
-    for n, k, warps, stages in (
-        (8, 512, 4, 3),  # one row only: 128 programs for the 1024-column k/v projections
-        (16, 256, 4, 4),
-        (16, 512, 4, 3),
-        (32, 256, 4, 4),
-        (32, 512, 8, 3),
-        (64, 128, 4, 4),
-        (64, 256, 8, 3),
-    )
-]
+TILE_ROWS = 16
+"""Rows a program of the tile kernel multiplies (``tl.dot`` takes no block under 16)."""
 
 
-def fits(config: triton.Config, block_m: int) -> bool:
-    """Whether ``config`` compiles for ``block_m`` rows: ``tl.dot`` takes no block under 16."""
-    return block_m == 1 or config.kwargs["BLOCK_N"] >= 16
+def _configs(*blocks: tuple[int, int, int, int]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+        for n, k, warps, stages in blocks
+    ]
 
 
-def _prune(configs: list[triton.Config], named_args: dict[str, object], **kwargs: int) -> list[triton.Config]:
-    return [config for config in configs if fits(config, kwargs["BLOCK_M"])]
+ROW_CONFIGS = _configs(
+    (4, 2048, 4, 2),
+    (8, 512, 4, 3),
+    (8, 1024, 4, 2),
+    (8, 1024, 8, 2),
+    (8, 2048, 8, 2),
+    (16, 512, 4, 3),
+    (16, 1024, 8, 2),
+    (32, 512, 8, 2),
+)
+"""The one-row kernel's blocks: ``BLOCK_N`` weight rows a program, ``BLOCK_K`` bytes of each a load: 4-16 KB a
+load, 32-64 bytes a thread (the bytes in flight against the registers the float32 tile takes); on the 8B
+shape's layers 128-7168 programs, fewer rows a program giving more programs and more reads of x."""
+
+TILE_CONFIGS = _configs(
+    (16, 256, 4, 4),
+    (16, 512, 4, 3),
+    (16, 1024, 4, 2),
+    (32, 256, 4, 4),
+    (32, 512, 8, 3),
+    (64, 128, 4, 4),
+    (64, 256, 8, 3),
+)
+"""The tile kernel's blocks (``BLOCK_N`` at least 16, ``tl.dot``'s least)."""
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune})
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+def _even_k(args: dict[str, int]) -> bool:
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+@triton.autotune(configs=ROW_CONFIGS, key=["N", "K"])
+@triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
-def _kernel(
-    x_ptr,
-    w_ptr,
-    scale_ptr,
-    y_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_wn,
-    stride_ym,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-):
-    """One program: rows ``BLOCK_M * pid_m ...`` of x against ``BLOCK_N`` output channels, all of K.
-    ``BLOCK_M == 1``: a multiply and a row sum (one token); else one ``tl.dot`` per K block."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _row_kernel(
+    x_ptr, w_ptr, scale_ptr, y_ptr, N, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """One row: ``BLOCK_N`` output channels a program, all of K. Products are summed per lane in a
+    ``[BLOCK_N, BLOCK_K]`` float32 tile and reduced across lanes once, after the loop: a reduction per
+    block would synchronise the program's warps at every load."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn[:, None] < N
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_ok, other=0.0)
+            x = tl.load(x_ptr + k0 + rk)
+        else:
+            k_ok = k0 + rk < K
+            w = tl.load(w_ptrs, mask=n_ok & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.autotune(configs=TILE_CONFIGS, key=["N", "K"])
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _tile_kernel(
+    x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """``BLOCK_M`` rows of x against ``BLOCK_N`` output channels a program, all of K: one ``tl.dot`` per
+    K block, the weights converted to x's dtype in registers."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
     x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
     n_ok = rn[:, None] < N
     m_ok = rm[:, None] < M
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok, other=0.0)
@@ -88,14 +127,10 @@ def _kernel(
             k_ok = (k0 + rk)[None, :] < K
             w = tl.load(w_ptrs, mask=n_ok & k_ok, other=0.0)
             x = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
-        if BLOCK_M == 1:
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    scale = tl.load(scale_ptr + rn, mask=rn < N, other=0.0)
-    y = acc * scale[None, :]
+    y = acc * tl.load(scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok & (rn[None, :] < N))
 
 
@@ -108,13 +143,17 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torc
     rows, cols = x.shape
     out_features = weight.shape[0]
     y = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
-    block_m = 1 if rows == 1 else 16
+    if rows == 1:
+        _row_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](
+            x, weight, scale, y, out_features, cols, weight.stride(0)
+        )
+        return y
 
     def grid(meta: dict[str, int]) -> tuple[int, int]:
-        return triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(rows, block_m)
+        return triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(rows, TILE_ROWS)
 
-    _kernel[grid](
-        x, weight, scale, y, rows, out_features, cols, x.stride(0), weight.stride(0), y.stride(0), BLOCK_M=block_m
+    _tile_kernel[grid](
+        x, weight, scale, y, rows, out_features, cols, x.stride(0), weight.stride(0), y.stride(0), BLOCK_M=TILE_ROWS
     )
     return y
 

@@ -11,7 +11,8 @@ int4, int8, fp16), called as they are. Only the last position's logits are compu
 
 It serves float32 models of the architectures whose decoder layer is exactly this computation
 (:data:`ARCHITECTURES`: pre-norm, SiLU-gated MLP, rotary on all of the head, no sliding window, no norm on
-queries or keys); anything else runs transformers' forward (:func:`lean_decoder` returns None).
+queries or keys), with the architecture's own attention and MLP modules (not :mod:`.quant_joined`'s);
+anything else runs transformers' forward (:func:`lean_decoder` returns None).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from chatstream_asgi.engines.transformers.kv_layout import layer_windows
 from chatstream_asgi.engines.transformers.loading import in_passing_thread
 from chatstream_asgi.engines.transformers.quant import release_freed_memory
 from chatstream_asgi.engines.transformers.quant_cpu import Int4Linear
+from chatstream_asgi.engines.transformers.quant_joined import JoinedAttention, JoinedMLP
 
 __all__ = ["ARCHITECTURES", "LeanDecoder", "lean_decoder"]
 
@@ -45,6 +47,7 @@ def lean_decoder(model: nn.Module, device: torch.device) -> LeanDecoder | None:
         or model.dtype != torch.float32
         or any(w is not None for w in layer_windows(config))
         or (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0
+        or any(isinstance(m, (JoinedAttention, JoinedMLP)) for m in model.modules())
     ):
         return None
     return in_passing_thread(lambda: _built(model))

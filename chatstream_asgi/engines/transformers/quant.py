@@ -11,7 +11,9 @@
   kernels; the output layer to float16 weights with float32 activations. A GGUF's blocks stay as
   the file has them; its float matrices are quantized so.
 - ``"fp8"`` (CUDA, sm89+): the decoder's linear layers to FP8 weights (:mod:`.quant_fp8`: weight-only
-  up to 16 rows where Triton is installed, W8A8 above), the output layer and the embeddings kept.
+  up to 16 rows where Triton is installed, W8A8 above), the output layer and the embeddings kept; the
+  projections that read one input (query/key/value, gate/up) joined into one layer each where the
+  model's classes allow (:mod:`.quant_joined`).
 
 Swapping happens at the ``nn.Module`` level (a quantized module in place of each ``nn.Linear``),
 so the engine's steps, graphs and compiled blocks run the model unchanged.
@@ -37,6 +39,7 @@ from chatstream_asgi.engines.transformers.quant_cpu import (
     rtn_int4,
 )
 from chatstream_asgi.engines.transformers.quant_fp8 import Fp8Linear, fp8_fits
+from chatstream_asgi.engines.transformers.quant_joined import join_projections
 
 __all__ = ["QUANTIZATION_MODES", "check_quantization", "quantize_model", "release_freed_memory", "weight_footprint"]
 
@@ -60,9 +63,10 @@ def check_quantization(mode: str | None, device: torch.device) -> None:
         raise ValueError(f"--quantization {mode} needs PyTorch 2.6 or later (its CPU weight-packed matmuls)")
 
 
-def quantize_model(model: nn.Module, mode: str) -> Counter[str]:
+def quantize_model(model: nn.Module, mode: str, join: bool = True) -> Counter[str]:
     """Replace ``model``'s ``nn.Linear`` modules by ``mode``'s (see the module docstring); returns what
-    became what. Shapes the kernel does not take stay float."""
+    became what. Shapes the kernel does not take stay float. ``join`` (FP8): join the projections that
+    read one input (:func:`.quant_joined.join_projections`)."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     done: Counter[str] = Counter()
     for name, module in list(model.named_modules()):
@@ -84,6 +88,8 @@ def quantize_model(model: nn.Module, mode: str) -> Counter[str]:
             continue
         model.set_submodule(name, new)
         done[f"{'output ' if module is output else ''}{new.kind}"] += 1  # type: ignore[attr-defined]
+    if mode == "fp8" and join:
+        done.update(join_projections(model))
     if any(p.is_cuda for p in model.parameters()):
         torch.cuda.empty_cache()  # the float weights' memory back to the device: the KV budget counts on it
     else:

@@ -25,6 +25,7 @@ the logits are the most sensitive product of the model.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 
 import torch
 
@@ -58,19 +59,40 @@ def weight_only_available() -> bool:
 class Fp8Linear(QuantLinear):
     """``nn.Linear`` with ``float8_e4m3fn`` weights (a scale per output feature); output in the input's
     dtype. Weight-only up to :data:`WEIGHT_ONLY_ROWS` rows where the kernel is there (the weights on CUDA
-    when the layer is built), W8A8 otherwise."""
+    when the layer is built), W8A8 otherwise.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    ``weight``: the float weight, quantized here; or, with ``scale`` (``[1, out]`` float32), its e4m3 codes.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> None:
         rows, cols = weight.shape
         if not fp8_fits(rows, cols):
             raise ValueError(f"Fp8Linear needs both dimensions in multiples of 16 ({rows}x{cols})")
         super().__init__(cols, rows, bias)
         weight = weight.detach()
-        scale = (weight.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY)  # [out, 1]
-        self.register_buffer("weight", (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8))
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out], as _scaled_mm takes it
+        if scale is None:
+            scale = (weight.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY).t()
+            weight = (weight.float() / scale.t()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale.contiguous())  # [1, out], as _scaled_mm takes it
         self.weight_only_rows = WEIGHT_ONLY_ROWS if weight.is_cuda and weight_only_available() else 0
         self.kind = "fp8"
+
+    @classmethod
+    def joined(cls, layers: Sequence[Fp8Linear]) -> Fp8Linear:
+        """One layer whose output is ``layers``' outputs side by side (layers reading one input): their
+        codes, scales and biases concatenated by output feature. Exact: every feature keeps its codes and
+        scale. The layers must share ``in_features`` and have a bias each or none."""
+        if len({layer.in_features for layer in layers}) != 1 or len({layer.bias is None for layer in layers}) != 1:
+            raise ValueError("joined FP8 layers need one input size and a bias on each or on none")
+        biases = [layer.bias for layer in layers if layer.bias is not None]
+        return cls(
+            torch.cat([layer.weight for layer in layers]),
+            torch.cat(biases) if biases else None,
+            torch.cat([layer.weight_scale for layer in layers], dim=1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
