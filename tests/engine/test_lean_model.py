@@ -1,7 +1,7 @@
 """The default model built without transformers' modeling code (``lean_model.py``, ``gguf_loading.load_gguf_lean``).
 
 On the CPU the bundled SmolLM2 GGUF loads as a ``LeanLlama``: the server then never imports
-``transformers.modeling_utils`` (nor torch._dynamo, sympy, ``torch.distributed.tensor``: about 160 MiB resident),
+``transformers.modeling_utils`` (nor torch._dynamo, sympy, ``torch.distributed.tensor``: about 100 MiB resident),
 and answers token for token as the same file loaded into transformers' ``LlamaForCausalLM`` (``lean=False``).
 """
 

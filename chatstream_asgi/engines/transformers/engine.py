@@ -87,7 +87,8 @@ def slotted_layout(
 class TransformersEngine(Engine):
     """Continuous-batching engine over a transformers causal LM (see the module docstring).
 
-    ``model`` and ``tokenizer`` are a loaded transformers model and tokenizer; ``context_len``
+    ``model`` and ``tokenizer`` are a loaded transformers model (or ``load_model``'s
+    :class:`~.lean_model.LeanLlama`, which runs on the growing cache) and tokenizer; ``context_len``
     defaults to the model's ``max_position_embeddings``; at most ``max_batch_size`` sequences
     decode together (others wait). ``system_prompt``, if set, is prepended to conversations
     without a system message. ``default_generation_params`` is the sampling that suits the model (its
