@@ -88,7 +88,8 @@ def measure(model_name: str, quantization: str | None, positions: int, window: i
     else:
         del reference
         gc.collect()
-        model, _, _ = load_model(model_name, device="cpu", quantization=quantization)
+        # transformers' model class: its forward gives every position's logits (the same quantized layers)
+        model, _, _ = load_model(model_name, device="cpu", quantization=quantization, lean=False)
     started = time.perf_counter()
     cand = log_probs(model, ids, window)
     result = compare(ref, cand, ids[1:])

@@ -5,7 +5,8 @@ tokenizer with a ChatML chat template, saves both to a temporary directory, and 
 fixture loads them back through the real loading code (:func:`chatstream_asgi.engines.transformers.loading.load_model`).
 :data:`ARCHITECTURES` and :func:`build_architecture` do the same for every architecture of the coverage matrix.
 ``smollm2_engine`` loads the real SmolLM2-135M-Instruct (tests marked ``smollm2``).
-:func:`engine_reached` awaits an event that the engine's own thread sets.
+:func:`engine_reached` awaits an event that the engine's own thread sets; :func:`greedy_answers` asks an engine
+questions.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,33 @@ async def engine_reached(event: threading.Event, timeout: float = 60.0) -> None:
     """Await ``event``, which the engine's thread sets (a step it is about to run, a request it was
     handed), without blocking the event loop; fail after ``timeout`` seconds."""
     assert await asyncio.to_thread(event.wait, timeout), f"the engine did not get there in {timeout} s"
+
+
+async def greedy_answers(engine: Any, questions: Sequence[str], max_new_tokens: int = 24) -> list[list[Any]]:
+    """Start ``engine``, ask ``questions`` in one batch (greedy with the default model's repetition penalty, two
+    alternatives' log-probabilities) and shut it down: each reply's text and its tokens' log-probabilities.
+
+    The requests are queued under the engine's lock, so that they are prefilled together whatever the timing:
+    a batch of other shapes rounds the log-probabilities differently."""
+    from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
+
+    params = GenerationParams(temperature=0.0, repetition_penalty=1.1, penalize_prompt_tokens=False,
+                              max_new_tokens=max_new_tokens, logprobs=2)  # fmt: skip
+    await engine.start()
+    try:
+        with engine._cond:
+            streams = [engine.generate(GenerationRequest(f"q{i}", [{"role": "user", "content": q}], params))
+                       for i, q in enumerate(questions)]  # fmt: skip
+        answers = []
+        for stream in streams:
+            text, logprobs = "", []
+            async for delta in stream:
+                text += delta
+                logprobs += [p.logprob for p in stream.take_logprobs()]
+            answers.append([text, logprobs])
+        return answers
+    finally:
+        await engine.shutdown()
 
 
 CHATML_TEMPLATE = (

@@ -42,8 +42,6 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from chatstream_asgi.engines.transformers.flash_chunk import ChunkBounds, flash_attend, flash_takes
 
@@ -66,21 +64,31 @@ Window = int | None
 
 
 def install(model: torch.nn.Module) -> None:
-    """Make every attention config of ``model`` name this module's function (once; idempotent)."""
+    """Make every attention config of ``model`` name this module's function (once; idempotent).
+
+    transformers' registries are imported only where there is a config to point at them: a model built
+    without transformers' modeling code (:mod:`.lean_model`) has none, and importing them imports
+    ``transformers.modeling_utils``, about 100 MiB resident.
+    """
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
-    for config in configs.values():
-        original = getattr(config, "_attn_implementation", None)
-        if not isinstance(original, str) or original.startswith(_PREFIX):
-            continue
+    pending = [c for c in configs.values() if isinstance(name := getattr(c, "_attn_implementation", None), str)
+               and not name.startswith(_PREFIX)]  # fmt: skip
+    if not pending:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    for config in pending:
+        original = config._attn_implementation
         name = _PREFIX + original
-        AttentionInterface.register(name, _attention_for(original))
+        AttentionInterface.register(name, _attention_for(original, AttentionInterface._global_mapping))
         masks = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
         if original in masks:
             ALL_MASK_ATTENTION_FUNCTIONS.register(name, masks[original])
         config._attn_implementation = name
 
 
-def _attention_for(original: str) -> Callable[..., tuple[torch.Tensor, None]]:
+def _attention_for(original: str, registry: dict[str, Any]) -> Callable[..., tuple[torch.Tensor, None]]:
     def chatstream_attention(
         module: torch.nn.Module,
         query: torch.Tensor,
@@ -91,7 +99,7 @@ def _attention_for(original: str) -> Callable[..., tuple[torch.Tensor, None]]:
     ) -> tuple[torch.Tensor, Any]:
         step = kwargs.pop(STEP_KEYWORD, None)
         if step is None:
-            return _original(original, module)(module, query, key, value, attention_mask, **kwargs)
+            return _original(original, module, registry)(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling")
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         return step.attend(query, key, value, scaling, kwargs), None
@@ -99,11 +107,11 @@ def _attention_for(original: str) -> Callable[..., tuple[torch.Tensor, None]]:
     return chatstream_attention
 
 
-def _original(name: str, module: torch.nn.Module) -> Callable[..., Any]:
+def _original(name: str, module: torch.nn.Module, registry: dict[str, Any]) -> Callable[..., Any]:
     """The attention function ``module`` would call under ``name`` (``eager``: its modeling file's own)."""
     if name == "eager":
         return sys.modules[type(module).__module__].eager_attention_forward
-    return AttentionInterface._global_mapping[name]
+    return registry[name]
 
 
 def mask_placeholder(config: Any, device: torch.device) -> Any:

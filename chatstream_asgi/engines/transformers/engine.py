@@ -44,6 +44,7 @@ from chatstream_asgi.engines.transformers.experts import prepare_experts
 from chatstream_asgi.engines.transformers.grammar import Grammars
 from chatstream_asgi.engines.transformers.kv_layout import KVLayout, UnsupportedModel
 from chatstream_asgi.engines.transformers.kv_path import KVPath
+from chatstream_asgi.engines.transformers.lean_model import LeanLlama
 from chatstream_asgi.engines.transformers.loading import (
     DEFAULT_MODEL,
     eos_token_ids,
@@ -86,7 +87,8 @@ def slotted_layout(
 class TransformersEngine(Engine):
     """Continuous-batching engine over a transformers causal LM (see the module docstring).
 
-    ``model`` and ``tokenizer`` are a loaded transformers model and tokenizer; ``context_len``
+    ``model`` and ``tokenizer`` are a loaded transformers model (or ``load_model``'s
+    :class:`~.lean_model.LeanLlama`, which runs on the growing cache) and tokenizer; ``context_len``
     defaults to the model's ``max_position_embeddings``; at most ``max_batch_size`` sequences
     decode together (others wait). ``system_prompt``, if set, is prepended to conversations
     without a system message. ``default_generation_params`` is the sampling that suits the model (its
@@ -150,6 +152,9 @@ class TransformersEngine(Engine):
         pad = tokenizer.pad_token_id
         self._pad_id: int = pad if pad is not None else min(self.eos_token_ids, default=0)
         self._output = OutputProcessor(tokenizer, self.eos_token_ids, self.context_len)
+        if static_cache and isinstance(model, LeanLlama):
+            raise UnsupportedModel(f"{self.model_name}: the slotted cache runs transformers' forward, which a model "
+                                   "loaded without it lacks: load it with load_model(..., lean=False)")  # fmt: skip
         layout = slotted_layout(config, model.dtype, self.device, static_cache, self.model_name)
         self.static = layout is not None
         self.cuda_graphs = cuda_graphs
@@ -213,8 +218,11 @@ class TransformersEngine(Engine):
         quantization: str | None = None,
         **kw: Any,
     ) -> TransformersEngine:
-        """Load a model (``"smollm2"``, a directory, a hub id; ``quantization``: see ``load_model``) into an engine."""
-        model, tokenizer, display_name = load_model(name_or_path, device=device, dtype=dtype, quantization=quantization)
+        """Load a model (``"smollm2"``, a directory, a hub id; ``quantization``: see ``load_model``) into an engine.
+
+        With ``static_cache=True`` the model is transformers' model class (``load_model(..., lean=False)``)."""
+        lean = kw.get("static_cache") is not True
+        model, tokenizer, display_name = load_model(name_or_path, device, dtype, quantization, lean=lean)
         kw.setdefault("name", display_name)
         engine = cls(model, tokenizer, model.device, **kw)
         engine.default_generation_params = generation_defaults(model, name_or_path)

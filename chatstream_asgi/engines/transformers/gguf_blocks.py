@@ -49,7 +49,10 @@ class Blocks:
         return self.codes.shape[0], self.codes.shape[1]
 
     def rows(self, order: np.ndarray) -> Blocks:
-        """The same weights with rows taken in ``order`` (a permutation of output features: exact)."""
+        """The same weights with rows taken in ``order`` (a permutation of output features: exact); these
+        blocks themselves where ``order`` keeps every row in place."""
+        if np.array_equal(order, np.arange(len(order))):
+            return self
         offsets = None if self.offsets is None else self.offsets[order]
         return Blocks(self.kind, self.codes[order], self.scales[order], offsets, self.center)
 

@@ -14,20 +14,26 @@ indices and then to the blocks, which reorders codes and scales together: exact.
 Only architectures whose processor does nothing but reorder rows take this path
 (:data:`ROW_PROCESSORS`); :func:`load_gguf_quantized` returns None for the others and the caller
 loads the model dequantized, as before.
+
+Two builders share the filling: :func:`load_gguf_quantized` fills transformers' model class (built from
+transformers' config of the file); :func:`load_gguf_lean` fills a :class:`~.lean_model.LeanLlama`, without
+importing transformers' modeling code, where :func:`lean_config` finds the file a Llama it holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from chatstream_asgi.engines.transformers.gguf_blocks import BLOCK_TYPES, Blocks, read_blocks
+from chatstream_asgi.engines.transformers.lean_model import LeanConfig, LeanLlama
 from chatstream_asgi.engines.transformers.quant_cpu import (
     Fp16Linear,
     Int4Linear,
@@ -39,9 +45,11 @@ from chatstream_asgi.engines.transformers.quant_cpu import (
     kernels_available,
 )
 
-__all__ = ["ROW_PROCESSORS", "load_gguf_quantized"]
+__all__ = ["ROW_PROCESSORS", "lean_config", "load_gguf_lean", "load_gguf_quantized"]
 
 logger = logging.getLogger("chatstream_asgi.engine")
+
+_M = TypeVar("_M", bound=nn.Module)
 
 ROW_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor")
 """transformers' GGUF tensor processors that at most reorder a matrix's rows."""
@@ -51,13 +59,8 @@ def load_gguf_quantized(source: str, gguf_file: str, dtype: torch.dtype, **kwarg
     """The model in ``source``/``gguf_file`` on the CPU with its block matrices quantized, or None when
     the file holds none or its architecture needs more than row reordering (load it dequantized then)."""
     from gguf import GGUFReader
-    from gguf import dequantize as gguf_dequantize
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-    )
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     if not kernels_available():
         logger.info("PyTorch %s has no CPU int4/int8 weight-packed matmuls (2.6+): the GGUF loads dequantized",
@@ -77,7 +80,38 @@ def load_gguf_quantized(source: str, gguf_file: str, dtype: torch.dtype, **kwarg
     config.name_or_path = source
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    processor = processor_class(config=config.to_dict())
+    return _filled(model, reader, processor_class(config=config.to_dict()), dtype)
+
+
+def lean_config(source: str, gguf_file: str) -> LeanConfig | None:
+    """The config of the model in ``source``/``gguf_file`` where a :class:`~.lean_model.LeanLlama` holds it (a
+    Llama whose config holds nothing else, and PyTorch has the CPU int4 kernels); else None."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    if not kernels_available():
+        return None
+    values = load_gguf_checkpoint(str(Path(source, gguf_file)), return_tensors=False)["config"]
+    return LeanConfig.of(values, source)
+
+
+def load_gguf_lean(source: str, gguf_file: str, config: LeanConfig) -> LeanLlama:
+    """The model in ``source``/``gguf_file`` (``config``: :func:`lean_config`'s) as a float32
+    :class:`~.lean_model.LeanLlama`, its block matrices quantized as :func:`load_gguf_quantized` keeps them."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    with torch.device("meta"):
+        model = LeanLlama(config)
+    processor = LlamaTensorProcessor(config=dataclasses.asdict(config))
+    return _filled(model, GGUFReader(str(Path(source, gguf_file))), processor, torch.float32)
+
+
+def _filled(model: _M, reader: Any, processor: Any, dtype: torch.dtype) -> _M:
+    """``model`` (built on the meta device) with ``reader``'s tensors through transformers' name map and
+    ``processor``: block matrices kept quantized (:func:`_swap_modules`), the rest dequantized to ``dtype``."""
+    from gguf import dequantize as gguf_dequantize
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
     names = get_gguf_hf_weights_map(model, processor)
     state: dict[str, torch.Tensor] = {}
     blocks: dict[str, Blocks] = {}

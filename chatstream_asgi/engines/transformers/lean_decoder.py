@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from chatstream_asgi.engines.transformers.attention import attend
 from chatstream_asgi.engines.transformers.kv_layout import layer_windows
+from chatstream_asgi.engines.transformers.lean_model import LeanLlama
 from chatstream_asgi.engines.transformers.loading import in_passing_thread
 from chatstream_asgi.engines.transformers.quant import release_freed_memory
 from chatstream_asgi.engines.transformers.quant_cpu import Int4Linear
@@ -38,11 +39,12 @@ ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 
 
 def lean_decoder(model: nn.Module, device: torch.device) -> LeanDecoder | None:
-    """A :class:`LeanDecoder` over ``model`` where it computes what transformers' forward does, else None."""
+    """A :class:`LeanDecoder` over ``model`` where it computes what transformers' forward does (or ``model`` is a
+    :class:`~.lean_model.LeanLlama`, which has no other forward), else None."""
     config = model.config
     if (
         device.type != "cpu"
-        or type(model).__name__ not in ARCHITECTURES
+        or not (isinstance(model, LeanLlama) or type(model).__name__ in ARCHITECTURES)
         or getattr(config, "hidden_act", None) != "silu"
         or model.dtype != torch.float32
         or any(w is not None for w in layer_windows(config))
@@ -133,6 +135,6 @@ def _forward(module: nn.Module) -> Any:
 
 
 def _norm(module: nn.Module) -> tuple[tuple[int, ...], torch.Tensor, float]:
-    """``F.rms_norm``'s arguments for one of the model's RMSNorm modules."""
+    """``F.rms_norm``'s arguments for one of the model's RMSNorm modules (transformers' or ``nn.RMSNorm``)."""
     weight = module.weight
-    return tuple(weight.shape), weight, module.variance_epsilon
+    return tuple(weight.shape), weight, module.eps if isinstance(module, nn.RMSNorm) else module.variance_epsilon

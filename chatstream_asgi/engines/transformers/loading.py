@@ -119,7 +119,12 @@ def generation_defaults(model: Any, name_or_path: str | None = None) -> dict[str
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: Any = None, quantization: str | None = None
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: Any = None,
+    quantization: str | None = None,
+    *,
+    lean: bool = True,
 ) -> tuple[Any, Any, str]:
     """Load ``(model, tokenizer, display_name)`` onto ``device`` (default: CUDA if available, else CPU).
 
@@ -129,13 +134,18 @@ def load_model(
     never touch the network. On the CPU the load runs in a thread of its own (:func:`in_passing_thread`),
     so the caller's thread-local torch state (``torch.device(...)`` as a context, autocast) does not
     reach it: pass ``device`` and ``dtype``.
+
+    A Llama GGUF kept quantized in float32 on the CPU (the default model) loads as a
+    :class:`~.lean_model.LeanLlama`, without transformers' modeling code, which the engine's lean decoder
+    runs; ``lean=False`` loads transformers' model class instead (its forward: every position's logits,
+    the slotted cache). Every other model is transformers' model class.
     """
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type != "cpu":  # on the caller's thread: it may have chosen the current GPU
-        return _load_model(name_or_path, device, dtype, quantization)
-    return in_passing_thread(lambda: _load_model(name_or_path, device, dtype, quantization))
+        return _load_model(name_or_path, device, dtype, quantization, lean=lean)
+    return in_passing_thread(lambda: _load_model(name_or_path, device, dtype, quantization, lean=lean))
 
 
 _T = TypeVar("_T")
@@ -168,11 +178,12 @@ def in_passing_thread(work: Callable[[], _T]) -> _T:
     return result[0]
 
 
-def _load_model(name_or_path: str, device: str, dtype: Any, quantization: str | None) -> tuple[Any, Any, str]:
+def _load_model(
+    name_or_path: str, device: str, dtype: Any, quantization: str | None, *, lean: bool
+) -> tuple[Any, Any, str]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chatstream_asgi.engines.transformers.gguf_loading import load_gguf_quantized
+    from chatstream_asgi.engines.transformers.gguf_loading import lean_config, load_gguf_lean, load_gguf_quantized
     from chatstream_asgi.engines.transformers.quant import (
         check_quantization,
         quantize_model,
@@ -198,16 +209,23 @@ def _load_model(name_or_path: str, device: str, dtype: Any, quantization: str | 
     logger.info("loading model %s onto %s as %s from %s", display_name, device, dtype_name, where)
     started = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        cpu, lean_as = torch.device(device).type == "cpu", None
+        if lean and gguf_file is not None and quantization is None and cpu and dtype == torch.float32:
+            lean_as = lean_config(source, gguf_file)
+        tokenizer = _tokenizer(source, kwargs, transformers_free=lean_as is not None)
         logger.info("tokenizer loaded (%.1f s); now the weights", time.perf_counter() - started)
         model = None
-        if gguf_file is not None and quantization != "none" and torch.device(device).type == "cpu":
+        if gguf_file is not None and lean_as is not None:
+            model = load_gguf_lean(source, gguf_file, lean_as)
+        elif gguf_file is not None and quantization != "none" and cpu:
             model = load_gguf_quantized(
                 source, gguf_file, dtype, **{k: v for k, v in kwargs.items() if k != "gguf_file"}
             )
         elif gguf_file is not None and quantization is None:
             logger.info("a GGUF's quantized matrices stay quantized on the CPU only: dequantized on %s", device)
         if model is None:
+            from transformers import AutoModelForCausalLM
+
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
@@ -228,6 +246,22 @@ def _load_model(name_or_path: str, device: str, dtype: Any, quantization: str | 
         display_name, device, params / 1e6, size / 1e9, _precision(model, dtype_name), time.perf_counter() - started,
     )  # fmt: skip
     return model, tokenizer, display_name
+
+
+def _tokenizer(source: str, kwargs: dict[str, Any], *, transformers_free: bool) -> Any:
+    """The tokenizer of ``source`` (``kwargs``: ``gguf_file``, ``local_files_only``).
+
+    ``transformers_free`` (a Llama GGUF): the class ``AutoTokenizer`` picks for one, ``TokenizersBackend``, read
+    from the file directly where no ``tokenizer_config.json`` names another; ``AutoTokenizer`` itself would
+    import the model's config class, and with it most of transformers' modeling stack.
+    """
+    if transformers_free and not Path(source, "tokenizer_config.json").exists():
+        from transformers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(source, **kwargs)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def _precision(model: Any, dtype_name: str) -> str:

@@ -47,7 +47,10 @@ __all__ = [
 ]
 
 _COMPUTE = torch.bfloat16
-_CHUNK_ROWS = 4096
+# Rows converted at a time: temporaries of a few MiB. glibc raises its mmap threshold to the largest block
+# freed (up to 32 MiB), then keeps up to twice that free at the top of a thread's heap, which malloc_trim
+# leaves alone: whole-table temporaries (27 MiB for SmolLM2's) stayed resident after half the loads.
+_CHUNK_ROWS = 1024
 _PACK_ROWS = 64  # the CPU int4 packing interleaves rows in blocks of 64: packed blocks concatenate
 
 
@@ -201,8 +204,9 @@ class Int8Embedding(nn.Module):
         self.num_embeddings, self.embedding_dim = blocks.shape
         self.kind = blocks.kind
         self.dtype = dtype
-        self.register_buffer("codes", torch.from_numpy(blocks.codes.copy()))
-        self.register_buffer("scales", torch.from_numpy(blocks.scales.copy()))
+        # the blocks' own arrays where they are contiguous and writable: a copy of a table is a large temporary
+        self.register_buffer("codes", torch.from_numpy(np.require(blocks.codes, requirements="CW")))
+        self.register_buffer("scales", torch.from_numpy(np.require(blocks.scales, requirements="CW")))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.rows(input_ids).to(self.dtype)
@@ -234,13 +238,10 @@ class RescoredHead(QuantLinear):
         super().__init__(cols, rows, None)
         self.kind = table.kind
         self.table = [table]  # a list: not a submodule (the model holds it as its embedding)
-        ranks = [rtn_int4(table.rows(torch.arange(i, min(i + _CHUNK_ROWS, rows)))) for i in range(0, rows, _CHUNK_ROWS)]
-        codes, scales, offsets = (
-            np.concatenate([getattr(b, f) for b in ranks]) for f in ("codes", "scales", "offsets")
-        )
-        approximate = Blocks("int4", codes, scales, offsets, 0)
-        self.register_buffer("packed", _pack(approximate))
-        self.register_buffer("scale_zeros", scale_zeros(approximate))
+        ranks = (rtn_int4(table.rows(torch.arange(i, min(i + _CHUNK_ROWS, rows)))) for i in range(0, rows, _CHUNK_ROWS))
+        packed, kernel_scales = zip(*((_pack(b), scale_zeros(b)) for b in ranks), strict=True)
+        self.register_buffer("packed", torch.cat(packed))  # packed in blocks of 64 rows: chunks concatenate
+        self.register_buffer("scale_zeros", torch.cat(kernel_scales, dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
