@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from chatstream_asgi.engines.transformers.quant_fp8 import Fp8Linear
 
@@ -124,6 +123,9 @@ class JoinedAttention(nn.Module):
             if window == "config"
             else {"sliding_window": attention.sliding_window}
         )
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # here: the CPU's lean path never joins
+
+        self.interfaces = ALL_ATTENTION_FUNCTIONS
         modeling = sys.modules[type(attention).__module__]  # what the class's forward calls
         self.rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]] = modeling.apply_rotary_pos_emb
         self.eager: Callable[..., Any] = modeling.eager_attention_forward
@@ -148,7 +150,7 @@ class JoinedAttention(nn.Module):
         query, key = self.rotary(query, key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, self.eager)
+        interface = self.interfaces.get_interface(attention.config._attn_implementation, self.eager)
         out, weights = interface(
             attention,
             query,
