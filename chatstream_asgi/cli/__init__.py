@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         engine = _engine(args)
     except KeyboardInterrupt:  # Ctrl+C while the model loads: a line, not a traceback from deep inside torch
         logger.info("interrupted while loading")
-        raise SystemExit(130) from None
+        _exit_now(130)
     session_secret = args.session_secret
     if session_secret is None and session_store is None:  # a shared store has refused to start without one
         # In-memory sessions end with this process anyway: a random secret loses nothing (and warns of nothing).
@@ -215,6 +216,20 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     app = create_app(chat_stream, admin_token=args.admin_token, admin_endpoints=args.admin_endpoints)
     app = _announce_ready(app, f"http://{host}:{args.port}/", started)
     asyncio.run(_serve(serve, app, config, chat_stream))
+
+
+def _exit_now(status: int) -> None:
+    """End the process at once, skipping the interpreter's finalization.
+
+    Ctrl+C while the model loads leaves the loading thread inside torch's C++ code (an OpenMP region, a
+    weight-packing kernel); finalizing the interpreter around it aborted the process ("terminate called
+    without an active exception", SIGABRT) or hung it. Nothing needs cleaning up yet: no server runs, and
+    the bound socket closes with the process.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _log_sampling(chat_stream: ChatStream, engine: Engine) -> None:

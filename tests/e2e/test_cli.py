@@ -254,11 +254,14 @@ def test_serving_without_torch_names_the_extra_in_one_line() -> None:
 
 
 @pytest.mark.smollm2
-def test_ctrl_c_while_the_model_loads_exits_without_a_traceback() -> None:
+@pytest.mark.parametrize("moment", ["loading model SmolLM2-135M-Instruct", "now the weights"])
+def test_ctrl_c_while_the_model_loads_exits_without_a_traceback(moment: str) -> None:
+    """At the load's start (torch imported) and while the weights load (the loading thread inside torch's
+    kernels, where finalizing the interpreter around it once aborted the process): 130, one line."""
     port = free_port()
     server = Server([sys.executable, "-m", "chatstream_asgi", "serve", "--port", str(port)], port, {})
     try:
-        _wait_for_log(server, "loading model SmolLM2-135M-Instruct", timeout=60)  # torch imported, the load begun
+        _wait_for_log(server, moment, timeout=60)
         server.signal(signal.SIGINT)
         assert server.wait_exit(90) == 130  # a hang detector: a loaded 2-core machine took over 30 s once
         assert "interrupted while loading" in server.output()
