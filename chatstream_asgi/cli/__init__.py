@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     if getattr(args, "max_prefill_tokens", 0) < 0:
         parser.error("--max-prefill-tokens must be 0 (no cap) or more")
     started = time.perf_counter()
+    # SIGINT stops the server at every stage, as it does once serving: a shell that starts the command in
+    # the background leaves SIGINT ignored, and the load would inherit that and never see a Ctrl+C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         from hypercorn.asyncio import serve

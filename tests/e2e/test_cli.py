@@ -254,12 +254,20 @@ def test_serving_without_torch_names_the_extra_in_one_line() -> None:
 
 
 @pytest.mark.smollm2
-@pytest.mark.parametrize("moment", ["loading model SmolLM2-135M-Instruct", "now the weights"])
-def test_ctrl_c_while_the_model_loads_exits_without_a_traceback(moment: str) -> None:
+@pytest.mark.parametrize(
+    ("moment", "ignored"),
+    [("loading model SmolLM2-135M-Instruct", False), ("now the weights", False), ("now the weights", True)],
+)
+def test_ctrl_c_while_the_model_loads_exits_without_a_traceback(moment: str, ignored: bool) -> None:
     """At the load's start (torch imported) and while the weights load (the loading thread inside torch's
-    kernels, where finalizing the interpreter around it once aborted the process): 130, one line."""
+    kernels, where finalizing the interpreter around it once aborted the process): 130, one line. Also when
+    started with SIGINT ignored, as a shell leaves a command it starts in the background."""
     port = free_port()
-    server = Server([sys.executable, "-m", "chatstream_asgi", "serve", "--port", str(port)], port, {})
+    argv = f"sys.argv = ['chatstream_asgi', 'serve', '--port', '{port}']"
+    serve = f"{argv}; runpy.run_module('chatstream_asgi', run_name='__main__')"
+    ignore = "signal.signal(signal.SIGINT, signal.SIG_IGN); " if ignored else ""
+    command = [sys.executable, "-c", f"import runpy, signal, sys; {ignore}{serve}"]
+    server = Server(command, port, {})
     try:
         _wait_for_log(server, moment, timeout=60)
         server.signal(signal.SIGINT)
