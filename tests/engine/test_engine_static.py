@@ -21,7 +21,7 @@ from test_engine_batching import PROMPTS, StepProbe, collect, reference_greedy, 
 from transformers import LlamaConfig
 
 from chatstream_asgi.engines.base import EngineError, GenerationParams, GenerationStream
-from chatstream_asgi.engines.transformers import TransformersEngine
+from chatstream_asgi.engines.transformers import TransformersEngine, loading
 from chatstream_asgi.engines.transformers.graphs import bucket_for, continued_lengths, length_buckets, row_buckets
 from chatstream_asgi.engines.transformers.loading import load_model
 from chatstream_asgi.engines.transformers.static_cache import KVLayout, StaticKVCache, UnsupportedModel, plan_rows
@@ -514,6 +514,7 @@ def test_cli_hands_the_gpu_options_to_the_engine(monkeypatch) -> None:
         return "engine"
 
     monkeypatch.setattr(TransformersEngine, "from_pretrained", classmethod(fake))
+    monkeypatch.setattr(loading, "resolve_model", lambda name: name)  # the default model need not be installed
     argv = ["serve", "--no-cuda-graphs", "--kv-cache-memory", "2.5", "--max-prefill-tokens", "256"]
     assert cli._engine(cli.build_parser().parse_args(argv)) == "engine"
     assert seen["cuda_graphs"] is False and seen["compile_mode"] == "auto"
