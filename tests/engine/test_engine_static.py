@@ -171,6 +171,44 @@ def test_chunked_prefill_keeps_running_rows_decoding(f32_engine: TransformersEng
     assert forwards.steps[after] == (2, [])  # the long row decodes from the step after its last chunk
 
 
+def test_a_request_arriving_while_steps_run_ahead_joins_the_next_step(
+    f32_engine: TransformersEngine, monkeypatch
+) -> None:
+    """A request submitted while the loop queues steps ahead is planned into the next step without the loop
+    stopping its run to admit it (on a GPU that stop left the device idle while the host re-planned, a
+    gap in every running stream); its reply and the running one are still their greedy replies alone."""
+    engine = static_engine(f32_engine, max_prefill_tokens=8)
+    probe = StepProbe(engine, monkeypatch)
+    forwards = Forwards(engine, monkeypatch)
+    reached, release = probe.pause_at(3)
+    turns: list[int] = []  # the forwards run when each loop turn began
+    iteration = type(engine._core)._iteration
+
+    def counted(core: Any, admitted: list) -> None:
+        turns.append(len(forwards.steps))
+        iteration(core, admitted)
+
+    monkeypatch.setattr(type(engine._core), "_iteration", counted)
+    running = GenerationParams(temperature=0.0, max_new_tokens=40)
+    params = GenerationParams(temperature=0.0, max_new_tokens=12)
+
+    async def main() -> list[str]:
+        first = asyncio.create_task(collect(engine.generate(request("Hi", running, rid="run"))))
+        await engine_reached(reached)
+        mark = len(forwards.steps)
+        second = asyncio.create_task(collect(engine.generate(request(LONG, params, rid="late"))))
+        assert engine._core.pending  # generate() queued it: it waits for the paused loop
+        release.set()
+        results = await asyncio.gather(first, second)
+        await engine.shutdown()
+        joined = next(i for i, (_, takes) in enumerate(forwards.steps) if i >= mark and takes)
+        assert not [t for t in turns if mark <= t <= joined], "the loop stopped its run to admit the request"
+        return ["".join(deltas) for deltas, _ in results]
+
+    texts = run(main())
+    assert texts == [reference_greedy(f32_engine, "Hi", 40), reference_greedy(f32_engine, LONG, 12)]
+
+
 def test_prefill_budget_applies_only_while_rows_run(f32_engine: TransformersEngine, monkeypatch) -> None:
     """An idle engine prefills a long prompt in one forward; prompts joining a running row are packed beside
     a decode step of the row, at most ``max_prefill_tokens`` a step, and come out as alone."""

@@ -134,9 +134,11 @@ class EngineCore:
         While the host detokenizes and delivers step ``k``, the device already runs step ``k + 1`` on step
         ``k``'s sampled tokens (they never leave the device). Step ``k + 1`` is queued only when no row can
         reach its length limit at step ``k`` and nothing waits to change the batch; if step ``k`` finishes a
-        row (a stop) or something starts waiting, the loop reads step ``k + 1`` for the sequences still
-        running and returns, so rows leave and join between steps as on the growing cache. A step that
-        finishes a row is delivered by the caller, after the row has left the batch (its slot retained).
+        row (a stop) or something waits that cannot be admitted (no room, cancelled), the loop reads step
+        ``k + 1`` for the sequences still running and returns, so rows leave and join between steps as on
+        the growing cache; a request that can be admitted joins the step planned next
+        (:meth:`_admit_while_running`). A step that finishes a row is delivered by the caller, after the
+        row has left the batch (its slot retained).
         """
         pending = self._launch(plan, outbox, fed=False)
         while True:
@@ -146,11 +148,28 @@ class EngineCore:
             outbox.flush(hold_ends=True)  # a finished row is retired before its end goes out
             if ahead is None or ahead_plan is None:
                 return
+            self._admit_while_running()  # arrivals join the step planned next
             if any(s.finish is not None for s in plan.sampled) or not self._may_run_ahead(ahead_plan, ahead=False):
                 self._deliver(ahead_plan, ahead(), outbox)
                 outbox.flush(hold_ends=True)
                 return
             plan, pending = ahead_plan, ahead
+
+    def _admit_while_running(self) -> None:
+        """Take waiting sequences into the prefilling ones where there is room, between queued steps.
+
+        A request that arrives while steps run ahead joins the next planned step: stopping the run to admit
+        it in the next loop turn left the device idle while the host delivered, retired and planned (about
+        1.7 ms on an H100 for a 2,000-token prompt joining 15 streams), a gap in every running stream.
+        A cancelled one stays waiting: the loop turn finishes it.
+        """
+        if not self.pending or not self.path.runs_ahead:
+            return
+        with self.cond:
+            room = self.path.rows - len(self.active) - len(self.prefilling)
+            while room > 0 and self.pending and not self.stopping and not self.pending[0].stream.cancelled:
+                self.prefilling.append(self.pending.popleft())
+                room -= 1
 
     def _launch(self, plan: StepPlan, outbox: Outbox, *, fed: bool) -> Callable[[], list[int]]:
         """Queue ``plan`` on the path; completed prompts become running rows (in slot order) at once."""
