@@ -112,9 +112,9 @@ class Int4Linear(QuantLinear):
         return self._finish(out, x)
 
     def rows_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """:meth:`forward` of rows ``[N, in]`` (float32 ``[N, out]``), for the lean decoder's one-row steps: where
-        the layer is one term without a bias, its kernel with the arguments bound once (the same tensors: equal
-        bit for bit). :meth:`forward` reshapes, indexes its stacked terms and reads its buffers through
+        """:meth:`forward` of float32 rows ``[N, in]`` (float32 ``[N, out]``), for the lean decoder's one-row steps:
+        where the layer is one term without a bias, its kernel with the arguments bound once (the same tensors:
+        equal bit for bit). :meth:`forward` reshapes, indexes its stacked terms and reads its buffers through
         ``nn.Module.__getattr__`` at every call: 15 us of a one-row call's 40-75 on SmolLM2's shapes."""
         if self.packed.shape[0] != 1 or self.bias is not None or self.in_features % GROUP:
             return self.forward
