@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 from model_fixtures import build_architecture  # noqa: E402
 from test_quantization import file_blocks  # noqa: E402
 
+from chatstream_asgi.engines.transformers import lean_decoder as lean_decoder_module  # noqa: E402
 from chatstream_asgi.engines.transformers.batch_cache import BatchKVCache  # noqa: E402
 from chatstream_asgi.engines.transformers.loading import load_model  # noqa: E402
 from chatstream_asgi.engines.transformers.model_runner import ModelRunner  # noqa: E402
@@ -98,3 +99,60 @@ def test_layers_of_other_inputs_terms_or_packed_blocks_stay_apart() -> None:
     assert Int4Linear.joined([q4, wider]) is None
     assert Int4Linear.joined([short, q4]) is None  # its rows end inside a block of 64
     assert Int4Linear.joined([q4, short]) is not None
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "int4"])
+def test_one_row_decode_without_a_mask_is_transformers_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quantized: bool
+) -> None:
+    """A single row's decode step attends all its columns without a mask (SDPA's faster call): the same logits."""
+    masks: list[torch.Tensor | None] = []
+
+    def attend(*args: Any) -> torch.Tensor:
+        masks.append(args[3])
+        return real_attend(*args)
+
+    real_attend = lean_decoder_module.attend
+    monkeypatch.setattr(lean_decoder_module, "attend", attend)
+    model = tiny(tmp_path, "llama")
+    if quantized:
+        quantize_model(model, "int4")
+    runner = ModelRunner(model, torch.device("cpu"))
+    assert runner.decoder is not None
+
+    def steps() -> list[torch.Tensor]:
+        prompt = torch.tensor([[5, 6, 7, 8]])
+        with torch.inference_mode():
+            logits, layers = runner.prefill(prompt, torch.arange(4)[None], torch.arange(4)[None])
+            cache = BatchKVCache(len(layers))
+            cache.add_rows(layers, torch.arange(4)[None])
+            out = [logits]
+            for token in (11, 12, 13):
+                key_positions, positions = cache.prepare_step()
+                ids = torch.tensor([[token]])
+                out.append(runner.step(cache.as_transformers_cache(), ids, key_positions, positions))
+                cache.finish_step()
+        return out
+
+    lean = steps()
+    layers = model.config.num_hidden_layers
+    assert len(masks) == 4 * layers and all(m is not None for m in masks[:layers])  # the prefill's causal mask
+    assert all(m is None for m in masks[layers:])
+    runner.decoder = None
+    for got, want in zip(lean, steps(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_forward_is_the_layers_forward_bit_for_bit(kind: str, bias: bool) -> None:
+    """The lean decoder's bound int4 call (one term, no bias; else the layer's forward) computes the layer's output."""
+    blocks = file_blocks(kind)[0]
+    layer = Int4Linear(blocks, torch.randn(blocks.shape[0]) if bias else None)
+    forward = layer.rows_forward()
+    assert (forward == layer.forward) is (bias or kind == "Q8_0")
+    for rows in (1, 5):
+        x = torch.randn(rows, layer.in_features)
+        got = forward(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, layer.out_features)
+        assert torch.equal(got, layer(x))

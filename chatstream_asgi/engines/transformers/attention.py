@@ -126,18 +126,19 @@ def attend(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scaling: float,
     kwargs: dict[str, Any],
 ) -> torch.Tensor:
     """Attention of ``query`` ``[B, H, T, D]`` over ``key``/``value`` ``[B, KV, L, D]`` where ``mask``
-    (``[B, 1, T, L]``, True: attend) allows; returns ``[B, T, H, D]``. Honours ``softcap`` and ``s_aux``."""
+    (``[B, 1, T, L]``, True: attend; None: every key, for one query a row) allows; returns ``[B, T, H, D]``.
+    Honours ``softcap`` and ``s_aux``."""
     b, heads, t, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     if groups > 1:  # the query heads of a key/value head as one run of query rows: no copy of keys per head
         query = query.reshape(b, kv_heads, groups * t, dim)
-        if t > 1:
+        if t > 1 and mask is not None:
             mask = mask.expand(b, 1, t, mask.shape[-1]).repeat(1, 1, groups, 1)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     if softcap is None and sinks is None:
@@ -152,7 +153,7 @@ def _matmul_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None,
     sinks: torch.Tensor | None,
@@ -161,7 +162,8 @@ def _matmul_attention(
     weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if softcap is not None:
         weights = torch.tanh(weights / softcap) * softcap
-    weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
+    if mask is not None:
+        weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
     if sinks is None:
         probs = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     else:

@@ -101,22 +101,26 @@ class LeanDecoder:
         through ``cache.update`` and attending where ``mask`` ``[B, 1, T, L]`` allows; the last position's
         logits ``[B, vocab]``."""
         x = self.embed(input_ids)
-        b, t, _ = x.shape
+        b, t, hidden = x.shape
         cos, sin = self.rotary(x, positions)
         half = self.head_dim // 2
         cos, sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
         heads, kv_heads, dim, width = self.heads, self.kv_heads, self.head_dim, self.intermediate
+        attention_mask: torch.Tensor | None = mask
+        if b == 1 and t == 1 and bool(mask.all()):
+            attention_mask = None  # one row attending all its columns: SDPA without a mask (a quarter faster)
+        x = x.view(b * t, hidden)  # the residual stream as rows: the linear layers take and give 2-D tensors
         for index, (norm1, norm2, qkv, o_proj, gate_up, down) in enumerate(self.layers):
             projected = qkv(F.rms_norm(x, *norm1)).view(b, t, heads + 2 * kv_heads, dim)
             qk = projected[:, :, : heads + kv_heads]
             qk = qk * cos + qk.roll(half, dims=-1) * sin
             query, key = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
             keys, values = cache.update(key, projected[:, :, heads + kv_heads :].transpose(1, 2), index)
-            out = attend(query, keys, values, mask, self.scaling, {})
-            x = x + o_proj(out.view(b, t, heads * dim))
+            out = attend(query, keys, values, attention_mask, self.scaling, {})
+            x = x + o_proj(out.view(b * t, heads * dim))
             gated = gate_up(F.rms_norm(x, *norm2))
-            x = x + down(F.silu(gated[..., :width]) * gated[..., width:])
-        return self.head(F.rms_norm(x[:, -1], *self.norm))
+            x = x + down(F.silu(gated[:, :width]) * gated[:, width:])
+        return self.head(F.rms_norm(x.view(b, t, hidden)[:, -1], *self.norm))
 
 
 def _projection(*modules: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -124,13 +128,16 @@ def _projection(*modules: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     they are int4 layers alike (:meth:`.quant_cpu.Int4Linear.joined`), else each layer and a concatenation."""
     joined = Int4Linear.joined(modules) if all(type(m) is Int4Linear for m in modules) else None  # type: ignore[arg-type]
     if joined is not None:
-        return joined.forward
+        return joined.rows_forward()
     forwards = [_forward(m) for m in modules]
     return lambda h: torch.cat([f(h) for f in forwards], dim=-1)
 
 
-def _forward(module: nn.Module) -> Any:
-    """``module``'s forward, called without ``nn.Module.__call__``'s hook handling (a few microseconds a call)."""
+def _forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module``'s forward of rows ``[N, in]``, called without ``nn.Module.__call__``'s hook handling (a few
+    microseconds a call); an int4 layer's kernel bound to its tensors (:meth:`.quant_cpu.Int4Linear.rows_forward`)."""
+    if type(module) is Int4Linear:
+        return module.rows_forward()
     return module.forward
 
 
