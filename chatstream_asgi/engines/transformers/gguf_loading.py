@@ -23,7 +23,9 @@ importing transformers' modeling code, where :func:`lean_config` finds the file 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, TypeVar
@@ -110,9 +112,8 @@ def _filled(model: _M, reader: Any, processor: Any, dtype: torch.dtype) -> _M:
     """``model`` (built on the meta device) with ``reader``'s tensors through transformers' name map and
     ``processor``: block matrices kept quantized (:func:`_swap_modules`), the rest dequantized to ``dtype``."""
     from gguf import dequantize as gguf_dequantize
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
-    names = get_gguf_hf_weights_map(model, processor)
+    names = weights_map(model, processor)
     state: dict[str, torch.Tensor] = {}
     blocks: dict[str, Blocks] = {}
     for tensor in reader.tensors:
@@ -133,6 +134,29 @@ def _filled(model: _M, reader: Any, processor: Any, dtype: torch.dtype) -> _M:
     model.eval()
     logger.info("GGUF matrices kept quantized: %s", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     return model
+
+
+def weights_map(model: nn.Module, processor: Any) -> dict[str, str]:
+    """transformers' map from the file's tensor names to ``model``'s, with gguf's name map built once.
+
+    ``get_gguf_hf_weights_map`` recurses into every submodule and builds gguf's ``TensorNameMap`` at each:
+    367 times for SmolLM2, about 12 ms each, 4.6 of the 10.5 s its load took on 2 cores. That map depends
+    only on the architecture and the layer count, so for the call gguf's builder is cached (under a lock:
+    a load in another thread meanwhile gets the same maps).
+    """
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    with _NAME_MAPS:
+        build = gguf.get_tensor_name_map
+        gguf.get_tensor_name_map = functools.cache(build)
+        try:
+            return get_gguf_hf_weights_map(model, processor)
+        finally:
+            gguf.get_tensor_name_map = build
+
+
+_NAME_MAPS = threading.Lock()
 
 
 def _row_order(processor: Any, name: str, rows: int) -> np.ndarray:
