@@ -4,12 +4,19 @@ architecture: ``test_engine_coverage.py``, ``static-varlen``)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
+from typing import Any
 
 import pytest
 import torch
 from attention_reference import varlen_attention
+from test_engine_batching import collect, reference_greedy, request, run
+from test_engine_static import LONG, static_engine
 
+from chatstream_asgi.engines.base import GenerationParams
+from chatstream_asgi.engines.transformers import attention, step_runner
 from chatstream_asgi.engines.transformers.flash_chunk import flash_attend, flash_available, flash_takes
 
 CUDA = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu") == "cuda"
@@ -68,3 +75,33 @@ def test_the_call_replays_in_a_cuda_graph_with_new_offsets() -> None:
     offsets.copy_(torch.tensor([[0, 3, 16], [0, 12, 16]], dtype=torch.int32))
     graph.replay()
     torch.testing.assert_close(out, varlen_attention(query, key, value, bounds, 0.125, None), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("chunk", [None, 24])
+def test_prompts_packed_in_one_chunk_each_attend_their_own_keys(
+    f32_engine: Any, monkeypatch: pytest.MonkeyPatch, chunk: int | None
+) -> None:
+    """Five prompts arriving together at an idle engine of four rows are packed into shared chunks (the
+    offsets ``StepRunner.launch`` builds for several sequences, through the call's reference); each reply
+    is its prompt's greedy reply alone. (The coverage matrix's chunks hold one sequence each.)"""
+    prompts = ["Hi", "What is the capital of France?", "a b c d e f", LONG, "Tell me a story about a dog."]
+    packed: list[int] = []
+
+    def counted(*args: Any) -> torch.Tensor:  # flash_attend's arguments
+        ends = args[3][0][0].tolist()  # the queries' offsets; the last sequence is the padding
+        packed.append(sum(b > a for a, b in itertools.pairwise(ends[:-1])))
+        return varlen_attention(*args)
+
+    monkeypatch.setattr(step_runner, "flash_available", lambda device, dtype, head_dim: True)
+    monkeypatch.setattr(attention, "flash_attend", counted)
+    engine = static_engine(f32_engine, max_prefill_tokens=chunk, max_batch_size=4)
+    params = GenerationParams(temperature=0.0, max_new_tokens=8)
+
+    async def main() -> list[str]:
+        streams = [engine.generate(request(c, params, rid=str(i))) for i, c in enumerate(prompts)]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        await engine.shutdown()
+        return ["".join(deltas) for deltas, _ in results]
+
+    assert run(main()) == [reference_greedy(f32_engine, c, 8) for c in prompts]
+    assert max(packed) > 1
