@@ -216,7 +216,7 @@ def _load_model(
         logger.info("tokenizer loaded (%.1f s); now the weights", time.perf_counter() - started)
         model = None
         if gguf_file is not None and lean_as is not None:
-            model = load_gguf_lean(source, gguf_file, lean_as)
+            model = load_gguf_lean(lean_as)
         elif gguf_file is not None and quantization != "none" and cpu:
             model = load_gguf_quantized(
                 source, gguf_file, dtype, **{k: v for k, v in kwargs.items() if k != "gguf_file"}
