@@ -92,7 +92,7 @@ class EngineCore:
                         self.cond.wait()
                     if self.stopping:
                         break
-                    room = self.path.rows - len(self.active) - len(self.prefilling)
+                    room = self.path.rows - self.busy
                     admitted = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
                 try:
                     self._iteration(admitted)
@@ -166,7 +166,7 @@ class EngineCore:
         if not self.pending or not self.path.runs_ahead:
             return
         with self.cond:
-            room = self.path.rows - len(self.active) - len(self.prefilling)
+            room = self.path.rows - self.busy
             while room > 0 and self.pending and not self.stopping and not self.pending[0].stream.cancelled:
                 self.prefilling.append(self.pending.popleft())
                 room -= 1

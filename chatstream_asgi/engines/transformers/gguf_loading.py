@@ -28,7 +28,7 @@ import functools
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -124,23 +124,19 @@ def load_gguf_lean(lean: LeanSource) -> LeanLlama:
 @contextlib.contextmanager
 def _kept_readers() -> Iterator[list[Any]]:
     """The ``gguf.GGUFReader`` objects made meanwhile (transformers makes its own inside
-    ``load_gguf_checkpoint``), kept in the list yielded; under the lock that guards gguf's names."""
-    import gguf
-
+    ``load_gguf_checkpoint``), kept in the list yielded."""
     readers: list[Any] = []
-    with _GGUF_NAMES:
-        made = gguf.GGUFReader
 
+    def keeping(made: type) -> type:
         class Kept(made):  # type: ignore[misc, valid-type]
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
                 readers.append(self)
 
-        gguf.GGUFReader = Kept
-        try:
-            yield readers
-        finally:
-            gguf.GGUFReader = made
+        return Kept
+
+    with _gguf_stand_in("GGUFReader", keeping):
+        yield readers
 
 
 def _filled(model: _M, reader: Any, processor: Any, dtype: torch.dtype) -> _M:
@@ -179,20 +175,29 @@ def weights_map(model: nn.Module, processor: Any) -> dict[str, str]:
     only on the architecture and the layer count, so for the call gguf's builder is cached (under a lock:
     a load in another thread meanwhile gets the same maps).
     """
-    import gguf
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
+    with _gguf_stand_in("get_tensor_name_map", functools.cache):
+        return get_gguf_hf_weights_map(model, processor)
+
+
+@contextlib.contextmanager
+def _gguf_stand_in(name: str, wrap: Callable[[Any], Any]) -> Iterator[None]:
+    """gguf's module attribute ``name`` is ``wrap(original)`` meanwhile (transformers imports it from gguf at
+    each call), under a lock: a load in another thread waits rather than wrapping the stand-in."""
+    import gguf
+
     with _GGUF_NAMES:
-        build = gguf.get_tensor_name_map
-        gguf.get_tensor_name_map = functools.cache(build)
+        original = getattr(gguf, name)
+        setattr(gguf, name, wrap(original))
         try:
-            return get_gguf_hf_weights_map(model, processor)
+            yield
         finally:
-            gguf.get_tensor_name_map = build
+            setattr(gguf, name, original)
 
 
 _GGUF_NAMES = threading.Lock()
-"""Held while a loader stands in for one of gguf's module attributes (another thread's load waits)."""
+"""Held while :func:`_gguf_stand_in` replaces one of gguf's module attributes."""
 
 
 def _row_order(processor: Any, name: str, rows: int) -> np.ndarray:

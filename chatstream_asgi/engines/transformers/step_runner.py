@@ -182,7 +182,7 @@ class StepRunner:
             host_keep = torch.tensor(keep, dtype=torch.long, pin_memory=self._pinned)
             self._gather[:, :gathered].copy_(gather, non_blocking=self._pinned)
             self._keep[: len(keep)].copy_(host_keep, non_blocking=self._pinned)
-            # each sequence's end (queries, keys); empty sequences up to the shape's count; the padding last
+        if width and self.flash:  # each sequence's end (queries, keys); empty ones up to the shape's count; padding
             ends += [ends[-1]] * (self.kept(width) - len(chunks)) + [(width, gathered)]
             bounds = torch.tensor(list(zip(*ends, strict=True)), dtype=torch.int32, pin_memory=self._pinned)
             self._bounds[:, : len(ends)].copy_(bounds, non_blocking=self._pinned)
