@@ -51,6 +51,8 @@ from transformers import DynamicCache, GenerationConfig
 from chatstream_asgi.cli.options import add_compile_options
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
 from chatstream_asgi.engines.transformers import TransformersEngine
+from chatstream_asgi.engines.transformers.lean_model import LeanLlama
+from chatstream_asgi.engines.transformers.loading import load_model
 from chatstream_asgi.engines.transformers.static_path import DEFAULT_PREFILL_CHUNK
 
 TOPICS = [
@@ -417,6 +419,8 @@ def main() -> None:
         return results, ttft, alone, long_join
 
     engine_results, ttft, alone, long_join = asyncio.run(run_engine())
+    if isinstance(model, LeanLlama):  # no forward of its own: the columns beside the engine's run transformers'
+        model = load_model(args.model, device=args.device, dtype=args.dtype, lean=False)[0]
     one_by_one_steps = 4 if args.quick or cuda else 16
     rows_by_batch = {b: prompts(engine, b) for b in batch_sizes}
     table = []
