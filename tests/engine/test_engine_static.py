@@ -209,6 +209,83 @@ def test_a_request_arriving_while_steps_run_ahead_joins_the_next_step(
     assert texts == [reference_greedy(f32_engine, "Hi", 40), reference_greedy(f32_engine, LONG, 12)]
 
 
+def test_rows_that_finish_leave_between_queued_steps(f32_engine: TransformersEngine, monkeypatch) -> None:
+    """Rows that reach their length or a stop string leave the batch between queued steps, and the loop keeps
+    its run going (on a GPU, stopping the run at every finish left the device idle while the host retired
+    and re-planned, a gap in every running stream). Every reply is still its greedy reply alone (the rows
+    that fill the holes carry their inputs along), and a row that left keeps its keys and values for the next
+    prompt that begins with them."""
+    engine = static_engine(f32_engine)
+    forwards = Forwards(engine, monkeypatch)
+    turns: list[int] = []  # forwards each loop turn ran
+    iteration = type(engine._core)._iteration
+
+    def counted(core: Any, admitted: list) -> None:
+        before = len(forwards.steps)
+        iteration(core, admitted)
+        turns.append(len(forwards.steps) - before)
+
+    monkeypatch.setattr(type(engine._core), "_iteration", counted)
+    stopping = reference_greedy(f32_engine, PROMPTS[2], 24)
+    stop = stopping[len(stopping) // 2 : len(stopping) // 2 + 3]
+    lengths = [30, 4, 24, 20]
+    params = [GenerationParams(temperature=0.0, max_new_tokens=n) for n in lengths]
+    params[2] = GenerationParams(temperature=0.0, max_new_tokens=24, stop=(stop,))
+
+    async def main() -> list[Any]:
+        first = [
+            asyncio.create_task(collect(engine.generate(request(c, p, rid=c))))
+            for c, p in zip(PROMPTS, params, strict=True)
+        ]
+        results = await asyncio.gather(*first)
+        again = await collect(engine.generate(request(PROMPTS[1], params[1], rid="again")))
+        await engine.shutdown()
+        return [*results, again]
+
+    *results, (again, stream) = run(main())
+    texts = ["".join(deltas) for deltas, _ in results]
+    expected = [reference_greedy(f32_engine, c, n) for c, n in zip(PROMPTS, lengths, strict=True)]
+    expected[2] = stopping[: stopping.index(stop)]
+    assert texts == expected
+    assert [s.finish_reason for _, s in results] == ["length", "length", "stop", "length"]
+    assert len([n for n in turns if n]) == 2, turns  # one run for the four replies, one for the last request
+    assert "".join(again) == expected[1]
+    assert stream.cached_tokens >= stream.prompt_tokens - 1  # what the short row kept when it left
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3, 4])
+def test_a_step_failing_after_rows_left_ends_every_reply(f32_engine: TransformersEngine, monkeypatch, failing) -> None:
+    """A step that fails while rows left the batch ahead of their last token (queued, not yet read) ends
+    those replies too, as errors: no stream waits for a token that will never come; the engine serves on."""
+    engine = static_engine(f32_engine)
+    inner = engine._forward_step
+    calls = []
+
+    def flaky(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == failing:
+            raise RuntimeError("boom")
+        return inner(*args)
+
+    monkeypatch.setattr(engine, "_forward_step", flaky)
+
+    async def ended(content: str, new_tokens: int) -> str | None:
+        stream = engine.generate(request(content, GenerationParams(temperature=0.0, max_new_tokens=new_tokens)))
+        with contextlib.suppress(EngineError):
+            await collect(stream)
+        return stream.finish_reason
+
+    async def main() -> tuple[list[str | None], str | None]:
+        reasons = await asyncio.gather(ended(PROMPTS[0], 2), ended(PROMPTS[1], 3), ended(PROMPTS[2], 12))
+        after = await ended(PROMPTS[3], 4)
+        await engine.shutdown()
+        return list(reasons), after
+
+    reasons, after = run(main())
+    assert set(reasons) <= {"length", "error"} and "error" in reasons
+    assert after == "length"
+
+
 def test_prefill_budget_applies_only_while_rows_run(f32_engine: TransformersEngine, monkeypatch) -> None:
     """An idle engine prefills a long prompt in one forward; prompts joining a running row are packed beside
     a decode step of the row, at most ``max_prefill_tokens`` a step, and come out as alone."""

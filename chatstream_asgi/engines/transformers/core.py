@@ -50,6 +50,7 @@ class EngineCore:
         self.active: list[EngineSequence] = []  # running rows, in row (and slot) order
         self.prefilling: deque[EngineSequence] = deque()  # admitted, prompt not fully in the cache
         self._sampler: BatchSampler | None = None
+        self._leaving: list[EngineSequence] = []  # rows that left the batch before their last token was read
         self.prefix_hit_tokens = 0
         self.prefill_tokens = 0
 
@@ -98,7 +99,7 @@ class EngineCore:
                     self._iteration(admitted)
                 except Exception as exc:  # a bug outside the guarded steps: fail the batch, keep serving
                     logger.exception("engine step failed")
-                    self._fail_all([*self.active, *self.prefilling, *admitted], exc)
+                    self._fail_all([*self.active, *self.prefilling, *self._leaving, *admitted], exc)
         self._close_all()
         logger.info("engine %s stopped", self.name)
 
@@ -109,6 +110,7 @@ class EngineCore:
         past it (its keys and values kept for reuse).
         """
         outbox = Outbox()
+        self._leaving = []
         try:
             for seq in [*admitted, *self.prefilling, *self.active]:
                 if seq.stream.cancelled and seq.finish is None:
@@ -122,34 +124,34 @@ class EngineCore:
                     self._steps(plan, outbox)
                 except Exception as exc:  # the device failed: the rows' cache state is unknown
                     logger.exception("step over %d sequence(s) failed", len(plan.decode) + len(plan.chunks))
-                    self._fail_all([*self.active, *self.prefilling], exc, outbox)
+                    self._fail_all([*self.active, *self.prefilling, *self._leaving], exc, outbox)
             self._retire()
         finally:  # what this turn produced is delivered even when it fails past the steps (the caller fails the rest)
             outbox.flush()
 
     def _steps(self, plan: StepPlan, outbox: Outbox) -> None:
-        """Run ``plan``, and while the batch stays as it is, the steps after it, each queued on the device
-        before the host reads the one before (where the path queues: the slotted cache).
+        """Run ``plan``, and while the loop may, the steps after it, each queued on the device before the
+        host reads the one before (where the path queues: the slotted cache).
 
         While the host detokenizes and delivers step ``k``, the device already runs step ``k + 1`` on step
-        ``k``'s sampled tokens (they never leave the device). Step ``k + 1`` is queued only when no row can
-        reach its length limit at step ``k`` and nothing waits to change the batch; if step ``k`` finishes a
-        row (a stop) or something waits that cannot be admitted (no room, cancelled), the loop reads step
-        ``k + 1`` for the sequences still running and returns, so rows leave and join between steps as on
-        the growing cache; a request that can be admitted joins the step planned next
-        (:meth:`_admit_while_running`). A step that finishes a row is delivered by the caller, after the
-        row has left the batch (its slot retained).
+        ``k``'s sampled tokens (they never leave the device). The batch changes between queued steps: rows
+        that finished, and rows whose last token step ``k + 1`` samples (their length limit), leave before
+        step ``k + 2`` is planned (:meth:`_plan_ahead`), and a request that can be admitted joins the step
+        planned next (:meth:`_admit_while_running`). The run stops, and the loop turn takes over, when a
+        request waits that cannot be admitted (no room, cancelled), a row was cancelled, or a row's token
+        must be read before its next is picked (:meth:`_may_run_ahead`). A row's end is delivered after
+        it has left the batch (its slot retained).
         """
         pending = self._launch(plan, outbox, fed=False)
         while True:
-            ahead_plan = self._plan_ahead(plan)
+            ahead_plan = self._plan_ahead(plan, outbox)
             ahead = self._launch(ahead_plan, outbox, fed=True) if ahead_plan is not None else None
             self._deliver(plan, pending(), outbox)
             outbox.flush(hold_ends=True)  # a finished row is retired before its end goes out
             if ahead is None or ahead_plan is None:
                 return
             self._admit_while_running()  # arrivals join the step planned next
-            if any(s.finish is not None for s in plan.sampled) or not self._may_run_ahead(ahead_plan, ahead=False):
+            if not self._may_run_ahead(ahead_plan):
                 self._deliver(ahead_plan, ahead(), outbox)
                 outbox.flush(hold_ends=True)
                 return
@@ -198,44 +200,60 @@ class EngineCore:
             asked = [reported[n] for n in live] if reported is not None else None
             self._output.accept([seqs[n] for n in live], [tokens[n] for n in live], outbox, asked)
 
-    def _plan_ahead(self, plan: StepPlan) -> StepPlan | None:
-        """The step after ``plan``, planned before ``plan``'s tokens are read, where that is allowed."""
+    def _plan_ahead(self, plan: StepPlan, outbox: Outbox) -> StepPlan | None:
+        """The step after ``plan``, planned before ``plan``'s tokens are read, where that is allowed.
+
+        Rows that finished, and rows whose last token ``plan`` samples, leave the batch first (their slots
+        move and are retained behind ``plan`` on the device, their ends go out): stopping the run for them
+        left the device idle while the host delivered, retired and planned (a gap in every running stream
+        at every finish). A row that stops at a token ``plan`` samples is in the next step too, its token
+        dropped, as when it stopped before.
+        """
         if not self.path.runs_ahead or not self._may_run_ahead(plan):
+            return None
+        self._retire(ahead=True)
+        outbox.flush()  # the ends held for rows that left
+        if not (self.active or self.prefilling):
             return None
         return self.path.plan(self.active, self.prefilling)
 
-    def _may_run_ahead(self, plan: StepPlan, *, ahead: bool = True) -> bool:
+    def _may_run_ahead(self, plan: StepPlan) -> bool:
         """Whether the step after ``plan`` may be queued before ``plan`` is read (see :meth:`_steps`):
-        nothing waits to be admitted, nothing was cancelled, no row needs its token read before its next
-        is picked (a grammar, log-probabilities: :attr:`EngineSequence.watched`), and (``ahead``) no row
-        reaches its length limit at ``plan`` (its tokens are counted before ``plan``'s are read)."""
+        nothing waits that cannot be admitted, nothing was cancelled, and no row needs its token read
+        before its next is picked (a grammar, log-probabilities: :attr:`EngineSequence.watched`)."""
         if self.stopping or (self.pending and len(self.active) + len(self.prefilling) < self.path.rows):
             return False
         rows = plan.sampled
-        if not rows or any(s.stream.cancelled for s in (*rows, *self.prefilling)) or any(s.watched for s in rows):
+        if not rows or any(s.stream.cancelled for s in (*rows, *self.prefilling)):
             return False
-        return not ahead or all(s.generated + 1 < self._output.limit(s) for s in rows)
+        return not any(s.watched for s in rows)
 
     def _get_sampler(self) -> BatchSampler:
         if self._sampler is None:
             self._sampler = BatchSampler(self._vocab_size, self.device)
         return self._sampler
 
-    def _retire(self) -> None:
-        """Drop finished rows, filling the holes with rows from the end to move little cache."""
+    def _retire(self, *, ahead: bool = False) -> None:
+        """Drop finished rows (``ahead``: and rows whose last token the queued step samples, their ends still
+        to come), filling the holes with rows from the end to move little cache."""
         rows = self.active
-        gone = [i for i, s in enumerate(rows) if s.finish is not None]
+        gone = [i for i, s in enumerate(rows) if s.finish is not None or (ahead and self._last_queued(s))]
         if not gone:
             return
-        keep = len(rows) - len(gone)
+        self._leaving = [rows[i] for i in gone if rows[i].finish is None]
+        keep, leaving = len(rows) - len(gone), set(gone)
         order = list(range(keep))
-        movers = (i for i in range(keep, len(rows)) if rows[i].finish is None)
+        movers = (i for i in range(keep, len(rows)) if i not in leaving)
         for hole in (i for i in gone if i < keep):
             order[hole] = next(movers)
         self.path.retire(rows, order)
         self.active = [rows[i] for i in order]
         if self._sampler is not None:
             self._sampler.keep_rows(order)
+
+    def _last_queued(self, seq: EngineSequence) -> bool:
+        """Whether the step queued and not yet read samples ``seq``'s last token (its length limit)."""
+        return seq.generated + 1 >= self._output.limit(seq)
 
     def _fail_all(self, seqs: Sequence[EngineSequence], exc: BaseException, outbox: Outbox | None = None) -> None:
         """Fail every given sequence and reset the batch (its cache state is unknown)."""
@@ -256,7 +274,7 @@ class EngineCore:
         outbox = Outbox()
         with self.cond:
             waiting, self.pending = list(self.pending), deque()
-        for seq in [*self.active, *self.prefilling, *waiting]:
+        for seq in [*self.active, *self.prefilling, *self._leaving, *waiting]:
             if seq.finish is None:
                 finish(seq, "cancelled", outbox)
         self.active = []

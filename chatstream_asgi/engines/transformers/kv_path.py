@@ -60,7 +60,8 @@ class KVPath(Protocol):
         """The forward of prompts alone (through the engine's ``_forward_prefill`` hook)."""
 
     def retire(self, rows: Sequence[EngineSequence], order: Sequence[int]) -> None:
-        """Rows left the batch: row ``order[j]`` becomes row ``j``; keep what leaving rows computed for reuse."""
+        """Rows left the batch: row ``order[j]`` becomes row ``j``; keep what leaving rows computed for reuse.
+        Where the path queues, a step may be queued and not yet read: what this moves follows it."""
 
     def reset(self) -> None:
         """Forget every row and every kept prefix (after a failure, or at shutdown)."""

@@ -232,9 +232,11 @@ class StaticPath:
 
         A leaving row below the new batch size is a hole that the row from the end fills; its own columns
         go to that row's old slot (a swap), where they stay as a retained entry (not after a failure).
+        The moves and the inputs fed to the next step follow the rows, queued behind any queued step.
         """
-        kv = self.kv
-        assert kv is not None
+        kv, runner = self.kv, self.runner
+        assert kv is not None and runner is not None
+        runner.keep_fed(order)
         moves = [(i, j) for j, i in enumerate(order) if i != j]
         columns = max((rows[i].cached for i in order), default=0)
         index, kept = self.index, set(order)

@@ -37,6 +37,7 @@ from chatstream_asgi.engines.transformers.graphs import (
     token_buckets,
 )
 from chatstream_asgi.engines.transformers.static_cache import StaticKVCache
+from chatstream_asgi.engines.transformers.transfer import upload
 
 __all__ = ["ChunkInput", "StepRunner"]
 
@@ -191,6 +192,12 @@ class StepRunner:
     def feed(self, tokens: torch.Tensor) -> None:
         """Make ``tokens`` (device, ``[n]``) the input of the next step's first ``n`` decode rows."""
         self._tokens[0, : tokens.shape[0]].copy_(tokens)
+
+    def keep_fed(self, order: Sequence[int]) -> None:
+        """Rows left the batch: the input :meth:`feed` left for row ``order[j]`` becomes row ``j``'s."""
+        if list(order) != list(range(len(order))):
+            index = upload(list(order), self.device, torch.long)
+            self._tokens[0, : len(order)] = self._tokens[0, index]
 
     def fetch(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
         """Queue the copy of ``tokens`` to the host; the returned call waits for it (and only it)."""
