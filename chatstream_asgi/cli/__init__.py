@@ -17,6 +17,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -166,8 +167,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         parser.error("--max-prefill-tokens must be 0 (no cap) or more")
     started = time.perf_counter()
     # SIGINT stops the server at every stage, as it does once serving: a shell that starts the command in
-    # the background leaves SIGINT ignored, and the load would inherit that and never see a Ctrl+C.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # the background leaves SIGINT ignored, and the load would inherit that and never see a Ctrl+C. Only
+    # the main thread may set handlers: called from another one, signals stay as the process has them.
+    if _on_main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         from hypercorn.asyncio import serve
@@ -246,6 +249,10 @@ def _log_sampling(chat_stream: ChatStream, engine: Engine) -> None:
     )  # fmt: skip
 
 
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 async def _serve(serve: Any, app: Any, config: Any, chat_stream: ChatStream) -> None:
     """Run hypercorn; on SIGINT/SIGTERM drain the chat service *before* hypercorn shuts down.
 
@@ -265,8 +272,9 @@ async def _serve(serve: Any, app: Any, config: Any, chat_stream: ChatStream) -> 
             log.info("stopping now: open replies end with an error frame")
             chat_stream.stop_now()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    if _on_main_thread():  # elsewhere the server runs until the process ends
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
 
     async def shutdown_trigger() -> None:
         await stop.wait()

@@ -78,6 +78,24 @@ def test_serve_mock_streams_and_stops_cleanly_on_sigint() -> None:
         server.stop()
 
 
+def test_serve_called_off_the_main_thread_serves() -> None:
+    """``main()`` called from a thread (an app embedding the server) serves instead of failing on the signal
+    handlers that only the main thread may set; signals then stay the process's (SIGTERM ends it)."""
+    port = free_port()
+    argv = ["serve", "--engine", "mock", "--host", "127.0.0.1", "--port", str(port), "--mock-type", "echo",
+            "--mock-initial-wait", "0", "--mock-time-per-token", "0"]  # fmt: skip
+    thread = f"threading.Thread(target=main, args=[{argv!r}])"
+    code = f"import threading\nfrom chatstream_asgi.cli import main\n{thread}.start()"
+    server = Server([sys.executable, "-c", code], port, {})
+    try:
+        server.wait_ready()
+        reply = httpx.post(server.url + "/chat_stream", json={"user_input": "from a thread"}, timeout=5.0)
+        assert (reply.status_code, reply.text) == (200, "from a thread")
+        assert "Traceback" not in server.output()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(
     ("sig", "max_new_tokens", "shutdown_timeout", "last_event", "state"),
     [
