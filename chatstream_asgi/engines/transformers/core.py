@@ -209,7 +209,10 @@ class EngineCore:
         at every finish). A row that stops at a token ``plan`` samples is in the next step too, its token
         dropped, as when it stopped before.
         """
-        if not self.path.runs_ahead or not self._may_run_ahead(plan):
+        if not self.path.runs_ahead:
+            return None
+        self._admit_while_running()  # what arrived since the last look
+        if not self._may_run_ahead(plan):
             return None
         self._retire(ahead=True)
         outbox.flush()  # the ends held for rows that left
