@@ -171,6 +171,37 @@ def test_moe_steps_trace_whole(moe_models: dict, name: str, dtype: torch.dtype) 
     model.to(torch.float32)
 
 
+def test_blocks_of_both_windows_compile_their_chunk_steps_within_dynamos_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma 2 alternates sliding and full attention: compiled as one function, its blocks needed a variant
+    per window for every kind of chunk step and passed dynamo's limit of 8 (on the H100 its chunk steps,
+    and gpt-oss's, stayed unfused). Each window's blocks have a compiled function of their own, and 28
+    step shapes (rows 0-4, two lengths, two chunk sizes, columns reused or not) fit. Traced by dynamo
+    without inductor (the variants are dynamo's): the CPU stand-in for the GPU's compile."""
+    from chatstream_asgi.engines.transformers import compiled_step
+
+    real = torch.compile
+    monkeypatch.setattr(compiled_step.torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": "eager"}))
+    model, tokenizer, _ = load_model(str(build_architecture(tmp_path, "gemma2")), device="cpu", dtype="float32")
+    engine = TransformersEngine(model, tokenizer, "cpu", static_cache=True, compile_mode=None, max_batch_size=8)
+
+    async def prepare() -> None:
+        await engine.start()
+        await engine.shutdown()
+
+    run(prepare())
+    runner, layers = engine._path.runner, engine._path.kv.layers
+    fused = compiled_step.FusedModules(model, layers, "default")
+    shapes = [(r, n, t, c) for r in (0, 1, 2, 4) for n in ((0,) if r == 0 else (64, 256)) for t in (16, 32)
+              for c in (t, 4 * t)]  # fmt: skip
+    with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=8):
+        for shape in shapes:
+            with fused.active():
+                assert torch.isfinite(runner.forward(shape)).all()
+    assert {layer.window for layer in layers} == {None, model.config.sliding_window}
+
+
 def test_a_model_the_slotted_cache_cannot_hold_falls_back_with_one_line(caplog: pytest.LogCaptureFixture) -> None:
     """Where the slotted cache is the default (CUDA), a model it cannot hold runs on the growing cache, with
     one warning that says why; asked for explicitly, it is refused at once; on CPU nothing is said."""

@@ -158,9 +158,14 @@ class FusedModules:
             if index != i:
                 raise ValueError(f"block {i} of the model attends with cache layer {index}")
         self._caches = {id(block): _BlockCache(layer) for block, layer in zip(blocks, layers, strict=True)}
-        self._compiled = {  # per class: each its own compiled variants (rows, and for chunks, reused columns)
-            cls: torch.compile(_own_copy(_module_forward), mode=mode, dynamic=True, fullgraph=True)
-            for cls in {type(m) for m in (*blocks, *beside)}
+        # Blocks of sliding and of full attention (Gemma 2, gpt-oss) get one compiled function each: in one,
+        # every chunk shape compiled twice, once per window, and passed dynamo's limit of 8 variants.
+        self._kinds = {
+            id(b): (type(b), getattr(layer, "window", None)) for b, layer in zip(blocks, layers, strict=True)
+        }
+        self._compiled = {  # per kind: each its own compiled variants (rows, and for chunks, reused columns)
+            kind: torch.compile(_own_copy(_module_forward), mode=mode, dynamic=True, fullgraph=True)
+            for kind in {self._kind(m) for m in (*blocks, *beside)}
         }
         for module in (*blocks, *beside):
             _route(module)
@@ -184,7 +189,11 @@ class FusedModules:
                     f"{type(module).__name__} is not given its cache by keyword ({' or '.join(_CACHE_ARGS)})"
                 )
             kwargs = {**kwargs, name: cache}
-        return self._compiled[type(module)](module, *args, **kwargs)
+        return self._compiled[self._kind(module)](module, *args, **kwargs)
+
+    def _kind(self, module: torch.nn.Module) -> tuple[type, int | None]:
+        """A block's class and its attention window; another module's class."""
+        return self._kinds.get(id(module), (type(module), None))
 
 
 def _route(module: torch.nn.Module) -> None:
