@@ -222,6 +222,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     app = create_app(chat_stream, admin_token=args.admin_token, admin_endpoints=args.admin_endpoints)
     app = _announce_ready(app, f"http://{host}:{args.port}/", started)
     asyncio.run(_serve(serve, app, config, chat_stream))
+    if _on_main_thread():  # stopped: a Ctrl+C pressed again while the interpreter finalizes (torch's exit
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # hooks) would end it with a KeyboardInterrupt traceback
 
 
 def _exit_now(status: int) -> None:

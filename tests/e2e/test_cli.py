@@ -78,6 +78,28 @@ def test_serve_mock_streams_and_stops_cleanly_on_sigint() -> None:
         server.stop()
 
 
+def test_ctrl_c_again_while_the_stopped_server_exits_prints_no_traceback() -> None:
+    """A second Ctrl+C that lands after the server stopped, while the interpreter finalizes (torch's exit
+    hooks take a moment), is ignored: no ``KeyboardInterrupt`` traceback on the way out. The process sends
+    it to itself from an exit hook, which is when a user's second press arrives."""
+    port = free_port()
+    argv = ["serve", "--engine", "mock", "--host", "127.0.0.1", "--port", str(port)]
+    code = (
+        "import atexit, os, signal, time\nfrom chatstream_asgi.cli import main\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))\n"
+        f"main({argv!r})"
+    )
+    server = Server([sys.executable, "-c", code], port, {})
+    try:
+        server.wait_ready()
+        server.signal(signal.SIGINT)
+        assert server.wait_exit(15) == 0
+        assert "shutting down" in server.output()
+        assert "KeyboardInterrupt" not in server.output(), server.output()
+    finally:
+        server.stop()
+
+
 def test_serve_called_off_the_main_thread_serves() -> None:
     """``main()`` called from a thread (an app embedding the server) serves instead of failing on the signal
     handlers that only the main thread may set; signals then stay the process's (SIGTERM ends it)."""
