@@ -267,6 +267,35 @@ def test_failing_step_fails_its_streams_and_engine_recovers(tiny_engine: Transfo
     assert "".join(deltas) == reference_greedy(tiny_engine, "Hi", GREEDY.max_new_tokens)
 
 
+@pytest.mark.parametrize("failing", [1, 3])
+def test_failing_detokenization_ends_its_streams(tiny_engine: TransformersEngine, monkeypatch, failing: int) -> None:
+    """Detokenizing a step fails (the tokenizer raises), here on the step that samples the reply's last token
+    (3) or its first (1): the reply ends with an error instead of waiting forever (a row already marked
+    finished was skipped when the step's rows were failed), and the engine serves the next request."""
+    from chatstream_asgi.engines.transformers import output
+
+    real, calls = output.decode_windows, []
+
+    def flaky(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == failing:
+            raise RuntimeError("tokenizer boom")
+        return real(*args)
+
+    monkeypatch.setattr(output, "decode_windows", flaky)
+
+    async def main() -> GenerationStream:
+        stream = tiny_engine.generate(request("Hi", GenerationParams(temperature=0.0, max_new_tokens=3)))
+        with pytest.raises(EngineError, match="tokenizer boom"):
+            await collect(stream)
+        return stream
+
+    assert run(main()).finish_reason == "error"
+    deltas, stream = run(complete(tiny_engine, request("Hi")))
+    assert stream.finish_reason == "length"
+    assert "".join(deltas) == reference_greedy(tiny_engine, "Hi", GREEDY.max_new_tokens)
+
+
 def test_failing_prefill_fails_only_the_new_sequences(tiny_engine: TransformersEngine, monkeypatch) -> None:
     probe = StepProbe(tiny_engine, monkeypatch)
     reached, release = probe.pause_at(2)

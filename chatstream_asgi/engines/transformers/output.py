@@ -64,7 +64,13 @@ class OutputProcessor:
             ):
                 seq.grammar.closing = True  # steer the reply to close before the limit cuts it
         windows = [w for seq in seqs for w in seq.detokenizer.windows()]
-        texts = decode_windows(self.tokenizer, windows)
+        try:
+            texts = decode_windows(self.tokenizer, windows)
+        except Exception as exc:  # every row of the step ends here: those marked finished above the loop skips
+            logger.exception("detokenizing a step of %d sequence(s) failed", len(seqs))
+            for seq in seqs:
+                fail(seq, exc, outbox)
+            return
         for i, seq in enumerate(seqs):
             if seq.finish == "error":
                 fail(seq, EngineError("the reply left its schema"), outbox)
