@@ -160,7 +160,10 @@ def _announce_ready(app: Any, url: str, started: float) -> Any:
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
-    """Entry point; ``prog`` is how the command was invoked (default: the script's name), for usage lines."""
+    """Entry point; ``prog`` is how the command was invoked (default: the script's name), for usage lines.
+
+    Called on the main thread, it owns SIGINT (and, while serving, SIGTERM): once the server has stopped,
+    SIGINT stays ignored, since the process is about to exit."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if getattr(args, "max_prefill_tokens", 0) < 0:

@@ -209,6 +209,68 @@ def test_a_request_arriving_while_steps_run_ahead_joins_the_next_step(
     assert texts == [reference_greedy(f32_engine, "Hi", 40), reference_greedy(f32_engine, LONG, 12)]
 
 
+def test_a_request_arriving_just_before_the_next_step_is_planned_joins_it(
+    f32_engine: TransformersEngine, monkeypatch
+) -> None:
+    """A request that arrives after the loop's look for arrivals and before it plans the next step (the loop
+    checks, between queued steps, that nothing waits for a place) is admitted into that step: the run
+    goes on (before, that check stopped it, and the loop turn that admitted it left the device idle)."""
+    engine = static_engine(f32_engine, max_prefill_tokens=8)
+    probe = StepProbe(engine, monkeypatch)
+    reached, release = probe.pause_at(3)
+    core = engine._core
+    turns: list[int] = []
+    stash: list[Any] = []
+    delivered = [False]
+    iteration, deliver, may_run_ahead, submit = (
+        type(core)._iteration,
+        type(core)._deliver,
+        type(core)._may_run_ahead,
+        core.submit,
+    )
+
+    def counted(self: Any, admitted: list) -> None:
+        turns.append(len(probe.sizes))
+        iteration(self, admitted)
+
+    def delivering(self: Any, *args: Any) -> None:
+        delivered[0] = True
+        deliver(self, *args)
+
+    def arriving_after_the_check(self: Any, plan: Any) -> bool:
+        allowed = may_run_ahead(self, plan)
+        if delivered[0] and allowed and stash:  # the check between queued steps passed: now it arrives
+            with self.cond:
+                self.pending.extend(stash)
+            stash.clear()
+        delivered[0] = False
+        return allowed
+
+    monkeypatch.setattr(type(core), "_iteration", counted)
+    monkeypatch.setattr(type(core), "_deliver", delivering)
+    monkeypatch.setattr(type(core), "_may_run_ahead", arriving_after_the_check)
+    running = GenerationParams(temperature=0.0, max_new_tokens=40)
+    params = GenerationParams(temperature=0.0, max_new_tokens=12)
+
+    async def main() -> list[str]:
+        first = asyncio.create_task(collect(engine.generate(request("Hi", running, rid="run"))))
+        await engine_reached(reached)
+        mark = len(turns)
+        monkeypatch.setattr(core, "submit", stash.append)
+        second = asyncio.create_task(collect(engine.generate(request(LONG, params, rid="late"))))  # held back
+        monkeypatch.setattr(core, "submit", submit)
+        assert stash and not core.pending
+        release.set()
+        results = await asyncio.gather(first, second)
+        await engine.shutdown()
+        assert not stash, "the request never arrived"
+        assert len(turns) == mark, "the loop stopped its run to admit the request"
+        return ["".join(deltas) for deltas, _ in results]
+
+    texts = run(main())
+    assert texts == [reference_greedy(f32_engine, "Hi", 40), reference_greedy(f32_engine, LONG, 12)]
+
+
 def test_rows_that_finish_leave_between_queued_steps(f32_engine: TransformersEngine, monkeypatch) -> None:
     """Rows that reach their length or a stop string leave the batch between queued steps, and the loop keeps
     its run going (on a GPU, stopping the run at every finish left the device idle while the host retired
