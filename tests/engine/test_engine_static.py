@@ -293,6 +293,9 @@ def test_rows_that_finish_leave_between_queued_steps(f32_engine: TransformersEng
     lengths = [30, 4, 24, 20]
     params = [GenerationParams(temperature=0.0, max_new_tokens=n) for n in lengths]
     params[2] = GenerationParams(temperature=0.0, max_new_tokens=24, stop=(stop,))
+    # The row that fills the hole samples, seeded, with a repetition penalty: its generator and the tokens
+    # it has seen move with it.
+    params[3] = GenerationParams(temperature=0.9, top_k=20, seed=7, repetition_penalty=1.3, max_new_tokens=20)
 
     async def main() -> list[Any]:
         first = [
@@ -300,17 +303,19 @@ def test_rows_that_finish_leave_between_queued_steps(f32_engine: TransformersEng
             for c, p in zip(PROMPTS, params, strict=True)
         ]
         results = await asyncio.gather(*first)
+        alone = await collect(engine.generate(request(PROMPTS[3], params[3], rid="alone")))
         again = await collect(engine.generate(request(PROMPTS[1], params[1], rid="again")))
         await engine.shutdown()
-        return [*results, again]
+        return [*results, alone, again]
 
-    *results, (again, stream) = run(main())
+    *results, (alone, _), (again, stream) = run(main())
     texts = ["".join(deltas) for deltas, _ in results]
     expected = [reference_greedy(f32_engine, c, n) for c, n in zip(PROMPTS, lengths, strict=True)]
     expected[2] = stopping[: stopping.index(stop)]
+    expected[3] = "".join(alone)
     assert texts == expected
     assert [s.finish_reason for _, s in results] == ["length", "length", "stop", "length"]
-    assert len([n for n in turns if n]) == 2, turns  # one run for the four replies, one for the last request
+    assert len([n for n in turns if n]) == 3, turns  # one run for the four replies, one for each request after
     assert "".join(again) == expected[1]
     assert stream.cached_tokens >= stream.prompt_tokens - 1  # what the short row kept when it left
 
