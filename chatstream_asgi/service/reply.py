@@ -28,6 +28,7 @@ from chatstream_asgi.logs import logger
 from chatstream_asgi.protocols.dialect import Dialect
 from chatstream_asgi.protocols.framing import Framer, Summary
 from chatstream_asgi.service.admission import Ticket
+from chatstream_asgi.service.features import check_features
 from chatstream_asgi.states import CompletionState
 from chatstream_asgi.types import ASGIMessage, Headers, Receive, Send
 
@@ -145,6 +146,8 @@ class Reply:
             on_position = self._send_queue_update if framer.queue_events else None
             await self.ticket.wait(on_position, heartbeat=self.keepalive_interval)
         await self.ready()
+        if self.request.params.json_schema is not None:  # checked before admission; again now, off the loop: a
+            await check_features(self.engine, self.request.params)  # schema evicted meanwhile compiles there
         self.engine_started = True
         self.stream = stream = self.engine.generate(self.request)
         async for text in stream:

@@ -282,3 +282,78 @@ def test_generated_schemas_are_followed_or_refused_with_the_reason(
         error = response.json()["error"]
         assert error["code"] == "invalid_json_schema" and error["param"] == "response_format", error
         assert any(word in error["message"] for word in ("not", "objekt", "does not exist")), error
+
+
+def test_a_schema_evicted_while_its_request_waited_compiles_off_the_event_loop(
+    tiny_engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schemas are compiled before admission (off the event loop) and kept in an LRU; a request that waited
+    in the queue while other schemas pushed its own out gets it compiled again off the loop too, not
+    inside ``generate`` on the loop, where it would stall every other reply."""
+    import asyncio
+
+    engine = TransformersEngine(
+        tiny_engine.model, tiny_engine.tokenizer, tiny_engine.device, compile_mode=None, context_len=2048
+    )
+    grammars = engine._grammars
+    monkeypatch.setattr(grammars, "_cache_size", 1)
+    compiled, template = [], grammars._template
+
+    def spy(schema: str) -> Any:
+        fresh = schema not in grammars._compiled
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        result = template(schema)
+        if fresh:
+            compiled.append((json.loads(schema)["properties"], on_loop))
+        return result
+
+    monkeypatch.setattr(grammars, "_template", spy)
+    reached, release = threading.Event(), threading.Event()
+    step = engine._forward_step
+
+    def held(*args: Any) -> Any:  # the first reply holds the one slot until released
+        reached.set()
+        release.wait(30)
+        return step(*args)
+
+    monkeypatch.setattr(engine, "_forward_step", held)
+    first, second = ({"type": "object", "properties": {name: {"type": "integer"}}, "required": [name],
+                      "additionalProperties": False} for name in ("a", "b"))  # fmt: skip
+    cs = ChatStream(engine, num_of_concurrent_executions=1, max_queue_size=4, session_secret="s")
+    with serve_in_thread(create_app(cs)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        replies: dict[str, httpx.Response] = {}
+
+        def post(name: str, body: dict[str, Any]) -> threading.Thread:
+            def send() -> None:
+                replies[name] = client.post("/chat_stream", json={"format": "text", **body})
+
+            thread = threading.Thread(target=send)
+            thread.start()
+            return thread
+
+        def waiting(count: int) -> None:
+            for _ in range(600):
+                if client.get("/get_load").json()["waiting"] == count:
+                    return
+                threading.Event().wait(0.05)
+            raise AssertionError(f"never {count} waiting")
+
+        threads = [post("plain", {"user_input": "Hi", "generation_params": {"max_new_tokens": 4}})]
+        assert reached.wait(30)
+        threads.append(post("first", {"user_input": "A?", "json_schema": first}))
+        waiting(1)
+        threads.append(post("second", {"user_input": "B?", "json_schema": second}))  # evicts the first
+        waiting(2)
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    for name, schema in (("first", first), ("second", second)):
+        assert replies[name].status_code == 200, replies[name].text
+        jsonschema.validate(json.loads(replies[name].text), schema)
+    # checked before admission (the second evicting the first), then each again once admitted (the LRU holds one)
+    assert [props for props, _ in compiled] == [first["properties"], second["properties"]] * 2
+    assert not [props for props, on_loop in compiled if on_loop], compiled

@@ -10,7 +10,8 @@ precise refusals (an unknown keyword, an unsatisfiable range), and compile limit
 :class:`Grammars` holds the library's view of one tokenizer (built once, about a second, on the first
 constrained request) and the schemas compiled so far (an LRU of matchers in their initial state, copied
 for each request). Compiling runs in :meth:`Grammars.check`, which the front calls off the event loop
-before admission, so a bad schema is a 400 and the generation thread never compiles.
+before admission, so a bad schema is a 400 and the generation thread never compiles; and again once the
+request is admitted, so a schema the LRU let go while the request waited compiles off the loop too.
 
 A grammar makes every reply valid only if it ends: a small model can loop inside an open string or array
 until ``max_new_tokens`` cuts it (SmolLM2-135M does, for most ``json_object`` prompts). So once a
