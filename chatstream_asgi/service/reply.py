@@ -142,12 +142,15 @@ class Reply:
 
     async def _stream(self) -> None:
         framer = self.framer
-        if not self.ticket.granted:
+        waited = not self.ticket.granted
+        if waited:
             on_position = self._send_queue_update if framer.queue_events else None
             await self.ticket.wait(on_position, heartbeat=self.keepalive_interval)
         await self.ready()
-        if self.request.params.json_schema is not None:  # checked before admission; again now, off the loop: a
-            await check_features(self.engine, self.request.params)  # schema evicted meanwhile compiles there
+        if waited and self.request.params.json_schema is not None:  # checked before admission; again now, off
+            await check_features(
+                self.engine, self.request.params
+            )  # the loop: evicted while it waited, it compiles there
         self.engine_started = True
         self.stream = stream = self.engine.generate(self.request)
         async for text in stream:

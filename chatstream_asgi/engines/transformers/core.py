@@ -150,11 +150,6 @@ class EngineCore:
             outbox.flush(hold_ends=True)  # a finished row is retired before its end goes out
             if ahead is None or ahead_plan is None:
                 return
-            self._admit_while_running()  # arrivals join the step planned next
-            if not self._may_run_ahead(ahead_plan):
-                self._deliver(ahead_plan, ahead(), outbox)
-                outbox.flush(hold_ends=True)
-                return
             plan, pending = ahead_plan, ahead
 
     def _admit_while_running(self) -> None:
@@ -224,7 +219,7 @@ class EngineCore:
         """Whether the step after ``plan`` may be queued before ``plan`` is read (see :meth:`_steps`):
         nothing waits that cannot be admitted, nothing was cancelled, and no row needs its token read
         before its next is picked (a grammar, log-probabilities: :attr:`EngineSequence.watched`)."""
-        if self.stopping or (self.pending and len(self.active) + len(self.prefilling) < self.path.rows):
+        if self.stopping or (self.pending and self.busy < self.path.rows):
             return False
         rows = plan.sampled
         if not rows or any(s.stream.cancelled for s in (*rows, *self.prefilling)):
