@@ -231,7 +231,9 @@ async def long_join_itl(
         await asyncio.sleep(0.005)
     window.append(time.perf_counter())
     one_token = GenerationParams(temperature=0.0, max_new_tokens=1)
-    joiner = engine.generate(GenerationRequest("long", long_prompt, one_token))
+    # tokenized in a worker thread, as the server does for a long prompt (on the loop it holds every stream)
+    joining = await asyncio.to_thread(engine.prepare, GenerationRequest("long", long_prompt, one_token))
+    joiner = engine.generate(joining)
     async for _ in joiner:
         pass
     window.append(time.perf_counter())

@@ -125,7 +125,9 @@ class GenerationRequest:
     ``prompt_tokens`` its count by :meth:`Engine.count_tokens`: the service fits the conversation
     to the context with them (off the event loop for a long one), so an engine uses them rather
     than render again; ``None`` (a request built by hand) lets the engine render ``messages`` itself.
-    An engine that sends messages elsewhere (a remote) uses ``messages``.
+    An engine that sends messages elsewhere (a remote) uses ``messages``. ``prompt_ids`` are the
+    prompt's token ids as :meth:`Engine.prepare` filled them in (``None``: the engine tokenizes in
+    :meth:`Engine.generate`).
 
     ``session_key`` names the conversation (the same for all its turns, ``None`` for stateless
     requests): a pool sends a conversation's turns to the engine that served the last one, whose
@@ -139,6 +141,7 @@ class GenerationRequest:
     session_key: str | None = None
     prompt: str | None = None
     prompt_tokens: int | None = None
+    prompt_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -355,8 +358,17 @@ class Engine:
         """Stop generating and release resources; open streams end with ``cancelled``."""
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
-        """Begin generating; must not block the event loop."""
+        """Begin generating; must not block the event loop (beyond what :meth:`prepare` leaves to it)."""
         raise NotImplementedError
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """The part of :meth:`generate` that takes time in proportion to the prompt (rendering and
+        tokenizing it), done ahead: ``request`` with what :meth:`generate` would compute filled in
+        (``prompt``, ``prompt_ids``), which :meth:`generate` then uses. Safe to call from a worker
+        thread; the service does, for a long prompt, since tokenizing one on the event loop stalls every
+        stream of the process meanwhile (2,000 tokens: about 2 ms). The default, for an engine that
+        tokenizes nothing, returns ``request``."""
+        return request
 
     def render_prompt(
         self,

@@ -184,6 +184,13 @@ class EnginePool(Engine):
         """A stream from the least-loaded healthy member."""
         return _PoolStream(self, request)
 
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Prepared by the member that served the conversation last (its session ids; see
+        :meth:`_acquire`), else by the first, as :meth:`render_prompt` renders: the members share a model."""
+        with self._lock:
+            last = self._affinity.get(request.session_key) if request.session_key else None
+        return self.engines[last if last is not None else 0].prepare(request)
+
     def render_prompt(
         self,
         messages: Sequence[ChatMessage],

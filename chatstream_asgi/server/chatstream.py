@@ -132,6 +132,7 @@ class ChatStream:
             request_timeout=timeouts.request_timeout,
             keepalive_interval=timeouts.keepalive_interval,
             fairness=fairness,
+            prepare=self.prompts.prepare_request,
         )
         self.preparer = ChatPreparer(
             self.sessions, self.prompts, self.default_params, limits.max_new_tokens, config.stream_format

@@ -68,6 +68,8 @@ class Replies:
     request_timeout: float | None = None
     keepalive_interval: float = 15.0
     fairness: Fairness = field(default_factory=Fairness)
+    prepare: Callable[[GenerationRequest], Awaitable[GenerationRequest]] | None = None
+    """Tokenizes a reply's prompt before it generates (``PromptBuilder.prepare_request``)."""
     _open: set[Reply] = field(default_factory=set, init=False)
     _closed_tokens: int = field(default=0, init=False)
 
@@ -116,6 +118,7 @@ class Replies:
             request_timeout=self.request_timeout,
             keepalive_interval=self.keepalive_interval,
             on_first_text=self._first_text_observer(exchange.started_at, ticket.first_text),
+            prepare=self.prepare,
         )
         ticket.meter = lambda: _tokens(reply)
         logger.info("accepted (position %d in queue, tenant %s)", ticket.position, claim.tenant)

@@ -62,6 +62,9 @@ class Reply:
     keepalive_interval: float | None = None
     """While queued, the queue event is repeated this often (a keep-alive for proxies)."""
     on_first_text: Callable[[], None] | None = None
+    prepare: Callable[[GenerationRequest], Awaitable[GenerationRequest]] | None = None
+    """Tokenizes the request's prompt ahead of ``generate`` (off the event loop for a long one); None: the
+    engine does it in ``generate``."""
     # Bookkeeping that decides the state.
     response_started: bool = field(default=False, init=False)
     text_sent: bool = field(default=False, init=False)
@@ -152,7 +155,8 @@ class Reply:
                 self.engine, self.request.params
             )  # the loop: evicted while it waited, it compiles there
         self.engine_started = True
-        self.stream = stream = self.engine.generate(self.request)
+        request = self.request if self.prepare is None else await self.prepare(self.request)
+        self.stream = stream = self.engine.generate(request)
         async for text in stream:
             framer.logprobs(stream.take_logprobs())
             frame = framer.delta(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -12,7 +13,7 @@ from remote_support import MESSAGES, WATCHDOG, WHILE_STREAMING, front, processin
 from servers import free_port
 
 from chatstream_asgi import Engine, MockEngine
-from chatstream_asgi.engines.base import GenerationStream
+from chatstream_asgi.engines.base import GenerationRequest, GenerationStream
 from chatstream_asgi.engines.pool import EnginePool
 from chatstream_asgi.engines.remote import EngineUnavailable, OpenAIEngine, RemoteLoad
 
@@ -306,3 +307,22 @@ async def test_a_conversation_returns_to_its_member_while_it_has_a_free_slot() -
             stream.cancel()
         assert pool.release_session("conversation-a") == 0  # mocks hold no cache; the route is forgotten
         assert turn("a4", "conversation-a").index == 0  # plain least-loaded choice again
+
+
+async def test_a_conversation_is_prepared_by_the_member_that_holds_its_last_ids() -> None:
+    """``EnginePool.prepare`` asks the member that served the conversation last (whose session ids build
+    the next prompt), else the first."""
+
+    class Preparing(MockEngine):
+        def prepare(self, request: GenerationRequest) -> GenerationRequest:
+            return dataclasses.replace(request, prompt=self.model_name, prompt_ids=())
+
+    pool = EnginePool([Preparing(model_name="first"), Preparing(model_name="second")])
+    busy = pool.generate(request("x"))  # member 0 busy: the conversation goes to member 1
+    req = request("a1")
+    req.session_key = "conversation-a"
+    served = pool.generate(req)
+    assert served.index == 1
+    assert pool.prepare(req).prompt == "second" and pool.prepare(request("b")).prompt == "first"
+    busy.cancel()
+    served.cancel()

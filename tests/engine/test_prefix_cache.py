@@ -398,6 +398,48 @@ def test_spliced_ids_hit_where_retokenizing_the_reply_would_not(f32_engine: Tran
     assert with_reuse[1].prompt == len(spliced)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_a_turn_prepared_in_a_worker_thread_is_the_turn_generate_builds(
+    f32_engine: TransformersEngine, static: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prepare`` (run off the event loop by the server for a long prompt) gives the spliced ids and the
+    same reply, reuse included, and ``generate`` does not tokenize the prepared prompt again."""
+
+    async def scenario(engine: TransformersEngine, prepared: bool) -> tuple[Turn, list[int]]:
+        messages = [{"role": "user", "content": QUESTIONS[0]}]
+        first = await ask(engine, messages, "s", max_new_tokens=24)
+        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": QUESTIONS[1]}]
+        request = GenerationRequest("r", messages, GREEDY, ignore_eos=True, session_key="s")
+        spliced = engine._turns.encode(engine.render_prompt(messages), "s")
+        if prepared:
+            request = await asyncio.to_thread(engine.prepare, request)
+            assert list(request.prompt_ids or ()) == spliced
+            monkeypatch.setattr(engine._turns, "encode", None)  # generate calling it again fails the test
+        deltas, stream = await collect(engine.generate(request))
+        return Turn("".join(deltas), stream.cached_tokens, stream.prompt_tokens), spliced
+
+    async def main(prepared: bool) -> tuple[Turn, list[int]]:
+        engine = make(f32_engine, static)
+        await engine.start()
+        try:
+            return await scenario(engine, prepared)
+        finally:
+            await engine.shutdown()
+
+    (prepared, spliced), (plain, _) = run(main(True)), run(main(False))
+    assert prepared == plain and prepared.prompt == len(spliced) and prepared.cached > 0
+
+
+def test_prompt_ids_without_their_text_are_tokenized_again(f32_engine: TransformersEngine) -> None:
+    """A session's next turn is matched on the prompt's text: ids handed in without it are not trusted."""
+    engine = make(f32_engine, False)
+    messages = [{"role": "user", "content": QUESTIONS[2]}]
+    request = GenerationRequest("r", messages, GREEDY, session_key="s", prompt_ids=(1, 2, 3))
+    prepared = engine.prepare(request)
+    assert prepared.prompt == engine.render_prompt(messages)
+    assert list(prepared.prompt_ids or ()) == engine._encode(messages)
+
+
 def test_session_turns_splice_the_repeated_part_of_the_reply(f32_engine: TransformersEngine) -> None:
     turns = SessionTurns(f32_engine.tokenizer)
     prompt = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"

@@ -512,6 +512,48 @@ async def test_a_long_history_is_capped_counted_once_and_fitted_off_the_loop() -
     assert len(engine.counted) <= 3  # estimated from the stored counts, checked exactly, not bisected
 
 
+class SlowTokenizer(MockEngine):
+    """A long prompt's ``prepare`` (its tokenization) blocks until released, recording on which thread."""
+
+    def __init__(self) -> None:
+        super().__init__(MockParams(type="long", time_per_token_sec=0.005))
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.threads: list[tuple[int, str]] = []
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        chars = len(request.prompt or "")
+        self.threads.append((chars, threading.current_thread().name))
+        if chars > 4096:
+            self.started.set()
+            self.release.wait(WATCHDOG)
+        return request
+
+
+async def test_other_streams_flow_while_a_long_prompt_is_tokenized() -> None:
+    """Tokenizing a long prompt (``Engine.prepare``) runs in a worker thread: a running stream keeps
+    getting text meanwhile, where tokenizing it in ``generate`` on the loop held every stream."""
+    engine = SlowTokenizer()
+    app = ChatStreamMiddleware(not_found, chat_stream(engine=engine))
+    short, long = Send(), Send()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app, http_scope(body=chat_body("hi")), Receive(chat_body("hi")), short)
+        await short.wait_until(lambda s: len(s.bodies) >= 2, WATCHDOG)
+        body = chat_body("word " * 2000)
+        tg.start_soon(app, http_scope(body=body), Receive(body), long)
+        with anyio.fail_after(WATCHDOG):
+            while not engine.started.is_set():
+                await anyio.sleep(0.001)
+        seen = len(short.bodies)
+        await short.wait_until(lambda s: len(s.bodies) >= seen + 3, WATCHDOG)  # while the long one tokenizes
+        engine.release.set()
+        await long.wait_until(lambda s: any(not m.get("more_body", True) for m in s.messages[1:]), WATCHDOG)
+        tg.cancel_scope.cancel()
+    loop = threading.current_thread().name
+    assert [thread != loop for _, thread in engine.threads] == [False, True]  # the short one on the loop
+    assert long.status == 200
+
+
 # -- 13. every callback gets the request's ChatResult ---------------------------------------------
 
 

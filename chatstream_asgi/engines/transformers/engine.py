@@ -17,6 +17,7 @@ Importing this module imports torch and transformers; ``import chatstream_asgi``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -261,11 +262,23 @@ class TransformersEngine(Engine):
         await asyncio.to_thread(thread.join)
         self._thread = None
 
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its prompt rendered (unless given) and tokenized: the session's last ids where
+        the prompt continues them (see :mod:`.session_turns`). Thread-safe (see :meth:`Engine.prepare`).
+        Ids without their text are tokenized again: the text is what the session's next turn is matched on."""
+        if request.prompt_ids is not None and request.prompt is not None:
+            return request
+        text = request.prompt or self.render_prompt(request.messages)
+        limit = self.context_len - request.params.max_new_tokens
+        ids = tuple(self._turns.encode(text, request.session_key, limit))
+        return dataclasses.replace(request, prompt=text, prompt_ids=ids)
+
     def generate(self, request: GenerationRequest) -> GenerationStream:
-        """Queue ``request`` and return its stream; raises :class:`PromptTooLong` at once."""
-        params, text = request.params, request.prompt or self.render_prompt(request.messages)  # rendered once
+        """Queue ``request`` and return its stream; raises :class:`PromptTooLong` at once. A request that
+        :meth:`prepare` has not seen is prepared here, on the caller's thread."""
+        request = self.prepare(request)
+        params, text, prompt_ids = request.params, request.prompt or "", list(request.prompt_ids or ())
         limit = self.context_len - params.max_new_tokens
-        prompt_ids = self._turns.encode(text, request.session_key, limit)
         if len(prompt_ids) > limit:
             raise PromptTooLong(
                 f"prompt has {len(prompt_ids)} tokens; at most {max(limit, 0)} fit with "
