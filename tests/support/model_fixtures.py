@@ -81,7 +81,10 @@ def build_tiny_tokenizer(directory: Path) -> Any:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its progress lines went to stdout, between a benchmark's table lines
     )
     bpe.train_from_iterator(_CORPUS, trainer)
     tokenizer = PreTrainedTokenizerFast(
