@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -211,7 +212,7 @@ class JoinGaps(NamedTuple):
     """Longest gap while it joins."""
     worst_tokens: int
     """Tokens the delta ending the longest gap carried (more than one: text held back for an incomplete
-    character, or a consumer that fell a step behind)."""
+    character; a consumer that fell behind shows as a long gap of one token)."""
     worst_single: float
     """Longest gap ending in a delta of one token."""
 
@@ -234,9 +235,25 @@ async def long_join_itl(engine: TransformersEngine, running: int, prompt_tokens:
     joined = asyncio.Event()
     window: list[float] = []
 
+    def counting(stream: GenerationStream) -> collections.deque[int]:
+        """The token count behind each text delta, taken as the engine pushes it (the stream's own count,
+        read when the consumer takes a delta, is already ahead of it when the consumer fell behind)."""
+        counts: collections.deque[int] = collections.deque()
+        push = stream.push  # type: ignore[attr-defined]
+
+        def counted(text: str, *, completion_tokens: int | None = None, logprobs: Any = None) -> None:
+            if text and completion_tokens is not None:
+                counts.append(completion_tokens)
+            push(text, completion_tokens=completion_tokens, logprobs=logprobs)
+
+        stream.push = counted  # type: ignore[attr-defined]
+        return counts
+
+    counts = [counting(stream) for stream in busy]
+
     async def drain(i: int, stream: GenerationStream) -> None:
         async for _ in stream:
-            stamps[i].append((time.perf_counter(), stream.completion_tokens))
+            stamps[i].append((time.perf_counter(), counts[i].popleft() if counts[i] else stream.completion_tokens))
             if joined.is_set() and len(stamps[i]) > 40:
                 return
 

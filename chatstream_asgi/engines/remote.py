@@ -320,6 +320,8 @@ class OpenAIEngine(Engine):
                 raise EngineUnavailable(f"no response from {url}: {exc!r}") from exc
             raise EngineError(f"{url}: the stream broke: {exc!r}") from exc
         prompt_tokens = as_int(usage.get("prompt_tokens"))
+        if prompt_tokens is None:  # the service's count where it gave one: counting here tokenizes on the loop
+            prompt_tokens = request.prompt_tokens
         stream.finish(
             _FINISH_REASONS.get(finish, "stop"),  # type: ignore[arg-type]
             prompt_tokens=self.count_tokens(request.messages) if prompt_tokens is None else prompt_tokens,

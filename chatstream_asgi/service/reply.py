@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 
 from chatstream_asgi.asgi.responses import send_json
 from chatstream_asgi.engines.base import Engine, EngineError, GenerationRequest, GenerationStream
@@ -155,7 +156,13 @@ class Reply:
                 self.engine, self.request.params
             )  # the loop: evicted while it waited, it compiles there
         self.engine_started = True
-        request = self.request if self.prepare is None else await self.prepare(self.request)
+        request = self.request
+        if self.prepare is not None:
+            request = await self.prepare(request)
+            # a worker thread is waited for, not abandoned, when the reply is cancelled meanwhile (the client
+            # left, the deadline, shutdown), and anyio returns its result without a checkpoint: take one
+            # here, or generate would start what nobody waits for (after shutdown: the engine's thread again)
+            await anyio.lowlevel.checkpoint()
         self.stream = stream = self.engine.generate(request)
         async for text in stream:
             framer.logprobs(stream.take_logprobs())

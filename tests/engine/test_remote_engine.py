@@ -294,4 +294,10 @@ async def test_other_servers_streams_and_errors(
     if error is None:  # no usage event: deltas counted, the prompt estimated
         assert stream.completion_tokens == len(received)
         assert stream.prompt_tokens == engine.count_tokens(MESSAGES)
+        counted = request()
+        counted.prompt_tokens = 1234  # the service's count, made off the loop while fitting: used as it is
+        again = engine.generate(counted)
+        with anyio.fail_after(WATCHDOG):
+            assert [delta async for delta in again] == received
+        assert again.prompt_tokens == 1234
     await engine.shutdown()

@@ -520,6 +520,11 @@ class SlowTokenizer(MockEngine):
         self.release = threading.Event()
         self.started = threading.Event()
         self.threads: list[tuple[int, str]] = []
+        self.generated: list[str] = []
+
+    def generate(self, request: GenerationRequest) -> GenerationStream:
+        self.generated.append(request.request_id)
+        return super().generate(request)
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         chars = len(request.prompt or "")
@@ -552,6 +557,74 @@ async def test_other_streams_flow_while_a_long_prompt_is_tokenized() -> None:
     loop = threading.current_thread().name
     assert [thread != loop for _, thread in engine.threads] == [False, True]  # the short one on the loop
     assert long.status == 200
+
+
+async def test_a_client_gone_while_its_prompt_is_tokenized_starts_no_generation() -> None:
+    """The worker thread is waited for, not abandoned, when the client leaves meanwhile: the reply ends
+    ``client_disconnected_before_streaming`` with its slot freed, and nothing is handed to the engine."""
+    engine, log = SlowTokenizer(), StateLog()
+    cs = chat_stream(engine=engine, callback=log)
+    body = chat_body("word " * 2000)
+    receive = Receive(body)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ChatStreamMiddleware(not_found, cs), http_scope(body=body), receive, Send())
+        with anyio.fail_after(WATCHDOG):
+            while not engine.started.is_set():
+                await anyio.sleep(0.001)
+            receive.disconnect()
+            while not all(reply.disconnected for reply in cs.replies._open):
+                await anyio.sleep(0.001)
+        engine.release.set()
+        states = await log.wait(1, WATCHDOG)
+    assert states == ["client_disconnected_before_streaming"]
+    assert cs.admission.active == 0 and engine.generated == []
+
+
+class GatedFitting(MockEngine):
+    """Counting a long conversation (fitting it, before admission) blocks while ``gate`` is shut; records
+    each request whose prompt was prepared (tokenized, once admitted)."""
+
+    def __init__(self) -> None:
+        super().__init__(MockParams(type="round", time_per_token_sec=0.001))
+        self.gate, self.counting = threading.Event(), threading.Event()
+        self.gate.set()
+        self.prepared: list[str] = []
+
+    def count_tokens(self, messages: Sequence[dict[str, str]]) -> int:
+        if sum(len(m["content"]) for m in messages) > 4096 and not self.gate.is_set():
+            self.counting.set()
+            self.gate.wait(WATCHDOG)
+        return super().count_tokens(messages)
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        self.prepared.append(request.request_id)
+        return request
+
+
+async def test_an_admitted_long_prompt_is_not_tokenized_behind_the_fitting_of_queued_ones() -> None:
+    """An admitted request holds a slot: its prompt's tokenization does not queue behind the fitting of a
+    request that has none yet (one worker thread for both held the slot idle meanwhile)."""
+    engine, log = GatedFitting(), StateLog()
+    cs = chat_stream(engine=engine, callback=log, num_of_concurrent_executions=1)
+    app = ChatStreamMiddleware(not_found, cs)
+    short, first, second = chat_body("hi"), chat_body("first " * 1000), chat_body("second " * 1000)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app, http_scope(body=short), Receive(short), Send())  # holds the one slot a while
+        with anyio.fail_after(WATCHDOG):
+            while cs.admission.active < 1:
+                await anyio.sleep(0.001)
+            tg.start_soon(app, http_scope(body=first), Receive(first), Send())  # fitted, then queued
+            while cs.admission.waiting < 1:
+                await anyio.sleep(0.001)
+            engine.gate.clear()
+            tg.start_soon(app, http_scope(body=second), Receive(second), Send())  # its fitting blocks
+            while not engine.counting.is_set():
+                await anyio.sleep(0.001)
+            while len(engine.prepared) < 2:  # the short one's, then the first long one's, once admitted
+                await anyio.sleep(0.001)
+        engine.gate.set()
+        states = await log.wait(3, WATCHDOG)
+    assert states == ["success"] * 3
 
 
 # -- 13. every callback gets the request's ChatResult ---------------------------------------------
