@@ -296,7 +296,7 @@ class PromptBuilder:
         return await anyio.to_thread.run_sync(prepare, limiter=self._admitted)
 
     async def off_loop(self, fn: Callable[[], T], *, heavy: bool = True) -> T:
-        """``fn()``, in the prompt worker thread when ``heavy``, else right here."""
+        """``fn()``, in the prompt-fitting worker thread when ``heavy``, else right here."""
         if not heavy:
             return fn()
         if self._limiter is None:
