@@ -272,11 +272,9 @@ async def long_join_itl(engine: TransformersEngine, running: int, prompt_tokens:
     await asyncio.gather(*tasks)
     for s in busy:
         s.cancel()
-    pairs = [(b - a, m - n) for ts in stamps for (a, n), (b, m) in itertools.pairwise(ts)]
-    ends = [b for ts in stamps for (a, _), (b, _) in itertools.pairwise(ts)]
-    starts = [a for ts in stamps for (a, _), (b, _) in itertools.pairwise(ts)]
-    before = [gap for (gap, _), b in zip(pairs, ends, strict=True) if b < window[0]]
-    during = [p for p, a, b in zip(pairs, starts, ends, strict=True) if b >= window[0] and a <= window[1]]
+    spans = [(a, b, m - n) for ts in stamps for (a, n), (b, m) in itertools.pairwise(ts)]  # (start, end, tokens)
+    before = [b - a for a, b, _ in spans if b < window[0]]
+    during = [(b - a, tokens) for a, b, tokens in spans if b >= window[0] and a <= window[1]]
     worst = max(during)
     single = [gap for gap, tokens in during if tokens == 1]
     gaps = [gap for gap, _ in during]

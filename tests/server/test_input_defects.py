@@ -512,6 +512,11 @@ async def test_a_long_history_is_capped_counted_once_and_fitted_off_the_loop() -
     assert len(engine.counted) <= 3  # estimated from the stored counts, checked exactly, not bisected
 
 
+async def set_in_a_thread(event: threading.Event) -> None:
+    """Wait (bounded) for ``event``, which a worker thread sets, without blocking the loop."""
+    assert await anyio.to_thread.run_sync(event.wait, WATCHDOG)
+
+
 class SlowTokenizer(MockEngine):
     """A long prompt's ``prepare`` (its tokenization) blocks until released, recording on which thread."""
 
@@ -546,9 +551,7 @@ async def test_other_streams_flow_while_a_long_prompt_is_tokenized() -> None:
         await short.wait_until(lambda s: len(s.bodies) >= 2, WATCHDOG)
         body = chat_body("word " * 2000)
         tg.start_soon(app, http_scope(body=body), Receive(body), long)
-        with anyio.fail_after(WATCHDOG):
-            while not engine.started.is_set():
-                await anyio.sleep(0.001)
+        await set_in_a_thread(engine.started)
         seen = len(short.bodies)
         await short.wait_until(lambda s: len(s.bodies) >= seen + 3, WATCHDOG)  # while the long one tokenizes
         engine.release.set()
@@ -568,10 +571,9 @@ async def test_a_client_gone_while_its_prompt_is_tokenized_starts_no_generation(
     receive = Receive(body)
     async with anyio.create_task_group() as tg:
         tg.start_soon(ChatStreamMiddleware(not_found, cs), http_scope(body=body), receive, Send())
+        await set_in_a_thread(engine.started)
+        receive.disconnect()
         with anyio.fail_after(WATCHDOG):
-            while not engine.started.is_set():
-                await anyio.sleep(0.001)
-            receive.disconnect()
             while not all(reply.disconnected for reply in cs.replies._open):
                 await anyio.sleep(0.001)
         engine.release.set()
@@ -581,14 +583,14 @@ async def test_a_client_gone_while_its_prompt_is_tokenized_starts_no_generation(
 
 
 class GatedFitting(MockEngine):
-    """Counting a long conversation (fitting it, before admission) blocks while ``gate`` is shut; records
-    each request whose prompt was prepared (tokenized, once admitted)."""
+    """Counting a long conversation (fitting it, before admission) blocks while ``gate`` is shut;
+    ``prepared_long`` is set once a long prompt was prepared (tokenized, once admitted)."""
 
     def __init__(self) -> None:
         super().__init__(MockParams(type="round", time_per_token_sec=0.001))
         self.gate, self.counting = threading.Event(), threading.Event()
         self.gate.set()
-        self.prepared: list[str] = []
+        self.prepared_long = threading.Event()
 
     def count_tokens(self, messages: Sequence[dict[str, str]]) -> int:
         if sum(len(m["content"]) for m in messages) > 4096 and not self.gate.is_set():
@@ -597,7 +599,8 @@ class GatedFitting(MockEngine):
         return super().count_tokens(messages)
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        self.prepared.append(request.request_id)
+        if len(request.prompt or "") > 4096:
+            self.prepared_long.set()
         return request
 
 
@@ -618,10 +621,8 @@ async def test_an_admitted_long_prompt_is_not_tokenized_behind_the_fitting_of_qu
                 await anyio.sleep(0.001)
             engine.gate.clear()
             tg.start_soon(app, http_scope(body=second), Receive(second), Send())  # its fitting blocks
-            while not engine.counting.is_set():
-                await anyio.sleep(0.001)
-            while len(engine.prepared) < 2:  # the short one's, then the first long one's, once admitted
-                await anyio.sleep(0.001)
+        await set_in_a_thread(engine.counting)
+        await set_in_a_thread(engine.prepared_long)  # the first one's, once admitted, while that blocks
         engine.gate.set()
         states = await log.wait(3, WATCHDOG)
     assert states == ["success"] * 3
