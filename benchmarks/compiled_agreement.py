@@ -10,10 +10,11 @@ bfloat16), ``--rows`` random token sequences of ``--positions`` tokens go throug
 - fp32: the same forward on a float32 copy of the bf16 model, the very same bf16-rounded weights upcast, so
   that it differs from eager bf16 in arithmetic precision only;
 - engine: the slotted cache with CUDA graphs and the steps compiled by ``torch.compile`` (inductor's
-  ``default`` mode, used for every shape): the first 8 tokens as one packed chunk, then one decode step a
-  position, each fed the sequence's true token (teacher forcing).
+  ``default`` mode, used for every shape): the first ``--prefix`` tokens (8) as one packed chunk, then one
+  decode step a position, each fed the sequence's true token (teacher forcing). A longer prefix puts the
+  chunk's attention kernel on the path: a wrong chunk writes wrong keys and values for every later layer.
 
-Over every position after the first 8 it prints, for a pair of runs, the share of positions whose greedy next
+Over every position after the prefix it prints, for a pair of runs, the share of positions whose greedy next
 token agrees and the mean absolute difference of the true next token's log-probability (|dlogp|):
 
 - engine vs eager bf16 (batch ``rows``), and eager batch 1 vs batch ``rows``: the columns of earlier runs;
@@ -51,7 +52,6 @@ from model_fixtures import build_architecture  # noqa: E402
 from chatstream_asgi.engines.transformers import TransformersEngine, compiled_step  # noqa: E402
 from chatstream_asgi.engines.transformers.loading import load_model  # noqa: E402
 
-PREFIX = 8
 LOGP_TOLERANCE = 1.25
 """The engine's |dlogp| vs fp32 may be this many times eager bf16's (see the module docstring)."""
 AGREEMENT_TOLERANCE = 0.01
@@ -66,15 +66,17 @@ def compare(a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor) -> tuple[fl
     return agree, diff
 
 
-def eager(model: torch.nn.Module, ids: torch.Tensor, *, batched: bool) -> torch.Tensor:
-    """The model's forward: float32 log-probabilities ``[rows, positions - PREFIX, vocab]`` of the tokens after
-    the first ``PREFIX``, all rows in one batch (``batched``) or one row at a time."""
+def eager(model: torch.nn.Module, ids: torch.Tensor, prefix: int, *, batched: bool) -> torch.Tensor:
+    """The model's forward: float32 log-probabilities ``[rows, positions - prefix, vocab]`` of the tokens after
+    the first ``prefix``, all rows in one batch (``batched``) or one row at a time."""
     batches = [ids] if batched else ids.split(1)
-    return torch.cat([model(b).logits for b in batches]).float().log_softmax(-1)[:, PREFIX - 1 : -1]
+    return torch.cat([model(b).logits for b in batches]).float().log_softmax(-1)[:, prefix - 1 : -1]
 
 
-def engine_logprobs(model: torch.nn.Module, tokenizer: object, ids: torch.Tensor, device: str) -> torch.Tensor:
-    """The engine's teacher-forced log-probabilities, shaped as :func:`eager`'s: the first ``PREFIX`` tokens
+def engine_logprobs(
+    model: torch.nn.Module, tokenizer: object, ids: torch.Tensor, prefix: int, device: str
+) -> torch.Tensor:
+    """The engine's teacher-forced log-probabilities, shaped as :func:`eager`'s: the first ``prefix`` tokens
     of every row as one packed chunk, then one decode step a position (graphs and compiled on CUDA only)."""
     rows, positions = ids.shape
     timings = iter([1.0, 0.5] * 1000)  # plain, then compiled, for every selection: the compiled step is used
@@ -86,9 +88,9 @@ def engine_logprobs(model: torch.nn.Module, tokenizer: object, ids: torch.Tensor
     asyncio.run(engine.start())
     runner = engine._path.runner
     assert runner.graphs or not cuda, "the steps were not captured"
-    chunks = [(i, 0, ids[i, :PREFIX].tolist(), True) for i in range(rows)]
+    chunks = [(i, 0, ids[i, :prefix].tolist(), True) for i in range(rows)]
     steps = [runner.launch(torch.zeros(0, dtype=torch.long), None, chunks).float().log_softmax(-1)]
-    for p in range(PREFIX, positions - 1):
+    for p in range(prefix, positions - 1):
         logits = runner.launch(torch.full((rows,), p), ids[:, p].tolist(), [])
         steps.append(logits.float().log_softmax(-1))
     asyncio.run(engine.shutdown())
@@ -96,17 +98,19 @@ def engine_logprobs(model: torch.nn.Module, tokenizer: object, ids: torch.Tensor
 
 
 @torch.inference_mode()
-def measure(name: str, rows: int, positions: int, directory: Path, device: str) -> dict[str, tuple[float, float]]:
+def measure(
+    name: str, rows: int, positions: int, prefix: int, directory: Path, device: str
+) -> dict[str, tuple[float, float]]:
     """(agreement, mean |dlogp|) of each compared pair of runs of architecture ``name``, by column (eager: bf16
     batch ``rows``; b1: bf16 one row at a time)."""
     build_architecture(directory, name, max_position_embeddings=1024)
     model, tokenizer, _ = load_model(str(directory), device=device, dtype="bfloat16")
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, len(tokenizer), (rows, positions), generator=generator).to(device)
-    targets = ids[:, PREFIX:].reshape(-1)
-    batch, alone = eager(model, ids, batched=True), eager(model, ids, batched=False)
-    reference = eager(copy.deepcopy(model).float(), ids, batched=True)  # before the engine changes the model
-    served = engine_logprobs(model, tokenizer, ids, device)
+    targets = ids[:, prefix:].reshape(-1)
+    batch, alone = eager(model, ids, prefix, batched=True), eager(model, ids, prefix, batched=False)
+    reference = eager(copy.deepcopy(model).float(), ids, prefix, batched=True)  # before the engine changes the model
+    served = engine_logprobs(model, tokenizer, ids, prefix, device)
     return {
         "engine vs eager": compare(served, batch, targets),
         "eager b1 vs b rows": compare(alone, batch, targets),
@@ -134,7 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default="llama,gemma2,qwen3_moe,gpt_oss")
     parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--positions", type=int, default=80, help="tokens a row (rows x (positions - 8) compared)")
+    parser.add_argument("--positions", type=int, default=80, help="tokens a row (rows x (positions - prefix) compared)")
+    parser.add_argument("--prefix", type=int, default=8, help="tokens a row in the first (chunk) step")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
@@ -142,12 +147,12 @@ def main() -> None:
     torch.set_float32_matmul_precision("highest")  # the fp32 reference in full float32: no TF32
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     print(
-        f"torch {torch.__version__}, {card}, bfloat16, {args.rows} rows x {args.positions - PREFIX} positions, "
+        f"torch {torch.__version__}, {card}, bfloat16, {args.rows} rows x {args.positions - args.prefix} positions, "
         "teacher-forced; each cell: greedy agreement, mean |dlogp|"
     )
     for i, name in enumerate(args.archs.split(",")):
         with tempfile.TemporaryDirectory() as directory:
-            result = measure(name, args.rows, args.positions, Path(directory), args.device)
+            result = measure(name, args.rows, args.positions, args.prefix, Path(directory), args.device)
         if i == 0:
             print(" | ".join(["arch", *result, "verdict"]))
         cells = [f"{agree:.4f}, {diff:.4f}" for agree, diff in result.values()]
