@@ -13,10 +13,16 @@ Used where it computes what the masked path does: CUDA with FlashAttention built
 logit soft-capping or attention sinks, a head size the kernel takes. Everything else (float32, CPU,
 Gemma 2, gpt-oss) keeps :func:`.attention.attend`. The offsets come from the host with the step's other
 indices, so the call has static shapes and replays in a CUDA graph; inductor calls the op as it is.
+
+``CHATSTREAM_SPLIT_CHUNK=1`` (read at import; off by default) sends the call to :mod:`.split_chunk`'s Triton
+kernel instead where Triton imports and the tensors are on CUDA with a head size it takes: the same result,
+the keys split over more SMs (FlashAttention-2 walks them serially in 32 thread blocks for a 128-token chunk).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +37,21 @@ _TAKES_WINDOWS = any(
     a.name == "window_size_left" for a in torch.ops.aten._flash_attention_forward.default._schema.arguments
 )
 """Whether this PyTorch's FlashAttention op takes a window (``window_size_left``; PyTorch 2.6 and later)."""
+
+
+def _split_kernel() -> tuple[Callable[..., torch.Tensor], Callable[[int], bool]] | None:
+    """:mod:`.split_chunk`'s call and head-size check where ``CHATSTREAM_SPLIT_CHUNK=1`` and Triton imports."""
+    if os.environ.get("CHATSTREAM_SPLIT_CHUNK") != "1":
+        return None
+    try:
+        from chatstream_asgi.engines.transformers.split_chunk import split_attend, split_takes
+    except ImportError:  # no Triton: FlashAttention as before
+        return None
+    return split_attend, split_takes
+
+
+_SPLIT = _split_kernel()
+"""The split-KV kernel where switched on (:func:`_split_kernel`), else None."""
 
 
 def flash_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -65,7 +86,9 @@ def flash_attend(
 ) -> torch.Tensor:
     """``query`` ``[T, H, D]`` over ``key``/``value`` ``[L, KV, D]`` (grouped heads: ``H`` a multiple of
     ``KV``), sequence by sequence as ``bounds`` packs them, causal from each sequence's end, within ``window``
-    where given; returns ``[T, H, D]``."""
+    where given; returns ``[T, H, D]`` (through :mod:`.split_chunk` where ``CHATSTREAM_SPLIT_CHUNK=1``)."""
+    if _SPLIT is not None and query.is_cuda and _SPLIT[1](query.shape[-1]):
+        return _SPLIT[0](query, key, value, bounds, scaling, window)
     offsets, longest_q, longest_k = bounds
     extra = {} if window is None else {"window_size_left": window - 1, "window_size_right": 0}
     return torch.ops.aten._flash_attention_forward(

@@ -1,0 +1,137 @@
+"""The split-KV Triton kernel for a step's prompt chunk (``split_chunk.py``) computes what FlashAttention's
+variable-length call does (the reference): packed sequences, causal from each end, windows, grouped heads,
+padding queries that see no key, any number of key splits.
+
+Runs on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, float32) or on CUDA
+(``CHATSTREAM_TEST_DEVICE=cuda``, bf16); skips where Triton does not import (CI's environment has none).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+from attention_reference import varlen_attention
+
+triton = pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu") == "cuda" and not INTERPRET
+if not (INTERPRET or CUDA):
+    pytest.skip("needs TRITON_INTERPRET=1 (CPU) or CHATSTREAM_TEST_DEVICE=cuda", allow_module_level=True)
+
+from chatstream_asgi.engines.transformers import flash_chunk  # noqa: E402
+from chatstream_asgi.engines.transformers.split_chunk import (  # noqa: E402
+    choose_splits,
+    split_attend,
+    split_attend_launch,
+    split_takes,
+)
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+TOLERANCE = {"atol": 2e-2, "rtol": 2e-2} if CUDA else {"atol": 1e-4, "rtol": 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_loop_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton 3.6's interpreter turns a scalar (held as a one-element array) into a ``range`` bound with
+    ``int(array)``, which NumPy 2.4 refuses; 3.8 squeezes it first. Do as 3.8 does (interpreter only)."""
+    if not INTERPRET:
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+
+
+def packed(heads: int, kv_heads: int, dim: int = 32) -> tuple[torch.Tensor, ...]:
+    """``test_flash_chunk``'s packing: 7 queries after 20 cached keys, 9 new, an empty sequence, and 16
+    padding queries over 12 padding columns (the first 4 of them see no key)."""
+    torch.manual_seed(0)
+    offsets = torch.tensor([[0, 7, 16, 16, 32], [0, 27, 36, 36, 48]], dtype=torch.int32, device=DEVICE)
+    query = torch.randn(32, heads, dim, device=DEVICE, dtype=DTYPE)
+    key = torch.randn(48, kv_heads, dim, device=DEVICE, dtype=DTYPE)
+    value = torch.randn(48, kv_heads, dim, device=DEVICE, dtype=DTYPE)
+    return query, key, value, offsets
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])  # grouped-query ratios 1, 4, 8
+@pytest.mark.parametrize("splits", [1, 3])
+def test_packed_sequences_match_the_reference(window: int | None, kv_heads: int, splits: int) -> None:
+    """Small tiles (16) so that query blocks cross sequences' ends and key runs are not whole tiles."""
+    query, key, value, offsets = packed(8, kv_heads)
+    bounds = (offsets, 32, 48)
+    out = split_attend_launch(query, key, value, offsets, 32, 48, 0.17, window, splits=splits, block_m=16, block_n=16)
+    expected = varlen_attention(query, key, value, bounds, 0.17, window)
+    assert torch.isfinite(out).all()
+    assert not out[16:20].any()  # padding queries that see no key: zeros
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("window", [None, 1, 33, 500])
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_a_long_continued_sequence_split_unevenly(window: int | None, splits: int) -> None:
+    """40 queries after 100 cached keys (140: not a whole number of tiles), then 3 padding queries over none."""
+    torch.manual_seed(1)
+    offsets = torch.tensor([[0, 40, 43], [0, 140, 140]], dtype=torch.int32, device=DEVICE)
+    query = torch.randn(43, 4, 16, device=DEVICE, dtype=DTYPE)
+    key, value = (torch.randn(140, 2, 16, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    out = split_attend_launch(query, key, value, offsets, 43, 140, 0.25, window, splits=splits, block_m=16, block_n=16)
+    expected = varlen_attention(query, key, value, (offsets, 43, 140), 0.25, window)
+    assert not out[40:].any()
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_the_op_with_default_tiles_and_a_strided_query(dim: int) -> None:
+    """Through the custom op (the engine's path): default tiles, the split count chosen from the shapes, and a
+    query that is a transposed view (as ``SlotStep.attend`` passes it), with no copy needed."""
+    torch.manual_seed(2)
+    offsets = torch.tensor([[0, 70, 80], [0, 200, 210]], dtype=torch.int32, device=DEVICE)
+    query = torch.randn(4, 80, dim, device=DEVICE, dtype=DTYPE).transpose(0, 1)  # [80, 4, dim], strided
+    key, value = (torch.randn(210, 2, dim, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    bounds = (offsets, 80, 210)
+    assert choose_splits(80, 210, 4, 132) > 1
+    out = split_attend(query, key, value, bounds, dim**-0.5, None)
+    torch.testing.assert_close(out, varlen_attention(query, key, value, bounds, dim**-0.5, None), **TOLERANCE)
+
+
+def test_the_split_count_is_a_function_of_the_shapes() -> None:
+    """A 128-token chunk of 32 heads: 64 programs unsplit; splits fill the SMs, bounded by the keys."""
+    assert choose_splits(128, 64, 32, 132) == 1  # one key tile: nothing to split
+    assert choose_splits(128, 256, 32, 132) == 2  # four tiles, two each at least
+    assert choose_splits(128, 2048, 32, 132) == choose_splits(128, 1024, 32, 132) > 2
+    assert choose_splits(2048, 2048, 32, 132) == 1  # enough query blocks already
+    assert choose_splits(16, 1 << 20, 1, 100_000) == 32  # at most MAX_SPLITS
+    assert split_takes(64) and split_takes(128) and split_takes(16)
+    assert not split_takes(96) and not split_takes(256) and not split_takes(8)
+
+
+def test_compiled_callers_see_an_opaque_op() -> None:
+    """``torch.compile`` (fake tensors, functionalization: ``aot_eager``) calls the op without tracing into it."""
+    query, key, value, offsets = packed(8, 2)
+    bounds = (offsets, 32, 48)
+
+    def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return split_attend(q * 1.0, k, v, bounds, 0.17, 5) + 0.0
+
+    compiled = torch.compile(chunk, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(query, key, value), varlen_attention(query, key, value, bounds, 0.17, 5))
+
+
+def test_flash_attend_switches_only_where_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off by default; ``CHATSTREAM_SPLIT_CHUNK=1`` loads the kernel (used for CUDA tensors only)."""
+    monkeypatch.delenv("CHATSTREAM_SPLIT_CHUNK", raising=False)
+    assert flash_chunk._split_kernel() is None
+    monkeypatch.setenv("CHATSTREAM_SPLIT_CHUNK", "1")
+    loaded = flash_chunk._split_kernel()
+    assert loaded is not None and loaded[0] is split_attend
