@@ -94,9 +94,12 @@ def test_a_long_continued_sequence_split_unevenly(window: int | None, splits: in
 @pytest.mark.parametrize("dim", [64, 128])
 def test_the_op_with_default_tiles_and_a_strided_query(dim: int) -> None:
     """Through the custom op (the engine's path): default tiles, the split count chosen from the shapes, and a
-    query that is a transposed view (as ``SlotStep.attend`` passes it), with no copy needed."""
+    query that is a transposed view (as ``SlotStep.attend`` passes it), with no copy needed, and offsets that
+    are the first columns of a wider buffer (as ``StepRunner`` slices its ``_bounds``)."""
     torch.manual_seed(2)
-    offsets = torch.tensor([[0, 70, 80], [0, 200, 210]], dtype=torch.int32, device=DEVICE)
+    buffer = torch.full((2, 9), 10_000, dtype=torch.int32, device=DEVICE)
+    buffer[:, :3] = torch.tensor([[0, 70, 80], [0, 200, 210]], dtype=torch.int32)
+    offsets = buffer[:, :3]
     query = torch.randn(4, 80, dim, device=DEVICE, dtype=DTYPE).transpose(0, 1)  # [80, 4, dim], strided
     key, value = (torch.randn(210, 2, dim, device=DEVICE, dtype=DTYPE) for _ in range(2))
     bounds = (offsets, 80, 210)
