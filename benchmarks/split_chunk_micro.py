@@ -96,7 +96,6 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the split kernel's tile sweep")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
-    assert flash_chunk._SPLIT is None, "run without CHATSTREAM_SPLIT_CHUNK: flash_attend must be FlashAttention"
     torch.manual_seed(0)
     scale = DIM**-0.5
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -16,8 +16,14 @@ from test_engine_batching import collect, reference_greedy, request, run
 from test_engine_static import LONG, static_engine
 
 from chatstream_asgi.engines.base import GenerationParams
-from chatstream_asgi.engines.transformers import attention, step_runner
-from chatstream_asgi.engines.transformers.flash_chunk import flash_attend, flash_available, flash_takes
+from chatstream_asgi.engines.transformers import step_runner
+from chatstream_asgi.engines.transformers.flash_chunk import (
+    KERNEL_VARIABLE,
+    chunk_kernel,
+    flash_attend,
+    flash_available,
+    flash_takes,
+)
 
 CUDA = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu") == "cuda"
 
@@ -30,6 +36,31 @@ def test_float32_cpu_soft_capping_and_sinks_keep_the_masked_path() -> None:
         cuda = torch.device("cuda")
         assert flash_available(cuda, torch.bfloat16, 64) and flash_available(cuda, torch.float16, 128)
         assert not flash_available(cuda, torch.float32, 64) and not flash_available(cuda, torch.bfloat16, 60)
+
+
+def test_the_chunk_kernel_is_chosen_once_and_a_wrong_choice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU and float32 get no packed kernel (the masked SDPA) whatever is chosen; a choice that names no kernel
+    is refused on any device, so a typo never passes silently; on CUDA each name gives its kernel."""
+    cpu = torch.device("cpu")
+    for choice in (None, "flash", "split"):
+        if choice is None:
+            monkeypatch.delenv(KERNEL_VARIABLE, raising=False)
+        else:
+            monkeypatch.setenv(KERNEL_VARIABLE, choice)
+        assert chunk_kernel(cpu, torch.bfloat16, 64) is None
+    monkeypatch.setenv(KERNEL_VARIABLE, "flex")
+    with pytest.raises(ValueError, match="CHATSTREAM_CHUNK_KERNEL='flex'"):
+        chunk_kernel(cpu, torch.float32, 64)
+    if CUDA:
+        from chatstream_asgi.engines.transformers.split_chunk import split_attend
+
+        cuda = torch.device("cuda")
+        monkeypatch.setenv(KERNEL_VARIABLE, "flash")
+        assert chunk_kernel(cuda, torch.bfloat16, 64) is flash_attend
+        assert chunk_kernel(cuda, torch.float32, 64) is None
+        monkeypatch.setenv(KERNEL_VARIABLE, "split")
+        assert chunk_kernel(cuda, torch.bfloat16, 64) is split_attend
+        assert chunk_kernel(cuda, torch.bfloat16, 96) is flash_attend  # a head size the split kernel takes not
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CHATSTREAM_TEST_DEVICE=cuda")
@@ -77,23 +108,38 @@ def test_the_call_replays_in_a_cuda_graph_with_new_offsets() -> None:
     torch.testing.assert_close(out, varlen_attention(query, key, value, bounds, 0.125, None), atol=2e-2, rtol=2e-2)
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not CUDA
+"""Triton's interpreter on CPU: the split kernel (``split_chunk.py``) runs on the engine's float32 tensors."""
+
+
 @pytest.mark.parametrize("chunk", [None, 24])
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        "reference",
+        pytest.param("split", marks=pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 on CPU")),
+    ],
+)
 def test_prompts_packed_in_one_chunk_each_attend_their_own_keys(
-    f32_engine: Any, monkeypatch: pytest.MonkeyPatch, chunk: int | None
+    f32_engine: Any, monkeypatch: pytest.MonkeyPatch, chunk: int | None, kernel: str
 ) -> None:
     """Five prompts arriving together at an idle engine of four rows are packed into shared chunks (the
-    offsets ``StepRunner.launch`` builds for several sequences, through the call's reference); each reply
-    is its prompt's greedy reply alone. (The coverage matrix's chunks hold one sequence each.)"""
+    offsets ``StepRunner.launch`` builds for several sequences, through the call's reference, or the split
+    kernel under Triton's interpreter); each reply is its prompt's greedy reply alone. (The coverage
+    matrix's chunks hold one sequence each.)"""
     prompts = ["Hi", "What is the capital of France?", "a b c d e f", LONG, "Tell me a story about a dog."]
     packed: list[int] = []
+    if kernel == "split":
+        from chatstream_asgi.engines.transformers.split_chunk import split_attend as attend
+    else:
+        attend = varlen_attention
 
-    def counted(*args: Any) -> torch.Tensor:  # flash_attend's arguments
+    def counted(*args: Any) -> torch.Tensor:  # a chunk kernel's arguments
         ends = args[3][0][0].tolist()  # the queries' offsets; the last sequence is the padding
         packed.append(sum(b > a for a, b in itertools.pairwise(ends[:-1])))
-        return varlen_attention(*args)
+        return attend(*args)
 
-    monkeypatch.setattr(step_runner, "flash_available", lambda device, dtype, head_dim: True)
-    monkeypatch.setattr(attention, "flash_attend", counted)
+    monkeypatch.setattr(step_runner, "chunk_kernel", lambda device, dtype, head_dim: counted)
     engine = static_engine(f32_engine, max_prefill_tokens=chunk, max_batch_size=4)
     params = GenerationParams(temperature=0.0, max_new_tokens=8)
 

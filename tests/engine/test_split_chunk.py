@@ -22,7 +22,6 @@ CUDA = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu") == "cuda" and not INTERPR
 if not (INTERPRET or CUDA):
     pytest.skip("needs TRITON_INTERPRET=1 (CPU) or CHATSTREAM_TEST_DEVICE=cuda", allow_module_level=True)
 
-from chatstream_asgi.engines.transformers import flash_chunk  # noqa: E402
 from chatstream_asgi.engines.transformers.split_chunk import (  # noqa: E402
     choose_splits,
     split_attend,
@@ -129,12 +128,3 @@ def test_compiled_callers_see_an_opaque_op() -> None:
 
     compiled = torch.compile(chunk, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(query, key, value), varlen_attention(query, key, value, bounds, 0.17, 5))
-
-
-def test_flash_attend_switches_only_where_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Off by default; ``CHATSTREAM_SPLIT_CHUNK=1`` loads the kernel (used for CUDA tensors only)."""
-    monkeypatch.delenv("CHATSTREAM_SPLIT_CHUNK", raising=False)
-    assert flash_chunk._split_kernel() is None
-    monkeypatch.setenv("CHATSTREAM_SPLIT_CHUNK", "1")
-    loaded = flash_chunk._split_kernel()
-    assert loaded is not None and loaded[0] is split_attend

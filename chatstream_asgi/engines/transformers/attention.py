@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from chatstream_asgi.engines.transformers.flash_chunk import ChunkBounds, flash_attend, flash_takes
+from chatstream_asgi.engines.transformers.flash_chunk import ChunkAttend, ChunkBounds, flash_attend, flash_takes
 
 __all__ = [
     "STEP_KEYWORD",
@@ -226,7 +226,8 @@ class SlotStep:
     chunk_masks: dict[Window, torch.Tensor]  # per window, [1, 1, Tc, Lc]; empty without a chunk
     gather_slots: torch.Tensor  # [Lc]: where the chunk's keys are read
     gather_columns: dict[Window, torch.Tensor]  # per window, [Lc]
-    chunk_bounds: ChunkBounds | None = None  # the chunk's packing where FlashAttention runs it (flash_chunk.py)
+    chunk_bounds: ChunkBounds | None = None  # the chunk's packing where a chunk kernel runs it (flash_chunk.py)
+    chunk_kernel: ChunkAttend = flash_attend  # that kernel
 
     @classmethod
     def build(
@@ -238,12 +239,13 @@ class SlotStep:
         rings: dict[Window, int | None],
         scratch: int,
         bounds: ChunkBounds | None = None,
+        kernel: ChunkAttend = flash_attend,
     ) -> SlotStep:
         """The step over ``tokens`` ``[4, T]`` (position, slot, valid, sequence tag: the slot, -1 for padding)
         whose first ``decode_rows`` are decode rows attending ``decode_width`` columns, and ``gather``
         ``[3, Lc]`` (slot, position, tag) the chunk's keys. ``scratch`` is the column padding writes to in
         layers without a ring (a ring's scratch is its last column). ``bounds``: the chunk's packing, where
-        its layers may run FlashAttention (:mod:`.flash_chunk`)."""
+        its layers may run ``kernel`` (:mod:`.flash_chunk`)."""
         positions, slots, valid, tags = tokens
         valid = valid.bool()
         write, gather_columns, decode_masks, chunk_masks = {}, {}, {}, {}
@@ -258,7 +260,7 @@ class SlotStep:
             if q_pos.shape[0]:  # padding queries (tag -1) attend anything: a row attending nothing is NaN
                 own = _allowed(gather[1][None, :], q_pos, window, gather[2][None, :] == q_tag) | (q_tag < 0)
                 chunk_masks[window] = own[None, None]
-        return cls(slots, write, decode_masks, chunk_masks, gather[0], gather_columns, bounds)
+        return cls(slots, write, decode_masks, chunk_masks, gather[0], gather_columns, bounds, kernel)
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, kwargs: dict[str, Any]
@@ -277,7 +279,7 @@ class SlotStep:
             k, v = key[self.gather_slots, :, columns], value[self.gather_slots, :, columns]  # [Lc, KV, D]
             if self.chunk_bounds is not None and flash_takes(kwargs):
                 q = query[0, :, rows:].transpose(0, 1)  # [Tc, H, D]
-                parts.append(flash_attend(q, k, v, self.chunk_bounds, scaling, window)[None])
+                parts.append(self.chunk_kernel(q, k, v, self.chunk_bounds, scaling, window)[None])
             else:
                 k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # [1, KV, Lc, D]
                 parts.append(attend(query[:, :, rows:], k, v, chunk, scaling, kwargs))

@@ -14,44 +14,40 @@ logit soft-capping or attention sinks, a head size the kernel takes. Everything 
 Gemma 2, gpt-oss) keeps :func:`.attention.attend`. The offsets come from the host with the step's other
 indices, so the call has static shapes and replays in a CUDA graph; inductor calls the op as it is.
 
-``CHATSTREAM_SPLIT_CHUNK=1`` (read at import; off by default) sends the call to :mod:`.split_chunk`'s Triton
-kernel instead where Triton imports and the tensors are on CUDA with a head size it takes: the same result,
-the keys split over more SMs (FlashAttention-2 walks them serially in 32 thread blocks for a 128-token chunk).
+:func:`chunk_kernel` picks a model's chunk kernel once, at the runner's start: this module's, or
+:mod:`.split_chunk`'s Triton kernel, which computes the same and splits the keys over more of the GPU
+(FlashAttention-2 walks them serially in 32 thread blocks for a 128-token chunk of a 32-head model).
+``CHATSTREAM_CHUNK_KERNEL`` chooses: ``flash`` (the default), ``split`` (where Triton imports and takes the
+head size, else ``flash``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["ChunkBounds", "flash_attend", "flash_available", "flash_takes"]
+__all__ = ["ChunkAttend", "ChunkBounds", "chunk_kernel", "flash_attend", "flash_available", "flash_takes"]
+
+logger = logging.getLogger("chatstream_asgi.engine")
 
 ChunkBounds = tuple[torch.Tensor, int, int]
 """``(offsets [2, S + 2] int32: queries' then keys' per-sequence offsets, the last entry the padding's end;
 the longest query run; the longest key run)``: upper bounds serve for the two lengths."""
 
+ChunkAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ChunkBounds, float, "int | None"], torch.Tensor]
+"""A chunk kernel: ``(query, key, value, bounds, scaling, window) -> output``, :func:`flash_attend`'s contract."""
+
+KERNEL_VARIABLE = "CHATSTREAM_CHUNK_KERNEL"
+DEFAULT_KERNEL = "flash"
+
 _TAKES_WINDOWS = any(
     a.name == "window_size_left" for a in torch.ops.aten._flash_attention_forward.default._schema.arguments
 )
 """Whether this PyTorch's FlashAttention op takes a window (``window_size_left``; PyTorch 2.6 and later)."""
-
-
-def _split_kernel() -> tuple[Callable[..., torch.Tensor], Callable[[int], bool]] | None:
-    """:mod:`.split_chunk`'s call and head-size check where ``CHATSTREAM_SPLIT_CHUNK=1`` and Triton imports."""
-    if os.environ.get("CHATSTREAM_SPLIT_CHUNK") != "1":
-        return None
-    try:
-        from chatstream_asgi.engines.transformers.split_chunk import split_attend, split_takes
-    except ImportError:  # no Triton: FlashAttention as before
-        return None
-    return split_attend, split_takes
-
-
-_SPLIT = _split_kernel()
-"""The split-KV kernel where switched on (:func:`_split_kernel`), else None."""
 
 
 def flash_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -66,6 +62,30 @@ def flash_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
         and torch.backends.cuda.is_flash_attention_available()
         and torch.cuda.get_device_capability(device)[0] >= 8
     )
+
+
+def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> ChunkAttend | None:
+    """The kernel a model's slotted steps run their chunk through, or None for the masked SDPA: where
+    :func:`flash_available`, :data:`KERNEL_VARIABLE`'s choice (``flash``, ``split``; see the module
+    docstring), else FlashAttention. Decided once, outside the captured and compiled steps; a choice
+    that is neither raises ``ValueError`` on any device."""
+    choice = os.environ.get(KERNEL_VARIABLE, DEFAULT_KERNEL)
+    if choice not in ("flash", "split"):
+        raise ValueError(f"{KERNEL_VARIABLE}={choice!r}: expected 'flash' or 'split'")
+    if not flash_available(device, dtype, head_dim):
+        return None
+    if choice == "flash":
+        return flash_attend
+    try:
+        from chatstream_asgi.engines.transformers.split_chunk import split_attend, split_takes
+    except ImportError:  # a PyTorch built without Triton
+        logger.warning("%s=split: Triton does not import; chunks attend through FlashAttention", KERNEL_VARIABLE)
+        return flash_attend
+    if not split_takes(head_dim):
+        logger.warning("%s=split: the split kernel takes no head size %d; FlashAttention", KERNEL_VARIABLE, head_dim)
+        return flash_attend
+    logger.info("chunks attend through the split-KV Triton kernel (%s=split)", KERNEL_VARIABLE)
+    return split_attend
 
 
 def flash_takes(kwargs: dict[str, Any]) -> bool:
@@ -86,9 +106,7 @@ def flash_attend(
 ) -> torch.Tensor:
     """``query`` ``[T, H, D]`` over ``key``/``value`` ``[L, KV, D]`` (grouped heads: ``H`` a multiple of
     ``KV``), sequence by sequence as ``bounds`` packs them, causal from each sequence's end, within ``window``
-    where given; returns ``[T, H, D]`` (through :mod:`.split_chunk` where ``CHATSTREAM_SPLIT_CHUNK=1``)."""
-    if _SPLIT is not None and query.is_cuda and _SPLIT[1](query.shape[-1]):
-        return _SPLIT[0](query, key, value, bounds, scaling, window)
+    where given; returns ``[T, H, D]``."""
     offsets, longest_q, longest_k = bounds
     extra = {} if window is None else {"window_size_left": window - 1, "window_size_right": 0}
     return torch.ops.aten._flash_attention_forward(

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from chatstream_asgi.engines.transformers.attention import STEP_KEYWORD, SlotStep
-from chatstream_asgi.engines.transformers.flash_chunk import flash_available
+from chatstream_asgi.engines.transformers.flash_chunk import chunk_kernel, flash_attend
 from chatstream_asgi.engines.transformers.graphs import (
     bucket_for,
     continued_lengths,
@@ -84,8 +84,8 @@ class StepRunner:
         self._gather = torch.zeros(3, cache.max_len, dtype=torch.long, device=device)
         self._keep = torch.zeros(cache.rows + self.kept(most_tokens), dtype=torch.long, device=device)
         self._bounds = torch.zeros(2, self.kept(most_tokens) + 2, dtype=torch.int32, device=device)
-        self.flash = flash_available(device, cache.layout.dtype, cache.layout.head_dim)
-        """Whether chunks attend through FlashAttention's variable-length call (:mod:`.flash_chunk`)."""
+        self.chunk_kernel = chunk_kernel(device, cache.layout.dtype, cache.layout.head_dim)
+        """The packed kernel chunks attend through (:mod:`.flash_chunk`), or None: the masked SDPA."""
         self._rows = torch.arange(cache.rows, device=device)
         self._out: torch.Tensor | None = None
         self._pinned = device.type == "cuda"  # host buffers in pinned memory: copies queue without waiting
@@ -183,7 +183,7 @@ class StepRunner:
             host_keep = torch.tensor(keep, dtype=torch.long, pin_memory=self._pinned)
             self._gather[:, :gathered].copy_(gather, non_blocking=self._pinned)
             self._keep[: len(keep)].copy_(host_keep, non_blocking=self._pinned)
-        if width and self.flash:  # each sequence's end (queries, keys); empty ones up to the shape's count; padding
+        if width and self.chunk_kernel:  # each sequence's end (queries, keys); empty ones to the shape's count; padding
             ends += [ends[-1]] * (self.kept(width) - len(chunks)) + [(width, gathered)]
             bounds = torch.tensor(list(zip(*ends, strict=True)), dtype=torch.int32, pin_memory=self._pinned)
             self._bounds[:, : len(ends)].copy_(bounds, non_blocking=self._pinned)
@@ -218,10 +218,12 @@ class StepRunner:
         """The step over the static inputs for shape ``key`` (what a graph captures); logits ``[kept, vocab]``."""
         rows, length, width, columns = key
         t = rows + width
-        bounds = (self._bounds[:, : self.kept(width) + 2], width, columns) if width and self.flash else None
+        kernel = self.chunk_kernel if width else None
+        bounds = (self._bounds[:, : self.kept(width) + 2], width, columns) if kernel else None
         step = SlotStep.build(
-            self._tokens[1:, :t], self._gather[:, :columns], rows, length, self.cache.rings, self.cache.scratch, bounds
-        )
+            self._tokens[1:, :t], self._gather[:, :columns], rows, length, self.cache.rings, self.cache.scratch,
+            bounds, kernel or flash_attend,
+        )  # fmt: skip
         keep = self._keep[: rows + self.kept(width)] if width else self._rows[:rows]
         with self.fused(key):
             out = self._call_model(
