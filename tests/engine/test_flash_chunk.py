@@ -40,9 +40,10 @@ def test_float32_cpu_soft_capping_and_sinks_keep_the_masked_path() -> None:
 
 def test_the_chunk_kernel_is_chosen_once_and_a_wrong_choice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU and float32 get no packed kernel (the masked SDPA) whatever is chosen; a choice that names no kernel
-    is refused on any device, so a typo never passes silently; on CUDA each name gives its kernel."""
+    is refused on any device, so a typo never passes silently; on CUDA the split kernel by default where it
+    takes the head size, each name its kernel."""
     cpu = torch.device("cpu")
-    for choice in (None, "flash", "split"):
+    for choice in (None, "auto", "flash", "split"):
         if choice is None:
             monkeypatch.delenv(KERNEL_VARIABLE, raising=False)
         else:
@@ -55,12 +56,14 @@ def test_the_chunk_kernel_is_chosen_once_and_a_wrong_choice_is_refused(monkeypat
         from chatstream_asgi.engines.transformers.split_chunk import split_attend
 
         cuda = torch.device("cuda")
-        monkeypatch.setenv(KERNEL_VARIABLE, "flash")
-        assert chunk_kernel(cuda, torch.bfloat16, 64) is flash_attend
-        assert chunk_kernel(cuda, torch.float32, 64) is None
-        monkeypatch.setenv(KERNEL_VARIABLE, "split")
+        monkeypatch.delenv(KERNEL_VARIABLE)
         assert chunk_kernel(cuda, torch.bfloat16, 64) is split_attend
         assert chunk_kernel(cuda, torch.bfloat16, 96) is flash_attend  # a head size the split kernel takes not
+        assert chunk_kernel(cuda, torch.float32, 64) is None
+        monkeypatch.setenv(KERNEL_VARIABLE, "flash")
+        assert chunk_kernel(cuda, torch.bfloat16, 64) is flash_attend
+        monkeypatch.setenv(KERNEL_VARIABLE, "split")
+        assert chunk_kernel(cuda, torch.float16, 128) is split_attend
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CHATSTREAM_TEST_DEVICE=cuda")
@@ -140,7 +143,8 @@ def test_prompts_packed_in_one_chunk_each_attend_their_own_keys(
         return attend(*args)
 
     monkeypatch.setattr(step_runner, "chunk_kernel", lambda device, dtype, head_dim: counted)
-    engine = static_engine(f32_engine, max_prefill_tokens=chunk, max_batch_size=4)
+    # the reference reads the offsets on the host: uncaptured steps (a captured step reads them on the device)
+    engine = static_engine(f32_engine, max_prefill_tokens=chunk, max_batch_size=4, cuda_graphs=False)
     params = GenerationParams(temperature=0.0, max_new_tokens=8)
 
     async def main() -> list[str]:

@@ -127,4 +127,5 @@ def test_compiled_callers_see_an_opaque_op() -> None:
         return split_attend(q * 1.0, k, v, bounds, 0.17, 5) + 0.0
 
     compiled = torch.compile(chunk, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(query, key, value), varlen_attention(query, key, value, bounds, 0.17, 5))
+    expected = varlen_attention(query, key, value, bounds, 0.17, 5)
+    torch.testing.assert_close(compiled(query, key, value), expected, **TOLERANCE)
