@@ -26,9 +26,10 @@ The kernel (:func:`attend`): PyTorch's SDPA, with the query heads of each key/va
 run of query rows (one product per key/value head instead of copying each key/value head once per query
 head, which is what transformers does under ``torch.compile`` and with a mask); a
 plain matrix-product attention where the layer asks for logit soft-capping or attention sinks (Gemma 2,
-gpt-oss), which SDPA has no slot for. On CUDA in bf16/fp16 a slotted step's chunk runs FlashAttention's
-variable-length call instead of a masked SDPA (:mod:`~chatstream_asgi.engines.transformers.flash_chunk`,
-the step carrying the chunk's packing); another kernel (FlexAttention, FlashInfer) would be another such module.
+gpt-oss), which SDPA has no slot for. On CUDA in bf16/fp16 a slotted step's chunk runs a packed kernel
+instead of a masked SDPA, the step carrying the chunk's packing and the kernel the runner chose
+(:func:`~chatstream_asgi.engines.transformers.flash_chunk.chunk_kernel`: a split-KV Triton kernel or
+FlashAttention's variable-length call); another kernel (FlexAttention, FlashInfer) would be another such module.
 Everything a step needs is computed from small index tensors on the device, so a step replays as a
 CUDA graph, and sizes come from tensor shapes, so ``torch.compile`` sees them as dynamic.
 """
