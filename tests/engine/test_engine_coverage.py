@@ -24,7 +24,7 @@ from model_fixtures import ARCHITECTURES, build_architecture, engine_reached
 from test_engine_batching import StepProbe, collect, run
 
 from chatstream_asgi.engines.base import GenerationParams, GenerationRequest
-from chatstream_asgi.engines.transformers import TransformersEngine, attention, kv_layout, step_runner
+from chatstream_asgi.engines.transformers import TransformersEngine, kv_layout, step_runner
 from chatstream_asgi.engines.transformers.loading import load_model
 
 DEVICE = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu")
@@ -68,13 +68,13 @@ def ask(engine: TransformersEngine, messages: list[dict], key: str) -> Any:
 def test_greedy_output_is_transformers_output(
     architecture: tuple[str, Any, Any], path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``static-varlen``: the chunks' attention as FlashAttention's variable-length call computes it (its
-    reference, on any device and dtype), from the packing the step runner gives it."""
+    """``static-varlen``: the chunks' attention as a packed chunk kernel computes it (the reference of
+    ``flash_chunk.py`` and ``split_chunk.py``, on any device and dtype), from the packing the step runner
+    gives it."""
     name, model, tokenizer = architecture
     monkeypatch.setattr(kv_layout, "RING_CHUNK", 8)  # rings of window + 7 columns: they wrap within a reply
     if path == "static-varlen":
-        monkeypatch.setattr(step_runner, "flash_available", lambda device, dtype, head_dim: True)
-        monkeypatch.setattr(attention, "flash_attend", varlen_attention)
+        monkeypatch.setattr(step_runner, "chunk_kernel", lambda device, dtype, head_dim: varlen_attention)
     engine = TransformersEngine(
         model, tokenizer, model.device, static_cache=path != "eager", max_batch_size=4, max_prefill_tokens=16,
         compile_mode=None,
