@@ -1,7 +1,9 @@
 """The engine's compiled bf16 step against eager bf16 and a float32 reference, teacher-forced, per architecture.
 
 Run: ``python benchmarks/compiled_agreement.py --archs llama,gemma2,qwen3_moe,gpt_oss`` (a GPU; ``--device cpu``
-runs the same comparisons without graphs or compilation, as a smoke test of this script).
+runs the same comparisons without graphs or compilation, as a smoke test of this script; ``--jobs N``
+measures N architectures at once, each in a process of its own, since compiling each takes a CPU core
+for a minute or two).
 
 For each architecture of the coverage matrix (``tests/support/model_fixtures.py``, tiny random models loaded in
 bfloat16), ``--rows`` random token sequences of ``--positions`` tokens go through:
@@ -37,9 +39,12 @@ import argparse
 import asyncio
 import copy
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,6 +125,15 @@ def measure(
     }
 
 
+def measure_one(name: str, rows: int, positions: int, prefix: int, device: str) -> dict[str, tuple[float, float]]:
+    """:func:`measure` of architecture ``name`` in a directory of its own, as a worker process runs it."""
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("chatstream_asgi").setLevel(logging.INFO)
+    torch.set_float32_matmul_precision("highest")  # the fp32 reference in full float32: no TF32
+    with tempfile.TemporaryDirectory() as directory:
+        return measure(name, rows, positions, prefix, Path(directory), device)
+
+
 def verdict(result: dict[str, tuple[float, float]]) -> str:
     """``ok`` where the engine is as close to fp32 as eager bf16 (the worse of its batch sizes), within the
     tolerances; else what it missed."""
@@ -141,22 +155,29 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=80, help="tokens a row (rows x (positions - prefix) compared)")
     parser.add_argument("--prefix", type=int, default=8, help="tokens a row in the first (chunk) step")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="architectures measured at once, each in a process (compiling is CPU-bound)"
+    )
     args = parser.parse_args()
-    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("chatstream_asgi").setLevel(logging.INFO)
-    torch.set_float32_matmul_precision("highest")  # the fp32 reference in full float32: no TF32
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     print(
         f"torch {torch.__version__}, {card}, bfloat16, {args.rows} rows x {args.positions - args.prefix} positions, "
         "teacher-forced; each cell: greedy agreement, mean |dlogp|"
     )
-    for i, name in enumerate(args.archs.split(",")):
-        with tempfile.TemporaryDirectory() as directory:
-            result = measure(name, args.rows, args.positions, args.prefix, Path(directory), args.device)
+    names = args.archs.split(",")
+    one = partial(measure_one, rows=args.rows, positions=args.positions, prefix=args.prefix, device=args.device)
+    if args.jobs > 1:  # spawned: a forked child would inherit the parent's CUDA state
+        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(one, names)
+    else:
+        pool, results = None, map(one, names)
+    for i, (name, result) in enumerate(zip(names, results, strict=True)):
         if i == 0:
             print(" | ".join(["arch", *result, "verdict"]))
         cells = [f"{agree:.4f}, {diff:.4f}" for agree, diff in result.values()]
         print(" | ".join([name, *cells, verdict(result)]), flush=True)
+    if pool is not None:
+        pool.shutdown()
 
 
 if __name__ == "__main__":
