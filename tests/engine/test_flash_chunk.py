@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 from typing import Any
 
@@ -16,7 +17,7 @@ from test_engine_batching import collect, reference_greedy, request, run
 from test_engine_static import LONG, static_engine
 
 from chatstream_asgi.engines.base import GenerationParams
-from chatstream_asgi.engines.transformers import step_runner
+from chatstream_asgi.engines.transformers import flash_chunk, step_runner
 from chatstream_asgi.engines.transformers.flash_chunk import (
     KERNEL_VARIABLE,
     chunk_kernel,
@@ -52,6 +53,31 @@ def test_the_chunk_kernel_is_chosen_once_and_a_wrong_choice_is_refused(monkeypat
     monkeypatch.setenv(KERNEL_VARIABLE, "flex")
     with pytest.raises(ValueError, match="CHATSTREAM_CHUNK_KERNEL='flex'"):
         chunk_kernel(cpu, torch.float32, 64)
+
+
+def test_the_split_kernel_is_the_default_where_it_runs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where a packed kernel may run (here: told so): by default the split kernel where Triton imports and
+    takes the head size, else FlashAttention, the fallback a warning only where ``split`` was asked for."""
+    monkeypatch.setattr(flash_chunk, "flash_available", lambda device, dtype, head_dim: True)
+    try:
+        from chatstream_asgi.engines.transformers.split_chunk import split_attend
+    except ImportError:  # no Triton (CI's CPU wheel of PyTorch): FlashAttention in every case
+        split_attend, why = flash_attend, "Triton does not import"
+    else:
+        why = "takes no head size 96"
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(KERNEL_VARIABLE, raising=False)
+    assert chunk_kernel(cpu, torch.bfloat16, 64) is split_attend
+    with caplog.at_level(logging.INFO, logger="chatstream_asgi.engine"):
+        assert chunk_kernel(cpu, torch.bfloat16, 96) is flash_attend  # a head size the split kernel takes not
+        monkeypatch.setenv(KERNEL_VARIABLE, "split")
+        assert chunk_kernel(cpu, torch.bfloat16, 96) is flash_attend
+    assert [r.levelno for r in caplog.records if why in r.message] == [logging.INFO, logging.WARNING]
+    assert chunk_kernel(cpu, torch.float16, 128) is split_attend
+    monkeypatch.setenv(KERNEL_VARIABLE, "flash")
+    assert chunk_kernel(cpu, torch.bfloat16, 64) is flash_attend
     if CUDA:
         from chatstream_asgi.engines.transformers.split_chunk import split_attend
 

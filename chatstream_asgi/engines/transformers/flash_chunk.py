@@ -75,6 +75,7 @@ def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> Chu
     if not flash_available(device, dtype, head_dim):
         return None
     if choice == "flash":
+        logger.info("chunks attend through FlashAttention (%s=flash)", KERNEL_VARIABLE)
         return flash_attend
     # asked for by name, a fallback is worth a warning; by default it is only the other kernel
     say = logger.warning if choice == "split" else logger.info
@@ -86,6 +87,7 @@ def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> Chu
     if not split_takes(head_dim):
         say("chunks attend through FlashAttention: the split kernel takes no head size %d", head_dim)
         return flash_attend
+    logger.info("chunks attend through the split-KV Triton kernel (%s=%s)", KERNEL_VARIABLE, choice)
     return split_attend
 
 
