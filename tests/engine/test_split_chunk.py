@@ -2,13 +2,18 @@
 variable-length call does (the reference): packed sequences, causal from each end, windows, grouped heads,
 padding queries that see no key, any number of key splits.
 
-Runs on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, float32) or on CUDA
-(``CHATSTREAM_TEST_DEVICE=cuda``, bf16); skips where Triton does not import (CI's environment has none).
+Runs on CUDA (``CHATSTREAM_TEST_DEVICE=cuda``, bf16) or on CPU under Triton's interpreter (float32). The
+interpreter is chosen when Triton is imported, so on a CPU :func:`test_in_the_interpreter` runs this file
+again, with the engine's packed-prompts test through the kernel, in a process started with
+``TRITON_INTERPRET=1`` (as ``test_fp8_gemv.py`` does). Skipped where Triton does not import.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +24,7 @@ triton = pytest.importorskip("triton")
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu") == "cuda" and not INTERPRET
-if not (INTERPRET or CUDA):
-    pytest.skip("needs TRITON_INTERPRET=1 (CPU) or CHATSTREAM_TEST_DEVICE=cuda", allow_module_level=True)
+runs_here = pytest.mark.skipif(not (INTERPRET or CUDA), reason="on a CPU test_in_the_interpreter runs these")
 
 from chatstream_asgi.engines.transformers.split_chunk import (  # noqa: E402
     choose_splits,
@@ -30,6 +34,22 @@ from chatstream_asgi.engines.transformers.split_chunk import (  # noqa: E402
 )
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+ENGINE_TEST = "tests/engine/test_flash_chunk.py::test_prompts_packed_in_one_chunk_each_attend_their_own_keys"
+
+
+@pytest.mark.skipif(CUDA or INTERPRET, reason="the kernel runs here")
+def test_in_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", __file__, ENGINE_TEST]
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2]
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert " passed" in result.stdout.splitlines()[-1], result.stdout[-4000:]
+    assert all(line.endswith("the kernel runs here") for line in skipped), skipped  # nothing else skipped
+
+
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TOLERANCE = {"atol": 2e-2, "rtol": 2e-2} if CUDA else {"atol": 1e-4, "rtol": 1e-4}
 
@@ -62,6 +82,7 @@ def packed(heads: int, kv_heads: int, dim: int = 32) -> tuple[torch.Tensor, ...]
     return query, key, value, offsets
 
 
+@runs_here
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("kv_heads", [8, 2, 1])  # grouped-query ratios 1, 4, 8
 @pytest.mark.parametrize("splits", [1, 3])
@@ -76,6 +97,7 @@ def test_packed_sequences_match_the_reference(window: int | None, kv_heads: int,
     torch.testing.assert_close(out, expected, **TOLERANCE)
 
 
+@runs_here
 @pytest.mark.parametrize("window", [None, 1, 33, 500])
 @pytest.mark.parametrize("splits", [1, 2, 5])
 def test_a_long_continued_sequence_split_unevenly(window: int | None, splits: int) -> None:
@@ -90,6 +112,7 @@ def test_a_long_continued_sequence_split_unevenly(window: int | None, splits: in
     torch.testing.assert_close(out, expected, **TOLERANCE)
 
 
+@runs_here
 @pytest.mark.parametrize("dim", [64, 128])
 def test_the_op_with_default_tiles_and_a_strided_query(dim: int) -> None:
     """Through the custom op (the engine's path): default tiles, the split count chosen from the shapes, and a
@@ -107,6 +130,7 @@ def test_the_op_with_default_tiles_and_a_strided_query(dim: int) -> None:
     torch.testing.assert_close(out, varlen_attention(query, key, value, bounds, dim**-0.5, None), **TOLERANCE)
 
 
+@runs_here
 def test_the_split_count_is_a_function_of_the_shapes() -> None:
     """A 128-token chunk of 32 heads: 64 programs unsplit; splits fill the SMs, bounded by the keys."""
     assert choose_splits(128, 64, 32, 132) == 1  # one key tile: nothing to split
@@ -118,6 +142,7 @@ def test_the_split_count_is_a_function_of_the_shapes() -> None:
     assert not split_takes(96) and not split_takes(256) and not split_takes(8)
 
 
+@runs_here
 def test_compiled_callers_see_an_opaque_op() -> None:
     """``torch.compile`` (fake tensors, functionalization: ``aot_eager``) calls the op without tracing into it."""
     query, key, value, offsets = packed(8, 2)
