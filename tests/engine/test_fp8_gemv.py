@@ -3,9 +3,8 @@ else in Triton's interpreter. The interpreter is chosen when Triton is imported 
 so in a whole run before this file): without a GPU, :func:`test_in_the_interpreter` runs this file again
 in a process started with ``TRITON_INTERPRET=1``.
 
-Skipped without Triton. CI's environment does not install it: it comes with PyTorch's CUDA wheels, the
-CPU wheel does not need it, and the standalone wheel is some 150 MB for this one file of tests. To run
-them on a CPU: ``pip install triton`` into the environment.
+Skipped without Triton: it comes with PyTorch's CUDA wheels, and the ``test`` extra installs it beside the
+CPU wheel (on Linux x86-64) for this file and ``test_split_chunk.py``.
 
 The interpreter multiplies bfloat16 tiles in ``tl.dot`` as their raw 16-bit patterns (Triton 3.9), so on
 the CPU the ``tl.dot`` path (2 rows and more) is checked in float16 (the same code, ``w.to(x.dtype)``), the
