@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"
 import torch
 import triton
 from attention_reference import varlen_attention
+from fp8_gemv import graph_us
 
 from chatstream_asgi.engines.transformers import flash_chunk
 from chatstream_asgi.engines.transformers.split_chunk import choose_splits, split_attend, split_attend_launch
@@ -39,24 +40,7 @@ Call = Callable[[], torch.Tensor]
 
 def graph_ms(calls: list[Call], replays: int = 50) -> float:
     """Milliseconds for ``calls`` once each, captured in one graph (warmed up first), over ``replays``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # compiles the Triton kernels and allocates, before the capture
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    return graph_us(calls, replays) * len(calls) / 1000
 
 
 def eager_ms(calls: list[Call], rounds: int = 50) -> float:

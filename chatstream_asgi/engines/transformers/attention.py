@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from chatstream_asgi.engines.transformers.flash_chunk import ChunkAttend, ChunkBounds, flash_attend, flash_takes
+from chatstream_asgi.engines.transformers.flash_chunk import ChunkAttend, ChunkBounds, flash_takes
 
 __all__ = [
     "STEP_KEYWORD",
@@ -228,7 +228,7 @@ class SlotStep:
     gather_slots: torch.Tensor  # [Lc]: where the chunk's keys are read
     gather_columns: dict[Window, torch.Tensor]  # per window, [Lc]
     chunk_bounds: ChunkBounds | None = None  # the chunk's packing where a chunk kernel runs it (flash_chunk.py)
-    chunk_kernel: ChunkAttend = flash_attend  # that kernel
+    chunk_kernel: ChunkAttend | None = None  # that kernel, given with the packing
 
     @classmethod
     def build(
@@ -240,13 +240,13 @@ class SlotStep:
         rings: dict[Window, int | None],
         scratch: int,
         bounds: ChunkBounds | None = None,
-        kernel: ChunkAttend = flash_attend,
+        kernel: ChunkAttend | None = None,
     ) -> SlotStep:
         """The step over ``tokens`` ``[4, T]`` (position, slot, valid, sequence tag: the slot, -1 for padding)
         whose first ``decode_rows`` are decode rows attending ``decode_width`` columns, and ``gather``
         ``[3, Lc]`` (slot, position, tag) the chunk's keys. ``scratch`` is the column padding writes to in
         layers without a ring (a ring's scratch is its last column). ``bounds``: the chunk's packing, where
-        its layers may run ``kernel`` (:mod:`.flash_chunk`)."""
+        its layers may run ``kernel`` (:mod:`.flash_chunk`; both or neither)."""
         positions, slots, valid, tags = tokens
         valid = valid.bool()
         write, gather_columns, decode_masks, chunk_masks = {}, {}, {}, {}
@@ -278,7 +278,7 @@ class SlotStep:
         if chunk is not None:
             columns = self.gather_columns[window]
             k, v = key[self.gather_slots, :, columns], value[self.gather_slots, :, columns]  # [Lc, KV, D]
-            if self.chunk_bounds is not None and flash_takes(kwargs):
+            if self.chunk_kernel is not None and self.chunk_bounds is not None and flash_takes(kwargs):
                 q = query[0, :, rows:].transpose(0, 1)  # [Tc, H, D]
                 parts.append(self.chunk_kernel(q, k, v, self.chunk_bounds, scaling, window)[None])
             else:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from chatstream_asgi.engines.transformers.attention import STEP_KEYWORD, SlotStep
-from chatstream_asgi.engines.transformers.flash_chunk import chunk_kernel, flash_attend
+from chatstream_asgi.engines.transformers.flash_chunk import chunk_kernel
 from chatstream_asgi.engines.transformers.graphs import (
     bucket_for,
     continued_lengths,
@@ -222,7 +222,7 @@ class StepRunner:
         bounds = (self._bounds[:, : self.kept(width) + 2], width, columns) if kernel else None
         step = SlotStep.build(
             self._tokens[1:, :t], self._gather[:, :columns], rows, length, self.cache.rings, self.cache.scratch,
-            bounds, kernel or flash_attend,
+            bounds, kernel,
         )  # fmt: skip
         keep = self._keep[: rows + self.kept(width)] if width else self._rows[:rows]
         with self.fused(key):
