@@ -62,34 +62,32 @@ def test_the_split_kernel_is_the_default_where_it_runs(
     takes the head size, else FlashAttention, the fallback a warning only where ``split`` was asked for."""
     monkeypatch.setattr(flash_chunk, "flash_available", lambda device, dtype, head_dim: True)
     try:
-        from chatstream_asgi.engines.transformers.split_chunk import split_attend
-    except ImportError:  # no Triton (CI's CPU wheel of PyTorch): FlashAttention in every case
-        split_attend, why = flash_attend, "Triton does not import"
+        from chatstream_asgi.engines.transformers.split_chunk import captured_split_attend as split_kernel
+    except ImportError:  # no Triton (PyTorch's CPU wheel without the test extra): FlashAttention in every case
+        split_kernel, why = flash_attend, "Triton does not import"
     else:
         why = "takes no head size 96"
     cpu = torch.device("cpu")
     monkeypatch.delenv(KERNEL_VARIABLE, raising=False)
-    assert chunk_kernel(cpu, torch.bfloat16, 64) is split_attend
+    assert chunk_kernel(cpu, torch.bfloat16, 64) is split_kernel
     with caplog.at_level(logging.INFO, logger="chatstream_asgi.engine"):
         assert chunk_kernel(cpu, torch.bfloat16, 96) is flash_attend  # a head size the split kernel takes not
         monkeypatch.setenv(KERNEL_VARIABLE, "split")
         assert chunk_kernel(cpu, torch.bfloat16, 96) is flash_attend
     assert [r.levelno for r in caplog.records if why in r.message] == [logging.INFO, logging.WARNING]
-    assert chunk_kernel(cpu, torch.float16, 128) is split_attend
+    assert chunk_kernel(cpu, torch.float16, 128) is split_kernel
     monkeypatch.setenv(KERNEL_VARIABLE, "flash")
     assert chunk_kernel(cpu, torch.bfloat16, 64) is flash_attend
     if CUDA:
-        from chatstream_asgi.engines.transformers.split_chunk import split_attend
-
         cuda = torch.device("cuda")
         monkeypatch.delenv(KERNEL_VARIABLE)
-        assert chunk_kernel(cuda, torch.bfloat16, 64) is split_attend
+        assert chunk_kernel(cuda, torch.bfloat16, 64) is split_kernel
         assert chunk_kernel(cuda, torch.bfloat16, 96) is flash_attend  # a head size the split kernel takes not
         assert chunk_kernel(cuda, torch.float32, 64) is None
         monkeypatch.setenv(KERNEL_VARIABLE, "flash")
         assert chunk_kernel(cuda, torch.bfloat16, 64) is flash_attend
         monkeypatch.setenv(KERNEL_VARIABLE, "split")
-        assert chunk_kernel(cuda, torch.float16, 128) is split_attend
+        assert chunk_kernel(cuda, torch.float16, 128) is split_kernel
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CHATSTREAM_TEST_DEVICE=cuda")

@@ -26,7 +26,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = os.environ.get("CHATSTREAM_TEST_DEVICE", "cpu") == "cuda" and not INTERPRET
 runs_here = pytest.mark.skipif(not (INTERPRET or CUDA), reason="on a CPU test_in_the_interpreter runs these")
 
+from chatstream_asgi.engines.transformers import split_chunk  # noqa: E402
 from chatstream_asgi.engines.transformers.split_chunk import (  # noqa: E402
+    captured_split_attend,
     choose_splits,
     split_attend,
     split_attend_launch,
@@ -34,6 +36,7 @@ from chatstream_asgi.engines.transformers.split_chunk import (  # noqa: E402
 )
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+CUDA_ONLY = "needs CHATSTREAM_TEST_DEVICE=cuda (FlashAttention, CUDA graphs)"
 ENGINE_TEST = "tests/engine/test_flash_chunk.py::test_prompts_packed_in_one_chunk_each_attend_their_own_keys"
 
 
@@ -47,7 +50,8 @@ def test_in_the_interpreter() -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     skipped = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
     assert " passed" in result.stdout.splitlines()[-1], result.stdout[-4000:]
-    assert all(line.endswith("the kernel runs here") for line in skipped), skipped  # nothing else skipped
+    expected = ("the kernel runs here", CUDA_ONLY)
+    assert all(line.endswith(expected) for line in skipped), skipped  # nothing else skipped
 
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -144,13 +148,37 @@ def test_the_split_count_is_a_function_of_the_shapes() -> None:
 
 @runs_here
 def test_compiled_callers_see_an_opaque_op() -> None:
-    """``torch.compile`` (fake tensors, functionalization: ``aot_eager``) calls the op without tracing into it."""
+    """``torch.compile`` (fake tensors, functionalization: ``aot_eager``) calls the op without tracing into it,
+    through the engine's kernel (:func:`captured_split_attend`: compiled, it takes the split kernel)."""
     query, key, value, offsets = packed(8, 2)
     bounds = (offsets, 32, 48)
 
     def chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return split_attend(q * 1.0, k, v, bounds, 0.17, 5) + 0.0
+        return captured_split_attend(q * 1.0, k, v, bounds, 0.17, 5) + 0.0
 
     compiled = torch.compile(chunk, backend="aot_eager", fullgraph=True)
     expected = varlen_attention(query, key, value, bounds, 0.17, 5)
     torch.testing.assert_close(compiled(query, key, value), expected, **TOLERANCE)
+
+
+@pytest.mark.skipif(not CUDA, reason=CUDA_ONLY)
+def test_the_engine_kernel_splits_in_graphs_and_calls_flash_attention_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eagerly (an uncaptured step) the engine's chunk kernel is FlashAttention's call, whose host cost is a
+    third of the custom op's; captured in a CUDA graph it is the split kernel, and the replay gives its output."""
+    query, key, value, offsets = packed(8, 2)
+    bounds = (offsets, 32, 48)
+    calls: list[str] = []
+    for name in ("split_attend", "flash_attend"):
+        kernel = getattr(split_chunk, name)
+        monkeypatch.setattr(split_chunk, name, lambda *args, k=kernel, n=name: calls.append(n) or k(*args))
+    eager = captured_split_attend(query, key, value, bounds, 0.17, None)
+    assert calls == ["flash_attend"]
+    torch.testing.assert_close(eager, varlen_attention(query, key, value, bounds, 0.17, None), **TOLERANCE)
+    expected = split_attend(query, key, value, bounds, 0.17, None)  # the kernel's launch, eager, before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = captured_split_attend(query, key, value, bounds, 0.17, None)
+    assert calls == ["flash_attend", "split_attend"]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)

@@ -18,7 +18,9 @@ indices, so the call has static shapes and replays in a CUDA graph; inductor cal
 :mod:`.split_chunk`'s Triton kernel where Triton imports and takes the head size (it computes the same and
 splits the keys over more of the GPU: FlashAttention-2 walks them serially in 32 thread blocks for a
 128-token chunk of a 32-head model, and on an H100 the split kernel took 0.39-0.47 of its time over 256 to
-2,048 keys), else this module's call. ``CHATSTREAM_CHUNK_KERNEL`` overrides: ``flash`` or ``split``.
+2,048 keys; a step that runs eagerly calls FlashAttention even so, see
+:func:`.split_chunk.captured_split_attend`), else this module's call. ``CHATSTREAM_CHUNK_KERNEL`` overrides:
+``flash`` or ``split``.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> Chu
     # asked for by name, a fallback is worth a warning; by default it is only the other kernel
     say = logger.warning if choice == "split" else logger.info
     try:
-        from chatstream_asgi.engines.transformers.split_chunk import split_attend, split_takes
+        from chatstream_asgi.engines.transformers.split_chunk import captured_split_attend, split_takes
     except ImportError:  # a PyTorch built without Triton
         say("chunks attend through FlashAttention: Triton does not import (%s=%s)", KERNEL_VARIABLE, choice)
         return flash_attend
@@ -88,7 +90,7 @@ def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> Chu
         say("chunks attend through FlashAttention: the split kernel takes no head size %d", head_dim)
         return flash_attend
     logger.info("chunks attend through the split-KV Triton kernel (%s=%s)", KERNEL_VARIABLE, choice)
-    return split_attend
+    return captured_split_attend
 
 
 def flash_takes(kwargs: dict[str, Any]) -> bool:
