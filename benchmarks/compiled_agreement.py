@@ -43,7 +43,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import partial
 from pathlib import Path
 
@@ -166,12 +166,13 @@ def main() -> None:
     )
     names = args.archs.split(",")
     one = partial(measure_one, rows=args.rows, positions=args.positions, prefix=args.prefix, device=args.device)
-    if args.jobs > 1:  # spawned: a forked child would inherit the parent's CUDA state
+    if args.jobs > 1:  # spawned: a forked child would inherit the parent's CUDA state; printed as each ends
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(one, names)
+        futures = {pool.submit(one, name): name for name in names}
+        results = ((futures[future], future.result()) for future in as_completed(futures))
     else:
-        pool, results = None, map(one, names)
-    for i, (name, result) in enumerate(zip(names, results, strict=True)):
+        pool, results = None, ((name, one(name)) for name in names)
+    for i, (name, result) in enumerate(results):
         if i == 0:
             print(" | ".join(["arch", *result, "verdict"]))
         cells = [f"{agree:.4f}, {diff:.4f}" for agree, diff in result.values()]
