@@ -62,11 +62,11 @@ def test_the_split_kernel_is_the_default_where_it_runs(
     takes the head size, else FlashAttention, the fallback a warning only where ``split`` was asked for."""
     monkeypatch.setattr(flash_chunk, "flash_available", lambda device, dtype, head_dim: True)
     try:
-        from chatstream_asgi.engines.transformers.split_chunk import captured_split_attend as split_kernel
+        import chatstream_asgi.engines.transformers.split_chunk  # noqa: F401
     except ImportError:  # no Triton (PyTorch's CPU wheel without the test extra): FlashAttention in every case
         split_kernel, why = flash_attend, "Triton does not import"
     else:
-        why = "takes no head size 96"
+        split_kernel, why = flash_chunk.captured_split_attend, "takes no head size 96"
     cpu = torch.device("cpu")
     monkeypatch.delenv(KERNEL_VARIABLE, raising=False)
     assert chunk_kernel(cpu, torch.bfloat16, 64) is split_kernel

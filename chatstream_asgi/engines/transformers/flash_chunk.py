@@ -19,7 +19,7 @@ indices, so the call has static shapes and replays in a CUDA graph; inductor cal
 splits the keys over more of the GPU: FlashAttention-2 walks them serially in 32 thread blocks for a
 128-token chunk of a 32-head model, and on an H100 the split kernel took 0.39-0.47 of its time over 256 to
 2,048 keys; a step that runs eagerly calls FlashAttention even so, see
-:func:`.split_chunk.captured_split_attend`), else this module's call. ``CHATSTREAM_CHUNK_KERNEL`` overrides:
+:func:`captured_split_attend`), else this module's call. ``CHATSTREAM_CHUNK_KERNEL`` overrides:
 ``flash`` or ``split``.
 """
 
@@ -32,7 +32,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["ChunkAttend", "ChunkBounds", "chunk_kernel", "flash_attend", "flash_available", "flash_takes"]
+__all__ = [
+    "ChunkAttend",
+    "ChunkBounds",
+    "captured_split_attend",
+    "chunk_kernel",
+    "flash_attend",
+    "flash_available",
+    "flash_takes",
+]
 
 logger = logging.getLogger("chatstream_asgi.engine")
 
@@ -82,7 +90,7 @@ def chunk_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> Chu
     # asked for by name, a fallback is worth a warning; by default it is only the other kernel
     say = logger.warning if choice == "split" else logger.info
     try:
-        from chatstream_asgi.engines.transformers.split_chunk import captured_split_attend, split_takes
+        from chatstream_asgi.engines.transformers.split_chunk import split_takes  # and registers its op
     except ImportError:  # a PyTorch built without Triton
         say("chunks attend through FlashAttention: Triton does not import (%s=%s)", KERNEL_VARIABLE, choice)
         return flash_attend
@@ -128,3 +136,25 @@ def flash_attend(
         scale=scaling,
         **extra,
     )[0]
+
+
+def captured_split_attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: ChunkBounds,
+    scaling: float,
+    window: int | None,
+) -> torch.Tensor:
+    """:func:`flash_attend`'s contract through :mod:`.split_chunk`'s custom op where the call is traced by
+    ``torch.compile`` or captured in a CUDA graph, through :func:`flash_attend` where it runs eagerly (a step
+    of a shape not captured, or an engine whose capture failed). Eagerly the split kernel's host cost decides:
+    the op's dispatch and Triton's two launches took 3.8-4.0 ms a step for the 1.1B shape's 22 layers on an
+    H100, FlashAttention 1.1-1.4 ms; replayed in a graph, where host cost is gone, 0.39-0.47 of
+    FlashAttention's time. The op exists once :mod:`.split_chunk` is imported, as :func:`chunk_kernel` does
+    before it returns this."""
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        offsets, longest_q, longest_k = bounds
+        split = torch.ops.chatstream.split_chunk_attend
+        return split(query, key, value, offsets, longest_q, longest_k, scaling, window)
+    return flash_attend(query, key, value, bounds, scaling, window)

@@ -25,9 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from chatstream_asgi.engines.transformers.flash_chunk import ChunkBounds, flash_attend
-
-__all__ = ["captured_split_attend", "choose_splits", "split_attend", "split_attend_launch", "split_takes"]
+__all__ = ["choose_splits", "split_attend", "split_attend_launch", "split_takes"]
 
 BLOCK_M = 64
 """Queries (rows of one head) per program."""
@@ -269,28 +267,10 @@ def split_attend(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    bounds: ChunkBounds,
+    bounds: tuple[torch.Tensor, int, int],
     scaling: float,
     window: int | None,
 ) -> torch.Tensor:
     """:func:`.flash_chunk.flash_attend`'s contract (see the module docstring), through the custom op."""
     offsets, longest_q, longest_k = bounds
     return torch.ops.chatstream.split_chunk_attend(query, key, value, offsets, longest_q, longest_k, scaling, window)
-
-
-def captured_split_attend(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    bounds: ChunkBounds,
-    scaling: float,
-    window: int | None,
-) -> torch.Tensor:
-    """The engine's chunk kernel: :func:`split_attend` where the call is traced by ``torch.compile`` or
-    captured in a CUDA graph, :func:`.flash_chunk.flash_attend` where it runs eagerly (a step of a shape not
-    captured, or an engine whose capture failed). Eagerly the split kernel's host cost decides: the custom
-    op's dispatch and Triton's two launches took 3.8-4.0 ms a step for the 1.1B shape's 22 layers on an H100,
-    FlashAttention 1.1-1.4 ms; replayed in a graph, where host cost is gone, 0.39-0.47 of FlashAttention's."""
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return split_attend(query, key, value, bounds, scaling, window)
-    return flash_attend(query, key, value, bounds, scaling, window)
