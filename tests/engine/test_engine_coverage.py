@@ -70,14 +70,14 @@ def test_greedy_output_is_transformers_output(
 ) -> None:
     """``static-varlen``: the chunks' attention as a packed chunk kernel computes it (the reference of
     ``flash_chunk.py`` and ``split_chunk.py``, on any device and dtype), from the packing the step runner
-    gives it."""
+    gives it; uncaptured, since the reference reads the packing on the host."""
     name, model, tokenizer = architecture
     monkeypatch.setattr(kv_layout, "RING_CHUNK", 8)  # rings of window + 7 columns: they wrap within a reply
     if path == "static-varlen":
         monkeypatch.setattr(step_runner, "chunk_kernel", lambda device, dtype, head_dim: varlen_attention)
     engine = TransformersEngine(
         model, tokenizer, model.device, static_cache=path != "eager", max_batch_size=4, max_prefill_tokens=16,
-        compile_mode=None,
+        compile_mode=None, cuda_graphs=path != "static-varlen",
     )  # fmt: skip
     if path != "eager":
         layout = engine._path.layout

@@ -60,6 +60,7 @@ def test_the_split_kernel_is_the_default_where_it_runs(
 ) -> None:
     """Where a packed kernel may run (here: told so): by default the split kernel where Triton imports and
     takes the head size, else FlashAttention, the fallback a warning only where ``split`` was asked for."""
+    available = flash_chunk.flash_available
     monkeypatch.setattr(flash_chunk, "flash_available", lambda device, dtype, head_dim: True)
     try:
         import chatstream_asgi.engines.transformers.split_chunk  # noqa: F401
@@ -78,7 +79,8 @@ def test_the_split_kernel_is_the_default_where_it_runs(
     assert chunk_kernel(cpu, torch.float16, 128) is split_kernel
     monkeypatch.setenv(KERNEL_VARIABLE, "flash")
     assert chunk_kernel(cpu, torch.bfloat16, 64) is flash_attend
-    if CUDA:
+    if CUDA:  # told nothing: float32 has no packed kernel
+        monkeypatch.setattr(flash_chunk, "flash_available", available)
         cuda = torch.device("cuda")
         monkeypatch.delenv(KERNEL_VARIABLE)
         assert chunk_kernel(cuda, torch.bfloat16, 64) is split_kernel
