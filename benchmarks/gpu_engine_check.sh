@@ -2,7 +2,7 @@
 # The engine's whole check on a lent GPU, in one call (see docs/engines-coverage.md), each part's log in $OUT:
 #   1. the coverage matrix on CUDA: float32, CUDA graphs, equal to model.generate; reuse on/off after
 #      cancellations mid-chunk; graph vs eager steps                                      -> matrix.log
-#   2. the compiled bfloat16 step against eager bfloat16, teacher-forced                   -> agreement.log
+#   2. the compiled bfloat16 step against eager bfloat16 and float32, every architecture  -> agreement.log
 #   3. a float32 1.1B engine's start and first reply, this checkout and $REPO's (the code before it)
 #                                                                                          -> first-reply*.log
 #   4. throughput and the long join, defaults (compile auto): 8B, 1.1B, SmolLM2 shapes     -> tp-*.log
@@ -25,7 +25,8 @@ CUDA_TESTS="tests/engine/test_engine_coverage.py tests/engine/test_prefix_cache.
 # Checks that time nothing, side by side; then the throughput runs alone on the card.
 part 120 matrix.log env CHATSTREAM_TEST_DEVICE=cuda python3 -m pytest -v --tb=short -p no:cacheprovider $CUDA_TESTS \
   -k "static and greedy_output_is_transformers or cancellations_mid_chunk or graph_engine_matches_alone or graph_decode" &
-part 120 agreement.log python3 benchmarks/compiled_agreement.py --archs llama,gemma2,qwen3_moe,gpt_oss &
+ARCHS=llama,qwen2,qwen2-window,qwen3,qwen3_moe,mixtral,mistral,mistral-window,phi3,gemma,gemma2,gemma3_text,granite,olmo2,gpt_oss
+part 300 agreement.log python3 benchmarks/compiled_agreement.py --archs $ARCHS --prefix 128 --positions 416 --jobs 8 &
 part 90 first-reply.log python3 benchmarks/first_reply.py --random-init /tmp/shapes/1.1b --dtype float32 &
 part 115 first-reply-before.log env PYTHONPATH="/tmp/site:$REPO" CHATSTREAM_OTHER_CHECKOUT=1 \
   python3 benchmarks/first_reply.py --random-init /tmp/shapes/1.1b --dtype float32 &
