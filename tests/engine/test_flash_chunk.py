@@ -79,7 +79,7 @@ def test_the_split_kernel_is_the_default_where_it_runs(
     assert chunk_kernel(cpu, torch.float16, 128) is split_kernel
     monkeypatch.setenv(KERNEL_VARIABLE, "flash")
     assert chunk_kernel(cpu, torch.bfloat16, 64) is flash_attend
-    if CUDA:  # told nothing: float32 has no packed kernel
+    if CUDA:  # the real availability: float32 has no packed kernel
         monkeypatch.setattr(flash_chunk, "flash_available", available)
         cuda = torch.device("cuda")
         monkeypatch.delenv(KERNEL_VARIABLE)
